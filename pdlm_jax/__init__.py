@@ -1,0 +1,7 @@
+"""pdlm-jax: PerceptionDLM (parallel region captioning with a diffusion LM) in JAX/Flax NNX."""
+
+from pdlm_jax.config import PDLMConfig, SamplerConfig, preset
+from pdlm_jax.errors import PDLMError
+
+__all__ = ["PDLMConfig", "SamplerConfig", "PDLMError", "preset"]
+__version__ = "0.1.0"

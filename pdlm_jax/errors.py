@@ -1,0 +1,5 @@
+"""The one exception type users see for bad input, bad files and bad settings."""
+
+
+class PDLMError(Exception):
+    """Raised for every user-facing error; the message names the file/argument and the fix."""

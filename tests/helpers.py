@@ -1,0 +1,52 @@
+"""Test helpers: fixture paths and an independent, non-streaming reference-weight loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from pdlm_jax import keymap
+from pdlm_jax.config import PDLMConfig
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE_NAMES = ("tiny_v1", "tiny_v1_roi4", "tiny_v1_wide", "demo512")
+
+
+def fixture_dir(name: str) -> Path:
+    return FIXTURES / name
+
+
+def fixture_config(name: str) -> PDLMConfig:
+    return PDLMConfig.from_reference_file(fixture_dir(name) / "config.json")
+
+
+def fixture_oracle(name: str) -> dict:
+    return json.loads((fixture_dir(name) / "oracle.json").read_text())
+
+
+def fixture_tensors(name: str) -> dict[str, np.ndarray]:
+    with np.load(fixture_dir(name) / "tensors.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def load_reference_tree(ckpt_dir: Path, cfg: PDLMConfig) -> dict:
+    """Load a reference-format checkpoint into our nested param tree, all in RAM (tests only)."""
+    flat: dict[str, dict[int | None, np.ndarray]] = {}
+    for shard in sorted(Path(ckpt_dir).glob("*.safetensors")):
+        for name, array in load_file(shard).items():
+            m = keymap.match(cfg, name)
+            assert m is not None, f"unexpected tensor {name}"
+            if m.target is not None:
+                flat.setdefault(m.target, {})[m.layer] = keymap.to_ours(array, m.transform)
+    tree: dict = {}
+    for target, by_layer in flat.items():
+        value = by_layer[None] if None in by_layer else np.stack([by_layer[i] for i in sorted(by_layer)])
+        node = tree
+        *parents, leaf = target.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = np.ascontiguousarray(value)
+    return tree
