@@ -2,6 +2,7 @@
 
 from pdlm_jax.config import PDLMConfig, SamplerConfig, preset
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.api import load
 
-__all__ = ["PDLMConfig", "SamplerConfig", "PDLMError", "preset"]
+__all__ = ["PDLMConfig", "SamplerConfig", "PDLMError", "load", "preset"]
 __version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Inference command line (`pdlm-infer`), result visualisation; thin over `pdlm_jax.api`."""

@@ -1,0 +1,143 @@
+"""`pdlm-infer` / `python -m infer`: caption the masked regions of one image (flags of the reference demo)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from pdlm_jax.errors import PDLMError
+
+log = logging.getLogger("pdlm-infer")
+
+try:  # the dataset mode (--annotations) lives in its own module
+    from infer import dataset as _dataset
+except ImportError:
+    _dataset = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pdlm_jax.regions.prompt import DEFAULT_QUESTION
+
+    p = argparse.ArgumentParser(
+        prog="pdlm-infer",
+        description="Caption each masked region of an image with PerceptionDLM (all regions denoised together).")
+    p.add_argument("--checkpoint", required=True, help="converted checkpoint directory (from pdlm-convert)")
+    p.add_argument("--image", help="input image (any format Pillow reads)")
+    p.add_argument("--masks", nargs="+", default=[], metavar="MASK",
+                   help="one binary mask image per region (nonzero = inside); results keep this order")
+    p.add_argument("--gen-length", type=int, default=32, help="caption slots per region (default 32)")
+    p.add_argument("--steps", type=int, default=32, help="denoising steps (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, the reference's setting")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus filtering when sampling (the reference accepts and ignores it)")
+    p.add_argument("--prompt", default=DEFAULT_QUESTION, help=f"question text (default: {DEFAULT_QUESTION!r})")
+    p.add_argument("--seed", type=int, default=0, help="random seed for temperature > 0")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="compute dtype (bfloat16 like the reference; float32 for exact tests)")
+    p.add_argument("--output", type=Path, help="write the result JSON here (default: print it)")
+    p.add_argument("--visualize", metavar="PNG", help="write an overlay picture of masks and captions")
+    p.add_argument("--reference-parser", action="store_true",
+                   help="split captions with the reference demo's string parser (cuts at the first <|eot_id|>)")
+    p.add_argument("--compilation-cache", metavar="DIR", help="persistent JAX compilation cache directory")
+    p.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
+    if _dataset is not None:
+        _dataset.add_annotation_args(p)
+    return p
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON to a temporary file in the target folder, then rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _check_single_image_args(args: argparse.Namespace) -> None:
+    """Fail fast on bad single-image arguments, before loading a (possibly very large) model."""
+    from pdlm_jax.api import check_settings
+    from pdlm_jax.checkpoint import load_config
+
+    if not args.image:
+        raise PDLMError("--image is required: the picture whose regions to caption")
+    if not args.masks:
+        raise PDLMError("--masks is required: give one mask image per region to caption")
+    for what, path in [("image", args.image)] + [(f"mask {i}", m) for i, m in enumerate(args.masks)]:
+        if not Path(path).is_file():
+            raise PDLMError(f"{what} file {path} does not exist")
+    for flag, path in (("--output", args.output), ("--visualize", args.visualize)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise PDLMError(f"{flag} {path}: folder {Path(path).resolve().parent} does not exist")
+    check_settings(args.gen_length, args.steps, args.temperature, args.top_p, len(args.masks),
+                   load_config(args.checkpoint).region.prompt_numbers)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import pdlm_jax
+    from pdlm_jax.regions.masks import load_masks
+    from pdlm_jax.regions.tiling import open_rgb
+
+    def load():
+        log.info("loading checkpoint %s (%s)", args.checkpoint, args.dtype)
+        return pdlm_jax.load(args.checkpoint, dtype=args.dtype, compilation_cache=args.compilation_cache)
+
+    if getattr(args, "annotations", None):  # dataset mode checks its own arguments, then calls load()
+        return _dataset.run_annotations(args, load)
+    _check_single_image_args(args)
+    handle = load()
+
+    log.info("captioning %d region(s) of %s: gen_length=%d steps=%d temperature=%g", len(args.masks),
+             args.image, args.gen_length, args.steps, args.temperature)
+    result = handle.caption_regions(args.image, args.masks, gen_length=args.gen_length, steps=args.steps,
+                                    temperature=args.temperature, top_p=args.top_p, question=args.prompt,
+                                    seed=args.seed, reference_parser=args.reference_parser)
+    log.info("done in %.2f s (%.2f s compiling), %d forwards, %.2f tokens/forward", result["seconds"],
+             result["compile_seconds"], result["forwards"], result["tokens_per_forward"])
+    for i, region in enumerate(result["regions"]):
+        log.info("region %d: %s", i, region["caption"])
+
+    if args.output:
+        write_json_atomic(args.output, result)
+        log.info("wrote %s", args.output)
+    else:
+        json.dump(result, sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+    if args.visualize:
+        from infer.visualize import save_overlay
+
+        image = open_rgb(args.image)
+        masks = load_masks(args.masks, image.size)
+        save_overlay(args.visualize, image, masks, [r["caption"] for r in result["regions"]])
+        log.info("wrote %s", args.visualize)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Progress from our loggers only; libraries (Orbax/absl, JAX) stay at warnings.
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    for name in ("pdlm-infer", "pdlm_jax"):
+        logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        return _run(args)
+    except PDLMError as e:
+        print(f"pdlm-infer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pdlm-infer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""PerceptionDLM: SigLIP tower with mask-id offsets, pixel shuffle, projector and the LLaDA LM (SPEC §3, §4).
+
+The parameter tree (`nnx.state(model, nnx.Param)`, paths joined with '/') is exactly
+`pdlm_jax.keymap.expected_shapes(cfg)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pdlm_jax.config import PDLMConfig
+from pdlm_jax.errors import PDLMError
+from pdlm_jax.modeling.common import init
+from pdlm_jax.modeling.llada import LLaDA
+from pdlm_jax.modeling.projector import Projector, pixel_shuffle
+from pdlm_jax.modeling.siglip import SiglipVision
+
+
+class PerceptionDLM(nnx.Module):
+    def __init__(self, cfg: PDLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 attention_implementation: str = "xla"):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.cfg, self.dtype = cfg, dtype
+        self.vision = SiglipVision(cfg, **kw)
+        self.mask_embed = nnx.Embed(cfg.region.prompt_numbers, cfg.vision.hidden_size,
+                                    embedding_init=init(nnx.initializers.normal(0.02), None, "embed"), **kw)
+        self.projector = Projector(cfg.projector_input_size, cfg.lm.hidden_size, **kw)
+        self.lm = LLaDA(cfg.lm, rope_inv_freq_float32=cfg.quirks.rope_inv_freq_float32,
+                        attention_implementation=attention_implementation, **kw)
+
+    def mask_offsets(self, mask_patches: jax.Array, prompt_ids: jax.Array) -> jax.Array:
+        """Sum of mask_embed[prompt_id] over the masks active at each patch (SPEC §3.1).
+
+        mask_patches (k, T, g, g) bool or 0/1 (padded masks all False); prompt_ids (k,) -> (T, g*g, D).
+        """
+        k, T, gh, gw = mask_patches.shape
+        active = mask_patches.reshape(k, T, gh * gw, 1).astype(self.dtype)
+        rows = self.mask_embed(prompt_ids.astype(jnp.int32))  # (k, D)
+        offsets = jnp.zeros((T, gh * gw, rows.shape[-1]), self.dtype)
+        for i in range(k):  # k <= prompt_numbers, static: sequential adds keep the reference's rounding order
+            offsets = offsets + active[i] * rows[i]
+        return offsets
+
+    def encode_images(self, pixel_values: jax.Array, mask_patches: jax.Array, prompt_ids: jax.Array) -> jax.Array:
+        """pixel_values (T, S, S, 3) NHWC -> vision_embeds (T, num_image_tokens, H_lm)."""
+        features = self.vision(pixel_values, self.mask_offsets(mask_patches, prompt_ids))
+        return self.projector(pixel_shuffle(features))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        flat.update(_flatten(value, path + "/") if isinstance(value, dict) else {path: value})
+    return flat
+
+
+def load_params(module: nnx.Module, tree: dict) -> None:
+    """Set every parameter of `module` (concrete or from `nnx.eval_shape`) from a nested dict of arrays.
+
+    Values are cast to each parameter's dtype (the module's param_dtype). Paths and shapes must match
+    exactly; a mismatch raises PDLMError naming the offending paths.
+    """
+    given = _flatten(tree)
+    params = {"/".join(map(str, path)): (path, var) for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    missing, unexpected = sorted(params.keys() - given.keys()), sorted(given.keys() - params.keys())
+    if missing or unexpected:
+        raise PDLMError(f"parameter tree does not match the model: missing {missing}, unexpected {unexpected}; "
+                        "convert the checkpoint with pdlm-convert for this config")
+    updates = []
+    for name, (path, var) in params.items():
+        value = given[name]
+        if tuple(value.shape) != tuple(var.shape):
+            raise PDLMError(f"parameter {name} has shape {tuple(value.shape)}, the model expects "
+                            f"{tuple(var.shape)}; the checkpoint was made for another config")
+        updates.append((path, var.replace(jnp.asarray(value, dtype=var.dtype))))
+    nnx.update(module, nnx.from_flat_state(updates))
+
+
+def from_tree(cfg: PDLMConfig, tree: dict, *, dtype=jnp.float32, param_dtype=None,
+              attention_implementation: str = "xla") -> PerceptionDLM:
+    """Build a PerceptionDLM from a nested dict of arrays in our layout, without random initialisation."""
+    param_dtype = dtype if param_dtype is None else param_dtype
+    model = nnx.eval_shape(lambda: PerceptionDLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0),
+                                                 attention_implementation=attention_implementation))
+    load_params(model, tree)
+    return model

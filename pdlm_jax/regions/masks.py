@@ -1,0 +1,92 @@
+"""Region masks: loading, area order, boxes and the per-tile mask-patch grids (SPEC §6.4, §3.1)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from pdlm_jax.config import RegionConfig
+from pdlm_jax.errors import PDLMError
+from pdlm_jax.regions.tiling import tile_pil
+
+MaskInput = Union[str, Path, Image.Image, np.ndarray]
+
+
+def _mask_image(mask: MaskInput, name: str) -> Image.Image:
+    """Any mask input -> mode "L" PIL image (the reference converts mask files to "L")."""
+    if isinstance(mask, (str, Path)):
+        try:
+            with Image.open(mask) as im:
+                im.load()
+                return im.convert("L")
+        except (OSError, ValueError) as e:
+            raise PDLMError(f"cannot read {name} file {mask}: {e}") from e
+    if isinstance(mask, Image.Image):
+        return mask.convert("L")
+    if isinstance(mask, np.ndarray):
+        if mask.ndim == 2:
+            return Image.fromarray((mask > 0).astype(np.uint8) * 255)
+        if mask.ndim == 3 and mask.shape[2] in (3, 4) and mask.dtype == np.uint8:
+            return Image.fromarray(mask).convert("L")
+        raise PDLMError(f"{name} array must be 2-D (H, W) or uint8 (H, W, 3|4); got {mask.dtype} {mask.shape}")
+    raise PDLMError(f"{name} must be a file path, a PIL image or a numpy array, not {type(mask).__name__}")
+
+
+def load_mask(mask: MaskInput, size: tuple[int, int], name: str = "mask") -> np.ndarray:
+    """Load one mask as a bool (H, W) array at the image size (W, H); binarised `> 0`.
+
+    A mask of another size is resized with NEAREST (what the reference demo does) and a warning is issued.
+    """
+    im = _mask_image(mask, name)
+    if im.size != tuple(size):
+        warnings.warn(f"{name} is {im.width}x{im.height} but the image is {size[0]}x{size[1]}; "
+                      "resizing it with nearest-neighbour", stacklevel=2)
+        im = im.resize(tuple(size), Image.Resampling.NEAREST)
+    return np.asarray(im) > 0
+
+
+def load_masks(masks: Sequence[MaskInput], size: tuple[int, int]) -> list[np.ndarray]:
+    """Load every mask; errors name the offending mask (index and file)."""
+    if len(masks) == 0:
+        raise PDLMError("no masks given: pass at least one binary mask per region to caption")
+    loaded = []
+    for i, m in enumerate(masks):
+        name = f"mask {i}" + (f" ({m})" if isinstance(m, (str, Path)) else "")
+        b = load_mask(m, size, name)
+        if not b.any():
+            raise PDLMError(f"{name} is empty (no pixel > 0); every mask must cover at least one pixel")
+        loaded.append(b)
+    return loaded
+
+
+def area_order(areas: Sequence[int]) -> np.ndarray:
+    """Descending area; ties put the higher original index first (the reference's reversed argsort)."""
+    return np.argsort(np.asarray(areas, dtype=np.int64), kind="stable")[::-1].copy()
+
+
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """Normalised box of the INCLUSIVE pixel extents: (x_min/W, y_min/H, x_max/W, y_max/H) (SPEC §6.4.3)."""
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    return (xs.min() / w, ys.min() / h, xs.max() / w, ys.max() / h)
+
+
+def visual_prompt_tiles(mask: np.ndarray, prompt_id: int, grid: tuple[int, int], region: RegionConfig) -> np.ndarray:
+    """The reference's visual-prompt image (255 background, prompt id on the mask), tiled like the image."""
+    canvas = np.full(mask.shape, 255, dtype=np.uint8)
+    canvas[mask] = prompt_id
+    return tile_pil(Image.fromarray(canvas).convert("RGB"), grid, region)
+
+
+def patch_activity(prompt_tiles: np.ndarray, region: RegionConfig) -> np.ndarray:
+    """(T, S, S, 3) uint8 visual-prompt tiles -> (T, g, g) bool: top-left pixel of each patch is not 255.
+
+    Equivalent to the reference's bf16 round trip + nearest downsampling (SPEC §3.1); the three channels
+    are equal (an "L" image converted to RGB), so channel 0 is enough.
+    """
+    k = region.mask_kernel_size
+    return prompt_tiles[:, ::k, ::k, 0] != 255

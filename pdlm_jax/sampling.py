@@ -1,0 +1,143 @@
+"""The parallel masked-diffusion sampler of the reference (SPEC §9.1, quirks §14.6–8).
+
+`generate_with_embeds_nonblock` in the reference, restated on the generation slots only: the state is the
+N = k·G slot tokens (the mask id where a slot is currently masked) plus the set of currently masked slots.
+Each step asks `logits_fn` for the float32 logits at the slots, commits the argmax into the currently masked
+slots, then re-masks the `n_s` least confident slots among ALL originally masked ones. The schedule
+`n_s = int(N·((S−1−s)/S))` is computed on the host with Python floats (as the reference does) and passed in
+as an int array, so rows with different N or S can share one compiled program.
+
+Differences from the reference, on purpose:
+- ties in the re-masking order go to the lowest slot position (the reference's `topk` leaves them unspecified);
+- confidences are ranked in float32 by log-probability, with the float64 rounding of the softmax denominator
+  emulated so that probabilities that are exactly 1.0 in float64 tie here too (see `_confidence`);
+- `top_p` nucleus filtering is implemented for temperature > 0 (the reference accepts `top_p` and ignores it);
+- temperature > 0 uses Gumbel noise from `jax.random`, so sampled outputs are not comparable with PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# logits_fn(slot_tokens (B, N) int32, step int32 scalar) -> logits (B, N, V) float32 at the slots.
+LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+_F64_EPS = 2.0**-52  # spacing of float64 just above 1.0
+
+
+def remask_counts(num_masked: int, steps: int) -> list[int]:
+    """Slots re-masked after each forward, in the reference's float semantics; its length = forwards run.
+
+    The reference stops after step S−1 and as soon as a count is 0, so the list ends with its only 0.
+    Example: N=90, S=10 gives 81, 72, 62 (not 63: 90·(7/10) = 62.99999999999999 in float64), ...
+    """
+    counts = []
+    for s in range(steps):
+        n = 0 if s == steps - 1 else int(num_masked * ((steps - 1 - s) / steps))
+        counts.append(n)
+        if n == 0:
+            break
+    return counts
+
+
+def schedule_array(rows: list[tuple[int, int]], max_steps: int) -> tuple[np.ndarray, int]:
+    """Per-row re-mask counts (B, max_steps) int32, zero-padded, and the number of forwards to run.
+
+    `rows` holds (N, S) per batch row. The program runs max(forwards) steps; a row that finished earlier
+    has no masked slot left and a zero count, so the extra steps leave it unchanged.
+    """
+    counts = np.zeros((len(rows), max_steps), np.int32)
+    forwards = 0
+    for b, (n, s) in enumerate(rows):
+        c = remask_counts(n, s)
+        if len(c) > max_steps:
+            raise ValueError(f"schedule of {len(c)} steps does not fit max_steps={max_steps}")
+        counts[b, : len(c)] = c
+        forwards = max(forwards, len(c))
+    return counts, forwards
+
+
+def _confidence(logits: jax.Array, x0: jax.Array) -> jax.Array:
+    """log p(x0) under softmax(logits), ranked like the reference's float64 softmax.
+
+    p(x0) = exp(z0 − m) / (1 + s) with m = max z and s = Σ_{v ≠ argmax} exp(z_v − m). In float32 a plain
+    softmax rounds p to 1.0 once the margin exceeds ~17 and makes many slots tie; float64 does so only below
+    s ≈ 1e-16. We keep s separate (log1p) and round it to float64's 2^-52 grid, which reproduces exactly
+    the float64 ties and otherwise orders like the reference up to float32 precision.
+    """
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - m)
+    top = jnp.argmax(logits, axis=-1)
+    is_top = jnp.arange(logits.shape[-1]) == top[..., None]
+    s = jnp.sum(jnp.where(is_top, 0.0, e), axis=-1)
+    s = jnp.round(s / _F64_EPS) * _F64_EPS  # a no-op once s is large enough for float32 to be coarser
+    z0 = jnp.take_along_axis(logits, x0[..., None], axis=-1)[..., 0]
+    return (z0 - m[..., 0]) - jnp.log1p(s)
+
+
+def _nucleus(logits: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Logits with tokens outside the top-p nucleus of softmax(logits / T) set to −inf.
+
+    The nucleus is the smallest set of most probable tokens whose mass reaches top_p (at least one token);
+    tokens tied with the least probable member are kept too.
+    """
+    probs = jax.nn.softmax(logits / temperature, axis=-1)
+    sorted_p = -jnp.sort(-probs, axis=-1)
+    mass_before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
+    kept = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
+    cutoff = jnp.take_along_axis(sorted_p, kept - 1, axis=-1)
+    return jnp.where(probs >= cutoff, logits, -jnp.inf)
+
+
+def _remask(conf: jax.Array, valid: jax.Array, count: jax.Array) -> jax.Array:
+    """(B, N) bool: the `count` least confident valid slots per row, ties to the lowest position."""
+    key = jnp.where(valid, conf, jnp.inf)
+    order = jnp.argsort(key, axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1)  # inverse permutation: rank of each slot in the order
+    return rank < count[:, None]
+
+
+def denoise(
+    logits_fn: LogitsFn,
+    slot_valid: jax.Array,
+    counts: jax.Array,
+    num_forwards: jax.Array,
+    *,
+    mask_id: int,
+    temperature: jax.Array | float = 0.0,
+    top_p: jax.Array | float = 1.0,
+    key: jax.Array | None = None,
+    sample: bool = False,
+    nucleus: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Run the low-confidence re-masking sampler; returns (slot tokens (B, N) int32, forwards run).
+
+    slot_valid (B, N) bool marks real generation slots (False = padding, never masked, never chosen);
+    counts (B, S_max) int32 comes from `schedule_array`; num_forwards is its forward count (may be traced).
+    `sample` / `nucleus` are static switches (temperature > 0, top_p < 1); greedy decoding ignores both
+    values and `key`. Traceable: call it inside the caller's jit.
+    """
+    tokens = jnp.where(slot_valid, mask_id, 0).astype(jnp.int32)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+
+    def step(s, state):
+        tokens, masked = state
+        logits = logits_fn(tokens, s).astype(jnp.float32)
+        if sample:
+            pick = _nucleus(logits, temperature, top_p) if nucleus else logits
+            gumbel = jax.random.gumbel(jax.random.fold_in(key, s), logits.shape, jnp.float32)
+            x0 = jnp.argmax(pick + temperature * gumbel, axis=-1)
+        else:
+            x0 = jnp.argmax(logits, axis=-1)  # ties -> lowest id, like torch.argmax
+        x0 = x0.astype(jnp.int32)
+        tokens = jnp.where(masked, x0, tokens)  # commit into currently masked slots only
+        masked = _remask(_confidence(logits, x0), slot_valid, counts[:, s])
+        return jnp.where(masked, mask_id, tokens), masked
+
+    tokens, _ = jax.lax.fori_loop(0, num_forwards, step, (tokens, slot_valid))
+    return tokens, jnp.asarray(num_forwards, jnp.int32)

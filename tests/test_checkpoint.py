@@ -1,0 +1,93 @@
+"""pdlm_jax.checkpoint: restore into shardings / dtypes, config and tokenizer lookup, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from convert.writer import convert
+from helpers import fixture_config, fixture_dir, load_reference_tree
+from pdlm_jax import checkpoint, keymap
+from pdlm_jax.errors import PDLMError
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("ckpt") / "tiny_v1"
+    convert(fixture_dir("tiny_v1"), dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, np.ndarray]:
+    return checkpoint.flatten(load_reference_tree(fixture_dir("tiny_v1"), fixture_config("tiny_v1")))
+
+
+def test_load_config_and_tokenizer(ours):
+    assert checkpoint.load_config(ours) == fixture_config("tiny_v1")
+    tok = checkpoint.tokenizer_path(ours)
+    assert tok.name == "tokenizer.json" and tok.read_bytes() == (fixture_dir("tiny_v1") / "tokenizer.json").read_bytes()
+
+
+def test_restore_into_mesh_shardings(ours, reference):
+    mesh = jax.make_mesh((1, 1), ("fsdp", "tensor"))
+    # Shard every kernel's last axis over `tensor`, replicate the rest: a tree of shardings ...
+    def spec(path: str) -> NamedSharding:
+        return NamedSharding(mesh, P(*([None] * (len(reference[path].shape) - 1)), "tensor")
+                             if path.endswith("kernel") else P())
+
+    tree = checkpoint.nest({path: spec(path) for path in reference})
+    for shardings in (tree, spec):  # ... or a callable path -> sharding
+        cfg, params = checkpoint.restore_params(ours, shardings=shardings)
+        flat = checkpoint.flatten(params)
+        assert set(flat) == set(keymap.expected_shapes(cfg)) == set(reference)
+        for path, array in flat.items():
+            assert isinstance(array, jax.Array) and array.sharding == spec(path), path
+            assert array.dtype == np.float32 and np.array_equal(np.asarray(array), reference[path]), path
+
+
+def test_restore_to_bf16(ours, reference):
+    _, params = checkpoint.restore_params(ours, dtype="bfloat16")
+    for path, array in checkpoint.flatten(params).items():
+        assert array.dtype == ml_dtypes.bfloat16, path
+        want = reference[path].astype(ml_dtypes.bfloat16)  # round-to-nearest-even, by ml_dtypes
+        assert np.array_equal(np.asarray(array).view(np.uint16), want.view(np.uint16)), path
+
+
+def test_writer_in_many_partial_saves_and_streaming_reads(tmp_path, reference):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    checkpoint.write_config(ckpt, fixture_config("tiny_v1"))
+    w = checkpoint.ParamsWriter(ckpt / checkpoint.PARAMS_DIR, flush_bytes=20_000)  # several flushes
+    for path, array in reference.items():
+        w.add(path, array)
+    w.close()
+    _, params = checkpoint.restore_params(ckpt)
+    assert all(np.array_equal(np.asarray(a), reference[p]) for p, a in checkpoint.flatten(params).items())
+    streamed = dict(checkpoint.iter_leaves(ckpt, list(reference), batch_bytes=1))  # one leaf per read
+    assert list(streamed) == list(reference)
+    assert all(isinstance(a, np.ndarray) and np.array_equal(a, reference[p]) for p, a in streamed.items())
+
+
+def test_not_a_checkpoint(tmp_path, ours):
+    for bad, hint in ((fixture_dir("tiny_v1"), "reference"), (tmp_path, "not a pdlm-jax checkpoint"),
+                      (tmp_path / "nope", "does not exist")):
+        with pytest.raises(PDLMError, match="pdlm-convert") as e:
+            checkpoint.restore_params(bad)
+        assert hint in str(e.value)
+    with pytest.raises(PDLMError, match="lm/embed/embedding"):
+        checkpoint.restore_params(ours, shardings={"lm": {}})
+
+
+def test_params_not_matching_config(tmp_path, ours, reference):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    checkpoint.write_config(ckpt, fixture_config("tiny_v1_wide"))  # other vision geometry
+    (ckpt / checkpoint.PARAMS_DIR).symlink_to(ours / checkpoint.PARAMS_DIR)
+    with pytest.raises(PDLMError, match="vision/pos_embed/embedding: shape"):
+        checkpoint.restore_params(ckpt)

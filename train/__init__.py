@@ -1,0 +1,1 @@
+"""Training: `pdlm-train` CLI, grain data pipeline, diffusion loss, sharded train step, Orbax checkpoints."""

@@ -1,0 +1,85 @@
+"""Training checkpoints (Orbax CheckpointManager: async, keep-N, atomic) and the final export.
+
+A training checkpoint holds the train state (params, frozen params, optimizer, step) and the data
+iterator position, so a resumed run continues exactly. The export is a pdlm-jax checkpoint directory
+(pdlm_jax/checkpoint.py layout: config.json, params/, tokenizer files) that `pdlm-infer --checkpoint`
+and `pdlm_jax.load` read directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from pdlm_jax import checkpoint as pdlm_ckpt
+from pdlm_jax.config import PDLMConfig, SamplerConfig
+from pdlm_jax.errors import PDLMError
+
+SAMPLER_FILE = "sampler.json"  # generation defaults stored with an exported model
+
+
+def manager(directory: str | Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           create=True)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "data"))
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state: dict, iterator: grain.DatasetIterator) -> None:
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           data=grain.checkpoint.CheckpointSave(iterator)))
+
+
+def restore(mgr: ocp.CheckpointManager, abstract_state: dict, iterator: grain.DatasetIterator,
+            step: int | None = None) -> tuple[int, dict] | None:
+    """Restore the latest (or given) step into `abstract_state`'s shardings and the iterator; None if empty."""
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        return None
+    try:
+        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                        data=grain.checkpoint.CheckpointRestore(iterator)))
+    except Exception as e:  # Orbax raises assorted types for structure/shape mismatches
+        raise PDLMError(f"cannot resume from {mgr.directory}/{step} ({e}); it was written by a different "
+                        "config — use a new run.output_dir or remove the old checkpoints") from e
+    return step, out["state"]
+
+
+def export(out_dir: str | Path, cfg: PDLMConfig, params: dict, tokenizer_dir: str | Path,
+           sampler: SamplerConfig | None = None, provenance: dict | None = None) -> Path:
+    """Write `params` (full tree) as a pdlm-jax checkpoint directory, atomically (tmp dir + rename)."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    writer = pdlm_ckpt.ParamsWriter(tmp / pdlm_ckpt.PARAMS_DIR)
+    for path, leaf in pdlm_ckpt.flatten(params).items():
+        writer.add(path, np.asarray(jax.device_get(leaf), dtype=np.float32))
+    writer.close()
+    pdlm_ckpt.write_config(tmp, cfg)
+    for name in pdlm_ckpt.TOKENIZER_FILES:
+        src = Path(tokenizer_dir) / name
+        if src.exists():
+            shutil.copy(src, tmp / name)
+    if sampler is not None:
+        (tmp / SAMPLER_FILE).write_text(json.dumps(dataclasses.asdict(sampler), indent=2) + "\n")
+    (tmp / pdlm_ckpt.PROVENANCE_FILE).write_text(json.dumps(
+        {"producer": "pdlm-train", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+         **(provenance or {})}, indent=2, default=str) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def full_params(state: dict) -> dict[str, Any]:
+    return {**state["params"], **state["frozen"]}

@@ -1,0 +1,160 @@
+"""`pdlm-train --config FILE [section.key=value ...]` (also `python -m train`).
+
+Trains PerceptionDLM with the masked-diffusion objective on one device, a multi-device host or a
+multi-host pod (see docs/TRAINING.md). Resumes automatically from the latest checkpoint in
+`run.output_dir/checkpoints`; writes `run.output_dir/log.jsonl` and, at the end, a pdlm-infer checkpoint
+in `run.output_dir/export`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from pdlm_jax.errors import PDLMError
+
+log = logging.getLogger("pdlm-train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdlm-train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML training config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="override config entries, e.g. optim.lr=1e-4 run.mesh=data:2,fsdp:4")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() (auto-detects TPU pods, SLURM, ...)")
+    p.add_argument("--coordinator", help="host:port of process 0 (multi-node GPU without a cluster manager)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _init_distributed(args) -> None:
+    import jax
+
+    if args.coordinator or args.distributed:
+        kwargs = {}
+        if args.coordinator:
+            kwargs = dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                          process_id=args.process_id)
+        jax.distributed.initialize(**kwargs)
+
+
+def train(cfg, progress: bool = True) -> dict:
+    """Run training for a TrainConfig; returns {'losses': [...], 'export': path or None}."""
+    import jax
+    import numpy as np
+    from tqdm import tqdm
+
+    from pdlm_jax import checkpoint as pdlm_ckpt
+    from pdlm_jax import keymap
+    from pdlm_jax import sharding as shd
+    from pdlm_jax.regions.tokenizer import Tokenizer
+    from train import checkpointing, data, step as step_lib
+
+    if cfg.run.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", cfg.run.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    model_cfg = cfg.model_config()
+    tokenizer = Tokenizer(cfg.tokenizer_dir())
+    if tokenizer.vocab_size > model_cfg.lm.vocab_size:
+        raise PDLMError(f"the tokenizer has {tokenizer.vocab_size} tokens but lm.vocab_size is "
+                        f"{model_cfg.lm.vocab_size}; use the checkpoint's tokenizer or a larger vocab")
+    per_update = cfg.data.batch_size * cfg.optim.grad_accum
+    import dataclasses
+    pipe = data.build_pipeline(dataclasses.replace(cfg.data, batch_size=per_update), model_cfg, tokenizer,
+                               process_index=jax.process_index(), process_count=jax.process_count())
+    total = cfg.run.max_steps or pipe.steps_per_epoch * cfg.data.epochs
+    mesh = shd.make_mesh(cfg.run.mesh)
+    trainer = step_lib.make_trainer(model_cfg, cfg.model.dtype, mesh, cfg.optim, total, tokenizer.special.mask,
+                                    seed=cfg.run.seed, remat=cfg.model.remat)
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
+    iterator = iter(pipe.dataset)
+    mgr = checkpointing.manager(out / "checkpoints", cfg.run.keep, cfg.run.async_save)
+
+    shapes = {p: jax.ShapeDtypeStruct(s, np.float32) for p, s in keymap.expected_shapes(model_cfg).items()}
+    abstract = trainer.abstract_state(pdlm_ckpt.nest(shapes), cfg.model.freeze)
+    resumed = checkpointing.restore(mgr, abstract, iterator)
+    if resumed is not None:
+        start, state = resumed
+        log.info("resumed from %s at step %d", mgr.directory, start)
+    else:
+        start = 0
+        if cfg.model.init_from:
+            _, params = pdlm_ckpt.restore_params(cfg.model.init_from, dtype=np.float32,
+                                                 shardings=shd.param_shardings(pdlm_ckpt.nest(shapes), mesh))
+        else:
+            params = step_lib.init_params(model_cfg, cfg.run.seed, mesh)
+        state = trainer.init_state(params, cfg.model.freeze)
+        del params
+
+    is_main = jax.process_index() == 0
+    log_file = open(out / "log.jsonl", "a") if is_main else None
+    losses = []
+    bar = tqdm(total=total, initial=start, disable=not (progress and is_main), desc="train", dynamic_ncols=True)
+    t_prev = time.perf_counter()
+    try:
+        for step in range(start, total):
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                log.warning("data exhausted after %d steps", step)
+                break
+            state, metrics = trainer.step(state, trainer.put_batch(batch))
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            dt, t_prev = now - t_prev, now
+            record = {"step": step + 1, "loss": metrics["loss"], "lr": metrics["lr"],
+                      "grad_norm": metrics["grad_norm"], "step_time": dt, "tokens_per_s": metrics["tokens"] / dt,
+                      "masked_tokens": int(metrics["masked_tokens"])}
+            losses.append(metrics["loss"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+            if log_file is not None:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                if (step + 1) % cfg.run.log_every == 0:
+                    bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in record.items()))
+            if (step + 1) % cfg.run.save_every == 0 or step + 1 == total:
+                checkpointing.save(mgr, step + 1, state, iterator)
+        mgr.wait_until_finished()
+    finally:
+        bar.close()
+        mgr.close()
+        if log_file is not None:
+            log_file.close()
+    exported = None
+    if cfg.run.export and is_main:
+        exported = checkpointing.export(out / "export", model_cfg, checkpointing.full_params(state),
+                                        cfg.tokenizer_dir(), cfg.sampler(),
+                                        {"config": cfg.to_dict(), "steps": total, "final_loss": losses[-1:]})
+        log.info("exported %s", exported)
+    return {"losses": losses, "export": exported, "state": state}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file operation at INFO
+    try:
+        from train import config as train_config
+
+        cfg = train_config.load(args.config, args.overrides)
+        _init_distributed(args)
+        train(cfg, progress=not args.no_progress)
+    except PDLMError as e:
+        print(f"pdlm-train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

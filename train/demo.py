@@ -1,0 +1,82 @@
+"""The embedded demo model: its tokenizer, its architecture and its bundled demo scene.
+
+`python -m train.demo tokenizer --out DIR` builds a small byte-level BPE tokenizer (every word of the
+prompt and of the synthetic captions is one token; every special token of the real tokenizer is present,
+resolved by string). `python -m train.demo scene --out DIR` writes the bundled demo scene. The model is
+trained with `pdlm-train --config configs/demo.yaml` and exported to `pdlm_jax/assets/demo_model/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from train import synthetic
+
+SPECIAL_TOKENS = (
+    ["<|startoftext|>", "<|endoftext|>", "[CLS]", "[gMASK]"]
+    + [f"<|reserved_token_{i}|>" for i in range(16)]
+    + ["<|mdm_mask|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<IMG_CONTEXT>", "<img>", "</img>"]
+    + [f"<|Mask_Cap_{i}|>" for i in range(16)]
+    + [f"<Prompt{i}>" for i in range(6)]
+    + ["<NO_Prompt>"]
+)
+# Text the tokenizer must encode compactly: the fixed prompt and every caption word.
+CORPUS = (
+    ["system", "user", "assistant", "You are a helpful assistant.", "Describe each masked region in detail."]
+    + [f"a {c} {s}" for c in synthetic.COLORS for s in synthetic.SHAPES]
+)
+DEMO_SCENE_INDEX = 3  # a scene of the held-out stream with several shapes (see write_scene)
+DEMO_SCENE_SEED = 12345
+
+
+def build_tokenizer(out_dir: str | Path) -> Path:
+    """Write tokenizer.json (+ the HF side files) to `out_dir`; returns the tokenizer.json path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 50, trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    for c in synthetic.COLORS:
+        for s in synthetic.SHAPES:
+            ids = tok.encode(f"a {c} {s}").ids
+            assert len(ids) == 3, (c, s, ids)  # the demo's gen_length is one slot per word
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
+        "model_max_length": 4096}, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "additional_special_tokens": ["<IMG_CONTEXT>", "<img>", "</img>"]
+        + [f"<|Mask_Cap_{i}|>" for i in range(16)]}, indent=2))
+    return out / "tokenizer.json"
+
+
+def write_demo_scene(out_dir: str | Path) -> None:
+    """The bundled scene of `pdlm-infer --demo`: image.png and mask_{i}.png."""
+    scene = synthetic.make_scene(DEMO_SCENE_SEED, DEMO_SCENE_INDEX, num_shapes=5)
+    synthetic.write_scene(scene, out_dir)
+    (Path(out_dir) / "captions.json").write_text(json.dumps(scene.captions, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m train.demo")
+    ap.add_argument("what", choices=("tokenizer", "scene"))
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    if args.what == "tokenizer":
+        print(build_tokenizer(args.out))
+    else:
+        write_demo_scene(args.out)
+
+
+if __name__ == "__main__":
+    main()

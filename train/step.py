@@ -1,0 +1,179 @@
+"""The jitted training step: full PerceptionDLM forward (vision, RoI replay, structured mask), the
+diffusion loss, gradient accumulation, AdamW — sharded over a (data, fsdp, tensor) mesh.
+
+Train state is a plain dict of arrays (`params` = trainable float32 master weights, `frozen`, `opt`,
+`step`) so that Orbax, optax and the sharding rules see ordinary pytrees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from pdlm_jax import sharding as shd
+from pdlm_jax.config import PDLMConfig
+from pdlm_jax.modeling.pdm import PerceptionDLM
+from pdlm_jax.ops.roi_replay import assemble_embeddings, roi_replay
+from pdlm_jax.ops.structured_mask import allowed_mask
+from train.loss import IGNORE, draw_noise, lm_diffusion_loss
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def build_model(cfg: PDLMConfig, dtype: str, seed: int = 0, abstract: bool = False, remat: bool = False):
+    """A PerceptionDLM with float32 parameters computing in `dtype` (concrete or nnx.eval_shape)."""
+    make = lambda: PerceptionDLM(cfg, dtype=DTYPES[dtype], param_dtype=jnp.float32, rngs=nnx.Rngs(seed))  # noqa: E731
+    model = nnx.eval_shape(make) if abstract else make()
+    if remat:  # per-layer rematerialisation, where the model supports it
+        for part in (model.lm, model.vision):
+            if hasattr(part, "remat"):
+                part.remat = True
+    return model
+
+
+def split_params(params: dict, freeze: tuple[str, ...]) -> tuple[dict, dict]:
+    """(trainable, frozen) by top-level module group."""
+    return ({k: v for k, v in params.items() if k not in freeze}, {k: v for k, v in params.items() if k in freeze})
+
+
+def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warmup (warmup_ratio of the run) then cosine decay, after global-norm clipping."""
+    warmup = math.ceil(optim.warmup_ratio * total_steps)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, max(total_steps, warmup + 1),
+                                                  end_value=optim.lr * optim.end_lr_ratio)
+    tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm),
+                     optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay))
+    return tx, schedule
+
+
+# ---- forward ----------------------------------------------------------------------------------------
+
+
+def batch_embeddings(model: PerceptionDLM, batch: dict, cfg: PDLMConfig) -> jax.Array:
+    """Clean LM input embeddings (B, L, H): token embeddings + scattered vision rows + RoI vectors."""
+
+    def one(px, mp, pid, boxes, grid, nt, ids, img_pos, roi_pos):
+        vision = model.encode_images(px, mp, pid)
+        rois = roi_replay(vision, grid, boxes, cfg.region, cfg.quirks, training=True, num_tiles=nt)
+        return assemble_embeddings(model.lm.embed(ids), vision, rois, img_pos, roi_pos)
+
+    keys = ("pixel_values", "mask_patches", "prompt_ids", "roi_boxes", "grid", "num_tiles", "input_ids",
+            "image_positions", "roi_positions")
+    return jax.vmap(one)(*(batch[k] for k in keys))
+
+
+def batch_loss(model: PerceptionDLM, batch: dict, key: jax.Array, cfg: PDLMConfig, mask_id: int):
+    embeds = batch_embeddings(model, batch, cfg)
+    allowed = jax.vmap(allowed_mask)(batch["block_id"], batch["roi_owner"], batch["prefix_visible"], batch["valid"])
+    t, u = draw_noise(key, batch["labels"].shape)
+    return lm_diffusion_loss(model.lm, embeds, batch["labels"], allowed, t, u, mask_id)
+
+
+# ---- the step -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Holds the compiled step and the shardings of state and batches."""
+
+    graphdef: Any
+    cfg: PDLMConfig
+    mesh: Mesh
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    mask_id: int
+    grad_accum: int
+    seed: int
+    state_shardings: Any = None
+    _step: Callable | None = None
+
+    def init_state(self, params: dict, freeze: tuple[str, ...]) -> dict:
+        """Train state from a full param tree (placed into the state shardings)."""
+        trainable, frozen = split_params(params, freeze)
+        abstract = jax.eval_shape(lambda p, f: {"params": p, "frozen": f, "opt": self.tx.init(p),
+                                                "step": jnp.zeros((), jnp.int32)}, trainable, frozen)
+        self.state_shardings = shd.param_shardings(abstract, self.mesh)
+        init = jax.jit(lambda p, f: {"params": p, "frozen": f, "opt": self.tx.init(p),
+                                     "step": jnp.zeros((), jnp.int32)}, out_shardings=self.state_shardings)
+        return init(trainable, frozen)
+
+    def abstract_state(self, params_shape: dict, freeze: tuple[str, ...]) -> dict:
+        """ShapeDtypeStructs (with shardings) of the train state, for Orbax restore."""
+        trainable, frozen = split_params(params_shape, freeze)
+        abstract = jax.eval_shape(lambda p, f: {"params": p, "frozen": f, "opt": self.tx.init(p),
+                                                "step": jnp.zeros((), jnp.int32)}, trainable, frozen)
+        self.state_shardings = shd.param_shardings(abstract, self.mesh)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                            self.state_shardings)
+
+    def batch_shardings(self, batch: dict) -> dict:
+        return {k: shd.batch_sharding(self.mesh, np.shape(v)) for k, v in batch.items()}
+
+    def _loss_and_grad(self, params, frozen, batch, key):
+        def loss_fn(p):
+            model = nnx.merge(self.graphdef, {**p, **frozen})
+            return batch_loss(model, batch, key, self.cfg, self.mask_id)
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    def _train_step(self, state: dict, batch: dict):
+        params, frozen = state["params"], state["frozen"]
+        key = jax.random.fold_in(jax.random.key(self.seed), state["step"])
+        n = self.grad_accum
+        if n == 1:
+            (loss, masked), grads = self._loss_and_grad(params, frozen, batch, key)
+        else:
+            # (n·B, ...) -> (n, B, ...): sample i goes to micro-batch i % n, keeping B evenly sharded
+            micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch)
+
+            def body(carry, xs):
+                mb, i = xs
+                (l, m), g = self._loss_and_grad(params, frozen, mb, jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, carry, (l, m, g)), None
+
+            zeros = (jnp.zeros(()), jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params))
+            (loss, masked, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n)))
+            loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
+        updates, opt = self.tx.update(grads, state["opt"], params)
+        new_state = {"params": optax.apply_updates(params, updates), "frozen": frozen, "opt": opt,
+                     "step": state["step"] + 1}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.schedule(state["step"]),
+                   "masked_tokens": masked, "answer_tokens": jnp.sum(batch["labels"] != IGNORE),
+                   "tokens": jnp.sum(batch["valid"])}
+        return new_state, metrics
+
+    def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        """One optimizer update on a global batch (dict of jax.Arrays sharded with batch_shardings)."""
+        if self._step is None:
+            self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, None),
+                                 out_shardings=(self.state_shardings, shd.replicated(self.mesh)), donate_argnums=0)
+        return self._step(state, batch)
+
+    def put_batch(self, local_batch: dict) -> dict:
+        """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
+        return {k: jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, (v.shape[0] * jax.process_count(),) + v.shape[1:]), v)
+                for k, v in local_batch.items()}
+
+
+def make_trainer(cfg: PDLMConfig, dtype: str, mesh: Mesh, optim, total_steps: int, mask_id: int,
+                 seed: int = 0, remat: bool = False) -> Trainer:
+    graphdef, _ = nnx.split(build_model(cfg, dtype, abstract=True, remat=remat))
+    tx, schedule = make_optimizer(optim, total_steps)
+    return Trainer(graphdef, cfg, mesh, tx, schedule, mask_id, optim.grad_accum, seed)
+
+
+def init_params(cfg: PDLMConfig, seed: int, mesh: Mesh) -> dict:
+    """Randomly initialised float32 params, created directly in their shardings."""
+    abstract = nnx.to_pure_dict(nnx.state(build_model(cfg, "float32", abstract=True), nnx.Param))
+    shardings = shd.param_shardings(abstract, mesh)
+    make = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(cfg, "float32", seed), nnx.Param)),
+                   out_shardings=shardings)
+    return make()
