@@ -37,8 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nucleus filtering when sampling (the reference accepts and ignores it)")
     p.add_argument("--prompt", default=DEFAULT_QUESTION, help=f"question text (default: {DEFAULT_QUESTION!r})")
     p.add_argument("--seed", type=int, default=0, help="random seed for temperature > 0")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                   help="compute dtype (bfloat16 like the reference; float32 for exact tests)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                   help="compute dtype; auto = the dtype the checkpoint stores (bf16 for the released model)")
+    p.add_argument("--mesh", metavar="SPEC",
+                   help="shard over devices, e.g. data:2,fsdp:2,tensor:2 (sizes multiply to the device count; "
+                        "one may be -1); default: one device")
+    p.add_argument("--cache", default="none", metavar="MODE",
+                   help="opt-in fast mode: 'prefix' computes the prompt's keys/values once ('prefix:R' refreshes "
+                        "them every R steps) and runs each step over the caption blocks only (approximate)")
+    p.add_argument("--unmask", default="remask", metavar="MODE",
+                   help="'remask' (the reference's schedule) or opt-in 'threshold:TAU': commit every slot with "
+                        "confidence > TAU, at least one per caption per step (approximate, fewer forwards)")
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
+                   help="attention kernel; auto = cuDNN flash attention on GPU in bf16, else XLA")
     p.add_argument("--output", type=Path, help="write the result JSON here (default: print it)")
     p.add_argument("--visualize", metavar="PNG", help="write an overlay picture of masks and captions")
     p.add_argument("--reference-parser", action="store_true",
@@ -68,6 +79,7 @@ def _check_single_image_args(args: argparse.Namespace) -> None:
     """Fail fast on bad single-image arguments, before loading a (possibly very large) model."""
     from pdlm_jax.api import check_settings
     from pdlm_jax.checkpoint import load_config
+    from pdlm_jax.pipeline import Mode
 
     if not args.image:
         raise PDLMError("--image is required: the picture whose regions to caption")
@@ -81,6 +93,7 @@ def _check_single_image_args(args: argparse.Namespace) -> None:
             raise PDLMError(f"{flag} {path}: folder {Path(path).resolve().parent} does not exist")
     check_settings(args.gen_length, args.steps, args.temperature, args.top_p, len(args.masks),
                    load_config(args.checkpoint).region.prompt_numbers)
+    Mode.parse(args.cache, args.unmask)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -90,7 +103,8 @@ def _run(args: argparse.Namespace) -> int:
 
     def load():
         log.info("loading checkpoint %s (%s)", args.checkpoint, args.dtype)
-        return pdlm_jax.load(args.checkpoint, dtype=args.dtype, compilation_cache=args.compilation_cache)
+        return pdlm_jax.load(args.checkpoint, dtype=args.dtype, compilation_cache=args.compilation_cache,
+                             mesh=args.mesh, attention=args.attention)
 
     if getattr(args, "annotations", None):  # dataset mode checks its own arguments, then calls load()
         return _dataset.run_annotations(args, load)
@@ -101,7 +115,8 @@ def _run(args: argparse.Namespace) -> int:
              args.image, args.gen_length, args.steps, args.temperature)
     result = handle.caption_regions(args.image, args.masks, gen_length=args.gen_length, steps=args.steps,
                                     temperature=args.temperature, top_p=args.top_p, question=args.prompt,
-                                    seed=args.seed, reference_parser=args.reference_parser)
+                                    seed=args.seed, reference_parser=args.reference_parser, cache=args.cache,
+                                    unmask=args.unmask)
     log.info("done in %.2f s (%.2f s compiling), %d forwards, %.2f tokens/forward", result["seconds"],
              result["compile_seconds"], result["forwards"], result["tokens_per_forward"])
     for i, region in enumerate(result["regions"]):

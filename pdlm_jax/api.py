@@ -11,17 +11,21 @@ The result is the same object `pdlm-infer` writes as JSON (schema in `RegionCapt
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numbers
 import time
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
 
-from pdlm_jax import pipeline
-from pdlm_jax.config import PDLMConfig
+from pdlm_jax import keymap, pipeline, sharding
+from pdlm_jax.config import PDLMConfig, preset
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.pdm import PerceptionDLM, from_tree
 from pdlm_jax.regions.masks import MaskInput, area_order, load_masks
@@ -79,16 +83,32 @@ def check_settings(gen_length: int, steps: int, temperature: float = 0.0, top_p:
                             f"pass (gen_length={gen_length}); use steps <= {smallest * gen_length}")
 
 
+@dataclasses.dataclass
+class _Pass:
+    """One denoising pass: up to prompt_numbers masks of one image (a chunk), prepared on the host."""
+
+    number: int  # position among all passes of the call
+    item: int  # index of the (image, masks) pair in the call
+    chunk: int
+    members: list[int]  # mask indices (in the item's list) of this chunk, input order
+    prep: PreparedRegions
+    bucket: pipeline.Bucket
+    tokens: np.ndarray | None = None  # (k, G) in area order, once run
+    forwards: int = 0
+
+
 class RegionCaptioner:
     """A loaded model, its tokenizer and its compiled programs (one per input bucket)."""
 
-    def __init__(self, cfg: PDLMConfig, model: PerceptionDLM, tokenizer: Tokenizer):
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.program = pipeline.CaptionProgram(model, cfg, tokenizer.special.mask)
+    def __init__(self, cfg: PDLMConfig, model: PerceptionDLM, tokenizer: Tokenizer, mesh: Mesh | None = None):
+        self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
+        self.program = pipeline.CaptionProgram(model, cfg, tokenizer.special.mask, mesh)
 
-    def caption_regions(self, image: ImageInput | TiledImage, masks: Sequence[MaskInput], gen_length: int = 32,
-                        steps: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                        question: str = DEFAULT_QUESTION, seed: int = 0, reference_parser: bool = False) -> dict:
+    def caption_regions(self, image: ImageInput | TiledImage | Sequence[tuple], masks: Sequence[MaskInput] | None = None,
+                        gen_length: int = 32, steps: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                        question: str = DEFAULT_QUESTION, seed: int = 0, reference_parser: bool = False,
+                        cache: str = "none", unmask: str = "remask", batch_size: int | None = None
+                        ) -> dict | list[dict]:
         """Caption every mask of `image`; returns a JSON-ready dict.
 
         image: path, PIL image, uint8 array or an already tiled `TiledImage`; masks: paths, PIL images or
@@ -98,63 +118,114 @@ class RegionCaptioner:
         reproduces the reference; temperature > 0 samples with `seed` (chunk c uses seed + c) and `top_p`
         nucleus filtering (the reference ignores top_p).
 
+        Given a list of (image, masks) pairs instead (and no `masks`), captions them all and returns one
+        result per pair: see `caption_batch`. `cache` / `unmask` select the opt-in fast modes
+        (`pipeline.Mode.parse`: "prefix", "prefix:R", "threshold:0.9"); the default is the reference's sampler.
+
         Result: {"regions": [one record per mask, in the order given: index, caption, token_ids (its
         gen_length generated ids), bbox (normalised x_min, y_min, x_max, y_max of the inclusive pixel
         extents, as the reference), prompt_id, area, chunk], "image": {width, height, grid, tiles}, the
-        settings, "parser", "seconds" (wall time of the call, compilation included), "compile_seconds",
-        "forwards" (LM forward passes, all chunks), "tokens_per_forward" (generated tokens / forwards)}.
-        `reference_parser=True` takes captions from the reference demo's string parser (SPEC §10) instead of
-        decoding each block's own tokens without special tokens.
+        settings, "mode", "parser", "seconds" (wall time of the call, compilation included),
+        "compile_seconds", "forwards" (LM forward passes, all chunks), "tokens_per_forward" (generated tokens /
+        forwards)}. `reference_parser=True` takes captions from the reference demo's string parser (SPEC §10)
+        instead of decoding each block's own tokens without special tokens.
+        """
+        settings = dict(gen_length=gen_length, steps=steps, temperature=temperature, top_p=top_p, question=question,
+                        seed=seed, reference_parser=reference_parser, cache=cache, unmask=unmask,
+                        batch_size=batch_size)
+        if masks is None:
+            return self.caption_batch(image, **settings)
+        return self.caption_batch([(image, masks)], **settings)[0]
+
+    def caption_batch(self, items: Sequence[tuple[ImageInput | TiledImage, Sequence[MaskInput]]],
+                      gen_length: int = 32, steps: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                      question: str = DEFAULT_QUESTION, seed: int = 0, reference_parser: bool = False,
+                      cache: str = "none", unmask: str = "remask", batch_size: int | None = None) -> list[dict]:
+        """Caption many images: one result per (image, masks) pair, each as `caption_regions` gives it alone.
+
+        The passes (chunks) of all images are grouped by bucket; the passes of one bucket run together as the
+        rows of one jitted program, `batch_size` rows per call (default: all of the bucket's passes; a fixed
+        size avoids compiling again for another count). Every image's chunk c uses seed + c. "seconds" and
+        "compile_seconds" are those of the whole call; "forwards" counts the forwards of the programs that ran
+        the image's passes.
         """
         start = time.perf_counter()
+        mode = pipeline.Mode.parse(cache, unmask)
+        if batch_size is not None and (not isinstance(batch_size, numbers.Integral) or batch_size < 1):
+            raise PDLMError(f"batch_size must be a positive integer, got {batch_size!r}")
         per_pass = self.cfg.region.prompt_numbers
-        check_settings(gen_length, steps, temperature, top_p, len(masks), per_pass)
-        tiled = image if isinstance(image, TiledImage) else tile_image(image, self.cfg.region)
-        loaded = load_masks(masks, tiled.size)
-        order = area_order([int(m.sum()) for m in loaded])
-        chunks = [sorted(int(j) for j in order[i:i + per_pass]) for i in range(0, len(order), per_pass)]
+        if not isinstance(items, (list, tuple)) or not all(isinstance(it, (list, tuple)) and len(it) == 2 for it in items):
+            raise PDLMError("give one image with its list of masks, or a list of (image, masks) pairs")
+        for _, masks in items:
+            check_settings(gen_length, steps, temperature, top_p, len(masks), per_pass)
 
-        records: list[dict | None] = [None] * len(loaded)
-        forwards = compile_seconds = 0.0
-        for c, members in enumerate(chunks):
-            # Members in input order: the pass sorts them by area itself, with the same tie rule as above.
-            prep = prepare_regions(tiled, [loaded[j] for j in members], self.tokenizer, self.cfg, gen_length,
-                                   question)
-            tokens, n, seconds = self._run_pass(prep, gen_length, steps, temperature, top_p, seed + c)
-            log.info("pass %d/%d: %d region(s), %d forwards%s", c + 1, len(chunks), len(members), n,
-                     f" (compiled in {seconds:.1f} s)" if seconds else "")
-            forwards += n
-            compile_seconds += seconds
-            captions = self._captions(prep, tokens, reference_parser)
-            for slot, local in enumerate(prep.order):
-                j = members[local]
-                records[j] = {"index": j, "caption": captions[slot], "token_ids": tokens[slot].tolist(),
-                              "bbox": [float(v) for v in prep.boxes[slot]], "prompt_id": int(prep.prompt_ids[slot]),
-                              "area": int(prep.areas[slot]), "chunk": c}
+        images, passes = [], []
+        for i, (image, masks) in enumerate(items):
+            tiled = image if isinstance(image, TiledImage) else tile_image(image, self.cfg.region)
+            loaded = load_masks(masks, tiled.size)
+            images.append((tiled, len(loaded)))
+            order = area_order([int(m.sum()) for m in loaded])
+            for c in range(0, len(order), per_pass):
+                # Members in input order: the pass sorts them by area itself, with the same tie rule as above.
+                members = sorted(int(j) for j in order[c:c + per_pass])
+                prep = prepare_regions(tiled, [loaded[j] for j in members], self.tokenizer, self.cfg, gen_length,
+                                       question)
+                bucket = pipeline.choose_bucket(prep.pixel_values.shape[0], len(members), gen_length,
+                                                prep.layout.length, per_pass, temperature, top_p, mode)
+                passes.append(_Pass(len(passes), i, c // per_pass, members, prep, bucket))
 
-        generated = len(loaded) * gen_length
-        return {
-            "regions": records,
-            "image": {"width": tiled.size[0], "height": tiled.size[1], "grid": list(tiled.grid),
-                      "tiles": tiled.num_tiles},
-            "gen_length": gen_length, "steps": steps, "temperature": temperature, "top_p": top_p,
-            "question": question, "seed": seed, "parser": "reference" if reference_parser else "blocks",
-            "seconds": time.perf_counter() - start,
-            "compile_seconds": compile_seconds,
-            "forwards": int(forwards),
-            "tokens_per_forward": generated / forwards,
-        }
+        compile_seconds = 0.0
+        groups: dict[pipeline.Bucket, list[_Pass]] = {}
+        for p in passes:
+            groups.setdefault(p.bucket, []).append(p)
+        for bucket, group in groups.items():
+            size = batch_size or len(group)
+            for b in range(0, len(group), size):
+                compile_seconds += self._run(group[b:b + size], dataclasses.replace(bucket, batch=size), steps,
+                                             mode, temperature, top_p, seed, len(passes))
 
-    def _run_pass(self, prep: PreparedRegions, gen_length: int, steps: int, temperature: float, top_p: float,
-                  seed: int) -> tuple[np.ndarray, int, float]:
-        """Slot tokens (k, G) in area order, forwards run, compile seconds."""
-        k = prep.layout.num_regions
-        bucket = pipeline.choose_bucket(prep.pixel_values.shape[0], k, gen_length, prep.layout.length,
-                                        self.cfg.region.prompt_numbers, temperature, top_p)
-        inputs = pipeline.pass_inputs(prep, bucket, self.cfg, self.tokenizer.special.eot, steps, temperature,
-                                         top_p, seed)
+        results = []
+        for i, (tiled, num_masks) in enumerate(images):
+            mine = [p for p in passes if p.item == i]
+            records: list[dict | None] = [None] * num_masks
+            for p in mine:
+                captions = self._captions(p.prep, p.tokens, reference_parser)
+                for slot, local in enumerate(p.prep.order):
+                    j = p.members[local]
+                    records[j] = {"index": j, "caption": captions[slot], "token_ids": p.tokens[slot].tolist(),
+                                  "bbox": [float(v) for v in p.prep.boxes[slot]],
+                                  "prompt_id": int(p.prep.prompt_ids[slot]), "area": int(p.prep.areas[slot]),
+                                  "chunk": p.chunk}
+            forwards = sum(p.forwards for p in mine)
+            results.append({
+                "regions": records,
+                "image": {"width": tiled.size[0], "height": tiled.size[1], "grid": list(tiled.grid),
+                          "tiles": tiled.num_tiles},
+                "gen_length": gen_length, "steps": steps, "temperature": temperature, "top_p": top_p,
+                "question": question, "seed": seed, "mode": mode.name,
+                "parser": "reference" if reference_parser else "blocks",
+                "seconds": time.perf_counter() - start,
+                "compile_seconds": compile_seconds,
+                "forwards": int(forwards),
+                "tokens_per_forward": num_masks * gen_length / forwards,
+            })
+        return results
+
+    def _run(self, group: list[_Pass], bucket: pipeline.Bucket, steps: int, mode: pipeline.Mode,
+             temperature: float, top_p: float, seed: int, total: int) -> float:
+        """Run the passes of one bucket as the rows of one call; fills their tokens; returns compile seconds."""
+        rows = [pipeline.pass_inputs(p.prep, bucket, self.cfg, self.tokenizer.special.eot, seed + p.chunk)
+                for p in group]
+        schedules = [(p.prep.layout.num_regions * bucket.gen_length, steps) for p in group]
+        inputs = pipeline.batch_inputs(rows, schedules, bucket, mode, temperature, top_p)
         tokens, forwards, compile_seconds = self.program.run(bucket, inputs)
-        return tokens[:k], forwards, compile_seconds
+        for p, t in zip(group, tokens):
+            p.tokens, p.forwards = t[:p.prep.layout.num_regions], forwards
+            log.info("pass %d/%d: %d region(s), %d forwards%s", p.number + 1, total, len(p.members), forwards,
+                     f" (batch of {len(group)})" if bucket.batch > 1 else "")
+        if compile_seconds:
+            log.info("compiled in %.1f s", compile_seconds)
+        return compile_seconds
 
     def full_sequence(self, prep: PreparedRegions, tokens: np.ndarray) -> np.ndarray:
         """The reference's returned ids: the RoI-expanded prompt with the generated slots filled in."""
@@ -169,19 +240,73 @@ class RegionCaptioner:
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
 
-def load(checkpoint_dir: str | Path, dtype: str = "bfloat16", compilation_cache: str | Path | None = None
-         ) -> RegionCaptioner:
+def load(checkpoint_dir: str | Path, dtype: str = "auto", compilation_cache: str | Path | None = None,
+         mesh: str | dict | Mesh | None = None, attention: str = "auto") -> RegionCaptioner:
     """Load a checkpoint converted by `pdlm-convert` (config, weights, tokenizer) for region captioning.
 
-    dtype: "bfloat16" (the reference's inference dtype) or "float32". compilation_cache: a folder for JAX's
-    persistent compilation cache, so later processes skip compiling the same buckets.
+    dtype: "auto" (the dtype the weights are stored in: bf16 for the released model, float32 for float32
+    sources, so converted reference checkpoints reproduce the reference's own run), "bfloat16" or "float32".
+    compilation_cache: a folder for JAX's persistent compilation cache, so later processes skip compiling
+    the same buckets. mesh: shard over devices, e.g. "data:2,fsdp:2,tensor:2" (`sharding.make_mesh`; one size
+    may be -1): parameters are restored straight into their shardings (a dimension that does not divide its
+    mesh axes is replicated) and batches are split over data × fsdp. attention: see `attention_implementation`.
     """
-    from pdlm_jax.checkpoint import restore_params, tokenizer_path
+    from pdlm_jax.checkpoint import load_config, nest, params_metadata, restore_params, tokenizer_path
 
+    if dtype == "auto":
+        stored = {np.dtype(d) for _, d in params_metadata(checkpoint_dir).values()}
+        dtype = "float32" if np.dtype(np.float32) in stored else "bfloat16"
     if dtype not in DTYPES:
-        raise PDLMError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    cfg, tree = restore_params(checkpoint_dir, dtype=DTYPES[dtype])  # PDLMError if not a converted checkpoint
+        raise PDLMError(f"dtype must be one of auto, {', '.join(sorted(DTYPES))}; got {dtype!r}")
+    mesh = _as_mesh(mesh)
+    shardings = None
+    if mesh is not None:
+        shapes = keymap.expected_shapes(load_config(checkpoint_dir))
+        shardings = sharding.param_shardings(nest({p: jax.ShapeDtypeStruct(s, DTYPES[dtype])
+                                                   for p, s in shapes.items()}), mesh)
+    # PDLMError if not a converted checkpoint
+    cfg, tree = restore_params(checkpoint_dir, dtype=DTYPES[dtype], shardings=shardings)
     tokenizer = Tokenizer(tokenizer_path(checkpoint_dir))
     if compilation_cache is not None:
         pipeline.enable_compilation_cache(str(compilation_cache))
-    return RegionCaptioner(cfg, from_tree(cfg, tree, dtype=DTYPES[dtype]), tokenizer)
+    model = from_tree(cfg, tree, dtype=DTYPES[dtype],
+                      attention_implementation=attention_implementation(attention, DTYPES[dtype]))
+    return RegionCaptioner(cfg, model, tokenizer, mesh)
+
+
+def load_random(cfg: PDLMConfig | str, tokenizer_dir: str | Path, dtype: str = "bfloat16", seed: int = 0,
+                mesh: str | dict | Mesh | None = None, attention: str = "auto") -> RegionCaptioner:
+    """A handle on a model with random weights (benchmarks): `cfg` or a preset name ("perceptiondlm-8b").
+
+    The parameters are initialised by one jitted program straight into their shardings on the device(s),
+    never on the host. Any tokenizer whose ids fit the vocabulary serves (the prompt only needs its
+    special tokens).
+    """
+    cfg = preset(cfg) if isinstance(cfg, str) else cfg
+    if dtype not in DTYPES:
+        raise PDLMError(f"dtype must be one of {', '.join(sorted(DTYPES))}; got {dtype!r}")
+    tokenizer = Tokenizer(tokenizer_dir)
+    if max(tokenizer.vocab_size, *tokenizer.special.all_ids()) > cfg.lm.vocab_size:
+        raise PDLMError(f"tokenizer {tokenizer.file} has ids beyond the model's vocabulary of {cfg.lm.vocab_size}")
+    mesh = _as_mesh(mesh)
+    dt = DTYPES[dtype]
+    make = lambda: PerceptionDLM(cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(seed),  # noqa: E731
+                                 attention_implementation=attention_implementation(attention, dt))
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    out = None if mesh is None else sharding.param_shardings(abstract, mesh)
+    state = jax.jit(lambda: nnx.split(make())[1], out_shardings=out)()
+    return RegionCaptioner(cfg, nnx.merge(graphdef, state), tokenizer, mesh)
+
+
+def attention_implementation(name: str, dtype) -> str:
+    """"auto" → the fused cuDNN kernel of `jax.nn.dot_product_attention` on GPU in bf16 (with the
+    structured mask), else "xla" (our reference-rounding attention, the only one that is token-exact on CPU)."""
+    if name == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" and dtype == jnp.bfloat16 else "xla"
+    if name not in ("xla", "cudnn"):
+        raise PDLMError(f"attention must be auto, xla or cudnn; got {name!r}")
+    return name
+
+
+def _as_mesh(mesh: str | dict | Mesh | None) -> Mesh | None:
+    return mesh if mesh is None or isinstance(mesh, Mesh) else sharding.make_mesh(mesh)

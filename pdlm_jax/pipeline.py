@@ -1,17 +1,25 @@
-"""One region-captioning pass as one jitted program per static bucket (SPEC §0 steps 3–7).
+"""Region-captioning passes as one jitted program per static bucket (SPEC §0 steps 3–7).
 
-Host code (`pdlm_jax.regions`) turns an image and ≤ prompt_numbers masks into fixed-shape arrays; this
-module pads them to a `Bucket`, compiles the program once per bucket and runs it:
+Host code (`pdlm_jax.regions`) turns an image and ≤ prompt_numbers masks into fixed-shape arrays (one *row*);
+this module pads rows to a `Bucket`, stacks the rows of one bucket into a batch, compiles the program once
+per bucket and runs it:
 
-    vision tower + projector (once) → RoI replay → embedding assembly → structured mask (from the
-    per-token segment arrays) → denoising loop (`sampling.denoise`), each step re-embedding only the
-    generation slots and computing logits only at those slots.
+    per row: vision tower + projector (once per image) → RoI replay → embedding assembly → structured mask
+    (from the per-token segment arrays); then the denoising loop over the whole batch (`sampling`), each step
+    re-embedding only the generation slots and computing logits only at those slots.
 
 Buckets: the tile count T is exact (it fixes the vision work); the region count is padded up to
 `REGION_BUCKETS` (padded regions have no mask patches, no sequence positions and no valid slots, so they
-are no-ops); the sequence is right-padded to a multiple of `LENGTH_MULTIPLE` (padded keys are masked out).
-The tile grid, schedule, temperature, top-p and seed are runtime values, so images of the same bucket
-reuse the compiled program.
+are no-ops); the sequence is right-padded to a multiple of `LENGTH_MULTIPLE` (padded keys are masked out);
+the batch size is static. The tile grid, schedules, temperature, top-p, seeds and the fast-mode knobs are
+runtime values, so images of the same bucket reuse the compiled program.
+
+Modes (`Mode`): the default reproduces the reference. `cache="prefix"` keeps the keys/values of every
+position from the last full forward (refreshed every `refresh` steps, else only at step 0) and runs the other
+steps over the caption rows only — approximate, because in the reference the prefix rows also attend to the
+captions (SPEC §8.6). `unmask="threshold"` is the confidence-threshold sampler (`sampling.denoise_threshold`).
+With a mesh, parameters arrive already sharded and the batch axis of the inputs is split over
+('data', 'fsdp') when it divides (replicated otherwise); XLA partitions the rest.
 """
 
 from __future__ import annotations
@@ -25,9 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from pdlm_jax import sampling
+from pdlm_jax import sampling, sharding
 from pdlm_jax.config import PDLMConfig
+from pdlm_jax.errors import PDLMError
+from pdlm_jax.modeling.llada import put_rows, take_rows
 from pdlm_jax.ops.roi_replay import assemble_embeddings, roi_boxes, roi_replay
 from pdlm_jax.ops.structured_mask import allowed_mask
 from pdlm_jax.regions.prepare import PreparedRegions
@@ -36,6 +47,61 @@ log = logging.getLogger(__name__)
 
 REGION_BUCKETS = (1, 2, 4, 6)
 LENGTH_MULTIPLE = 64
+_NEVER = 2**30  # prefix refresh period meaning "only at step 0"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """How the denoising loop runs; the default is the reference's exact sampler.
+
+    cache: "none" (full forward every step) or "prefix" (see the module docstring); refresh: recompute the
+    prefix keys/values every `refresh` steps (None = only at step 0; 1 = every step, i.e. exact).
+    unmask: "remask" (the reference's low-confidence re-masking schedule) or "threshold" (commit every slot
+    with p > `threshold`, at least one per caption block per step).
+    """
+
+    cache: str = "none"
+    refresh: int | None = None
+    unmask: str = "remask"
+    threshold: float = 0.9
+
+    def __post_init__(self):
+        if self.cache not in ("none", "prefix"):
+            raise PDLMError(f"cache mode must be 'none' or 'prefix[:R]', got {self.cache!r}")
+        if self.unmask not in ("remask", "threshold"):
+            raise PDLMError(f"unmask mode must be 'remask' or 'threshold:TAU', got {self.unmask!r}")
+        if self.refresh is not None and self.refresh < 1:
+            raise PDLMError(f"prefix refresh period must be a positive number of steps, got {self.refresh}")
+        if not 0 < self.threshold < 1:
+            raise PDLMError(f"unmask threshold must be in (0, 1), got {self.threshold}")
+
+    @classmethod
+    def parse(cls, cache: str = "none", unmask: str = "remask") -> "Mode":
+        """From the CLI spellings: cache 'none' | 'prefix' | 'prefix:R'; unmask 'remask' | 'threshold:TAU'."""
+        cache_name, _, refresh = str(cache).partition(":")
+        unmask_name, _, tau = str(unmask).partition(":")
+        try:
+            return cls(cache=cache_name, refresh=int(refresh) if refresh else None, unmask=unmask_name,
+                       threshold=float(tau) if tau else cls.threshold)
+        except ValueError:
+            raise PDLMError(f"cannot parse cache {cache!r} / unmask {unmask!r}; use e.g. 'prefix:4' and "
+                            "'threshold:0.9'") from None
+
+    @property
+    def exact(self) -> bool:
+        return self.cache == "none" and self.unmask == "remask"
+
+    @property
+    def name(self) -> str:
+        parts = []
+        if self.cache == "prefix":
+            parts.append("prefix" + (f":{self.refresh}" if self.refresh else ""))
+        if self.unmask == "threshold":
+            parts.append(f"threshold:{self.threshold:g}")
+        return "+".join(parts) or "exact"
+
+
+EXACT = Mode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,25 +114,33 @@ class Bucket:
     length: int  # padded sequence length
     sample: bool  # temperature > 0
     nucleus: bool  # top_p < 1 while sampling
+    batch: int = 1  # rows (passes) per call
+    prefix: bool = False  # prefix K/V cache mode
+    threshold: bool = False  # confidence-threshold unmasking
 
     @property
     def slots(self) -> int:
         return self.regions * self.gen_length
 
+    @property
+    def caption_rows(self) -> int:
+        """Rows of the caption blocks: per region its marker, G slots and one separator (`\\n` / `<|eot_id|>`)."""
+        return self.regions * (self.gen_length + 2)
+
 
 def choose_bucket(num_tiles: int, num_regions: int, gen_length: int, length: int, prompt_numbers: int,
-                  temperature: float, top_p: float) -> Bucket:
+                  temperature: float, top_p: float, mode: Mode = EXACT) -> Bucket:
     sizes = [r for r in REGION_BUCKETS if r < prompt_numbers] + [prompt_numbers]
     regions = next(r for r in sizes if r >= num_regions)
     sample = temperature > 0
     return Bucket(tiles=num_tiles, regions=regions, gen_length=gen_length,
                   length=-(-length // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, sample=sample,
-                  nucleus=sample and top_p < 1.0)
+                  nucleus=sample and top_p < 1.0, prefix=mode.cache == "prefix", threshold=mode.unmask == "threshold")
 
 
-def pass_inputs(prep: PreparedRegions, bucket: Bucket, cfg: PDLMConfig, pad_id: int, steps: int,
-                temperature: float, top_p: float, seed: int) -> dict[str, np.ndarray]:
-    """The padded device inputs of one pass (the schedule of `steps` included)."""
+def pass_inputs(prep: PreparedRegions, bucket: Bucket, cfg: PDLMConfig, pad_id: int, seed: int = 0
+                ) -> dict[str, np.ndarray]:
+    """The padded device inputs of one pass (one batch row; `batch_inputs` stacks rows)."""
     k, g, L = prep.layout.num_regions, bucket.gen_length, bucket.length
     layout = prep.layout.padded(L, pad_id)
     extra = bucket.regions - k
@@ -74,9 +148,13 @@ def pass_inputs(prep: PreparedRegions, bucket: Bucket, cfg: PDLMConfig, pad_id: 
     def pad_regions(a: np.ndarray, value) -> np.ndarray:
         return np.concatenate([a, np.full((extra, *a.shape[1:]), value, a.dtype)])
 
-    # Padded regions/slots point past the end of the sequence: scatters drop them, gathers are ignored.
+    # Padded regions/slots/rows point past the end of the sequence: scatters drop them, gathers are ignored.
     gen_positions = pad_regions(layout.gen_positions, L).reshape(-1)
-    counts, forwards = sampling.schedule_array([(k * g, steps)], bucket.slots)
+    caption = np.flatnonzero(layout.block_id >= 0).astype(np.int32)
+    if len(caption) > bucket.caption_rows:
+        raise PDLMError(f"the caption blocks span {len(caption)} tokens, more than the {bucket.caption_rows} the "
+                        "prefix cache expects; check the tokenizer's <|Mask_Cap_i|> separators")
+    caption_positions = np.concatenate([caption, np.full(bucket.caption_rows - len(caption), L, np.int32)])
     return dict(
         pixel_values=prep.pixel_values.astype(np.float32),
         mask_patches=pad_regions(prep.mask_patches, False),
@@ -88,50 +166,124 @@ def pass_inputs(prep: PreparedRegions, bucket: Bucket, cfg: PDLMConfig, pad_id: 
         roi_positions=pad_regions(layout.roi_positions, L),
         gen_positions=gen_positions,
         slot_valid=gen_positions < L,
+        caption_positions=caption_positions,
+        # each slot's row in the caption window (padded slots: row 0, ignored)
+        slot_rows=np.searchsorted(caption, gen_positions).clip(max=bucket.caption_rows - 1).astype(np.int32),
         block_id=layout.block_id,
         roi_owner=layout.roi_owner,
         prefix_visible=layout.prefix_visible,
         valid=layout.valid,
-        counts=counts,
-        num_forwards=np.int32(forwards),
-        temperature=np.float32(temperature),
-        top_p=np.float32(top_p),
         seed=np.uint32(seed),
     )
 
 
-def _caption_pass(graphdef, state, x: dict, *, cfg: PDLMConfig, mask_id: int, sample: bool, nucleus: bool):
-    """The whole pass for one image; returns the slot tokens (1, regions·G) and the forwards run."""
-    model = nnx.merge(graphdef, state)
-    lm = model.lm
+def batch_inputs(rows: list[dict], schedules: list[tuple[int, int]], bucket: Bucket, mode: Mode,
+                 temperature: float, top_p: float) -> dict[str, np.ndarray]:
+    """Stack `rows` (from `pass_inputs`, one (N, S) schedule each) into the `bucket.batch` rows of one call.
+
+    Missing rows repeat the last one with no valid slot (and a zero schedule), so they change nothing.
+    """
+    padding = bucket.batch - len(rows)
+    if padding < 0:
+        raise ValueError(f"{len(rows)} rows do not fit a batch of {bucket.batch}")
+    filler = dict(rows[-1], slot_valid=np.zeros_like(rows[-1]["slot_valid"]))
+    rows = list(rows) + [filler] * padding
+    counts, forwards = sampling.schedule_array(list(schedules) + [(0, 1)] * padding, bucket.slots)
+    batch = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+    return batch | dict(
+        counts=counts,
+        num_forwards=np.int32(forwards),
+        temperature=np.float32(temperature),
+        top_p=np.float32(top_p),
+        refresh=np.int32(mode.refresh or _NEVER),
+        threshold=np.float32(mode.threshold),
+    )
+
+
+def _row_embeddings(model, x: dict, cfg: PDLMConfig) -> jax.Array:
+    """One row's LM input embeddings (L, H): vision once, RoI replay, token embeddings, all spliced."""
     vision = model.encode_images(x["pixel_values"].astype(model.dtype), x["mask_patches"], x["prompt_ids"])
     rois = roi_replay(vision, x["grid"], x["roi_boxes"], cfg.region, cfg.quirks)
-    embeds = assemble_embeddings(lm.embed(x["input_ids"]), vision, rois, x["image_positions"], x["roi_positions"])
-    mask = allowed_mask(x["block_id"], x["roi_owner"], x["prefix_visible"], x["valid"])[None, None]
+    return assemble_embeddings(model.lm.embed(x["input_ids"]), vision, rois, x["image_positions"],
+                               x["roi_positions"])
+
+
+def _caption_pass(graphdef, state, x: dict, *, cfg: PDLMConfig, mask_id: int, bucket: Bucket):
+    """The whole pass for a batch of rows; returns the slot tokens (B, regions·G) and the forwards run."""
+    model = nnx.merge(graphdef, state)
+    lm = model.lm
+    row_keys = ("pixel_values", "mask_patches", "prompt_ids", "grid", "roi_boxes", "input_ids", "image_positions",
+                "roi_positions")
+    embeds = jax.vmap(lambda row: _row_embeddings(model, row, cfg))({k: x[k] for k in row_keys})
+    allowed = jax.vmap(allowed_mask)(x["block_id"], x["roi_owner"], x["prefix_visible"], x["valid"])  # (B, L, L)
     gen_positions = x["gen_positions"]
-    gather_at = jnp.minimum(gen_positions, embeds.shape[0] - 1)
 
-    def logits_fn(tokens, step):
-        inputs = embeds.at[gen_positions].set(lm.embed(tokens[0]), mode="drop")
-        hidden = lm(inputs[None], mask)
-        return lm.logits(hidden[:, gather_at])  # (1, slots, V): never the full L × V matrix
+    def with_slots(embeds, tokens):
+        return put_rows(embeds, gen_positions, lm.embed(tokens))
 
-    return sampling.denoise(logits_fn, x["slot_valid"][None], x["counts"], x["num_forwards"], mask_id=mask_id,
-                            temperature=x["temperature"], top_p=x["top_p"],
-                            key=jax.random.key(x["seed"]), sample=sample, nucleus=nucleus)
+    def full_forward(embeds):
+        hidden, cache = lm.prefill(embeds, allowed[:, None])
+        return lm.logits(take_rows(hidden, gen_positions)), cache  # never the full L × V matrix
+
+    if bucket.prefix:
+        rows = x["caption_positions"]
+        row_mask = take_rows(allowed, rows)[:, None]  # (B, 1, C, L)
+
+        def logits_fn(tokens, step, carry):
+            embeds, cache = with_slots(carry[0], tokens), carry[1]
+
+            def from_cache(embeds, cache):
+                hidden = lm.forward_rows(take_rows(embeds, rows), rows, row_mask, cache)
+                return lm.logits(take_rows(hidden, x["slot_rows"])), cache
+
+            logits, cache = jax.lax.cond(step % x["refresh"] == 0, lambda e, c: full_forward(e), from_cache,
+                                         embeds, cache)
+            return logits, (embeds, cache)
+
+        cache_shape = jax.eval_shape(full_forward, embeds)[1]
+        carry = (embeds, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shape))
+    else:
+        def logits_fn(tokens, step, embeds):
+            embeds = with_slots(embeds, tokens)  # the loop carries the embeddings: updated in place
+            hidden = lm(embeds, allowed[:, None])
+            return lm.logits(take_rows(hidden, gen_positions)), embeds
+
+        carry = embeds
+
+    common = dict(mask_id=mask_id, temperature=x["temperature"], top_p=x["top_p"],
+                  key=jax.vmap(jax.random.key)(x["seed"]), sample=bucket.sample, nucleus=bucket.nucleus, carry=carry)
+    if bucket.threshold:
+        return sampling.denoise_threshold(logits_fn, x["slot_valid"], x["threshold"], block_size=bucket.gen_length,
+                                          **common)
+    return sampling.denoise(logits_fn, x["slot_valid"], x["counts"], x["num_forwards"], **common)
 
 
 class CaptionProgram:
-    """Compiled passes of one model, one executable per bucket (ahead-of-time compiled, kept in memory)."""
+    """Compiled passes of one model, one executable per bucket (ahead-of-time compiled, kept in memory).
 
-    def __init__(self, model: nnx.Module, cfg: PDLMConfig, mask_id: int):
+    With a `mesh`, the model's parameters must already be placed in their shardings (`api.load(mesh=...)`).
+    """
+
+    def __init__(self, model: nnx.Module, cfg: PDLMConfig, mask_id: int, mesh: Mesh | None = None):
         self.graphdef, self.state = nnx.split(model)
-        self.cfg, self.mask_id = cfg, mask_id
+        self.cfg, self.mask_id, self.mesh = cfg, mask_id, mesh
         self._compiled: dict[Bucket, jax.stages.Compiled] = {}
 
     @property
     def num_compiled(self) -> int:
         return len(self._compiled)
+
+    @property
+    def executables(self) -> dict[Bucket, jax.stages.Compiled]:
+        """The compiled programs so far, by bucket (e.g. for XLA's memory and cost analyses)."""
+        return dict(self._compiled)
+
+    def place(self, inputs: dict) -> dict:
+        """Inputs on the mesh: leading batch axis over ('data', 'fsdp') where it divides, else replicated."""
+        if self.mesh is None:
+            return inputs
+        return {k: jax.device_put(v, sharding.batch_sharding(self.mesh, v.shape) if np.ndim(v)
+                                  else sharding.replicated(self.mesh)) for k, v in inputs.items()}
 
     def compiled(self, bucket: Bucket, inputs: dict) -> tuple[jax.stages.Compiled, float]:
         """The executable for `bucket` and the seconds spent compiling it now (0 when cached)."""
@@ -140,15 +292,17 @@ class CaptionProgram:
         log.info("compiling the captioning program for %s (once per bucket)", bucket)
         start = time.perf_counter()
         fn = jax.jit(functools.partial(_caption_pass, self.graphdef, cfg=self.cfg, mask_id=self.mask_id,
-                                       sample=bucket.sample, nucleus=bucket.nucleus))
+                                       bucket=bucket),
+                     out_shardings=None if self.mesh is None else sharding.replicated(self.mesh))
         self._compiled[bucket] = fn.lower(self.state, inputs).compile()
         return self._compiled[bucket], time.perf_counter() - start
 
     def run(self, bucket: Bucket, inputs: dict) -> tuple[np.ndarray, int, float]:
-        """Slot tokens (regions, G) int32, forwards run, compile seconds."""
+        """Slot tokens (batch, regions, G) int32, forwards run, compile seconds."""
+        inputs = self.place(inputs)
         exe, compile_seconds = self.compiled(bucket, inputs)
         tokens, forwards = exe(self.state, inputs)
-        tokens = np.asarray(jax.device_get(tokens)).reshape(bucket.regions, bucket.gen_length)
+        tokens = np.asarray(jax.device_get(tokens)).reshape(bucket.batch, bucket.regions, bucket.gen_length)
         return tokens, int(forwards), compile_seconds
 
 

@@ -1,4 +1,5 @@
-"""The parallel masked-diffusion sampler of the reference (SPEC §9.1, quirks §14.6–8).
+"""The parallel masked-diffusion sampler of the reference (SPEC §9.1, quirks §14.6–8), and a faster
+confidence-threshold sampler (`denoise_threshold`, opt-in, not the reference's).
 
 `generate_with_embeds_nonblock` in the reference, restated on the generation slots only: the state is the
 N = k·G slot tokens (the mask id where a slot is currently masked) plus the set of currently masked slots.
@@ -23,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# logits_fn(slot_tokens (B, N) int32, step int32 scalar) -> logits (B, N, V) float32 at the slots.
+# logits_fn(slot_tokens (B, N) int32, step int32 scalar) -> logits (B, N, V) float32 at the slots
+# (or, with a carry, (tokens, step, carry) -> (logits, carry)).
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 _F64_EPS = 2.0**-52  # spacing of float64 just above 1.0
@@ -101,6 +103,33 @@ def _remask(conf: jax.Array, valid: jax.Array, count: jax.Array) -> jax.Array:
     return rank < count[:, None]
 
 
+def _keys_per_row(key: jax.Array | None, rows: int) -> jax.Array | None:
+    """One PRNG key per batch row: a (B,) key array is used as is, a single key serves every row."""
+    if key is None or key.ndim:
+        return key
+    return jnp.stack([key] * rows)
+
+
+def _propose(logits: jax.Array, step: jax.Array, keys: jax.Array | None, temperature: jax.Array,
+             top_p: jax.Array, sample: bool, nucleus: bool) -> tuple[jax.Array, jax.Array]:
+    """Candidate tokens x0 (B, N) int32 and their confidence log p(x0) under the un-noised logits."""
+    if sample:
+        pick = _nucleus(logits, temperature, top_p) if nucleus else logits
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(jax.random.fold_in(k, step), logits.shape[1:], jnp.float32))
+        x0 = jnp.argmax(pick + temperature * gumbel(keys), axis=-1)
+    else:
+        x0 = jnp.argmax(logits, axis=-1)  # ties -> lowest id, like torch.argmax
+    x0 = x0.astype(jnp.int32)
+    return x0, _confidence(logits, x0)
+
+
+def _with_carry(logits_fn: Callable, carry):
+    """logits_fn as (tokens, step, carry) -> (logits, carry), whether or not it takes a carry."""
+    if carry is None:
+        return lambda tokens, step, c: (logits_fn(tokens, step), c)
+    return logits_fn
+
+
 def denoise(
     logits_fn: LogitsFn,
     slot_valid: jax.Array,
@@ -113,31 +142,75 @@ def denoise(
     key: jax.Array | None = None,
     sample: bool = False,
     nucleus: bool = False,
+    carry=None,
 ) -> tuple[jax.Array, jax.Array]:
     """Run the low-confidence re-masking sampler; returns (slot tokens (B, N) int32, forwards run).
 
     slot_valid (B, N) bool marks real generation slots (False = padding, never masked, never chosen);
     counts (B, S_max) int32 comes from `schedule_array`; num_forwards is its forward count (may be traced).
     `sample` / `nucleus` are static switches (temperature > 0, top_p < 1); greedy decoding ignores both
-    values and `key`. Traceable: call it inside the caller's jit.
+    values and `key` (one key, or one per row). With `carry` (model state that changes across steps, e.g. a
+    K/V cache) `logits_fn(tokens, step, carry)` returns (logits, carry). Traceable: call it inside a jit.
     """
     tokens = jnp.where(slot_valid, mask_id, 0).astype(jnp.int32)
     temperature = jnp.asarray(temperature, jnp.float32)
     top_p = jnp.asarray(top_p, jnp.float32)
+    keys = _keys_per_row(key, tokens.shape[0])
+    forward = _with_carry(logits_fn, carry)
 
     def step(s, state):
-        tokens, masked = state
-        logits = logits_fn(tokens, s).astype(jnp.float32)
-        if sample:
-            pick = _nucleus(logits, temperature, top_p) if nucleus else logits
-            gumbel = jax.random.gumbel(jax.random.fold_in(key, s), logits.shape, jnp.float32)
-            x0 = jnp.argmax(pick + temperature * gumbel, axis=-1)
-        else:
-            x0 = jnp.argmax(logits, axis=-1)  # ties -> lowest id, like torch.argmax
-        x0 = x0.astype(jnp.int32)
+        tokens, masked, carry = state
+        logits, carry = forward(tokens, s, carry)
+        x0, conf = _propose(logits.astype(jnp.float32), s, keys, temperature, top_p, sample, nucleus)
         tokens = jnp.where(masked, x0, tokens)  # commit into currently masked slots only
-        masked = _remask(_confidence(logits, x0), slot_valid, counts[:, s])
-        return jnp.where(masked, mask_id, tokens), masked
+        masked = _remask(conf, slot_valid, counts[:, s])
+        return jnp.where(masked, mask_id, tokens), masked, carry
 
-    tokens, _ = jax.lax.fori_loop(0, num_forwards, step, (tokens, slot_valid))
+    tokens, _, _ = jax.lax.fori_loop(0, num_forwards, step, (tokens, slot_valid, carry))
     return tokens, jnp.asarray(num_forwards, jnp.int32)
+
+
+def denoise_threshold(
+    logits_fn: LogitsFn,
+    slot_valid: jax.Array,
+    threshold: jax.Array | float,
+    *,
+    block_size: int,
+    mask_id: int,
+    temperature: jax.Array | float = 0.0,
+    top_p: jax.Array | float = 1.0,
+    key: jax.Array | None = None,
+    sample: bool = False,
+    nucleus: bool = False,
+    carry=None,
+) -> tuple[jax.Array, jax.Array]:
+    """Confidence-threshold parallel decoding (Fast-dLLM); returns (slot tokens (B, N), forwards run).
+
+    Not the reference's sampler: each forward commits, for good, every masked slot whose p(x0) exceeds
+    `threshold`, and at least the most confident still-masked slot of every caption block (the N slots are
+    blocks of `block_size` = G, one per region), so the loop ends after at most G forwards, when no slot is
+    masked. Arguments as in `denoise`.
+    """
+    tokens = jnp.where(slot_valid, mask_id, 0).astype(jnp.int32)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+    log_threshold = jnp.log(jnp.asarray(threshold, jnp.float32))
+    keys = _keys_per_row(key, tokens.shape[0])
+    forward = _with_carry(logits_fn, carry)
+    B, N = tokens.shape
+
+    def step(state):
+        s, tokens, masked, carry = state
+        logits, carry = forward(tokens, s, carry)
+        x0, conf = _propose(logits.astype(jnp.float32), s, keys, temperature, top_p, sample, nucleus)
+        conf = jnp.where(masked, conf, -jnp.inf).reshape(B, N // block_size, block_size)
+        best = jax.nn.one_hot(jnp.argmax(conf, axis=-1), block_size, dtype=bool)  # ties -> lowest position
+        commit = masked & ((conf > log_threshold) | best).reshape(B, N)
+        return s + 1, jnp.where(commit, x0, tokens), masked & ~commit, carry
+
+    def running(state):
+        s, _, masked, _ = state
+        return (s < block_size) & jnp.any(masked)
+
+    forwards, tokens, _, _ = jax.lax.while_loop(running, step, (jnp.int32(0), tokens, slot_valid, carry))
+    return tokens, forwards

@@ -45,8 +45,12 @@ def _init_distributed(args) -> None:
         jax.distributed.initialize(**kwargs)
 
 
-def train(cfg, progress: bool = True) -> dict:
-    """Run training for a TrainConfig; returns {'losses': [...], 'export': path or None}."""
+def train(cfg, progress: bool = True, callback=None) -> dict:
+    """Run training for a TrainConfig; returns {'losses': [...], 'export': path or None, 'state': ...}.
+
+    callback(step, record) is called after each step (and its checkpoint, if any) — e.g. an eval hook;
+    an exception it raises stops training like an interruption would.
+    """
     import jax
     import numpy as np
     from tqdm import tqdm
@@ -125,6 +129,8 @@ def train(cfg, progress: bool = True) -> dict:
                                        for k, v in record.items()))
             if (step + 1) % cfg.run.save_every == 0 or step + 1 == total:
                 checkpointing.save(mgr, step + 1, state, iterator)
+            if callback is not None:
+                callback(step + 1, record)
         mgr.wait_until_finished()
     finally:
         bar.close()

@@ -145,7 +145,7 @@ class Trainer:
         updates, opt = self.tx.update(grads, state["opt"], params)
         new_state = {"params": optax.apply_updates(params, updates), "frozen": frozen, "opt": opt,
                      "step": state["step"] + 1}
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.schedule(state["step"]),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state["step"]),
                    "masked_tokens": masked, "answer_tokens": jnp.sum(batch["labels"] != IGNORE),
                    "tokens": jnp.sum(batch["valid"])}
         return new_state, metrics
@@ -171,9 +171,18 @@ def make_trainer(cfg: PDLMConfig, dtype: str, mesh: Mesh, optim, total_steps: in
 
 
 def init_params(cfg: PDLMConfig, seed: int, mesh: Mesh) -> dict:
-    """Randomly initialised float32 params, created directly in their shardings."""
+    """Randomly initialised float32 params, created directly in their shardings.
+
+    The mask-id embedding is drawn from N(0, 1) like the reference's freshly added `mask_id_embedding`
+    (PyTorch's nn.Embedding default; `post_init` is never called, SPEC §11.4): a strong region signal.
+    """
     abstract = nnx.to_pure_dict(nnx.state(build_model(cfg, "float32", abstract=True), nnx.Param))
     shardings = shd.param_shardings(abstract, mesh)
-    make = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(cfg, "float32", seed), nnx.Param)),
-                   out_shardings=shardings)
-    return make()
+
+    def make():
+        params = nnx.to_pure_dict(nnx.state(build_model(cfg, "float32", seed), nnx.Param))
+        table = params["mask_embed"]["embedding"]
+        params["mask_embed"]["embedding"] = jax.random.normal(jax.random.key(seed + 1), table.shape, table.dtype)
+        return params
+
+    return jax.jit(make, out_shardings=shardings)()

@@ -1,7 +1,8 @@
 """LLaDA bidirectional language model in HF layout (SPEC §4).
 
-A LLaDA block is a Llama block without the causal mask. The attention block exposes `qkv` separately so
-that a prefix-cache mode can project, rotate and cache keys/values with the same code.
+A LLaDA block is a Llama block without the causal mask. Every block also has a `forward` that returns the
+rotated keys/values it computed and can attend over cached keys/values of the other positions: the prefix
+cache of the fast sampling mode (`LLaDA.prefill` / `LLaDA.forward_rows`) runs the same code as the exact mode.
 """
 
 from __future__ import annotations
@@ -16,6 +17,16 @@ from pdlm_jax.ops.attention import dot_product_attention
 from pdlm_jax.ops.rope import apply_rope, rope_cos_sin
 
 _kernel = nnx.initializers.normal(0.02)  # LLaDA initializer_range
+
+
+def take_rows(a: jax.Array, rows: jax.Array) -> jax.Array:
+    """a (B, L, ...) gathered at positions rows (B, C) -> (B, C, ...); positions >= L (padding) read row L-1."""
+    return jax.vmap(lambda a, r: a[jnp.minimum(r, a.shape[0] - 1)])(a, rows)
+
+
+def put_rows(a: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
+    """a (B, L, ...) with rows (B, C) replaced by values (B, C, ...); positions >= L (padding) are dropped."""
+    return jax.vmap(lambda a, r, v: a.at[r].set(v.astype(a.dtype), mode="drop"))(a, rows, values)
 
 
 def _linear(n_in, n_out, names, *, dtype, param_dtype, rngs):
@@ -53,9 +64,20 @@ class LLaDAAttention(nnx.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
+        return self.forward(x, cos, sin, mask)[0]
+
+    def forward(self, x, cos, sin, mask, cache=None, rows=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Output and the (rotated) keys/values of x's rows.
+
+        With `cache` = (K, V) of all L positions, each (B, L, heads, head_dim), x holds only the rows at
+        positions `rows` (B, C): their fresh keys/values replace the cached ones and x's queries attend over
+        all L positions (mask (B, 1, C, L)).
+        """
         q, k, v = self.qkv(x, cos, sin)
-        out = dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5, implementation=self.implementation)
-        return self.o(out.reshape(*x.shape[:2], -1))
+        keys, values = (k, v) if cache is None else (put_rows(cache[0], rows, k), put_rows(cache[1], rows, v))
+        out = dot_product_attention(q, keys, values, mask, scale=self.head_dim**-0.5,
+                                    implementation=self.implementation)
+        return self.o(out.reshape(*x.shape[:2], -1)), (k, v)
 
 
 class LLaDAMLP(nnx.Module):
@@ -84,8 +106,13 @@ class LLaDABlock(nnx.Module):
         self.mlp = LLaDAMLP(cfg, **kw)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None) -> jax.Array:
-        h = x + self.attn(self.input_norm(x), cos, sin, mask)
-        return h + self.mlp(self.post_norm(h))
+        return self.forward(x, cos, sin, mask)[0]
+
+    def forward(self, x, cos, sin, mask, cache=None, rows=None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The block and its attention's keys/values (see `LLaDAAttention.forward` for `cache` and `rows`)."""
+        attended, kv = self.attn.forward(self.input_norm(x), cos, sin, mask, cache, rows)
+        h = x + attended
+        return h + self.mlp(self.post_norm(h)), kv
 
 
 class LLaDA(nnx.Module):
@@ -116,6 +143,31 @@ class LLaDA(nnx.Module):
         cos, sin = self.rope(positions)
         h = scan_layers(self.layers, embeds.astype(self.dtype), cos, sin, mask)
         return self.final_norm(h)
+
+    def prefill(self, embeds: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """`__call__` (positions arange(L)) that also returns every layer's keys and values, each stacked to
+        (layers, B, L, heads, head_dim): the cache that `forward_rows` reads."""
+        cos, sin = self.rope(jnp.arange(embeds.shape[1]))
+        h, cache = self._scan_forward(embeds.astype(self.dtype), cos, sin, mask)
+        return self.final_norm(h), cache
+
+    def forward_rows(self, x: jax.Array, rows: jax.Array, mask: jax.Array,
+                     cache: tuple[jax.Array, jax.Array]) -> jax.Array:
+        """Final-normed hidden states of only the rows x (B, C, H) at positions rows (B, C); every other
+        position contributes the keys/values in `cache` (from `prefill`). mask (B, 1, C, L)."""
+        cos, sin = self.rope(rows)
+        h, _ = self._scan_forward(x.astype(self.dtype), cos, sin, mask, cache, rows)
+        return self.final_norm(h)
+
+    def _scan_forward(self, h, cos, sin, mask, cache=None, rows=None):
+        """The stacked blocks' `forward` as one `lax.scan`, with the per-layer cache as a scanned input."""
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, xs):
+            layer_state, layer_cache = xs
+            return nnx.merge(graphdef, layer_state).forward(h, cos, sin, mask, layer_cache, rows)
+
+        return jax.lax.scan(body, h, (state, cache))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """lm_head on whatever rows are given (gather generation slots first), as float32."""

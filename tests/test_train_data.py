@@ -1,0 +1,144 @@
+"""Training data (SPEC §11.2–11.3): schema variants, mask groups, sample construction, buckets, determinism."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from helpers import fixture_dir
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from pdlm_jax.config import preset
+from pdlm_jax.errors import PDLMError
+from pdlm_jax.regions.tokenizer import Tokenizer
+from train import config as train_config
+from train import data, synthetic
+
+CFG = preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer(fixture_dir("tiny_v1"))
+
+
+def _rle(mask: np.ndarray) -> dict:
+    r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": list(r["size"]), "counts": r["counts"].decode()}
+
+
+def _write_annotations(tmp_path):
+    scene = synthetic.make_scene(7, 0, num_shapes=3)
+    Image.fromarray(scene.image).save(tmp_path / "img.png")
+    buf = io.BytesIO()
+    Image.fromarray(scene.image).save(buf, format="PNG")
+    records = [
+        {"image_file": "img.png", "mask_rles": [_rle(m) for m in scene.masks], "captions": scene.captions},
+        {"image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(),
+         "annotations": [{"caption": "everything", "segmentation": None},
+                         {"caption": scene.captions[0], "segmentation": _rle(scene.masks[0])}]},
+    ]
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(records))
+    return path, scene
+
+
+def test_both_schema_variants_decode(tmp_path):
+    path, scene = _write_annotations(tmp_path)
+    source = data.AnnotationSource([path])  # relative image path resolved next to the JSON
+    a, b = source[0], source[1]
+    assert a.captions == scene.captions
+    for got, want in zip(a.masks, scene.masks):
+        np.testing.assert_array_equal(got, want)
+    assert b.captions == ["everything", scene.captions[0]]
+    assert b.masks[0].all() and b.masks[0].shape == scene.masks[0].shape  # null segmentation = whole image
+    np.testing.assert_array_equal(np.asarray(b.image), scene.image)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"captions": ["x"]}, "needs an image"),
+    ({"image_file": "a.png"}, "no masks"),
+    ({"image_file": "a.png", "mask_rles": [{"size": [2, 2], "counts": "04"}], "captions": []}, "one caption per"),
+])
+def test_bad_records_name_the_problem(tmp_path, record, message):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([record]))
+    with pytest.raises(PDLMError, match=message):
+        data.AnnotationSource([path])
+
+
+def test_mask_groups_partition_like_the_reference():
+    n = 9
+    r = data.groups_per_record(n, 3.5)  # ceil(9 / 3.5) = 3 groups, at most 4 masks each
+    groups = [data.mask_group(n, 5, 1, q, r) for q in range(r)]
+    assert r == 3 and [len(g) for g in groups] == [3, 3, 3]
+    assert sorted(sum(groups, [])) == list(range(n))
+    assert groups == [data.mask_group(n, 5, 1, q, r) for q in range(r)]  # deterministic
+    assert groups != [data.mask_group(n, 5, 2, q, r) for q in range(r)]  # re-partitioned each epoch
+    assert max(len(data.mask_group(7, 0, 0, q, 2)) for q in range(2)) == 4
+
+
+def test_sample_labels_cover_exactly_the_answer(tokenizer):
+    scene = synthetic.make_scene(3, 1, num_shapes=3)
+    record = data.Record(Image.fromarray(scene.image), scene.masks, scene.captions)
+    s = data.build_sample(record, [0, 1, 2], np.random.default_rng(0), CFG, tokenizer)
+    labelled = np.flatnonzero(s["labels"] != data.IGNORE)
+    assert np.array_equal(labelled, np.arange(labelled[0], labelled[-1] + 1))  # one contiguous span
+    answer = tokenizer.decode(s["labels"][labelled])
+    areas = [m.sum() for m in scene.masks]
+    by_area = [scene.captions[i] for i in np.argsort(areas)[::-1]]
+    assert answer == "\n".join(f"<|Mask_Cap_{i}|>{c}" for i, c in enumerate(by_area)) + "<|eot_id|>"
+    before = tokenizer.decode(s["input_ids"][:labelled[0]])
+    assert before.endswith("<|start_header_id|>assistant<|end_header_id|>\n")
+    assert labelled[-1] == len(s["input_ids"]) - 1  # the first <|eot_id|> after the header ends the sequence
+    assert len(set(s["prompt_ids"].tolist())) == 3 and s["prompt_ids"].max() < CFG.region.prompt_numbers
+    assert np.all(s["input_ids"][s["image_positions"]] == tokenizer.special.image_context)
+    assert np.all(s["input_ids"][s["roi_positions"][1]] == tokenizer.special.reserved[1])
+
+
+def test_collate_pads_to_buckets(tokenizer):
+    source = data.SyntheticRecords(4, seed=1)
+    samples = [data.build_sample(source[i], list(range(len(source[i].masks))), np.random.default_rng(i), CFG,
+                                 tokenizer) for i in range(2)]
+    collate = data.Collate((1, 7), (300, 400), CFG.region.prompt_numbers, tokenizer.special.eot)
+    batch = collate(samples)
+    assert batch["input_ids"].shape == (2, 300) and batch["pixel_values"].shape[1] in (1, 7)
+    assert batch["mask_patches"].shape[1] == CFG.region.prompt_numbers
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        assert not batch["valid"][i, n:].any() and np.all(batch["labels"][i, n:] == data.IGNORE)
+        assert np.all(batch["image_positions"][i, len(s["image_positions"]):] == 300)  # dropped on device
+    with pytest.raises(PDLMError, match="length_buckets"):
+        data.Collate((7,), (16,), 6, tokenizer.special.eot)(samples)
+
+
+def test_pipeline_is_deterministic_and_resumable(tokenizer):
+    cfg = data.DataConfig(synthetic_scenes=12, batch_size=2, epochs=2, tile_buckets=(7,), length_buckets=(400,),
+                          group_divisor=6, threads=1, prefetch=2)
+    first = data.build_pipeline(cfg, CFG, tokenizer)
+    assert first.steps_per_epoch == 6
+    it = iter(first.dataset)
+    next(it)
+    state = it.get_state()
+    expected = [next(it)["input_ids"] for _ in range(2)]
+    again = iter(data.build_pipeline(cfg, CFG, tokenizer).dataset)
+    again.set_state(state)
+    for want in expected:
+        np.testing.assert_array_equal(next(again)["input_ids"], want)
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(PDLMError, match="unknown keys"):
+        train_config.load(None, ["optim.learning_rate=1"])
+    with pytest.raises(PDLMError, match="freeze"):
+        train_config.load(None, ["model.freeze=[encoder]"])
+    bad = tmp_path / "c.yaml"
+    bad.write_text("optim: [1, 2")
+    with pytest.raises(PDLMError, match="not valid YAML"):
+        train_config.load(bad)
+    cfg = train_config.load(None, ["optim.lr=1e-4", "model.freeze=[vision, projector]", "run.mesh=data:2,fsdp:4"])
+    assert cfg.optim.lr == 1e-4 and cfg.model.freeze == ("vision", "projector") and cfg.optim.b2 == 0.999

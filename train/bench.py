@@ -1,0 +1,70 @@
+"""Train-step time of a model config on the current devices (prints a table row, writes JSON).
+
+    python -m train.bench --preset tiny-512 --mesh data:-1 --batch 8 [--steps 5] [--json out.json]
+
+For fake multi-device CPU runs set XLA_FLAGS=--xla_force_host_platform_device_count=8 first. The batch
+is synthetic-task data at the config's geometry; timings exclude compilation (first step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="tiny-512")
+    ap.add_argument("--tokenizer", default="tests/fixtures/tiny_v1", help="directory with tokenizer.json")
+    ap.add_argument("--mesh", default="data:-1")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--length", type=int, default=2048, help="padded sequence length bucket")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+
+    import jax
+
+    from pdlm_jax import sharding as shd
+    from pdlm_jax.config import preset
+    from pdlm_jax.regions.tokenizer import Tokenizer
+    from train import data, step as step_lib
+    from train.config import OptimConfig
+
+    cfg = preset(args.preset)
+    tokenizer = Tokenizer(args.tokenizer)
+    dcfg = data.DataConfig(synthetic_scenes=args.batch, batch_size=args.batch, group_divisor=6,
+                           tile_buckets=(cfg.region.max_tiles + 1,), length_buckets=(args.length,), threads=1)
+    batch = next(iter(data.build_pipeline(dcfg, cfg, tokenizer).dataset))
+    mesh = shd.make_mesh(args.mesh)
+    trainer = step_lib.make_trainer(cfg, args.dtype, mesh, OptimConfig(), 100, tokenizer.special.mask,
+                                    remat=args.remat)
+    state = trainer.init_state(step_lib.init_params(cfg, 0, mesh), ())
+    gbatch = trainer.put_batch(batch)
+    t0 = time.perf_counter()
+    state, metrics = trainer.step(state, gbatch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = trainer.step(state, gbatch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    row = {"preset": args.preset, "mesh": dict(mesh.shape), "devices": jax.device_count(),
+           "device_kind": jax.devices()[0].device_kind, "batch": args.batch, "length": args.length,
+           "dtype": args.dtype, "first_step_s": compile_s, "median_step_s": times[len(times) // 2],
+           "tokens_per_s": float(batch["valid"].sum()) / times[len(times) // 2]}
+    print(json.dumps(row))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(row, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
