@@ -97,6 +97,8 @@ def time_reference(args) -> dict:
     from transformers import AutoTokenizer, SiglipImageProcessor, SiglipModel
 
     PDMLLMConfig, PDMLLM, demo = _reference(args.reference_repo)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     config = PDMLLMConfig(**json.loads((args.model / "config.json").read_text()))
     model = PDMLLM.from_pretrained(args.model, config=config, vision_model=SiglipModel(config.vision_model_config))
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--prompt", default="Describe each masked region in detail.")
     t.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     t.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.command == "make":

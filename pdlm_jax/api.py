@@ -104,11 +104,11 @@ class RegionCaptioner:
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
         self.program = pipeline.CaptionProgram(model, cfg, tokenizer.special.mask, mesh)
 
-    def caption_regions(self, image: ImageInput | TiledImage | Sequence[tuple], masks: Sequence[MaskInput] | None = None,
-                        gen_length: int = 32, steps: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                        question: str = DEFAULT_QUESTION, seed: int = 0, reference_parser: bool = False,
-                        cache: str = "none", unmask: str = "remask", batch_size: int | None = None
-                        ) -> dict | list[dict]:
+    def caption_regions(self, image: ImageInput | TiledImage | Sequence[tuple],
+                        masks: Sequence[MaskInput] | None = None, gen_length: int = 32, steps: int = 32,
+                        temperature: float = 0.0, top_p: float = 1.0, question: str = DEFAULT_QUESTION, seed: int = 0,
+                        reference_parser: bool = False, cache: str = "none", unmask: str = "remask",
+                        batch_size: int | None = None) -> dict | list[dict]:
         """Caption every mask of `image`; returns a JSON-ready dict.
 
         image: path, PIL image, uint8 array or an already tiled `TiledImage`; masks: paths, PIL images or
@@ -154,7 +154,8 @@ class RegionCaptioner:
         if batch_size is not None and (not isinstance(batch_size, numbers.Integral) or batch_size < 1):
             raise PDLMError(f"batch_size must be a positive integer, got {batch_size!r}")
         per_pass = self.cfg.region.prompt_numbers
-        if not isinstance(items, (list, tuple)) or not all(isinstance(it, (list, tuple)) and len(it) == 2 for it in items):
+        pairs = isinstance(items, (list, tuple)) and all(isinstance(it, (list, tuple)) and len(it) == 2 for it in items)
+        if not pairs:
             raise PDLMError("give one image with its list of masks, or a list of (image, masks) pairs")
         for _, masks in items:
             check_settings(gen_length, steps, temperature, top_p, len(masks), per_pass)

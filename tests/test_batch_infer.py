@@ -110,3 +110,8 @@ def test_images_with_more_than_six_masks_batch_their_chunks():
 def test_bad_batch_size():
     with pytest.raises(PDLMError, match="batch_size"):
         _alone().caption_regions(_items()[:1], gen_length=8, steps=8, batch_size=0)
+
+
+def test_an_image_without_masks_is_refused():
+    with pytest.raises(PDLMError, match="list of \\(image, masks\\) pairs"):
+        _alone().caption_regions(fixture_dir(NAME) / "image.png", gen_length=8, steps=8)

@@ -9,6 +9,7 @@ in `run.output_dir/export`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -70,7 +71,6 @@ def train(cfg, progress: bool = True, callback=None) -> dict:
         raise PDLMError(f"the tokenizer has {tokenizer.vocab_size} tokens but lm.vocab_size is "
                         f"{model_cfg.lm.vocab_size}; use the checkpoint's tokenizer or a larger vocab")
     per_update = cfg.data.batch_size * cfg.optim.grad_accum
-    import dataclasses
     pipe = data.build_pipeline(dataclasses.replace(cfg.data, batch_size=per_update), model_cfg, tokenizer,
                                process_index=jax.process_index(), process_count=jax.process_count())
     total = cfg.run.max_steps or pipe.steps_per_epoch * cfg.data.epochs

@@ -27,7 +27,7 @@ from pdlm_jax.errors import PDLMError
 from pdlm_jax.ops.roi_replay import roi_boxes
 from pdlm_jax.regions.masks import area_order, mask_box, patch_activity, visual_prompt_tiles
 from pdlm_jax.regions.prompt import DEFAULT_QUESTION, build_layout, build_prompt_text
-from pdlm_jax.regions.tiling import tile_image
+from pdlm_jax.regions.tiling import open_rgb, tile_image
 from pdlm_jax.regions.tokenizer import Tokenizer
 
 IGNORE = -100  # label of positions without a target
@@ -155,7 +155,6 @@ class AnnotationSource:
                 raise PDLMError(f"{where}: image {value!r} not found (looked in the working directory"
                                 f"{', data.image_root' if self.image_root else ''} and {base}); set data.image_root")
             value = path
-        from pdlm_jax.regions.tiling import open_rgb
         return open_rgb(value, f"{where} image")
 
     def __getitem__(self, index: int) -> Record:

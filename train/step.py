@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from pdlm_jax import sharding as shd
 from pdlm_jax.config import PDLMConfig
@@ -32,10 +32,7 @@ def build_model(cfg: PDLMConfig, dtype: str, seed: int = 0, abstract: bool = Fal
     """A PerceptionDLM with float32 parameters computing in `dtype` (concrete or nnx.eval_shape)."""
     make = lambda: PerceptionDLM(cfg, dtype=DTYPES[dtype], param_dtype=jnp.float32, rngs=nnx.Rngs(seed))  # noqa: E731
     model = nnx.eval_shape(make) if abstract else make()
-    if remat:  # per-layer rematerialisation, where the model supports it
-        for part in (model.lm, model.vision):
-            if hasattr(part, "remat"):
-                part.remat = True
+    model.lm.remat = model.vision.remat = remat  # per-layer rematerialisation in the backward pass
     return model
 
 
@@ -95,27 +92,20 @@ class Trainer:
     state_shardings: Any = None
     _step: Callable | None = None
 
-    def init_state(self, params: dict, freeze: tuple[str, ...]) -> dict:
-        """Train state from a full param tree (placed into the state shardings)."""
-        trainable, frozen = split_params(params, freeze)
-        abstract = jax.eval_shape(lambda p, f: {"params": p, "frozen": f, "opt": self.tx.init(p),
-                                                "step": jnp.zeros((), jnp.int32)}, trainable, frozen)
-        self.state_shardings = shd.param_shardings(abstract, self.mesh)
-        init = jax.jit(lambda p, f: {"params": p, "frozen": f, "opt": self.tx.init(p),
-                                     "step": jnp.zeros((), jnp.int32)}, out_shardings=self.state_shardings)
-        return init(trainable, frozen)
+    def _new_state(self, trainable: dict, frozen: dict) -> dict:
+        return {"params": trainable, "frozen": frozen, "opt": self.tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
 
     def abstract_state(self, params_shape: dict, freeze: tuple[str, ...]) -> dict:
-        """ShapeDtypeStructs (with shardings) of the train state, for Orbax restore."""
-        trainable, frozen = split_params(params_shape, freeze)
-        abstract = jax.eval_shape(lambda p, f: {"params": p, "frozen": f, "opt": self.tx.init(p),
-                                                "step": jnp.zeros((), jnp.int32)}, trainable, frozen)
+        """ShapeDtypeStructs (with shardings) of the train state; also fixes `state_shardings`."""
+        abstract = jax.eval_shape(self._new_state, *split_params(params_shape, freeze))
         self.state_shardings = shd.param_shardings(abstract, self.mesh)
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                             self.state_shardings)
 
-    def batch_shardings(self, batch: dict) -> dict:
-        return {k: shd.batch_sharding(self.mesh, np.shape(v)) for k, v in batch.items()}
+    def init_state(self, params: dict, freeze: tuple[str, ...]) -> dict:
+        """Train state from a full param tree, placed into the state shardings."""
+        self.abstract_state(params, freeze)
+        return jax.jit(self._new_state, out_shardings=self.state_shardings)(*split_params(params, freeze))
 
     def _loss_and_grad(self, params, frozen, batch, key):
         def loss_fn(p):
@@ -151,7 +141,7 @@ class Trainer:
         return new_state, metrics
 
     def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
-        """One optimizer update on a global batch (dict of jax.Arrays sharded with batch_shardings)."""
+        """One optimizer update on a global batch (dict of jax.Arrays from `put_batch`)."""
         if self._step is None:
             self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, None),
                                  out_shardings=(self.state_shardings, shd.replicated(self.mesh)), donate_argnums=0)
@@ -159,8 +149,11 @@ class Trainer:
 
     def put_batch(self, local_batch: dict) -> dict:
         """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
-        return {k: jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, (v.shape[0] * jax.process_count(),) + v.shape[1:]), v)
-                for k, v in local_batch.items()}
+        def put(v: np.ndarray) -> jax.Array:
+            global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+            return jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, global_shape), v)
+
+        return {k: put(v) for k, v in local_batch.items()}
 
 
 def make_trainer(cfg: PDLMConfig, dtype: str, mesh: Mesh, optim, total_steps: int, mask_id: int,

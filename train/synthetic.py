@@ -83,8 +83,10 @@ def make_scene(seed: int, index: int, num_shapes: int | None = None) -> Scene:
     rng = np.random.default_rng([seed, index])
     w, h = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
     short = min(w, h)
-    d_min, d_max = math.ceil(short / 8), max(math.ceil(short / 8), short // 3)
     n = int(num_shapes or rng.integers(1, MAX_SHAPES + 1))
+    # sizes from the task's minimum (1/8 of the shorter side) up to what n shapes leave room for
+    d_min = math.ceil(short / 8)
+    d_max = max(d_min, int(short * min(0.6, 0.9 / math.sqrt(n))))
     image = Image.new("RGB", (w, h), background(rng))
     canvas = ImageDraw.Draw(image)
     boxes: list[tuple[int, int, int, int]] = []

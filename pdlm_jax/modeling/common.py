@@ -30,12 +30,17 @@ def stack_layers(make: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: 
     return create(rngs)
 
 
-def scan_layers(layers: nnx.Module, h: jax.Array, *args) -> jax.Array:
-    """Apply stacked `layers` in order, `h = layer(h, *args)`, as one `lax.scan` (compile time flat in depth)."""
+def scan_layers(layers: nnx.Module, h: jax.Array, *args, remat: bool = False) -> jax.Array:
+    """Apply stacked `layers` in order, `h = layer(h, *args)`, as one `lax.scan` (compile time flat in depth).
+
+    remat: recompute each layer's activations in the backward pass (training memory ~ one layer).
+    """
     graphdef, state = nnx.split(layers)
 
     def body(carry, layer_state):
         return nnx.merge(graphdef, layer_state)(carry, *args), None
 
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
     h, _ = jax.lax.scan(body, h, state)
     return h

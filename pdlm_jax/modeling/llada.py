@@ -122,6 +122,7 @@ class LLaDA(nnx.Module):
                  rope_inv_freq_float32: bool = True, attention_implementation: str = "xla"):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.cfg, self.dtype, self.rope_inv_freq_float32 = cfg, dtype, rope_inv_freq_float32
+        self.remat = False  # training sets True: per-layer rematerialisation
         # `embed(ids)` returns embed_tokens[ids] in the compute dtype.
         self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs,
                                embedding_init=init(_kernel, "vocab", "embed"), **kw)
@@ -141,7 +142,7 @@ class LLaDA(nnx.Module):
         if positions is None:
             positions = jnp.arange(embeds.shape[1])
         cos, sin = self.rope(positions)
-        h = scan_layers(self.layers, embeds.astype(self.dtype), cos, sin, mask)
+        h = scan_layers(self.layers, embeds.astype(self.dtype), cos, sin, mask, remat=self.remat)
         return self.final_norm(h)
 
     def prefill(self, embeds: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:

@@ -79,6 +79,7 @@ class SiglipVision(nnx.Module):
     def __init__(self, cfg: PDLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         v, kw = cfg.vision, dict(dtype=dtype, param_dtype=param_dtype)
         self.dtype = dtype
+        self.remat = False  # training sets True: per-layer rematerialisation
         self.patch_embed = nnx.Conv(
             v.num_channels, v.hidden_size, kernel_size=(v.patch_size, v.patch_size),
             strides=(v.patch_size, v.patch_size), padding="VALID",
@@ -97,5 +98,5 @@ class SiglipVision(nnx.Module):
         if mask_offsets is not None:
             h = h + mask_offsets.astype(self.dtype)  # before the position embedding: bf16 rounding order
         h = h + self.pos_embed.embedding[...].astype(self.dtype)
-        h = scan_layers(self.layers, h)
+        h = scan_layers(self.layers, h, remat=self.remat)
         return self.post_ln(h) if self.post_ln is not None else h
