@@ -14,6 +14,10 @@ from pdlm_jax.errors import PDLMError
 
 log = logging.getLogger("pdlm-infer")
 
+ASSETS = Path(__file__).resolve().parent.parent / "pdlm_jax" / "assets"
+DEMO_MODEL = ASSETS / "demo_model"  # the embedded model trained on the synthetic shapes task (train/)
+DEMO_SCENE = ASSETS / "demo_scene"
+
 try:  # the dataset mode (--annotations) lives in its own module
     from infer import dataset as _dataset
 except ImportError:
@@ -26,12 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pdlm-infer",
         description="Caption each masked region of an image with PerceptionDLM (all regions denoised together).")
-    p.add_argument("--checkpoint", required=True, help="converted checkpoint directory (from pdlm-convert)")
+    p.add_argument("--checkpoint", default=str(DEMO_MODEL),
+                   help="converted checkpoint directory (pdlm-convert or pdlm-train); default: the embedded demo model")
+    p.add_argument("--demo", action="store_true",
+                   help="caption the bundled demo scene; writes demo_result.json and demo_overlay.png unless "
+                        "--output/--visualize say otherwise")
     p.add_argument("--image", help="input image (any format Pillow reads)")
     p.add_argument("--masks", nargs="+", default=[], metavar="MASK",
                    help="one binary mask image per region (nonzero = inside); results keep this order")
-    p.add_argument("--gen-length", type=int, default=32, help="caption slots per region (default 32)")
-    p.add_argument("--steps", type=int, default=32, help="denoising steps (default 32)")
+    p.add_argument("--gen-length", type=int,
+                   help="caption slots per region (default: the checkpoint's sampler.json, else 32)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's sampler.json, else 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, the reference's setting")
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus filtering when sampling (the reference accepts and ignores it)")
@@ -75,6 +84,21 @@ def write_json_atomic(path: str | Path, obj) -> None:
         raise
 
 
+def _fill_defaults(args: argparse.Namespace) -> None:
+    """Demo inputs and the checkpoint's own generation settings where the user gave none."""
+    from pdlm_jax.checkpoint import sampler_defaults
+
+    if args.demo:
+        args.image = args.image or str(DEMO_SCENE / "image.png")
+        args.masks = args.masks or [str(p) for p in sorted(DEMO_SCENE.glob("mask_*.png"))]
+        args.output = args.output or Path("demo_result.json")
+        args.visualize = args.visualize or "demo_overlay.png"
+    if args.gen_length is None or args.steps is None:
+        defaults = sampler_defaults(args.checkpoint)
+        args.gen_length = args.gen_length or defaults["gen_length"]
+        args.steps = args.steps or defaults["steps"]
+
+
 def _check_single_image_args(args: argparse.Namespace) -> None:
     """Fail fast on bad single-image arguments, before loading a (possibly very large) model."""
     from pdlm_jax.api import check_settings
@@ -106,6 +130,7 @@ def _run(args: argparse.Namespace) -> int:
         return pdlm_jax.load(args.checkpoint, dtype=args.dtype, compilation_cache=args.compilation_cache,
                              mesh=args.mesh, attention=args.attention)
 
+    _fill_defaults(args)
     if getattr(args, "annotations", None):  # dataset mode checks its own arguments, then calls load()
         return _dataset.run_annotations(args, load)
     _check_single_image_args(args)

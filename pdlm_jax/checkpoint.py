@@ -239,3 +239,8 @@ def read_json(ckpt_dir: str | Path, name: str) -> dict | None:
     """A JSON side file of the checkpoint (provenance, reference config), or None if absent."""
     path = Path(ckpt_dir) / name
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def sampler_defaults(ckpt_dir: str | Path) -> dict:
+    """Generation length and steps suited to a checkpoint (its `sampler.json`), else the reference's 32/32."""
+    return read_json(ckpt_dir, "sampler.json") or {"gen_length": 32, "steps": 32}

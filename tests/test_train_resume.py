@@ -18,7 +18,7 @@ class Interrupt(Exception):
 
 def _cfg(out, cache):
     return train_config.from_dict({
-        "model": {"preset": "tiny", "tokenizer": str(fixture_dir("tiny_v1")), "dtype": "float32", "remat": False},
+        "model": {"preset": "tiny", "tokenizer": str(fixture_dir("tiny_v1")), "dtype": "float32", "remat": True},
         "data": {"synthetic_scenes": 40, "batch_size": 2, "group_divisor": 6, "tile_buckets": [7],
                  "length_buckets": [320], "threads": 1, "prefetch": 2},
         "optim": {"lr": 1e-3, "grad_accum": 2},

@@ -138,11 +138,15 @@ def train(cfg, progress: bool = True, callback=None) -> dict:
         if log_file is not None:
             log_file.close()
     exported = None
-    if cfg.run.export and is_main:
-        exported = checkpointing.export(out / "export", model_cfg, checkpointing.full_params(state),
-                                        cfg.tokenizer_dir(), cfg.sampler(),
-                                        {"config": cfg.to_dict(), "steps": total, "final_loss": losses[-1:]})
-        log.info("exported %s", exported)
+    if cfg.run.export:
+        params = checkpointing.full_params(state)
+        if jax.process_count() > 1:  # every process takes part in gathering the sharded params
+            from jax.experimental import multihost_utils
+            params = multihost_utils.process_allgather(params, tiled=True)
+        if is_main:
+            exported = checkpointing.export(out / "export", model_cfg, params, cfg.tokenizer_dir(), cfg.sampler(),
+                                            {"config": cfg.to_dict(), "steps": total, "final_loss": losses[-1:]})
+            log.info("exported %s", exported)
     return {"losses": losses, "export": exported, "state": state}
 
 
