@@ -57,7 +57,7 @@ def restore(mgr: ocp.CheckpointManager, abstract_state: dict, iterator: grain.Da
 def export(out_dir: str | Path, cfg: PDLMConfig, params: dict, tokenizer_dir: str | Path,
            sampler: SamplerConfig | None = None, provenance: dict | None = None) -> Path:
     """Write `params` (full tree) as a pdlm-jax checkpoint directory, atomically (tmp dir + rename)."""
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()  # Orbax requires absolute paths
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

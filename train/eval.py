@@ -32,7 +32,7 @@ def sampler_defaults(checkpoint: str | Path) -> dict:
 
 
 def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen_length: int | None = None,
-             steps: int | None = None, dtype: str = "bfloat16", verbose: bool = False) -> dict:
+             steps: int | None = None, dtype: str = "auto", verbose: bool = False) -> dict:
     import pdlm_jax
     from train import synthetic
 
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="scene stream (default: a held-out one)")
     ap.add_argument("--gen-length", type=int)
     ap.add_argument("--steps", type=int)
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                    help="compute dtype (auto: the stored dtype, as pdlm-infer)")
     ap.add_argument("--verbose", action="store_true", help="print every wrong caption")
     args = ap.parse_args(argv)
     checkpoint = args.checkpoint or str(Path(__file__).resolve().parents[1] / "pdlm_jax" / "assets" / "demo_model")
