@@ -6,7 +6,6 @@ The parameter tree (`nnx.state(model, nnx.Param)`, paths joined with '/') is exa
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,21 +50,15 @@ class PerceptionDLM(nnx.Module):
         return self.projector(pixel_shuffle(features))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        flat.update(_flatten(value, path + "/") if isinstance(value, dict) else {path: value})
-    return flat
-
-
 def load_params(module: nnx.Module, tree: dict) -> None:
     """Set every parameter of `module` (concrete or from `nnx.eval_shape`) from a nested dict of arrays.
 
     Values are cast to each parameter's dtype (the module's param_dtype). Paths and shapes must match
     exactly; a mismatch raises PDLMError naming the offending paths.
     """
-    given = _flatten(tree)
+    from pdlm_jax.checkpoint import flatten  # lazy: keeps Orbax out of the model's import path
+
+    given = flatten(tree)
     params = {"/".join(map(str, path)): (path, var) for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
     missing, unexpected = sorted(params.keys() - given.keys()), sorted(given.keys() - params.keys())
     if missing or unexpected:
