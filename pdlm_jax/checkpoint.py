@@ -119,7 +119,7 @@ def write_config(ckpt_dir: str | Path, cfg: PDLMConfig) -> None:
 # ---- reading -------------------------------------------------------------------------------------
 
 def _require_checkpoint(ckpt_dir: str | Path) -> Path:
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = Path(ckpt_dir).absolute()  # Orbax needs absolute paths
     if not ckpt_dir.is_dir():
         raise PDLMError(f"checkpoint directory {ckpt_dir} does not exist; {_CONVERT_HINT}")
     config = ckpt_dir / CONFIG_FILE

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -56,28 +55,39 @@ def restore(mgr: ocp.CheckpointManager, abstract_state: dict, iterator: grain.Da
 
 def export(out_dir: str | Path, cfg: PDLMConfig, params: dict, tokenizer_dir: str | Path,
            sampler: SamplerConfig | None = None, provenance: dict | None = None) -> Path:
-    """Write `params` (full tree) as a pdlm-jax checkpoint directory, atomically (tmp dir + rename)."""
+    """Write `params` (full tree) as a pdlm-jax checkpoint directory, atomically (tmp dir + rename).
+
+    Collective: every process calls it (Orbax saves in lockstep); process 0 writes the side files and
+    renames the directory into place.
+    """
+    from jax.experimental import multihost_utils
+
     out = Path(out_dir).absolute()  # Orbax requires absolute paths
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = out.with_name(out.name + ".tmp")  # the same path on every process
+    main = jax.process_index() == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    multihost_utils.sync_global_devices("pdlm-export-begin")
     writer = pdlm_ckpt.ParamsWriter(tmp / pdlm_ckpt.PARAMS_DIR)
     for path, leaf in pdlm_ckpt.flatten(params).items():
         writer.add(path, np.asarray(jax.device_get(leaf), dtype=np.float32))
     writer.close()
-    pdlm_ckpt.write_config(tmp, cfg)
-    for name in pdlm_ckpt.TOKENIZER_FILES:
-        src = Path(tokenizer_dir) / name
-        if src.exists():
-            shutil.copy(src, tmp / name)
-    if sampler is not None:
-        (tmp / SAMPLER_FILE).write_text(json.dumps(dataclasses.asdict(sampler), indent=2) + "\n")
-    (tmp / pdlm_ckpt.PROVENANCE_FILE).write_text(json.dumps(
-        {"producer": "pdlm-train", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-         **(provenance or {})}, indent=2, default=str) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    if main:
+        pdlm_ckpt.write_config(tmp, cfg)
+        for name in pdlm_ckpt.TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.exists():
+                shutil.copy(src, tmp / name)
+        if sampler is not None:
+            (tmp / SAMPLER_FILE).write_text(json.dumps(dataclasses.asdict(sampler), indent=2) + "\n")
+        (tmp / pdlm_ckpt.PROVENANCE_FILE).write_text(json.dumps(
+            {"producer": "pdlm-train", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             **(provenance or {})}, indent=2, default=str) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    multihost_utils.sync_global_devices("pdlm-export-end")
     return out
 
 

@@ -70,6 +70,10 @@ def train(cfg, progress: bool = True, callback=None) -> dict:
     if tokenizer.vocab_size > model_cfg.lm.vocab_size:
         raise PDLMError(f"the tokenizer has {tokenizer.vocab_size} tokens but lm.vocab_size is "
                         f"{model_cfg.lm.vocab_size}; use the checkpoint's tokenizer or a larger vocab")
+    if jax.process_count() > 1 and (len(cfg.data.tile_buckets) > 1 or len(cfg.data.length_buckets) > 1):
+        # each host pads its own samples, so with several buckets hosts could disagree on the batch shape
+        raise PDLMError("multi-host training needs one tile bucket and one length bucket: set "
+                        "data.tile_buckets and data.length_buckets to a single value each")
     per_update = cfg.data.batch_size * cfg.optim.grad_accum
     pipe = data.build_pipeline(dataclasses.replace(cfg.data, batch_size=per_update), model_cfg, tokenizer,
                                process_index=jax.process_index(), process_count=jax.process_count())
@@ -95,7 +99,8 @@ def train(cfg, progress: bool = True, callback=None) -> dict:
             _, params = pdlm_ckpt.restore_params(cfg.model.init_from, dtype=np.float32,
                                                  shardings=shd.param_shardings(pdlm_ckpt.nest(shapes), mesh))
         else:
-            params = step_lib.init_params(model_cfg, cfg.run.seed, mesh)
+            params = step_lib.init_params(model_cfg, cfg.run.seed, mesh, cfg.model.mask_embed_init_std,
+                                          cfg.model.vision_pos_embed_init)
         state = trainer.init_state(params, cfg.model.freeze)
         del params
 
@@ -143,9 +148,10 @@ def train(cfg, progress: bool = True, callback=None) -> dict:
         if jax.process_count() > 1:  # every process takes part in gathering the sharded params
             from jax.experimental import multihost_utils
             params = multihost_utils.process_allgather(params, tiled=True)
-        if is_main:
-            exported = checkpointing.export(out / "export", model_cfg, params, cfg.tokenizer_dir(), cfg.sampler(),
-                                            {"config": cfg.to_dict(), "steps": total, "final_loss": losses[-1:]})
+        path = checkpointing.export(out / "export", model_cfg, params, cfg.tokenizer_dir(), cfg.sampler(),
+                                    {"config": cfg.to_dict(), "steps": total, "final_loss": losses[-1:]})
+        if is_main:  # the export is collective; process 0 reports it
+            exported = path
             log.info("exported %s", exported)
     return {"losses": losses, "export": exported, "state": state}
 

@@ -29,6 +29,10 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype; parameters (master weights) are float32
     remat: bool = True  # recompute each layer's activations in the backward pass
     freeze: tuple[str, ...] = ()  # subset of MODULE_GROUPS kept fixed (the reference trains all)
+    # std of the random mask-id embedding (random init only); 1.0 = PyTorch's nn.Embedding, as the reference
+    mask_embed_init_std: float = 1.0
+    # "random" (flax default) or "sincos": a 2-D sine-cosine start for the ViT position embedding
+    vision_pos_embed_init: str = "random"
     sampler: dict | None = None  # SamplerConfig fields stored with exported checkpoints (pdlm-infer defaults)
 
 

@@ -26,14 +26,11 @@ def normalise(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
-def sampler_defaults(checkpoint: str | Path) -> dict:
-    path = Path(checkpoint) / "sampler.json"
-    return json.loads(path.read_text()) if path.exists() else {"gen_length": 32, "steps": 32}
-
-
 def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen_length: int | None = None,
-             steps: int | None = None, dtype: str = "auto", verbose: bool = False) -> dict:
+             steps: int | None = None, dtype: str = "auto", verbose: bool = False, cache: str = "none",
+             unmask: str = "remask") -> dict:
     import pdlm_jax
+    from pdlm_jax.checkpoint import sampler_defaults
     from train import synthetic
 
     defaults = sampler_defaults(checkpoint)
@@ -42,21 +39,29 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
     model = pdlm_jax.load(checkpoint, dtype=dtype)
     correct = total = 0
     confusions: dict[str, int] = {}
+    by_shapes: dict[int, list[int]] = {}  # number of shapes in the scene -> [correct, regions]
     start = time.perf_counter()
     for i in range(scenes):
         scene = synthetic.make_scene(seed, i)
-        result = model.caption_regions(scene.image, scene.masks, gen_length=gen_length, steps=steps)
+        result = model.caption_regions(scene.image, scene.masks, gen_length=gen_length, steps=steps, cache=cache,
+                                       unmask=unmask)
+        tally = by_shapes.setdefault(len(scene.masks), [0, 0])
         for truth, region in zip(scene.captions, result["regions"]):
             ok = normalise(region["caption"]) == normalise(truth)
             correct += ok
             total += 1
+            tally[0] += ok
+            tally[1] += 1
             if not ok:
                 key = f"{truth} -> {region['caption']!r}"
                 confusions[key] = confusions.get(key, 0) + 1
                 if verbose:
                     print(f"scene {i}: {key}", file=sys.stderr)
     return {"scenes": scenes, "regions": total, "correct": correct, "accuracy": correct / max(total, 1),
-            "gen_length": gen_length, "steps": steps, "dtype": dtype, "seconds": time.perf_counter() - start,
+            "by_num_shapes": {k: {"correct": c, "regions": n, "accuracy": c / n}
+                              for k, (c, n) in sorted(by_shapes.items())},
+            "gen_length": gen_length, "steps": steps, "cache": cache, "unmask": unmask, "dtype": dtype,
+            "seconds": time.perf_counter() - start,
             "top_errors": dict(sorted(confusions.items(), key=lambda kv: -kv[1])[:10])}
 
 
@@ -69,11 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int)
     ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
                     help="compute dtype (auto: the stored dtype, as pdlm-infer)")
+    ap.add_argument("--cache", default="none", help="pdlm-infer --cache mode (none, prefix, prefix:R)")
+    ap.add_argument("--unmask", default="remask", help="pdlm-infer --unmask mode (remask, threshold:TAU)")
     ap.add_argument("--verbose", action="store_true", help="print every wrong caption")
     args = ap.parse_args(argv)
     checkpoint = args.checkpoint or str(Path(__file__).resolve().parents[1] / "pdlm_jax" / "assets" / "demo_model")
     try:
-        report = evaluate(checkpoint, args.scenes, args.seed, args.gen_length, args.steps, args.dtype, args.verbose)
+        report = evaluate(checkpoint, args.scenes, args.seed, args.gen_length, args.steps, args.dtype, args.verbose,
+                          args.cache, args.unmask)
     except PDLMError as e:
         print(f"train.eval: error: {e}", file=sys.stderr)
         return 2

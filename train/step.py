@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from pdlm_jax import sharding as shd
 from pdlm_jax.config import PDLMConfig
+from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.pdm import PerceptionDLM
 from pdlm_jax.ops.roi_replay import assemble_embeddings, roi_replay
 from pdlm_jax.ops.structured_mask import allowed_mask
@@ -163,19 +164,39 @@ def make_trainer(cfg: PDLMConfig, dtype: str, mesh: Mesh, optim, total_steps: in
     return Trainer(graphdef, cfg, mesh, tx, schedule, mask_id, optim.grad_accum, seed)
 
 
-def init_params(cfg: PDLMConfig, seed: int, mesh: Mesh) -> dict:
+def sincos_2d(grid: int, dim: int) -> np.ndarray:
+    """(grid², dim) fixed 2-D sine-cosine position table (MAE): half the channels encode the row, half
+    the column, each as sin/cos at geometric frequencies; rows in patch order r·grid + c."""
+    quarter = dim // 4
+    freqs = 1.0 / 10000.0 ** (np.arange(quarter) / quarter)
+    r, c = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    parts = [f(a.reshape(-1, 1) * freqs) for a in (r, c) for f in (np.sin, np.cos)]
+    table = np.concatenate(parts, axis=1)
+    return np.pad(table, ((0, 0), (0, dim - table.shape[1]))).astype(np.float32)
+
+
+def init_params(cfg: PDLMConfig, seed: int, mesh: Mesh, mask_embed_std: float = 1.0,
+                vision_pos_embed: str = "random") -> dict:
     """Randomly initialised float32 params, created directly in their shardings.
 
-    The mask-id embedding is drawn from N(0, 1) like the reference's freshly added `mask_id_embedding`
-    (PyTorch's nn.Embedding default; `post_init` is never called, SPEC §11.4): a strong region signal.
+    The mask-id embedding is drawn from N(0, mask_embed_std²); the default 1 is the reference's freshly
+    added `mask_id_embedding` (PyTorch's nn.Embedding default; `post_init` is never called, SPEC §11.4).
+    `vision_pos_embed="sincos"` starts the (learned) ViT position embedding from a 2-D sine-cosine table,
+    so a vision tower trained from scratch knows which patches are neighbours from the first step.
     """
     abstract = nnx.to_pure_dict(nnx.state(build_model(cfg, "float32", abstract=True), nnx.Param))
     shardings = shd.param_shardings(abstract, mesh)
+    if vision_pos_embed not in ("random", "sincos"):
+        raise PDLMError(f"model.vision_pos_embed_init must be 'random' or 'sincos', not {vision_pos_embed!r}")
 
     def make():
         params = nnx.to_pure_dict(nnx.state(build_model(cfg, "float32", seed), nnx.Param))
         table = params["mask_embed"]["embedding"]
-        params["mask_embed"]["embedding"] = jax.random.normal(jax.random.key(seed + 1), table.shape, table.dtype)
+        params["mask_embed"]["embedding"] = mask_embed_std * jax.random.normal(jax.random.key(seed + 1), table.shape,
+                                                                              table.dtype)
+        if vision_pos_embed == "sincos":
+            grid = cfg.vision.image_size // cfg.vision.patch_size
+            params["vision"]["pos_embed"]["embedding"] = jnp.asarray(sincos_2d(grid, cfg.vision.hidden_size))
         return params
 
     return jax.jit(make, out_shardings=shardings)()

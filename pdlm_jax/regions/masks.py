@@ -11,7 +11,7 @@ from PIL import Image
 
 from pdlm_jax.config import RegionConfig
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.regions.tiling import tile_pil
+from pdlm_jax.regions.tiling import read_image_file, tile_pil
 
 MaskInput = Union[str, Path, Image.Image, np.ndarray]
 
@@ -19,12 +19,7 @@ MaskInput = Union[str, Path, Image.Image, np.ndarray]
 def _mask_image(mask: MaskInput, name: str) -> Image.Image:
     """Any mask input -> mode "L" PIL image (the reference converts mask files to "L")."""
     if isinstance(mask, (str, Path)):
-        try:
-            with Image.open(mask) as im:
-                im.load()
-                return im.convert("L")
-        except (OSError, ValueError) as e:
-            raise PDLMError(f"cannot read {name} file {mask}: {e}") from e
+        return read_image_file(mask, "L", name)
     if isinstance(mask, Image.Image):
         return mask.convert("L")
     if isinstance(mask, np.ndarray):

@@ -66,15 +66,20 @@ def normalize(tiles_uint8: np.ndarray) -> np.ndarray:
     return (x - half) / half
 
 
+def read_image_file(path: str | Path, mode: str, what: str) -> Image.Image:
+    """An image file fully read and converted to `mode`; a clear PDLMError naming `what` if unreadable."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert(mode)
+    except (OSError, ValueError) as e:
+        raise PDLMError(f"cannot read {what} file {path}: {e}") from e
+
+
 def open_rgb(image: ImageInput, what: str = "image") -> Image.Image:
     """Path / PIL image (any mode) / uint8 array (H, W) or (H, W, 3|4) -> RGB PIL image."""
     if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as im:
-                im.load()
-                return im.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise PDLMError(f"cannot read {what} file {image}: {e}") from e
+        return read_image_file(image, "RGB", what)
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, np.ndarray):
