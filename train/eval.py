@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from infer.cli import DEMO_MODEL
 from pdlm_jax.errors import PDLMError
 
 HELD_OUT_SEED = 1_000_003  # training uses small seeds
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unmask", default="remask", help="pdlm-infer --unmask mode (remask, threshold:TAU)")
     ap.add_argument("--verbose", action="store_true", help="print every wrong caption")
     args = ap.parse_args(argv)
-    checkpoint = args.checkpoint or str(Path(__file__).resolve().parents[1] / "pdlm_jax" / "assets" / "demo_model")
+    checkpoint = args.checkpoint or str(DEMO_MODEL)
     try:
         report = evaluate(checkpoint, args.scenes, args.seed, args.gen_length, args.steps, args.dtype, args.verbose,
                           args.cache, args.unmask)

@@ -6,7 +6,6 @@ The parameter tree (`nnx.state(model, nnx.Param)`, paths joined with '/') is exa
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
