@@ -95,8 +95,8 @@ def _fill_defaults(args: argparse.Namespace) -> None:
         args.visualize = args.visualize or "demo_overlay.png"
     if args.gen_length is None or args.steps is None:
         defaults = sampler_defaults(args.checkpoint)
-        args.gen_length = args.gen_length or defaults["gen_length"]
-        args.steps = args.steps or defaults["steps"]
+        args.gen_length = defaults["gen_length"] if args.gen_length is None else args.gen_length
+        args.steps = defaults["steps"] if args.steps is None else args.steps
 
 
 def _check_single_image_args(args: argparse.Namespace) -> None:

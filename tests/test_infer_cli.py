@@ -87,6 +87,9 @@ def _bad_cases(tmp_path, checkpoint):
         "missing mask": (base + ["--masks", str(tmp_path / "nope.png")], "mask 0 file .*nope.png does not exist"),
         "gen_length < 1": (base + ["--masks", *masks, "--gen-length", "0"], "gen_length must be a positive"),
         "steps < 1": (base + ["--masks", *masks, "--steps", "0"], "steps must be a positive"),
+        # only one of the two given: the other comes from the checkpoint, the bad one must still be refused
+        "gen_length 0 alone": (["--checkpoint", str(checkpoint), "--image", str(d / "image.png"), "--masks", *masks,
+                                "--gen-length", "0"], "gen_length must be a positive"),
         "steps > k*G": (base + ["--masks", *masks, "--steps", "25"], "steps=25 exceeds the 24 caption slots"),
         "missing checkpoint": (["--checkpoint", str(tmp_path / "none"), "--image", str(d / "image.png"),
                                 "--masks", *masks], "checkpoint directory .* does not exist"),
@@ -96,7 +99,7 @@ def _bad_cases(tmp_path, checkpoint):
 
 
 @pytest.mark.parametrize("case", ["no masks", "all-zero mask", "unreadable image", "unreadable mask", "missing mask",
-                                  "gen_length < 1", "steps < 1", "steps > k*G", "missing checkpoint",
+                                  "gen_length < 1", "gen_length 0 alone", "steps < 1", "steps > k*G", "missing checkpoint",
                                   "reference checkpoint"])
 def test_bad_input_exits_with_one_clear_line(case, checkpoints, tmp_path, capsys):
     import re
