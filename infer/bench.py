@@ -21,7 +21,6 @@ agreement = fraction of generated tokens equal to the exact mode's for the same 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys

@@ -355,7 +355,8 @@ def run_annotations(args: argparse.Namespace, handle) -> int:
         "tokens_per_forward": stats.tokens / stats.forwards if stats.forwards else None,
         "regions_per_second": stats.captioned / generation_seconds if generation_seconds > 0 else None,
         "wall_seconds": time.perf_counter() - started,
-        "settings": {k: getattr(args, k, None) for k in ("gen_length", "steps", "temperature", "top_p", "prompt")},
+        "settings": {k: getattr(args, k, None)
+                     for k in ("gen_length", "steps", "temperature", "top_p", "prompt", "cache", "unmask")},
         "error_list": stats.errors,
     }
     atomic_write(Path(summary_path), (json.dumps(summary, indent=2) + "\n").encode())
@@ -414,7 +415,8 @@ def _caption_image(entry: ImageEntry, todo: set[str], handle, args, results: Res
                 tiled, [masks[r.ann_id] for r in chunk], gen_length=args.gen_length, steps=args.steps,
                 temperature=args.temperature, top_p=args.top_p, question=args.prompt,
                 seed=getattr(args, "seed", 0) + number,  # as caption_regions seeds its own chunks
-                reference_parser=getattr(args, "reference_parser", False))
+                reference_parser=getattr(args, "reference_parser", False),
+                cache=getattr(args, "cache", "none"), unmask=getattr(args, "unmask", "remask"))
         except PDLMError as e:
             fail([r.ann_id for r in chunk if r.ann_id in todo], e)
             continue

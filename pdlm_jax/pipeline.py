@@ -141,7 +141,7 @@ def choose_bucket(num_tiles: int, num_regions: int, gen_length: int, length: int
 def pass_inputs(prep: PreparedRegions, bucket: Bucket, cfg: PDLMConfig, pad_id: int, seed: int = 0
                 ) -> dict[str, np.ndarray]:
     """The padded device inputs of one pass (one batch row; `batch_inputs` stacks rows)."""
-    k, g, L = prep.layout.num_regions, bucket.gen_length, bucket.length
+    k, L = prep.layout.num_regions, bucket.length
     layout = prep.layout.padded(L, pad_id)
     extra = bucket.regions - k
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -30,6 +31,24 @@ def fixture_oracle(name: str) -> dict:
 def fixture_tensors(name: str) -> dict[str, np.ndarray]:
     with np.load(fixture_dir(name) / "tensors.npz") as z:
         return {k: z[k] for k in z.files}
+
+
+@functools.cache
+def fixture_array(name: str, key: str) -> np.ndarray:
+    """One tensor of the fixture's tensors.npz (cached)."""
+    with np.load(fixture_dir(name) / "tensors.npz") as z:
+        return z[key]
+
+
+@functools.cache
+def fixture_prepared(name: str):
+    """(tiled image, prepare_regions output) of the fixture's image and masks, as the reference run them."""
+    from pdlm_jax.regions import Tokenizer, prepare_regions, tile_image
+
+    d, o, cfg = fixture_dir(name), fixture_oracle(name), fixture_config(name)
+    tiled = tile_image(d / "image.png", cfg.region)
+    return tiled, prepare_regions(tiled, [d / f for f in o["masks"]["files"]], Tokenizer(d), cfg,
+                                  o["generation"]["gen_length_per_mask"])
 
 
 def load_reference_tree(ckpt_dir: Path, cfg: PDLMConfig) -> dict:

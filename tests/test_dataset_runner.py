@@ -34,14 +34,17 @@ class FakeCaptioner:
         self.delay = delay
         self.calls: list[tuple[int, list[int]]] = []  # (id of the image object, areas of the masks given)
         self.seeds: list[int] = []
+        self.modes: list[tuple[str, str]] = []  # (cache, unmask) of each call
 
     def caption_regions(self, image, masks, gen_length=32, steps=32, temperature=0.0, top_p=1.0,
-                        question="Describe each masked region in detail.", seed=0, reference_parser=False):
+                        question="Describe each masked region in detail.", seed=0, reference_parser=False,
+                        cache="none", unmask="remask"):
         if not 1 <= len(masks) <= 6:
             raise PDLMError(f"{len(masks)} masks; give 1 to 6")
         areas = [int(np.asarray(m).sum()) for m in masks]
         self.calls.append((id(image), areas))
         self.seeds.append(seed)
+        self.modes.append((cache, unmask))
         time.sleep(self.delay)
         return {
             "regions": [{"caption": f"area {a} in chunk {areas}", "token_ids": [a % 400, len(masks)] * (gen_length // 2),
@@ -107,6 +110,8 @@ def parse(*argv) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--prompt", default="Describe each masked region in detail.")
+    parser.add_argument("--cache", default="none")
+    parser.add_argument("--unmask", default="remask")
     add_annotation_args(parser)
     return parser.parse_args([str(a) for a in argv])
 
@@ -228,6 +233,15 @@ def test_run_chunks_records_errors_and_summary(tmp_path):
     assert summary["call_seconds"] == pytest.approx(3.75) and summary["compile_seconds"] == pytest.approx(1.25)
     assert summary["tokens_per_forward"] == pytest.approx(12 * 32 / (5 * 32))
     assert summary["regions_per_second"] == pytest.approx(12 / 2.5)
+
+
+def test_fast_modes_reach_every_call(tmp_path):
+    make_dataset(tmp_path)
+    fake = FakeCaptioner()
+    run(tmp_path, "--cache", "prefix:2", "--unmask", "threshold:0.9", captioner=fake)
+    assert fake.modes == [("prefix:2", "threshold:0.9")] * len(fake.calls) and fake.calls
+    settings = json.loads((tmp_path / "out/summary.json").read_text())["settings"]
+    assert (settings["cache"], settings["unmask"]) == ("prefix:2", "threshold:0.9")
 
 
 def test_rerun_skips_done_ids_and_retries_errors(tmp_path):

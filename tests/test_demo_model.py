@@ -2,7 +2,6 @@
 trained with."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
 import numpy as np
@@ -10,27 +9,13 @@ import pytest
 from PIL import Image
 
 from helpers import FIXTURE_NAMES, fixture_config, fixture_dir, fixture_oracle
+from helpers import fixture_array as npz, fixture_prepared as prepared
 from pdlm_jax.config import preset
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.regions import (DEFAULT_QUESTION, Tokenizer, build_prompt_text, load_masks, prepare_regions,
                               select_grid, tile_image)
 from pdlm_jax.regions.masks import patch_activity, visual_prompt_tiles
 from pdlm_jax.regions.tiling import normalize
-
-
-@functools.cache
-def npz(name: str, key: str) -> np.ndarray:
-    with np.load(fixture_dir(name) / "tensors.npz") as z:
-        return z[key]
-
-
-@functools.cache
-def prepared(name: str):
-    d, o = fixture_dir(name), fixture_oracle(name)
-    cfg = fixture_config(name)
-    tiled = tile_image(d / "image.png", cfg.region)
-    masks = [d / f for f in o["masks"]["files"]]
-    return tiled, prepare_regions(tiled, masks, Tokenizer(d), cfg, o["generation"]["gen_length_per_mask"])
 
 
 # ---- tiling (SPEC §6.1-6.3) --------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,26 +11,17 @@ import pytest
 import torch
 from torchvision.ops import roi_align as tv_roi_align
 
-from helpers import FIXTURE_NAMES, fixture_config, fixture_dir, fixture_oracle, load_reference_tree
+from helpers import (FIXTURE_NAMES, fixture_config, fixture_dir, fixture_oracle, fixture_prepared,
+                     load_reference_tree)
+from helpers import fixture_array as npz
 from pdlm_jax.ops.roi_align import roi_align
 from pdlm_jax.ops.roi_replay import (assemble_embeddings, merged_feature_map, roi_boxes, roi_replay,
                                      roi_spatial_scale)
-from pdlm_jax.regions import Tokenizer, prepare_regions, tile_image
+from pdlm_jax.regions import Tokenizer
 
 
-@functools.cache
-def npz(name: str, key: str) -> np.ndarray:
-    with np.load(fixture_dir(name) / "tensors.npz") as z:
-        return z[key]
-
-
-@functools.cache
 def prepared(name: str):
-    d, o = fixture_dir(name), fixture_oracle(name)
-    cfg = fixture_config(name)
-    tiled = tile_image(d / "image.png", cfg.region)
-    return prepare_regions(tiled, [d / f for f in o["masks"]["files"]], Tokenizer(d), cfg,
-                           o["generation"]["gen_length_per_mask"])
+    return fixture_prepared(name)[1]
 
 
 def torchvision_roi_align(fmap_hwc: np.ndarray, boxes: np.ndarray, output_size, spatial_scale, sampling_ratio,

@@ -2,35 +2,28 @@
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import FIXTURE_NAMES, fixture_config, fixture_dir, fixture_oracle
+from helpers import FIXTURE_NAMES, fixture_array, fixture_dir, fixture_prepared
 from pdlm_jax.ops.structured_mask import allowed_mask
-from pdlm_jax.regions import Tokenizer, build_layout, prepare_regions, tile_image
+from pdlm_jax.regions import Tokenizer, build_layout
 
 
 def mask_of(layout) -> np.ndarray:
     return np.asarray(jax.jit(allowed_mask)(layout.block_id, layout.roi_owner, layout.prefix_visible, layout.valid))
 
 
-@functools.cache
 def fixture_layout(name: str):
-    d, o = fixture_dir(name), fixture_oracle(name)
-    cfg = fixture_config(name)
-    tiled = tile_image(d / "image.png", cfg.region)
-    return prepare_regions(tiled, [d / f for f in o["masks"]["files"]], Tokenizer(d), cfg,
-                           o["generation"]["gen_length_per_mask"]).layout
+    return fixture_prepared(name)[1].layout
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_allowed_matches_fixture(name):
-    with np.load(fixture_dir(name) / "tensors.npz") as z:
-        want = z["attention_allowed"][0, 0]
+    want = fixture_array(name, "attention_allowed")[0, 0]
     np.testing.assert_array_equal(mask_of(fixture_layout(name)), want)
 
 

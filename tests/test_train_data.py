@@ -136,6 +136,10 @@ def test_config_errors_are_clear(tmp_path):
         train_config.load(None, ["optim.learning_rate=1"])
     with pytest.raises(PDLMError, match="freeze"):
         train_config.load(None, ["model.freeze=[encoder]"])
+    with pytest.raises(PDLMError, match="noise_t_min"):
+        train_config.load(None, ["optim.noise_t_min=1.0"])
+    with pytest.raises(PDLMError, match="vision_pos_embed_init"):
+        train_config.load(None, ["model.vision_pos_embed_init=sine"])
     bad = tmp_path / "c.yaml"
     bad.write_text("optim: [1, 2")
     with pytest.raises(PDLMError, match="not valid YAML"):

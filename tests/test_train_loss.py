@@ -134,3 +134,12 @@ def test_only_answer_tokens_are_masked_and_rate_follows_t():
     assert not bool(jnp.any(masked & (labels == IGNORE)))
     rate = np.asarray(jnp.sum(masked, 1) / jnp.sum(labels != IGNORE, 1))
     np.testing.assert_allclose(rate, (1 - EPS) * np.asarray(t) + EPS, atol=0.03)
+
+
+def test_noise_t_min_bounds_the_diffusion_time():
+    from train.loss import draw_noise
+    t, _ = draw_noise(jax.random.key(1), (20000, 2))
+    assert float(t.min()) < 0.01  # the reference: U[0, 1)
+    t, u = draw_noise(jax.random.key(1), (20000, 2), t_min=0.4)
+    assert 0.4 <= float(t.min()) < 0.41 and float(t.max()) < 1.0 and u.shape == (20000, 2)
+    np.testing.assert_allclose(float(t.mean()), 0.7, atol=0.01)

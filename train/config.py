@@ -47,6 +47,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     clip_norm: float = 1.0
     grad_accum: int = 1  # micro-batches of data.batch_size per update
+    # diffusion time t ~ U[noise_t_min, 1) (SPEC §11.1: 0). Raising it drops the rare low-noise draws whose
+    # 1/p loss weights make the gradient noisy; the loss stays an unbiased estimate of the answer CE.
+    noise_t_min: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +152,11 @@ def from_dict(d: dict) -> TrainConfig:
         raise PDLMError("optim.grad_accum and data.batch_size must be at least 1")
     if cfg.model.dtype not in ("bfloat16", "float32"):
         raise PDLMError(f"model.dtype must be bfloat16 or float32, got {cfg.model.dtype!r}")
+    if cfg.model.vision_pos_embed_init not in ("random", "sincos"):
+        raise PDLMError(f"model.vision_pos_embed_init must be 'random' or 'sincos', not "
+                        f"{cfg.model.vision_pos_embed_init!r}")
+    if not 0.0 <= cfg.optim.noise_t_min < 1.0:
+        raise PDLMError(f"optim.noise_t_min must be in [0, 1), got {cfg.optim.noise_t_min}")
     return cfg
 
 

@@ -40,6 +40,7 @@ class DataConfig:
     annotations: tuple[str, ...] = ()  # JSON files in the SPEC §11.2 schema
     synthetic_scenes: int = 0  # >0: use that many scenes of the synthetic task instead (train.synthetic)
     synthetic_seed: int = 0
+    synthetic_rotated: float = 0.0  # fraction of synthetic squares and triangles drawn at any angle
     image_root: str | None = None  # relative image paths: tried against cwd, this, then the JSON's folder
     batch_size: int = 8  # global batch (all processes, before gradient accumulation)
     epochs: int = 1
@@ -184,10 +185,10 @@ class AnnotationSource:
 class SyntheticRecords:
     """The synthetic demo task (train.synthetic) as records."""
 
-    def __init__(self, num_scenes: int, seed: int = 0):
+    def __init__(self, num_scenes: int, seed: int = 0, rotated: float = 0.0):
         from train import synthetic
 
-        self.scenes = synthetic.SyntheticSource(num_scenes, seed)
+        self.scenes = synthetic.SyntheticSource(num_scenes, seed, rotated)
         self.max_masks = synthetic.MAX_SHAPES
 
     def __len__(self) -> int:
@@ -203,7 +204,7 @@ class SyntheticRecords:
 
 def make_source(cfg: DataConfig) -> AnnotationSource | SyntheticRecords:
     if cfg.synthetic_scenes > 0:
-        return SyntheticRecords(cfg.synthetic_scenes, cfg.synthetic_seed)
+        return SyntheticRecords(cfg.synthetic_scenes, cfg.synthetic_seed, cfg.synthetic_rotated)
     if not cfg.annotations:
         raise PDLMError("no training data: set data.annotations (JSON files) or data.synthetic_scenes")
     return AnnotationSource(cfg.annotations, cfg.image_root)

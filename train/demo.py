@@ -27,7 +27,7 @@ CORPUS = (
     ["system", "user", "assistant", "You are a helpful assistant.", "Describe each masked region in detail."]
     + [f"a {c} {s}" for c in synthetic.COLORS for s in synthetic.SHAPES]
 )
-DEMO_SCENE_INDEX = 12  # a held-out scene with all four colours and all three shapes
+DEMO_SCENE_INDEX = 4  # the first held-out 5-shape scene with all four colours and all three shapes
 DEMO_SCENE_SEED = 12345
 
 

@@ -29,7 +29,7 @@ def normalise(text: str) -> str:
 
 def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen_length: int | None = None,
              steps: int | None = None, dtype: str = "auto", verbose: bool = False, cache: str = "none",
-             unmask: str = "remask") -> dict:
+             unmask: str = "remask", rotated: float = 0.0) -> dict:
     import pdlm_jax
     from pdlm_jax.checkpoint import sampler_defaults
     from train import synthetic
@@ -43,7 +43,7 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
     by_shapes: dict[int, list[int]] = {}  # number of shapes in the scene -> [correct, regions]
     start = time.perf_counter()
     for i in range(scenes):
-        scene = synthetic.make_scene(seed, i)
+        scene = synthetic.make_scene(seed, i, rotated=rotated)
         result = model.caption_regions(scene.image, scene.masks, gen_length=gen_length, steps=steps, cache=cache,
                                        unmask=unmask)
         tally = by_shapes.setdefault(len(scene.masks), [0, 0])
@@ -62,6 +62,7 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
             "by_num_shapes": {k: {"correct": c, "regions": n, "accuracy": c / n}
                               for k, (c, n) in sorted(by_shapes.items())},
             "gen_length": gen_length, "steps": steps, "cache": cache, "unmask": unmask, "dtype": dtype,
+            "rotated": rotated,
             "seconds": time.perf_counter() - start,
             "top_errors": dict(sorted(confusions.items(), key=lambda kv: -kv[1])[:10])}
 
@@ -77,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="compute dtype (auto: the stored dtype, as pdlm-infer)")
     ap.add_argument("--cache", default="none", help="pdlm-infer --cache mode (none, prefix, prefix:R)")
     ap.add_argument("--unmask", default="remask", help="pdlm-infer --unmask mode (remask, threshold:TAU)")
+    ap.add_argument("--rotated", type=float, default=0.0,
+                    help="fraction of squares and triangles drawn at any angle (0: upright, as in training)")
     ap.add_argument("--verbose", action="store_true", help="print every wrong caption")
     args = ap.parse_args(argv)
     checkpoint = args.checkpoint or str(DEMO_MODEL)
     try:
         report = evaluate(checkpoint, args.scenes, args.seed, args.gen_length, args.steps, args.dtype, args.verbose,
-                          args.cache, args.unmask)
+                          args.cache, args.unmask, args.rotated)
     except PDLMError as e:
         print(f"train.eval: error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """The masked-diffusion training objective of LLaDA / PerceptionDLM (SPEC §11.1, standard mode).
 
-Per sample b: t_b ~ U[0, 1), p_b = (1 − ε)·t_b + ε; each answer token (label ≠ −100) is replaced by the
+Per sample b: t_b ~ U[0, 1) (optionally U[t_min, 1): fewer, lighter-weighted low-noise draws), p_b = (1 − ε)·t_b + ε; each answer token (label ≠ −100) is replaced by the
 `<|mdm_mask|>` embedding with probability p_b; the loss is Σ over masked positions of CE / p_b, divided
 by the sample's answer length A_b, averaged over the batch. Noise comes from `jax.random`.
 """
@@ -14,10 +14,10 @@ EPS = 1e-3
 IGNORE = -100
 
 
-def draw_noise(key: jax.Array, shape: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
-    """t (B,) and the per-position uniforms u (B, L) that decide which answer tokens are masked."""
+def draw_noise(key: jax.Array, shape: tuple[int, int], t_min: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """t (B,) ~ U[t_min, 1) and the per-position uniforms u (B, L) that decide which answer tokens are masked."""
     kt, ku = jax.random.split(key)
-    return jax.random.uniform(kt, shape[:1]), jax.random.uniform(ku, shape)
+    return jax.random.uniform(kt, shape[:1], minval=t_min), jax.random.uniform(ku, shape)
 
 
 def mask_probability(t: jax.Array) -> jax.Array:

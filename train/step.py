@@ -68,10 +68,11 @@ def batch_embeddings(model: PerceptionDLM, batch: dict, cfg: PDLMConfig) -> jax.
     return jax.vmap(one)(*(batch[k] for k in keys))
 
 
-def batch_loss(model: PerceptionDLM, batch: dict, key: jax.Array, cfg: PDLMConfig, mask_id: int):
+def batch_loss(model: PerceptionDLM, batch: dict, key: jax.Array, cfg: PDLMConfig, mask_id: int,
+               noise_t_min: float = 0.0):
     embeds = batch_embeddings(model, batch, cfg)
     allowed = jax.vmap(allowed_mask)(batch["block_id"], batch["roi_owner"], batch["prefix_visible"], batch["valid"])
-    t, u = draw_noise(key, batch["labels"].shape)
+    t, u = draw_noise(key, batch["labels"].shape, noise_t_min)
     return lm_diffusion_loss(model.lm, embeds, batch["labels"], allowed, t, u, mask_id)
 
 
@@ -90,6 +91,7 @@ class Trainer:
     mask_id: int
     grad_accum: int
     seed: int
+    noise_t_min: float = 0.0
     state_shardings: Any = None
     _step: Callable | None = None
 
@@ -111,7 +113,7 @@ class Trainer:
     def _loss_and_grad(self, params, frozen, batch, key):
         def loss_fn(p):
             model = nnx.merge(self.graphdef, {**p, **frozen})
-            return batch_loss(model, batch, key, self.cfg, self.mask_id)
+            return batch_loss(model, batch, key, self.cfg, self.mask_id, self.noise_t_min)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -161,7 +163,7 @@ def make_trainer(cfg: PDLMConfig, dtype: str, mesh: Mesh, optim, total_steps: in
                  seed: int = 0, remat: bool = False) -> Trainer:
     graphdef, _ = nnx.split(build_model(cfg, dtype, abstract=True, remat=remat))
     tx, schedule = make_optimizer(optim, total_steps)
-    return Trainer(graphdef, cfg, mesh, tx, schedule, mask_id, optim.grad_accum, seed)
+    return Trainer(graphdef, cfg, mesh, tx, schedule, mask_id, optim.grad_accum, seed, optim.noise_t_min)
 
 
 def sincos_2d(grid: int, dim: int) -> np.ndarray:

@@ -53,62 +53,73 @@ def background(rng: np.random.Generator) -> tuple[int, int, int]:
     return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
 
 
-def _outline(rng: np.random.Generator, shape: str, x: int, y: int, d: int) -> tuple[str, list]:
-    """Drawing primitive of a shape whose bounding box is the d×d square at (x, y)."""
-    x1, y1 = x + d - 1, y + d - 1
+def _outline(rng: np.random.Generator, shape: str, d: float, rotated: float) -> tuple[str, np.ndarray]:
+    """Drawing primitive of a shape of minimum width `d`, centred on the origin.
+
+    Triangles range from flat to tall and from isosceles to right-angled. Squares sit axis-aligned and
+    triangles on a side (within 15°), except a fraction `rotated` of them, which take any angle (a tilted
+    square is still a square). Circles: the (2, 2) corners of their bounding box.
+    """
     if shape == "circle":
-        return "ellipse", [x, y, x1, y1]
+        return "ellipse", np.array([[-d / 2, -d / 2], [d / 2, d / 2]])
     if shape == "square":
-        return "rectangle", [x, y, x1, y1]
-    # triangle: base on one side of the box, apex anywhere on the opposite side (incl. right triangles)
-    t = rng.uniform(0.0, 1.0)
-    side = rng.integers(4)
-    if side == 0:  # pointing up
-        pts = [(x, y1), (x1, y1), (x + t * (d - 1), y)]
-    elif side == 1:  # down
-        pts = [(x, y), (x1, y), (x + t * (d - 1), y1)]
-    elif side == 2:  # left
-        pts = [(x1, y), (x1, y1), (x, y + t * (d - 1))]
-    else:  # right
-        pts = [(x, y), (x, y1), (x1, y + t * (d - 1))]
-    return "polygon", pts
+        pts = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]]) * (d / 2)
+    else:
+        height = rng.uniform(0.6, 1.5)  # relative to a base of 1
+        apex = rng.uniform(0.0, 1.0)  # along the base: 0 or 1 gives a right angle
+        pts = np.array([[0.0, height], [1.0, height], [apex, 0.0]])
+        sides = np.linalg.norm(pts - np.roll(pts, 1, axis=0), axis=1)
+        pts = (pts - pts.mean(axis=0)) * (d * sides.max() / height)  # smallest altitude = d
+    if rng.random() < rotated:
+        turn = rng.uniform(0.0, 2.0 * math.pi)
+    elif shape == "square":
+        turn = 0.0
+    else:
+        turn = rng.integers(4) * math.pi / 2 + math.radians(rng.uniform(-15.0, 15.0))
+    c, s = math.cos(turn), math.sin(turn)
+    return "polygon", pts @ np.array([[c, s], [-s, c]])
 
 
-def _draw(canvas: ImageDraw.ImageDraw, kind: str, geom: list, fill) -> None:
-    getattr(canvas, kind)(geom, fill=fill)
+def _draw(canvas: ImageDraw.ImageDraw, kind: str, geom: np.ndarray, fill) -> None:
+    getattr(canvas, kind)([tuple(p) for p in geom.tolist()], fill=fill)
 
 
-def make_scene(seed: int, index: int, num_shapes: int | None = None) -> Scene:
-    """Scene `index` of the stream `seed` (deterministic)."""
+def make_scene(seed: int, index: int, num_shapes: int | None = None, rotated: float = 0.0) -> Scene:
+    """Scene `index` of the stream `seed` (deterministic); `rotated`: the fraction of squares and triangles
+    drawn at any angle."""
     rng = np.random.default_rng([seed, index])
     w, h = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
     short = min(w, h)
     n = int(num_shapes or rng.integers(1, MAX_SHAPES + 1))
-    # sizes from the task's minimum (1/8 of the shorter side) up to what n shapes leave room for
-    d_min = math.ceil(short / 8)
-    d_max = max(d_min, int(short * min(0.6, 0.9 / math.sqrt(n))))
+    # minimum widths log-uniform from the task's minimum (1/8 of the shorter side) to what n shapes leave
+    # room for: small shapes, the hard case, are as common as large ones
+    d_min = short / 8
+    d_max = max(d_min, short * min(0.5, 0.8 / math.sqrt(n)))
     image = Image.new("RGB", (w, h), background(rng))
     canvas = ImageDraw.Draw(image)
-    boxes: list[tuple[int, int, int, int]] = []
+    boxes: list[tuple[float, float, float, float]] = []
     masks, captions = [], []
     for _ in range(n):
+        shape, color = SHAPES[rng.integers(len(SHAPES))], COLORS[rng.integers(len(COLORS))]
         placed = None
         for attempt in range(200):
             # shrink towards the minimum size when the scene gets crowded
             hi = d_max if attempt < 100 else d_min
-            d = int(rng.integers(d_min, hi + 1))
-            x, y = int(rng.integers(0, w - d + 1)), int(rng.integers(0, h - d + 1))
-            gap = 2  # keep shapes (and their BICUBIC-blurred tiles) apart
-            if all(x + d + gap <= bx or bx + bd + gap <= x or y + d + gap <= by or by + bd + gap <= y
-                   for bx, by, bd, _ in boxes):
-                placed = (x, y, d)
+            d = math.exp(rng.uniform(math.log(d_min), math.log(hi) + 1e-9))
+            kind, geom = _outline(rng, shape, d, rotated)
+            lo, size = geom.min(axis=0), np.ptp(geom, axis=0)
+            if size[0] > w - 2 or size[1] > h - 2:
+                continue
+            x, y = rng.uniform(1, w - 1 - size[0]), rng.uniform(1, h - 1 - size[1])
+            gap = 3  # keep shapes (and their BICUBIC-blurred tiles) apart
+            if all(x + size[0] + gap <= bx or bx + bw + gap <= x or y + size[1] + gap <= by or by + bh + gap <= y
+                   for bx, by, bw, bh in boxes):
+                placed = (kind, geom - lo + (x, y))
+                boxes.append((x, y, size[0], size[1]))
                 break
         if placed is None:
             break
-        x, y, d = placed
-        boxes.append((x, y, d, 0))
-        shape, color = SHAPES[rng.integers(len(SHAPES))], COLORS[rng.integers(len(COLORS))]
-        kind, geom = _outline(rng, shape, x, y, d)
+        kind, geom = placed
         _draw(canvas, kind, geom, shade(rng, color))
         mask_img = Image.new("L", (w, h), 0)
         _draw(ImageDraw.Draw(mask_img), kind, geom, 255)
@@ -120,14 +131,14 @@ def make_scene(seed: int, index: int, num_shapes: int | None = None) -> Scene:
 class SyntheticSource:
     """Random-access source of synthetic records (the `load_record` schema of train.data), for grain."""
 
-    def __init__(self, num_records: int, seed: int = 0):
-        self.num_records, self.seed = int(num_records), int(seed)
+    def __init__(self, num_records: int, seed: int = 0, rotated: float = 0.0):
+        self.num_records, self.seed, self.rotated = int(num_records), int(seed), float(rotated)
 
     def __len__(self) -> int:
         return self.num_records
 
     def __getitem__(self, index: int) -> dict:
-        scene = make_scene(self.seed, int(index))
+        scene = make_scene(self.seed, int(index), rotated=self.rotated)
         return {"image": scene.image, "masks": scene.masks, "captions": scene.captions}
 
 
