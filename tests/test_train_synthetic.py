@@ -50,3 +50,16 @@ def test_demo_tokenizer_has_every_special_token_and_one_token_per_word(tmp_path)
         for shape in synthetic.SHAPES:
             ids = tok.encode(f"a {color} {shape}")
             assert len(ids) == 3 and tok.decode(ids) == f"a {color} {shape}"
+
+
+def test_rotated_fraction_turns_squares_off_the_axes():
+    fill = {0.0: [], 1.0: []}  # area / bounding-box area of every square
+    for rotated, fills in fill.items():
+        for i in range(40):
+            scene = synthetic.make_scene(5, i, rotated=rotated)
+            for mask, caption in zip(scene.masks, scene.captions):
+                if caption.endswith("square"):
+                    ys, xs = np.nonzero(mask)
+                    fills.append(mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
+    assert min(fill[0.0]) > 0.9  # axis-aligned squares fill their boxes
+    assert np.median(fill[1.0]) < 0.8  # a square turned by a random angle fills ~64% on average

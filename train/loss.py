@@ -1,8 +1,9 @@
 """The masked-diffusion training objective of LLaDA / PerceptionDLM (SPEC §11.1, standard mode).
 
-Per sample b: t_b ~ U[0, 1) (optionally U[t_min, 1): fewer, lighter-weighted low-noise draws), p_b = (1 − ε)·t_b + ε; each answer token (label ≠ −100) is replaced by the
+Per sample b: t_b ~ U[0, 1), p_b = (1 − ε)·t_b + ε; each answer token (label ≠ −100) is replaced by the
 `<|mdm_mask|>` embedding with probability p_b; the loss is Σ over masked positions of CE / p_b, divided
-by the sample's answer length A_b, averaged over the batch. Noise comes from `jax.random`.
+by the sample's answer length A_b, averaged over the batch. Noise comes from `jax.random`. Optionally
+t_b ~ U[t_min, 1): no low-noise draws, whose large 1/p_b weights make small-batch gradients noisy.
 """
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ def write_scene(scene: Scene, out_dir: str | Path, stem: str = "") -> tuple[Path
     return image_path, mask_paths
 
 
-def write_dataset(out_dir: str | Path, num_scenes: int, seed: int = 0) -> Path:
+def write_dataset(out_dir: str | Path, num_scenes: int, seed: int = 0, rotated: float = 0.0) -> Path:
     """Write scenes as PNGs plus `annotations.json` in the SPEC §11.2 schema (variant A)."""
     from pycocotools import mask as mask_utils
 
@@ -164,7 +164,7 @@ def write_dataset(out_dir: str | Path, num_scenes: int, seed: int = 0) -> Path:
     (out / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(num_scenes):
-        scene = make_scene(seed, i)
+        scene = make_scene(seed, i, rotated=rotated)
         name = f"images/{i:06d}.png"
         Image.fromarray(scene.image).save(out / name)
         rles = []
@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--scenes", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rotated", type=float, default=0.0, help="fraction of squares and triangles at any angle")
     args = ap.parse_args(argv)
-    print(write_dataset(args.out, args.scenes, args.seed))
+    print(write_dataset(args.out, args.scenes, args.seed, args.rotated))
 
 
 if __name__ == "__main__":
