@@ -138,6 +138,8 @@ def test_config_errors_are_clear(tmp_path):
         train_config.load(None, ["model.freeze=[encoder]"])
     with pytest.raises(PDLMError, match="noise_t_min"):
         train_config.load(None, ["optim.noise_t_min=1.0"])
+    with pytest.raises(PDLMError, match="synthetic_rotated"):
+        train_config.load(None, ["data.synthetic_rotated=1.5"])
     with pytest.raises(PDLMError, match="vision_pos_embed_init"):
         train_config.load(None, ["model.vision_pos_embed_init=sine"])
     bad = tmp_path / "c.yaml"

@@ -1,6 +1,7 @@
 """Train-step time of a model config on the current devices (prints a table row, writes JSON).
 
     python -m train.bench --preset tiny-512 --mesh data:-1 --batch 8 [--steps 5] [--json out.json]
+    python -m train.bench --config configs/demo.yaml --mesh data:1 --length 232 [section.key=value ...]
 
 For fake multi-device CPU runs set XLA_FLAGS=--xla_force_host_platform_device_count=8 first. The batch
 is synthetic-task data at the config's geometry; timings exclude compilation (first step).
@@ -16,6 +17,8 @@ import time
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny-512")
+    ap.add_argument("--config", help="a pdlm-train YAML instead of --preset (its model and tokenizer)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value overrides of --config")
     ap.add_argument("--tokenizer", default="tests/fixtures/tiny_v1", help="directory with tokenizer.json")
     ap.add_argument("--mesh", default="data:-1")
     ap.add_argument("--batch", type=int, default=8)
@@ -32,12 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     from pdlm_jax.config import preset
     from pdlm_jax.regions.tokenizer import Tokenizer
     from train import data, step as step_lib
-    from train.config import OptimConfig
+    from train.config import OptimConfig, load
 
-    cfg = preset(args.preset)
-    tokenizer = Tokenizer(args.tokenizer)
+    if args.config:
+        train_cfg = load(args.config, args.overrides)
+        cfg, tokenizer, name = train_cfg.model_config(), Tokenizer(train_cfg.tokenizer_dir()), args.config
+        tiles = max(train_cfg.data.tile_buckets)
+    else:
+        cfg, tokenizer, name = preset(args.preset), Tokenizer(args.tokenizer), args.preset
+        tiles = cfg.region.max_tiles + 1
     dcfg = data.DataConfig(synthetic_scenes=args.batch, batch_size=args.batch, group_divisor=6,
-                           tile_buckets=(cfg.region.max_tiles + 1,), length_buckets=(args.length,), threads=1)
+                           tile_buckets=(tiles,), length_buckets=(args.length,), threads=1)
     batch = next(iter(data.build_pipeline(dcfg, cfg, tokenizer).dataset))
     mesh = shd.make_mesh(args.mesh)
     trainer = step_lib.make_trainer(cfg, args.dtype, mesh, OptimConfig(), 100, tokenizer.special.mask,
@@ -55,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     times.sort()
-    row = {"preset": args.preset, "mesh": dict(mesh.shape), "devices": jax.device_count(),
+    row = {"config": name, "overrides": args.overrides, "mesh": dict(mesh.shape), "devices": jax.device_count(),
            "device_kind": jax.devices()[0].device_kind, "batch": args.batch, "length": args.length,
            "dtype": args.dtype, "first_step_s": compile_s, "median_step_s": times[len(times) // 2],
            "tokens_per_s": float(batch["valid"].sum()) / times[len(times) // 2]}

@@ -20,6 +20,9 @@ from train.data import DataConfig
 MODULE_GROUPS = ("vision", "mask_embed", "projector", "lm")  # top-level parameter groups (freezable)
 
 
+VISION_POS_EMBED_INITS = ("random", "sincos")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     init_from: str | None = None  # pdlm-jax checkpoint directory (pdlm-convert output or an export)
@@ -31,7 +34,7 @@ class ModelConfig:
     freeze: tuple[str, ...] = ()  # subset of MODULE_GROUPS kept fixed (the reference trains all)
     # std of the random mask-id embedding (random init only); 1.0 = PyTorch's nn.Embedding, as the reference
     mask_embed_init_std: float = 1.0
-    # "random" (flax default) or "sincos": a 2-D sine-cosine start for the ViT position embedding
+    # one of VISION_POS_EMBED_INITS: "random" (flax default) or "sincos" (a 2-D sine-cosine start)
     vision_pos_embed_init: str = "random"
     sampler: dict | None = None  # SamplerConfig fields stored with exported checkpoints (pdlm-infer defaults)
 
@@ -152,9 +155,11 @@ def from_dict(d: dict) -> TrainConfig:
         raise PDLMError("optim.grad_accum and data.batch_size must be at least 1")
     if cfg.model.dtype not in ("bfloat16", "float32"):
         raise PDLMError(f"model.dtype must be bfloat16 or float32, got {cfg.model.dtype!r}")
-    if cfg.model.vision_pos_embed_init not in ("random", "sincos"):
-        raise PDLMError(f"model.vision_pos_embed_init must be 'random' or 'sincos', not "
+    if cfg.model.vision_pos_embed_init not in VISION_POS_EMBED_INITS:
+        raise PDLMError(f"model.vision_pos_embed_init must be one of {VISION_POS_EMBED_INITS}, not "
                         f"{cfg.model.vision_pos_embed_init!r}")
+    if not 0.0 <= cfg.data.synthetic_rotated <= 1.0:
+        raise PDLMError(f"data.synthetic_rotated is a fraction in [0, 1], got {cfg.data.synthetic_rotated}")
     if not 0.0 <= cfg.optim.noise_t_min < 1.0:
         raise PDLMError(f"optim.noise_t_min must be in [0, 1), got {cfg.optim.noise_t_min}")
     return cfg

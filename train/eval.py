@@ -19,6 +19,7 @@ from pathlib import Path
 
 from infer.cli import DEMO_MODEL
 from pdlm_jax.errors import PDLMError
+from train import synthetic
 
 HELD_OUT_SEED = 1_000_003  # training uses small seeds
 
@@ -32,13 +33,11 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
              unmask: str = "remask", rotated: float = 0.0) -> dict:
     import pdlm_jax
     from pdlm_jax.checkpoint import sampler_defaults
-    from train import synthetic
 
     defaults = sampler_defaults(checkpoint)
-    gen_length = gen_length or defaults["gen_length"]
-    steps = steps or defaults["steps"]
+    gen_length = defaults["gen_length"] if gen_length is None else gen_length
+    steps = defaults["steps"] if steps is None else steps
     model = pdlm_jax.load(checkpoint, dtype=dtype)
-    correct = total = 0
     confusions: dict[str, int] = {}
     by_shapes: dict[int, list[int]] = {}  # number of shapes in the scene -> [correct, regions]
     start = time.perf_counter()
@@ -49,8 +48,6 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
         tally = by_shapes.setdefault(len(scene.masks), [0, 0])
         for truth, region in zip(scene.captions, result["regions"]):
             ok = normalise(region["caption"]) == normalise(truth)
-            correct += ok
-            total += 1
             tally[0] += ok
             tally[1] += 1
             if not ok:
@@ -58,6 +55,7 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
                 confusions[key] = confusions.get(key, 0) + 1
                 if verbose:
                     print(f"scene {i}: {key}", file=sys.stderr)
+    correct, total = (sum(t[j] for t in by_shapes.values()) for j in (0, 1))
     return {"scenes": scenes, "regions": total, "correct": correct, "accuracy": correct / max(total, 1),
             "by_num_shapes": {k: {"correct": c, "regions": n, "accuracy": c / n}
                               for k, (c, n) in sorted(by_shapes.items())},
@@ -78,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="compute dtype (auto: the stored dtype, as pdlm-infer)")
     ap.add_argument("--cache", default="none", help="pdlm-infer --cache mode (none, prefix, prefix:R)")
     ap.add_argument("--unmask", default="remask", help="pdlm-infer --unmask mode (remask, threshold:TAU)")
-    ap.add_argument("--rotated", type=float, default=0.0,
+    ap.add_argument("--rotated", type=synthetic.fraction, default=0.0,
                     help="fraction of squares and triangles drawn at any angle (0: upright, as in training)")
     ap.add_argument("--verbose", action="store_true", help="print every wrong caption")
     args = ap.parse_args(argv)

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from pdlm_jax import sharding as shd
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
+from train.config import VISION_POS_EMBED_INITS
 from pdlm_jax.modeling.pdm import PerceptionDLM
 from pdlm_jax.ops.roi_replay import assemble_embeddings, roi_replay
 from pdlm_jax.ops.structured_mask import allowed_mask
@@ -188,8 +189,9 @@ def init_params(cfg: PDLMConfig, seed: int, mesh: Mesh, mask_embed_std: float = 
     """
     abstract = nnx.to_pure_dict(nnx.state(build_model(cfg, "float32", abstract=True), nnx.Param))
     shardings = shd.param_shardings(abstract, mesh)
-    if vision_pos_embed not in ("random", "sincos"):
-        raise PDLMError(f"model.vision_pos_embed_init must be 'random' or 'sincos', not {vision_pos_embed!r}")
+    if vision_pos_embed not in VISION_POS_EMBED_INITS:
+        raise PDLMError(f"model.vision_pos_embed_init must be one of {VISION_POS_EMBED_INITS}, not "
+                        f"{vision_pos_embed!r}")
 
     def make():
         params = nnx.to_pure_dict(nnx.state(build_model(cfg, "float32", seed), nnx.Param))
@@ -197,8 +199,8 @@ def init_params(cfg: PDLMConfig, seed: int, mesh: Mesh, mask_embed_std: float = 
         params["mask_embed"]["embedding"] = mask_embed_std * jax.random.normal(jax.random.key(seed + 1), table.shape,
                                                                               table.dtype)
         if vision_pos_embed == "sincos":
-            grid = cfg.vision.image_size // cfg.vision.patch_size
-            params["vision"]["pos_embed"]["embedding"] = jnp.asarray(sincos_2d(grid, cfg.vision.hidden_size))
+            params["vision"]["pos_embed"]["embedding"] = jnp.asarray(sincos_2d(cfg.vision.grid_size,
+                                                                                cfg.vision.hidden_size))
         return params
 
     return jax.jit(make, out_shardings=shardings)()

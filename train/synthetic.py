@@ -177,12 +177,23 @@ def write_dataset(out_dir: str | Path, num_scenes: int, seed: int = 0, rotated: 
     return path
 
 
+def fraction(text: str) -> float:
+    """argparse type of --rotated: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m train.synthetic", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--scenes", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rotated", type=float, default=0.0, help="fraction of squares and triangles at any angle")
+    ap.add_argument("--rotated", type=fraction, default=0.0, help="fraction of squares and triangles at any angle")
     args = ap.parse_args(argv)
     print(write_dataset(args.out, args.scenes, args.seed, args.rotated))
 
