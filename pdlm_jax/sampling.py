@@ -123,11 +123,21 @@ def _propose(logits: jax.Array, step: jax.Array, keys: jax.Array | None, tempera
     return x0, _confidence(logits, x0)
 
 
-def _with_carry(logits_fn: Callable, carry):
-    """logits_fn as (tokens, step, carry) -> (logits, carry), whether or not it takes a carry."""
-    if carry is None:
-        return lambda tokens, step, c: (logits_fn(tokens, step), c)
-    return logits_fn
+def _start(logits_fn: Callable, slot_valid: jax.Array, mask_id: int, temperature, top_p, key, sample: bool,
+           nucleus: bool, carry) -> tuple[jax.Array, Callable]:
+    """The start tokens (every valid slot masked) and `propose(tokens, step, carry) -> (x0, log p(x0), carry)`,
+    whether or not `logits_fn` takes a carry."""
+    tokens = jnp.where(slot_valid, mask_id, 0).astype(jnp.int32)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+    keys = _keys_per_row(key, tokens.shape[0])
+    forward = logits_fn if carry is not None else (lambda t, s, c: (logits_fn(t, s), c))
+
+    def propose(tokens, step, carry):
+        logits, carry = forward(tokens, step, carry)
+        return *_propose(logits.astype(jnp.float32), step, keys, temperature, top_p, sample, nucleus), carry
+
+    return tokens, propose
 
 
 def denoise(
@@ -152,16 +162,11 @@ def denoise(
     values and `key` (one key, or one per row). With `carry` (model state that changes across steps, e.g. a
     K/V cache) `logits_fn(tokens, step, carry)` returns (logits, carry). Traceable: call it inside a jit.
     """
-    tokens = jnp.where(slot_valid, mask_id, 0).astype(jnp.int32)
-    temperature = jnp.asarray(temperature, jnp.float32)
-    top_p = jnp.asarray(top_p, jnp.float32)
-    keys = _keys_per_row(key, tokens.shape[0])
-    forward = _with_carry(logits_fn, carry)
+    tokens, propose = _start(logits_fn, slot_valid, mask_id, temperature, top_p, key, sample, nucleus, carry)
 
     def step(s, state):
         tokens, masked, carry = state
-        logits, carry = forward(tokens, s, carry)
-        x0, conf = _propose(logits.astype(jnp.float32), s, keys, temperature, top_p, sample, nucleus)
+        x0, conf, carry = propose(tokens, s, carry)
         tokens = jnp.where(masked, x0, tokens)  # commit into currently masked slots only
         masked = _remask(conf, slot_valid, counts[:, s])
         return jnp.where(masked, mask_id, tokens), masked, carry
@@ -191,18 +196,13 @@ def denoise_threshold(
     blocks of `block_size` = G, one per region), so the loop ends after at most G forwards, when no slot is
     masked. Arguments as in `denoise`.
     """
-    tokens = jnp.where(slot_valid, mask_id, 0).astype(jnp.int32)
-    temperature = jnp.asarray(temperature, jnp.float32)
-    top_p = jnp.asarray(top_p, jnp.float32)
+    tokens, propose = _start(logits_fn, slot_valid, mask_id, temperature, top_p, key, sample, nucleus, carry)
     log_threshold = jnp.log(jnp.asarray(threshold, jnp.float32))
-    keys = _keys_per_row(key, tokens.shape[0])
-    forward = _with_carry(logits_fn, carry)
     B, N = tokens.shape
 
     def step(state):
         s, tokens, masked, carry = state
-        logits, carry = forward(tokens, s, carry)
-        x0, conf = _propose(logits.astype(jnp.float32), s, keys, temperature, top_p, sample, nucleus)
+        x0, conf, carry = propose(tokens, s, carry)
         conf = jnp.where(masked, conf, -jnp.inf).reshape(B, N // block_size, block_size)
         best = jax.nn.one_hot(jnp.argmax(conf, axis=-1), block_size, dtype=bool)  # ties -> lowest position
         commit = masked & ((conf > log_threshold) | best).reshape(B, N)

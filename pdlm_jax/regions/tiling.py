@@ -48,7 +48,7 @@ def select_grid(width: int, height: int, region: RegionConfig) -> tuple[int, int
 
 
 def tile_pil(image: Image.Image, grid: tuple[int, int], region: RegionConfig) -> np.ndarray:
-    """Resize to the grid (BICUBIC), crop row-major, append the thumbnail if >1 tile -> (T, S, S, 3) uint8."""
+    """Resize to the grid (BICUBIC), crop row-major, append the thumbnail if >1 tile -> (T, S, S[, C]) uint8."""
     cols, rows = grid
     s = region.image_size
     resized = image.resize((s * cols, s * rows), Image.Resampling.BICUBIC)
@@ -59,11 +59,19 @@ def tile_pil(image: Image.Image, grid: tuple[int, int], region: RegionConfig) ->
     return np.stack([np.asarray(t, dtype=np.uint8) for t in tiles])
 
 
-def normalize(tiles_uint8: np.ndarray) -> np.ndarray:
+def _normalized_levels() -> np.ndarray:
     """Slow SiglipImageProcessor: rescale in float64 -> float32, then (x - 0.5) / 0.5 in float32 (SPEC §6.2)."""
-    x = (tiles_uint8.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
     half = np.float32(0.5)
     return (x - half) / half
+
+
+NORMALIZED_LEVELS = _normalized_levels()  # one float32 per uint8 value
+
+
+def normalize(tiles_uint8: np.ndarray) -> np.ndarray:
+    """uint8 tiles -> SigLIP-normalised float32 (a table lookup: the same values, computed once)."""
+    return NORMALIZED_LEVELS[tiles_uint8]
 
 
 def read_image_file(path: str | Path, mode: str, what: str) -> Image.Image:
