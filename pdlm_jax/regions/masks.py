@@ -75,7 +75,7 @@ def visual_prompt_tiles(mask: np.ndarray, prompt_id: int, grid: tuple[int, int],
     canvas = np.full(mask.shape, 255, dtype=np.uint8)
     canvas[mask] = prompt_id
     # The reference resizes an "L" image converted to RGB: three equal channels, so resize once (a third of
-    # the work, same bytes: Pillow resamples each 8-bit channel alike) and repeat it.
+    # the work, same bytes: Pillow resamples each 8-bit channel alike) and view it as three channels.
     gray = tile_pil(Image.fromarray(canvas), grid, region)
     return np.broadcast_to(gray[..., None], (*gray.shape, 3))  # a read-only view
 
