@@ -4,13 +4,16 @@
     python -m train.bench --config configs/demo.yaml --mesh data:1 --length 232 [section.key=value ...]
 
 For fake multi-device CPU runs set XLA_FLAGS=--xla_force_host_platform_device_count=8 first. The batch
-is synthetic-task data at the config's geometry; timings exclude compilation (first step).
+is synthetic-task data at the config's geometry; timings exclude compilation (first step). The row also
+has the host data pipeline's time per batch (`median_data_s`: scene drawing, tiling, masks, tokens), which
+a training run pays on the same cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 
@@ -28,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length", type=int, default=2048, help="padded sequence length bucket")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    if args.overrides and not args.config:
+        ap.error(f"overrides {args.overrides} need --config (a preset takes none)")
 
     import jax
 
@@ -44,9 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg, tokenizer, name = preset(args.preset), Tokenizer(args.tokenizer), args.preset
         tiles = cfg.region.max_tiles + 1
-    dcfg = data.DataConfig(synthetic_scenes=args.batch, batch_size=args.batch, group_divisor=6,
-                           tile_buckets=(tiles,), length_buckets=(args.length,), threads=1)
-    batch = next(iter(data.build_pipeline(dcfg, cfg, tokenizer).dataset))
+    dcfg = data.DataConfig(synthetic_scenes=args.batch * (args.steps + 1), batch_size=args.batch, group_divisor=6,
+                           tile_buckets=(tiles,), length_buckets=(args.length,), threads=1, prefetch=0)
+    batches = iter(data.build_pipeline(dcfg, cfg, tokenizer).dataset)
+    batch = next(batches)
+    data_times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        next(batches)
+        data_times.append(time.perf_counter() - t0)
     mesh = shd.make_mesh(args.mesh)
     trainer = step_lib.make_trainer(cfg, args.dtype, mesh, OptimConfig(), 100, tokenizer.special.mask,
                                     remat=args.remat)
@@ -66,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     row = {"config": name, "overrides": args.overrides, "mesh": dict(mesh.shape), "devices": jax.device_count(),
            "device_kind": jax.devices()[0].device_kind, "batch": args.batch, "length": args.length,
            "dtype": args.dtype, "first_step_s": compile_s, "median_step_s": times[len(times) // 2],
-           "tokens_per_s": float(batch["valid"].sum()) / times[len(times) // 2]}
+           "tokens_per_s": float(batch["valid"].sum()) / times[len(times) // 2],
+           "median_data_s": statistics.median(data_times)}
     print(json.dumps(row))
     if args.json:
         with open(args.json, "w") as f:
