@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -114,7 +115,7 @@ def test_demo_patch_counts_from_spec():
                                                                [0, 20, 0, 0, 0, 0, 2]])
 
 
-def test_mask_inputs_any_form_and_resize_warning():
+def test_mask_inputs_any_form_and_resize_logged(caplog):
     d = fixture_dir("tiny_v1")
     path = d / "mask_0.png"
     ref = load_masks([path], (96, 64))[0]
@@ -123,8 +124,11 @@ def test_mask_inputs_any_form_and_resize_warning():
               np.asarray(pil.convert("RGB"))):
         np.testing.assert_array_equal(load_masks([m], (96, 64))[0], ref)
     small = pil.convert("L").resize((48, 32), Image.Resampling.NEAREST)
-    with pytest.warns(UserWarning, match="48x32"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one log line, not a Python warning with its source line
         up = load_masks([small], (96, 64))[0]
+    assert [r.getMessage() for r in caplog.records] == [
+        "mask 0 is 48x32 but the image is 96x64: resized to the image with nearest-neighbour"]
     np.testing.assert_array_equal(up, np.asarray(small.resize((96, 64), Image.Resampling.NEAREST)) > 0)
 
 
