@@ -7,16 +7,14 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
+from infer.files import write_json_atomic
+from pdlm_jax.api import DEMO_MODEL, DEMO_SCENE
 from pdlm_jax.errors import PDLMError
 
 log = logging.getLogger("pdlm-infer")
 
-ASSETS = Path(__file__).resolve().parent.parent / "pdlm_jax" / "assets"
-DEMO_MODEL = ASSETS / "demo_model"  # the embedded model trained on the synthetic shapes task (train/)
-DEMO_SCENE = ASSETS / "demo_scene"
 
 try:  # the dataset mode (--annotations) lives in its own module
     from infer import dataset as _dataset
@@ -68,20 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     if _dataset is not None:
         _dataset.add_annotation_args(p)
     return p
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON to a temporary file in the target folder, then rename: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _fill_defaults(args: argparse.Namespace) -> None:
@@ -144,13 +128,14 @@ def _run(args: argparse.Namespace) -> int:
                                     unmask=args.unmask)
     log.info("done in %.2f s (%.2f s compiling), %d forwards, %.2f tokens/forward", result["seconds"],
              result["compile_seconds"], result["forwards"], result["tokens_per_forward"])
-    for i, region in enumerate(result["regions"]):
-        log.info("region %d: %s", i, region["caption"])
-
-    if args.output:
+    if args.output:  # stdout is free: the captions, one line per region, then the files written
         write_json_atomic(args.output, result)
-        log.info("wrote %s", args.output)
+        for i, region in enumerate(result["regions"]):
+            print(f"region {i}: {region['caption']}")
+        print(f"wrote {args.output}")
     else:
+        for i, region in enumerate(result["regions"]):
+            log.info("region %d: %s", i, region["caption"])
         json.dump(result, sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")
     if args.visualize:
@@ -159,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
         image = open_rgb(args.image)
         masks = load_masks(args.masks, image.size)
         save_overlay(args.visualize, image, masks, [r["caption"] for r in result["regions"]])
-        log.info("wrote %s", args.visualize)
+        print(f"wrote {args.visualize}", file=sys.stdout if args.output else sys.stderr)
     return 0
 
 
@@ -170,13 +155,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("pdlm-infer", "pdlm_jax"):
         logging.getLogger(name).setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
-        return _run(args)
+        code = _run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not as an "Exception ignored" at interpreter exit
+        return code
     except PDLMError as e:
         print(f"pdlm-infer: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pdlm-infer: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`pdlm-infer ... | head`): stop quietly, as a Unix tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 141  # 128 + SIGPIPE, the status a tool killed by the signal gets
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import base64
 import io
 import json
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import pycocotools.mask
 from PIL import Image
 from tqdm import tqdm
 
+from infer.files import atomic_write, exclusive_lock
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.regions.tiling import tile_image
 
@@ -242,19 +242,6 @@ def _parse_results(raw: bytes, path: Path) -> list[dict]:
     return records
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------------------------------- running
 
 
@@ -322,6 +309,11 @@ def run_annotations(args: argparse.Namespace, handle) -> int:
     summary_path = args.summary if args.summary is not None else args.output.parent / "summary.json"
 
     selection = select_regions(load_annotations(args.annotations, image_root), shard, args.limit)
+    with exclusive_lock(Path(args.output)):  # two runs appending to one file would duplicate records
+        return _run_selection(args, handle, selection, shard, summary_path, started)
+
+
+def _run_selection(args: argparse.Namespace, handle, selection, shard, summary_path: Path, started: float) -> int:
     selected_ids = {a for _, ids in selection for a in ids}
     results = ResultsFile(Path(args.output), retry_ids=selected_ids)
     skipped = len(selected_ids & results.done.keys())

@@ -1,65 +1,110 @@
-"""Overlay picture of a captioning result: each mask tinted in its own colour, numbered, with its caption."""
+"""Overlay picture of a captioning result: each region outlined in its own colour and numbered in a tag of
+that colour outside it; below the image, each caption in white after the same tag. The image's own colours
+are left untouched (the captions name them)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 import textwrap
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from infer.files import atomic_write
 
 # Distinct, readable colours (Okabe–Ito palette plus a few), cycled beyond their count.
 PALETTE = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
            (204, 121, 167), (120, 120, 120))
-ALPHA = 0.45
-LEGEND_MIN_WIDTH = 480
+MIN_SIDE = 640  # small images are enlarged (nearest neighbour) so outlines and labels stay legible
 
 
 def overlay(image: Image.Image, masks: Sequence[np.ndarray], captions: Sequence[str]) -> Image.Image:
-    """The image with mask i tinted in colour i and numbered at its box, plus a caption legend below it."""
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    """The image with region i outlined in colour i, its number in a tag beside it, and a caption legend."""
+    scale = max(1, -(-MIN_SIDE // max(image.size)))  # ceil
+    picture = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    masks = [np.kron(m, np.ones((scale, scale), bool)) if scale > 1 else m for m in masks]
+    width = max(3, max(picture.size) // 120)
+    font = ImageFont.load_default(size=max(16, max(picture.size) // 32))
     for i, mask in enumerate(masks):
-        colour = np.array(PALETTE[i % len(PALETTE)], np.float32)
-        base[mask] = (1 - ALPHA) * base[mask] + ALPHA * colour
-    picture = Image.fromarray(base.round().astype(np.uint8))
-    font = ImageFont.load_default(size=max(12, picture.width // 60))
+        _outline(picture, mask, PALETTE[i % len(PALETTE)], width)
     draw = ImageDraw.Draw(picture)
+    taken: list[tuple[int, int, int, int]] = []
     for i, mask in enumerate(masks):
-        ys, xs = np.nonzero(mask)
-        colour = PALETTE[i % len(PALETTE)]
-        draw.rectangle((xs.min(), ys.min(), xs.max(), ys.max()), outline=colour, width=2)
-        draw.text((xs.min() + 3, ys.min() + 1), str(i), fill=colour, font=font, stroke_width=2,
-                  stroke_fill=(0, 0, 0))
+        _tag(draw, mask, str(i), PALETTE[i % len(PALETTE)], font, taken)
     return _with_legend(picture, captions, font)
 
 
+def _outline(picture: Image.Image, mask: np.ndarray, colour, width: int) -> None:
+    """Draw the mask's contour, `width` px wide outside it, in `colour` with a thin dark edge for contrast."""
+    region = Image.fromarray(mask.astype(np.uint8) * 255)
+    grown = region.filter(ImageFilter.MaxFilter(2 * width + 1))
+    halo = grown.filter(ImageFilter.MaxFilter(3))
+    picture.paste((0, 0, 0), mask=Image.fromarray((np.asarray(halo) > 0) & ~mask))
+    picture.paste(colour, mask=Image.fromarray((np.asarray(grown) > 0) & ~mask))
+
+
+def _tag(draw: ImageDraw.ImageDraw, mask: np.ndarray, text: str, colour, font,
+         taken: list[tuple[int, int, int, int]]) -> None:
+    """A filled label beside the region (above it, else below, left or right), never over it or another tag."""
+    ys, xs = np.nonzero(mask)
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max(), ys.max()
+    w, h = _tag_size(draw, text, font)
+    gap = max(4, font.size // 3)
+    cx, cy = (x0 + x1 - w) // 2, (y0 + y1 - h) // 2
+    H, W = mask.shape
+    candidates = [(cx, y0 - gap - h), (cx, y1 + gap), (x0 - gap - w, cy), (x1 + gap, cy)]
+
+    def fits(box):
+        bx0, by0, bx1, by1 = box
+        inside = 0 <= bx0 and 0 <= by0 and bx1 < W and by1 < H
+        return inside and not mask[by0:by1, bx0:bx1].any() and not any(
+            bx0 < t[2] and t[0] < bx1 and by0 < t[3] and t[1] < by1 for t in taken)
+
+    boxes = [(min(max(x, 0), W - w - 1), min(max(y, 0), H - h - 1)) for x, y in candidates]
+    boxes = [(x, y, x + w, y + h) for x, y in boxes]
+    box = next((b for b in boxes if fits(b)), boxes[0])
+    taken.append(box)
+    _draw_tag(draw, box[:2], text, colour, font)
+
+
+def _tag_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    pad = max(2, font.size // 6)
+    return right - left + 2 * pad, bottom - top + 2 * pad
+
+
+def _draw_tag(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, colour, font) -> None:
+    """Black text on a box of `colour` (every palette colour is light enough for it)."""
+    w, h = _tag_size(draw, text, font)
+    left, top, _, _ = draw.textbbox((0, 0), text, font=font)
+    pad = max(2, font.size // 6)
+    draw.rectangle((xy[0], xy[1], xy[0] + w, xy[1] + h), fill=colour, outline=(0, 0, 0))
+    draw.text((xy[0] + pad - left, xy[1] + pad - top), text, fill=(0, 0, 0), font=font)
+
+
 def _with_legend(picture: Image.Image, captions: Sequence[str], font) -> Image.Image:
-    line_height = int(font.size * 1.3)
-    width = max(picture.width, LEGEND_MIN_WIDTH)  # small images still get a readable legend
-    chars = int(width / (font.size * 0.6))
+    line_height = int(font.size * 1.5)
+    indent = 8 + int(font.size * 2.2)  # room for the tag
+    chars = max(20, int((picture.width - indent) / (font.size * 0.6)))
     lines = []
     for i, caption in enumerate(captions):
-        for j, line in enumerate(textwrap.wrap(f"{i}: {caption or '(empty caption)'}", chars) or [f"{i}:"]):
-            lines.append((i, line if j == 0 else "   " + line))
-    canvas = Image.new("RGB", (width, picture.height + line_height * len(lines) + 8), (20, 20, 20))
+        for j, line in enumerate(textwrap.wrap(caption or "(empty caption)", chars)):
+            lines.append((i if j == 0 else None, line))
+    canvas = Image.new("RGB", (picture.width, picture.height + line_height * len(lines) + 12), (20, 20, 20))
     canvas.paste(picture, (0, 0))
     draw = ImageDraw.Draw(canvas)
     for n, (i, line) in enumerate(lines):
-        draw.text((6, picture.height + 4 + n * line_height), line, fill=PALETTE[i % len(PALETTE)], font=font)
+        y = picture.height + 8 + n * line_height
+        if i is not None:
+            _draw_tag(draw, (8, y), str(i), PALETTE[i % len(PALETTE)], font)
+        draw.text((indent, y), line, fill=(255, 255, 255), font=font)
     return canvas
 
 
 def save_overlay(path: str | Path, image: Image.Image, masks: Sequence[np.ndarray], captions: Sequence[str]) -> None:
     """Write the overlay PNG atomically (a temporary file in the same folder, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            overlay(image, masks, captions).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    png = io.BytesIO()
+    overlay(image, masks, captions).save(png, format="PNG")
+    atomic_write(path, png.getvalue())

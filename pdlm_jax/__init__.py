@@ -2,7 +2,7 @@
 
 from pdlm_jax.config import PDLMConfig, SamplerConfig, preset
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.api import load
+from pdlm_jax.api import DEMO_MODEL, DEMO_SCENE, load
 
-__all__ = ["PDLMConfig", "SamplerConfig", "PDLMError", "load", "preset"]
+__all__ = ["DEMO_MODEL", "DEMO_SCENE", "PDLMConfig", "SamplerConfig", "PDLMError", "load", "preset"]
 __version__ = "0.1.0"

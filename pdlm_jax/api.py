@@ -1,8 +1,8 @@
 """Python API: `pdlm_jax.load(checkpoint_dir)` → a handle whose `caption_regions` captions masked regions.
 
     import pdlm_jax
-    model = pdlm_jax.load("checkpoints/perceptiondlm", dtype="bfloat16")
-    result = model.caption_regions("photo.jpg", ["mask0.png", "mask1.png"], gen_length=32, steps=32)
+    model = pdlm_jax.load("checkpoints/perceptiondlm", dtype="bfloat16")  # no argument: the demo model
+    result = model.caption_regions("photo.jpg", ["mask0.png", "mask1.png"])  # the checkpoint's gen_length/steps
     for region in result["regions"]:
         print(region["caption"])
 
@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pdlm_jax import keymap, pipeline, sharding
-from pdlm_jax.config import PDLMConfig, preset
+from pdlm_jax.config import PDLMConfig, SamplerConfig, preset
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.pdm import PerceptionDLM, from_tree
 from pdlm_jax.regions.masks import MaskInput, area_order, load_masks
@@ -35,6 +35,10 @@ from pdlm_jax.regions.tiling import ImageInput, TiledImage, tile_image
 from pdlm_jax.regions.tokenizer import Tokenizer
 
 log = logging.getLogger("pdlm_jax")
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_MODEL = ASSETS / "demo_model"  # the embedded model trained on the synthetic shapes task (train/)
+DEMO_SCENE = ASSETS / "demo_scene"  # its demo picture, masks and true captions
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n"
@@ -98,14 +102,21 @@ class _Pass:
 
 
 class RegionCaptioner:
-    """A loaded model, its tokenizer and its compiled programs (one per input bucket)."""
+    """A loaded model, its tokenizer and its compiled programs (one per input bucket).
 
-    def __init__(self, cfg: PDLMConfig, model: PerceptionDLM, tokenizer: Tokenizer, mesh: Mesh | None = None):
+    `sampler`: the gen_length and steps used when a call gives none (a checkpoint's sampler.json), else
+    the reference's 32/32.
+    """
+
+    def __init__(self, cfg: PDLMConfig, model: PerceptionDLM, tokenizer: Tokenizer, mesh: Mesh | None = None,
+                 sampler: dict | None = None):
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
+        self.sampler = sampler or {"gen_length": SamplerConfig.gen_length, "steps": SamplerConfig.steps}
         self.program = pipeline.CaptionProgram(model, cfg, tokenizer.special.mask, mesh)
 
     def caption_regions(self, image: ImageInput | TiledImage | Sequence[tuple],
-                        masks: Sequence[MaskInput] | None = None, gen_length: int = 32, steps: int = 32,
+                        masks: Sequence[MaskInput] | None = None, gen_length: int | None = None,
+                        steps: int | None = None,
                         temperature: float = 0.0, top_p: float = 1.0, question: str = DEFAULT_QUESTION, seed: int = 0,
                         reference_parser: bool = False, cache: str = "none", unmask: str = "remask",
                         batch_size: int | None = None) -> dict | list[dict]:
@@ -114,7 +125,8 @@ class RegionCaptioner:
         image: path, PIL image, uint8 array or an already tiled `TiledImage`; masks: paths, PIL images or
         arrays (nonzero = inside), one per region. More than `prompt_numbers` (6) masks are captioned in
         chunks of 6 in descending-area order, one denoising pass per chunk (captions within a chunk depend on
-        each other). `steps` may not exceed k·gen_length for the smallest chunk's k. Greedy (temperature 0)
+        each other). `gen_length` / `steps` default to the checkpoint's (`self.sampler`), as in pdlm-infer;
+        `steps` may not exceed k·gen_length for the smallest chunk's k. Greedy (temperature 0)
         reproduces the reference; temperature > 0 samples with `seed` (chunk c uses seed + c) and `top_p`
         nucleus filtering (the reference ignores top_p).
 
@@ -138,7 +150,8 @@ class RegionCaptioner:
         return self.caption_batch([(image, masks)], **settings)[0]
 
     def caption_batch(self, items: Sequence[tuple[ImageInput | TiledImage, Sequence[MaskInput]]],
-                      gen_length: int = 32, steps: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                      gen_length: int | None = None, steps: int | None = None, temperature: float = 0.0,
+                      top_p: float = 1.0,
                       question: str = DEFAULT_QUESTION, seed: int = 0, reference_parser: bool = False,
                       cache: str = "none", unmask: str = "remask", batch_size: int | None = None) -> list[dict]:
         """Caption many images: one result per (image, masks) pair, each as `caption_regions` gives it alone.
@@ -150,6 +163,8 @@ class RegionCaptioner:
         the image's passes.
         """
         start = time.perf_counter()
+        gen_length = self.sampler["gen_length"] if gen_length is None else gen_length
+        steps = self.sampler["steps"] if steps is None else steps
         mode = pipeline.Mode.parse(cache, unmask)
         if batch_size is not None and (not isinstance(batch_size, numbers.Integral) or batch_size < 1):
             raise PDLMError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -241,9 +256,12 @@ class RegionCaptioner:
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
 
-def load(checkpoint_dir: str | Path, dtype: str = "auto", compilation_cache: str | Path | None = None,
+def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilation_cache: str | Path | None = None,
          mesh: str | dict | Mesh | None = None, attention: str = "auto") -> RegionCaptioner:
     """Load a checkpoint converted by `pdlm-convert` (config, weights, tokenizer) for region captioning.
+
+    With no argument: the embedded demo model (`DEMO_MODEL`). The handle's gen_length / steps defaults come
+    from the checkpoint's sampler.json, as in pdlm-infer.
 
     dtype: "auto" (the dtype the weights are stored in: bf16 for the released model, float32 for float32
     sources, so converted reference checkpoints reproduce the reference's own run), "bfloat16" or "float32".
@@ -252,7 +270,8 @@ def load(checkpoint_dir: str | Path, dtype: str = "auto", compilation_cache: str
     may be -1): parameters are restored straight into their shardings (a dimension that does not divide its
     mesh axes is replicated) and batches are split over data × fsdp. attention: see `attention_implementation`.
     """
-    from pdlm_jax.checkpoint import load_config, nest, params_metadata, restore_params, tokenizer_path
+    from pdlm_jax.checkpoint import (load_config, nest, params_metadata, restore_params, sampler_defaults,
+                                     tokenizer_path)
 
     if dtype == "auto":
         stored = {np.dtype(d) for _, d in params_metadata(checkpoint_dir).values()}
@@ -272,7 +291,7 @@ def load(checkpoint_dir: str | Path, dtype: str = "auto", compilation_cache: str
         pipeline.enable_compilation_cache(str(compilation_cache))
     model = from_tree(cfg, tree, dtype=DTYPES[dtype],
                       attention_implementation=attention_implementation(attention, DTYPES[dtype]))
-    return RegionCaptioner(cfg, model, tokenizer, mesh)
+    return RegionCaptioner(cfg, model, tokenizer, mesh, sampler_defaults(checkpoint_dir))
 
 
 def load_random(cfg: PDLMConfig | str, tokenizer_dir: str | Path, dtype: str = "bfloat16", seed: int = 0,

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 
 from pdlm_jax import keymap
-from pdlm_jax.config import PDLMConfig
+from pdlm_jax.config import PDLMConfig, SamplerConfig
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.trees import flatten, nest
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -39,29 +40,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "processor_settings.json", "preprocessor_config.json")
 
 _CONVERT_HINT = "convert a reference checkpoint with `pdlm-convert --src REFERENCE_DIR --dst OUR_DIR`"
-
-
-# ---- tree helpers --------------------------------------------------------------------------------
-
-def nest(flat: Mapping[str, Any]) -> dict:
-    """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
-def flatten(tree: Any) -> dict[str, Any]:
-    """Any pytree with string keys (nested dicts, nnx.State) -> {'a/b/c': leaf}."""
-    def key(k: Any) -> str:
-        return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(key(k) for k in path): leaf for path, leaf in leaves}
 
 
 # ---- writing -------------------------------------------------------------------------------------
@@ -243,4 +221,5 @@ def read_json(ckpt_dir: str | Path, name: str) -> dict | None:
 
 def sampler_defaults(ckpt_dir: str | Path) -> dict:
     """Generation length and steps suited to a checkpoint (its `sampler.json`), else the reference's 32/32."""
-    return read_json(ckpt_dir, "sampler.json") or {"gen_length": 32, "steps": 32}
+    return read_json(ckpt_dir, "sampler.json") or {"gen_length": SamplerConfig.gen_length,
+                                                    "steps": SamplerConfig.steps}

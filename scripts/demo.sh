@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# The main job: set up .venv, then caption every region of the bundled demo scene with the embedded demo model
-# (all regions denoised together in one jitted program). Writes demo_result.json and demo_overlay.png.
+# The main job: caption every region of the bundled demo scene with the embedded demo model (all regions
+# denoised together in one jitted program). Installs only what captioning needs into .venv, once (no torch).
+# Prints one caption per region on stdout, then the files written: result.json and overlay.png in out/demo/
+# (ignored by git), or in the folder DEMO_OUT names. Compiled programs are kept in out/jax-cache, so later runs
+# skip compiling. Other arguments go to pdlm-infer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh demo
+out="${DEMO_OUT:-out/demo}"
+mkdir -p "$out"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-.venv/bin/pdlm-infer --demo "$@"
+exec .venv/bin/pdlm-infer --demo --output "$out/result.json" --visualize "$out/overlay.png" \
+  --compilation-cache out/jax-cache "$@"

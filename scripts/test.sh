@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the test suite on CPU (8 fake devices for the sharding tests).
+# Run the test suite on CPU (the sharding tests start their own subprocesses with 8 fake devices).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS=cpu

@@ -41,14 +41,31 @@ def fixture_array(name: str, key: str) -> np.ndarray:
 
 
 @functools.cache
+def fixture_tokenizer(name: str):
+    from pdlm_jax.regions import Tokenizer
+
+    return Tokenizer(fixture_dir(name))
+
+
+def fixture_mask_paths(name: str) -> list[Path]:
+    """The fixture's mask files in the order the reference was given them."""
+    return [fixture_dir(name) / f for f in fixture_oracle(name)["masks"]["files"]]
+
+
+@functools.cache
 def fixture_prepared(name: str):
     """(tiled image, prepare_regions output) of the fixture's image and masks, as the reference run them."""
-    from pdlm_jax.regions import Tokenizer, prepare_regions, tile_image
+    from pdlm_jax.regions import prepare_regions, tile_image
 
-    d, o, cfg = fixture_dir(name), fixture_oracle(name), fixture_config(name)
-    tiled = tile_image(d / "image.png", cfg.region)
-    return tiled, prepare_regions(tiled, [d / f for f in o["masks"]["files"]], Tokenizer(d), cfg,
-                                  o["generation"]["gen_length_per_mask"])
+    cfg = fixture_config(name)
+    tiled = tile_image(fixture_dir(name) / "image.png", cfg.region)
+    return tiled, prepare_regions(tiled, fixture_mask_paths(name), fixture_tokenizer(name), cfg,
+                                  fixture_oracle(name)["generation"]["gen_length_per_mask"])
+
+
+def fixture_regions(name: str):
+    """The prepare_regions output of the fixture (see fixture_prepared)."""
+    return fixture_prepared(name)[1]
 
 
 def load_reference_tree(ckpt_dir: Path, cfg: PDLMConfig) -> dict:

@@ -327,6 +327,33 @@ def test_hard_kill_then_two_reruns_gives_one_record_per_region(tmp_path):
     assert sorted(out, key=lambda r: r["ann_id"]) == sorted(uninterrupted, key=lambda r: r["ann_id"])
 
 
+def test_second_run_on_a_busy_output_exits_2_and_writes_nothing(tmp_path, capsys):
+    from infer.cli import main as infer_main
+
+    make_dataset(tmp_path)
+    output = tmp_path / "out/results.jsonl"
+    first = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_RUN.format(tests=str(Path(__file__).parent)),
+         "--annotations", tmp_path / "annotations.json", "--image-root", tmp_path / "images", "--output", output],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (output.exists() and output.read_bytes().count(b"\n") >= 1):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended before its first record"
+            time.sleep(0.02)
+        code = infer_main(["--annotations", str(tmp_path / "annotations.json"), "--image-root",
+                           str(tmp_path / "images"), "--output", str(output), "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("pdlm-infer: error:") and len(err.splitlines()) == 1
+        assert str(output) in err and f"pid {first.pid}" in err
+    finally:
+        first.kill()
+        first.wait()
+    assert not (tmp_path / "out/summary.json").exists()  # the second run wrote no summary
+    records = read_jsonl(output)
+    assert len({r["ann_id"] for r in records}) == len(records)  # and no duplicate records
+
+
 # ---------------------------------------------------------------------------------------- with the real model
 
 

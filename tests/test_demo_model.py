@@ -2,10 +2,13 @@
 trained with."""
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 
-from infer.cli import DEMO_MODEL, DEMO_SCENE, main as infer_main
+from infer.cli import main as infer_main
+from pdlm_jax import DEMO_MODEL, DEMO_SCENE
 from train import synthetic
 from train.eval import normalise
 from train.step import sincos_2d
@@ -24,6 +27,18 @@ def test_demo_command_captions_the_bundled_scene(tmp_path, monkeypatch):
     # colours are read reliably (shapes less so: docs/TRAINING.md has the measured accuracy)
     assert [w[1] for w in captions] == [t.split()[1] for t in truth]
     assert (tmp_path / "demo_overlay.png").stat().st_size > 0
+
+
+def test_readme_snippet_prints_the_true_captions(capsys):
+    """The README's `pdlm_jax.load()` snippet runs as written: the demo model with its own sampler settings."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "pdlm_jax.load()" in b)
+    namespace: dict = {}
+    exec(snippet, namespace)
+    assert capsys.readouterr().out.splitlines() == json.loads((DEMO_SCENE / "captions.json").read_text())
+    sampler = json.loads((DEMO_MODEL / "sampler.json").read_text())
+    assert (namespace["result"]["gen_length"], namespace["result"]["steps"]) == (sampler["gen_length"],
+                                                                                  sampler["steps"])
 
 
 def test_demo_scene_matches_the_task_generator():

@@ -1,6 +1,7 @@
 """pdlm-convert + pdlm-infer end to end on every reference fixture (token-exact), the JSON schema, bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def test_convert_then_infer_is_token_exact(name, checkpoints, tmp_path):
     assert result["forwards"] == oracle["generation"]["num_forwards"]
 
 
-def test_json_schema_and_overlay(checkpoints, tmp_path, caplog):
+def test_json_schema_and_overlay(checkpoints, tmp_path, caplog, capsys):
     out, png = tmp_path / "result.json", tmp_path / "overlay.png"
     assert infer_main(_args("tiny_v1", checkpoints["tiny_v1"], "--output", str(out), "--visualize", str(png))) == 0
     result = json.loads(out.read_text())
@@ -68,7 +69,24 @@ def test_json_schema_and_overlay(checkpoints, tmp_path, caplog):
     with Image.open(png) as im:
         assert im.format == "PNG" and im.width >= 96 and im.height > 64
     assert sorted(p.name for p in tmp_path.iterdir()) == ["overlay.png", "result.json"]  # no temporary files left
-    assert "pass 1/1: 3 region(s), 8 forwards" in caplog.text and f"wrote {png}" in caplog.text
+    umask = os.umask(0o22)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in (out, png)} == {0o666 & ~umask}  # as open() makes them, not 0600
+    assert "pass 1/1: 3 region(s), 8 forwards" in caplog.text
+    # with --output, stdout carries the captions (one line per region) and the files written
+    captions = [f"region {i}: {r['caption']}" for i, r in enumerate(result["regions"])]
+    assert capsys.readouterr().out.splitlines() == captions + [f"wrote {out}", f"wrote {png}"]
+
+
+def test_closed_pipe_ends_quietly():
+    """`pdlm-infer ... | head -c 300`: the reader leaves early; no BrokenPipeError traceback, status 141."""
+    scene = ROOT / "pdlm_jax" / "assets" / "demo_scene"
+    proc = subprocess.Popen([sys.executable, "-m", "infer", "--quiet", "--image", str(scene / "image.png"),
+                             "--masks", str(scene / "mask_0.png")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the JSON is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and err == ""
 
 
 def _bad_cases(tmp_path, checkpoint):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ from safetensors.torch import save_file
 from pdlm_jax.config import LMConfig, preset
 from pdlm_jax.modeling import LLaDA, load_params
 from pdlm_jax.ops.attention import _fused, dot_product_attention
-from pdlm_jax.ops.rope import inverse_frequencies, rope_cos_sin
+from pdlm_jax.ops.rope import inverse_frequencies, power_float32, rope_cos_sin, rope_exponents
 
 LM = LMConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=4,
               rope_theta=500000.0, rms_norm_eps=1e-5)
@@ -106,7 +108,7 @@ def test_llada_matches_llama_bfloat16(hf_model, tmp_path):
     assert err_h <= np.abs(ref_hidden).max() / 64 and err_l <= np.abs(ref_logits).max() / 64
 
 
-@pytest.mark.parametrize("head_dim", [16, 128])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_rope_inv_freq_matches_reference_buffer(head_dim):
     """Bit-equal to the reference's float32 buffer; training rounds it to bf16 (quirk rope_inv_freq_float32)."""
     reference = (1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))).numpy()
@@ -114,6 +116,20 @@ def test_rope_inv_freq_matches_reference_buffer(head_dim):
     rounded = inverse_frequencies(head_dim, 500000.0, float32=False)
     np.testing.assert_array_equal(rounded, torch.tensor(reference).to(torch.bfloat16).float().numpy())
     assert (rounded != reference).any()
+
+
+@pytest.mark.parametrize("theta", [10000.0, 500000.0])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_rope_power_rounding_does_not_depend_on_the_cpu(head_dim, theta):
+    """Every float64 power lies > 2^-40 (relative) from a float32 rounding boundary, so any float64 `pow`
+    (glibc's, numpy's SIMD ones: all within a few float64 ulps, 2^-52) rounds to the same float32."""
+    exact = np.array([math.pow(float(np.float32(theta)), float(e)) for e in rope_exponents(head_dim)])
+    rounded = power_float32(theta, rope_exponents(head_dim)).astype(np.float64)
+    neighbour = np.where(exact > rounded, np.nextafter(rounded.astype(np.float32), np.float32(np.inf)),
+                         np.nextafter(rounded.astype(np.float32), np.float32(0))).astype(np.float64)
+    boundary = (rounded + neighbour) / 2
+    assert (np.abs(exact - rounded) <= np.abs(exact - neighbour)).all()  # rounded to nearest
+    assert (np.abs(exact - boundary) / exact > 2.0**-40).all()
 
 
 def test_rope_tables_accurate_under_jit():

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import FIXTURE_NAMES, fixture_config, fixture_dir, fixture_oracle
+from helpers import FIXTURE_NAMES, fixture_config, fixture_dir, fixture_mask_paths, fixture_oracle, fixture_tokenizer
 from helpers import fixture_array as npz, fixture_prepared as prepared
 from pdlm_jax.config import preset
 from pdlm_jax.errors import PDLMError
@@ -79,7 +80,7 @@ def test_unreadable_image_names_file(tmp_path):
 def test_sort_order_areas_and_boxes_match_fixture(name):
     _, p = prepared(name)
     o = fixture_oracle(name)
-    tok = Tokenizer(fixture_dir(name))
+    tok = fixture_tokenizer(name)
     np.testing.assert_array_equal(p.order, o["masks"]["sort_idx_desc_area"])
     np.testing.assert_array_equal(p.areas, np.asarray(o["masks"]["areas"])[p.order])
     np.testing.assert_array_equal(p.prompt_ids, [int(s[len("<Prompt"):-1]) for s in o["masks"]["prompt_tokens"]])
@@ -93,9 +94,8 @@ def test_visual_prompt_tiles_and_patch_grid_match_fixture(name):
     the reference rule round(((x + 1) / 2) * 255) != 255 at the top-left pixel of each patch."""
     tiled, p = prepared(name)
     cfg = fixture_config(name)
-    d, o = fixture_dir(name), fixture_oracle(name)
     mask_values = npz(name, "mask_values")
-    masks = load_masks([d / f for f in o["masks"]["files"]], tiled.size)
+    masks = load_masks(fixture_mask_paths(name), tiled.size)
     k = cfg.region.mask_kernel_size
     for c, i in enumerate(p.order):
         tiles = visual_prompt_tiles(masks[i], c, tiled.grid, cfg.region)
@@ -114,7 +114,7 @@ def test_demo_patch_counts_from_spec():
                                                                [0, 20, 0, 0, 0, 0, 2]])
 
 
-def test_mask_inputs_any_form_and_resize_warning():
+def test_mask_inputs_any_form_and_resize_logged(caplog):
     d = fixture_dir("tiny_v1")
     path = d / "mask_0.png"
     ref = load_masks([path], (96, 64))[0]
@@ -123,8 +123,11 @@ def test_mask_inputs_any_form_and_resize_warning():
               np.asarray(pil.convert("RGB"))):
         np.testing.assert_array_equal(load_masks([m], (96, 64))[0], ref)
     small = pil.convert("L").resize((48, 32), Image.Resampling.NEAREST)
-    with pytest.warns(UserWarning, match="48x32"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one log line, not a Python warning with its source line
         up = load_masks([small], (96, 64))[0]
+    assert [r.getMessage() for r in caplog.records] == [
+        "mask 0 is 48x32 but the image is 96x64: resized to the image with nearest-neighbour"]
     np.testing.assert_array_equal(up, np.asarray(small.resize((96, 64), Image.Resampling.NEAREST)) > 0)
 
 
@@ -153,7 +156,7 @@ def test_mask_errors(tmp_path):
     cfg = fixture_config("tiny_v1")
     tiled = tile_image(np.zeros((64, 96, 3), np.uint8), cfg.region)
     with pytest.raises(PDLMError, match="chunks"):
-        prepare_regions(tiled, seven, Tokenizer(fixture_dir("tiny_v1")), cfg, gen_length=4)
+        prepare_regions(tiled, seven, fixture_tokenizer("tiny_v1"), cfg, gen_length=4)
 
 
 # ---- tokenizer and prompt (SPEC §5) ------------------------------------------------------------------------
@@ -162,7 +165,7 @@ def test_mask_errors(tmp_path):
 def test_prompt_text_and_input_ids_match_fixture(name):
     tiled, p = prepared(name)
     o = fixture_oracle(name)
-    tok = Tokenizer(fixture_dir(name))
+    tok = fixture_tokenizer(name)
     assert p.prompt_text == o["prompt_text"]
     assert p.prompt_text == build_prompt_text(tiled.num_tiles, fixture_config(name).region.num_image_tokens, 3,
                                               o["generation"]["gen_length_per_mask"], DEFAULT_QUESTION)
@@ -176,7 +179,7 @@ def test_layout_positions_match_fixture(name):
     o = fixture_oracle(name)
     lay = p.layout
     ids = npz(name, "input_ids_after_replay")[0]
-    tok = Tokenizer(fixture_dir(name))
+    tok = fixture_tokenizer(name)
     np.testing.assert_array_equal(lay.image_positions, np.flatnonzero(ids == tok.special.image_context))
     assert lay.image_positions.size == tiled.num_tiles * fixture_config(name).region.num_image_tokens
     spans = o["replay"]["reserved_token_spans"][0]
@@ -187,7 +190,7 @@ def test_layout_positions_match_fixture(name):
 
 def test_tokenizer_special_ids_and_decode():
     name = "tiny_v1"
-    tok = Tokenizer(fixture_dir(name))
+    tok = fixture_tokenizer(name)
     o = fixture_oracle(name)
     ids = o["tokenizer"]["special_token_ids"]
     s = tok.special

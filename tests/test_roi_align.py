@@ -1,4 +1,8 @@
-"""RoI-Align vs torchvision, RoI replay and embedding assembly vs the reference fixtures (SPEC §7)."""
+"""RoI-Align vs torchvision, RoI replay and embedding assembly vs the reference fixtures (SPEC §7).
+
+torchvision's outputs are recorded in tests/fixtures/torchvision_roi_align.npz (by
+tests/fixtures/record_torchvision_roi_align.py), for the inputs of tests/roi_align_cases.py.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +12,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from torchvision.ops import roi_align as tv_roi_align
-
-from helpers import (FIXTURE_NAMES, fixture_config, fixture_dir, fixture_oracle, fixture_prepared,
-                     load_reference_tree)
+import roi_align_cases as cases
+from helpers import (FIXTURES, FIXTURE_NAMES, fixture_config, fixture_dir, fixture_oracle, fixture_regions,
+                     fixture_tokenizer, load_reference_tree)
 from helpers import fixture_array as npz
 from pdlm_jax.ops.roi_align import roi_align
 from pdlm_jax.ops.roi_replay import (assemble_embeddings, merged_feature_map, roi_boxes, roi_replay,
                                      roi_spatial_scale)
-from pdlm_jax.regions import Tokenizer
 
 
-def prepared(name: str):
-    return fixture_prepared(name)[1]
-
-
-def torchvision_roi_align(fmap_hwc: np.ndarray, boxes: np.ndarray, output_size, spatial_scale, sampling_ratio,
-                          aligned) -> np.ndarray:
-    """The oracle, returned channel-last: (K, ph, pw, C)."""
-    feats = torch.from_numpy(np.ascontiguousarray(fmap_hwc.transpose(2, 0, 1)))[None]
-    rois = torch.from_numpy(np.concatenate([np.zeros((len(boxes), 1), np.float32), boxes], 1).astype(np.float32))
-    out = tv_roi_align(feats, rois, output_size=output_size, spatial_scale=spatial_scale,
-                       sampling_ratio=sampling_ratio, aligned=aligned)
-    return out.numpy().transpose(0, 2, 3, 1)
+def torchvision_output(key: str) -> np.ndarray:
+    """torchvision's recorded roi_align output (K, ph, pw, C) for case `key`."""
+    with np.load(FIXTURES / "torchvision_roi_align.npz") as z:
+        return z[key]
 
 
 # Eager mode would dispatch (and compile) every small op separately: jit once per static configuration.
@@ -52,39 +45,23 @@ def test_fixture_roi_align_cases(name):
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6)
 
 
-def random_boxes(rng, n, h, w):
-    """Boxes inside, straddling and fully outside an (h, w) map, plus degenerate/inverted ones."""
-    x1 = rng.uniform(-0.5 * w, 1.3 * w, n)
-    y1 = rng.uniform(-0.5 * h, 1.3 * h, n)
-    x2 = x1 + rng.uniform(-1.0, 0.8 * w, n)
-    y2 = y1 + rng.uniform(-1.0, 0.8 * h, n)
-    extra = [[-9, -9, -3, -2], [w + 2, h + 2, w + 9, h + 5], [1, 1, 1, 1], [0, 0, w, h]]
-    return np.concatenate([np.stack([x1, y1, x2, y2], 1), extra]).astype(np.float32)
-
-
-@pytest.mark.parametrize("output_size,sampling_ratio,aligned,scale", [
-    ((2, 2), 2, True, 1.0), ((4, 4), 2, True, 0.5), ((3, 5), 1, True, 1.0), ((7, 7), 3, True, 0.25),
-    ((1, 1), 2, True, 1 / 32), ((4, 4), 2, False, 1.0), ((3, 2), 0, True, 1.0), ((2, 3), 0, False, 0.5)])
-def test_roi_align_matches_torchvision(output_size, sampling_ratio, aligned, scale):
-    rng = np.random.default_rng(0)
-    h, w, c = 9, 13, 5
-    fmap = rng.standard_normal((h, w, c)).astype(np.float32)
-    boxes = random_boxes(rng, 40, h / scale, w / scale)
+@pytest.mark.parametrize("i", range(len(cases.SETTINGS)))
+def test_roi_align_matches_torchvision(i):
+    output_size, sampling_ratio, aligned, scale = cases.SETTINGS[i]
+    fmap, boxes = cases.setting_case(*cases.SETTINGS[i])
+    np.testing.assert_array_equal(boxes, torchvision_output(f"{cases.setting_key(i)}_boxes"))  # same inputs
     got = jit_roi_align(jnp.asarray(fmap), jnp.asarray(boxes), output_size, scale, sampling_ratio, aligned)
-    want = torchvision_roi_align(fmap, boxes, output_size, scale, sampling_ratio, aligned)
+    want = torchvision_output(f"{cases.setting_key(i)}_out")
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-6)
 
 
 def test_roi_align_traced_valid_size_over_padded_map():
     """One compiled program for several valid sizes of a padded map equals torchvision on the unpadded map."""
-    rng = np.random.default_rng(1)
-    padded = rng.standard_normal((12, 20, 3)).astype(np.float32)
+    padded, boxes_per_size = cases.padded_cases()
     fn = jax.jit(lambda f, b, h, w: roi_align(f, b, (4, 4), 1.0, 2, True, height=h, width=w))
-    for h, w in [(4, 6), (12, 20), (8, 16)]:
-        boxes = random_boxes(rng, 20, h, w)
+    for (h, w), boxes in zip(cases.PADDED_SIZES, boxes_per_size):
         got = fn(jnp.asarray(padded), jnp.asarray(boxes), h, w)
-        want = torchvision_roi_align(padded[:h, :w], boxes, (4, 4), 1.0, 2, True)
-        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-6)
+        np.testing.assert_allclose(np.asarray(got), torchvision_output(f"padded_{h}x{w}_out"), rtol=0, atol=2e-6)
     assert fn._cache_size() == 1
 
 
@@ -101,7 +78,7 @@ def test_merged_feature_map_matches_fixture(name):
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_roi_boxes_and_scale_match_fixture(name):
     cfg = fixture_config(name)
-    p = prepared(name)
+    p = fixture_regions(name)
     calls = fixture_oracle(name)["replay"]["roi_align_calls"]
     for c in range(3):
         np.testing.assert_array_equal(p.roi_boxes[c], npz(name, f"replay_roi_boxes_{c}")[0, 1:])
@@ -112,7 +89,7 @@ def test_roi_boxes_and_scale_match_fixture(name):
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_roi_replay_matches_fixture_with_traced_grid(name):
     cfg = fixture_config(name)
-    p = prepared(name)
+    p = fixture_regions(name)
     vision = npz(name, "vision_embeds")
     fn = jax.jit(lambda v, g, b: roi_replay(v, g, b, cfg.region, cfg.quirks))
     got = np.asarray(fn(jnp.asarray(vision), jnp.asarray(p.grid), jnp.asarray(p.roi_boxes)))
@@ -125,7 +102,7 @@ def test_roi_replay_matches_fixture_with_traced_grid(name):
 def test_roi_replay_ignores_padding_tiles():
     name = "tiny_v1_wide"
     cfg = fixture_config(name)
-    p = prepared(name)
+    p = fixture_regions(name)
     vision = npz(name, "vision_embeds")
     padded = np.concatenate([vision, np.full((3,) + vision.shape[1:], 1e6, np.float32)])
     got = jit_roi_replay(jnp.asarray(padded), grid=p.grid, boxes=jnp.asarray(p.roi_boxes), region=cfg.region,
@@ -150,7 +127,7 @@ def test_single_tile_replay_uses_the_tile_itself():
 def test_quirk_switches_change_replay_as_documented():
     name = "tiny_v1_wide"
     cfg = fixture_config(name)
-    p = prepared(name)
+    p = fixture_regions(name)
     vision = npz(name, "vision_embeds")
     r = cfg.region.roi_output_size
     fixed = dataclasses.replace(cfg.quirks, roi_double_scaling=False, roi_tile_shift=False)
@@ -159,7 +136,9 @@ def test_quirk_switches_change_replay_as_documented():
     np.testing.assert_array_equal(np.asarray(fmap)[:, :cfg.region.feature_grid], vision[0].reshape(8, 8, -1))
     boxes = roi_boxes(p.boxes, p.grid, cfg.region, fixed)
     got = jit_roi_replay(jnp.asarray(vision), grid=p.grid, boxes=jnp.asarray(boxes), region=cfg.region, quirks=fixed)
-    want = torchvision_roi_align(np.asarray(fmap), boxes, (r, r), 1.0, 2, True)
+    np.testing.assert_array_equal(np.asarray(fmap), torchvision_output("quirk_fmap"))  # the recorded inputs
+    np.testing.assert_array_equal(boxes.astype(np.float32), torchvision_output("quirk_boxes"))
+    want = torchvision_output("quirk_out")
     np.testing.assert_allclose(np.asarray(got), want.reshape(3, r * r, -1), rtol=0, atol=1e-6)
     training = roi_boxes(p.boxes, p.grid, cfg.region, cfg.quirks, training=True)
     assert roi_spatial_scale(cfg.quirks, training=True) == 1 / 28
@@ -171,7 +150,7 @@ def test_quirk_switches_change_replay_as_documented():
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_assembled_inputs_embeds_match_fixture(name):
     cfg = fixture_config(name)
-    p = prepared(name)
+    p = fixture_regions(name)
     embed = load_reference_tree(fixture_dir(name), cfg)["lm"]["embed"]["embedding"]
     vision = jnp.asarray(npz(name, "vision_embeds"))
     lay = p.layout
@@ -186,7 +165,7 @@ def test_assembled_inputs_embeds_match_fixture(name):
     assert np.abs(got - want).max() <= 1e-6
     # The image part also agrees with the reference's pre-replay embeddings.
     before = npz(name, "inputs_embeds_before_replay")[0]
-    image_before = np.flatnonzero(npz(name, "input_ids")[0] == Tokenizer(fixture_dir(name)).special.image_context)
+    image_before = np.flatnonzero(npz(name, "input_ids")[0] == fixture_tokenizer(name).special.image_context)
     np.testing.assert_array_equal(got[lay.image_positions], before[image_before])
 
 

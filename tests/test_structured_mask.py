@@ -7,28 +7,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import FIXTURE_NAMES, fixture_array, fixture_dir, fixture_prepared
+from helpers import FIXTURE_NAMES, fixture_array, fixture_regions, fixture_tokenizer
 from pdlm_jax.ops.structured_mask import allowed_mask
-from pdlm_jax.regions import Tokenizer, build_layout
+from pdlm_jax.regions import build_layout
 
 
 def mask_of(layout) -> np.ndarray:
     return np.asarray(jax.jit(allowed_mask)(layout.block_id, layout.roi_owner, layout.prefix_visible, layout.valid))
 
 
-def fixture_layout(name: str):
-    return fixture_prepared(name)[1].layout
-
-
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_allowed_matches_fixture(name):
     want = fixture_array(name, "attention_allowed")[0, 0]
-    np.testing.assert_array_equal(mask_of(fixture_layout(name)), want)
+    np.testing.assert_array_equal(mask_of(fixture_regions(name).layout), want)
 
 
 def worked_example_layout():
     """SPEC §8's toy sequence: k = 2, G = 3, 16 RoI tokens per region, L = 60 after expansion."""
-    s = Tokenizer(fixture_dir("tiny_v1")).special
+    s = fixture_tokenizer("tiny_v1").special
     text = 7  # any ordinary token
     ids = ([text, s.image_start, s.image_context, s.image_context, s.image_end] + [text] * 5  # [0, 10)
            + [s.reserved[0], 198, s.reserved[1]]  # RoI 0, "\n", RoI 1
@@ -56,7 +52,7 @@ def test_spec_worked_example():
 
 def test_padding_and_vmap_over_a_batch():
     lay = worked_example_layout()
-    other = fixture_layout("tiny_v1")
+    other = fixture_regions("tiny_v1").layout
     n = other.length + 7
     batch = [lay.padded(n, pad_id=0), other.padded(n, pad_id=0)]
     stacked = [jnp.stack([getattr(b, f) for b in batch]) for f in ("block_id", "roi_owner", "prefix_visible", "valid")]

@@ -16,6 +16,7 @@ from pdlm_jax.modeling.common import init
 from pdlm_jax.modeling.llada import LLaDA
 from pdlm_jax.modeling.projector import Projector, pixel_shuffle
 from pdlm_jax.modeling.siglip import SiglipVision
+from pdlm_jax.trees import flatten
 
 
 class PerceptionDLM(nnx.Module):
@@ -55,8 +56,6 @@ def load_params(module: nnx.Module, tree: dict) -> None:
     Values are cast to each parameter's dtype (the module's param_dtype). Paths and shapes must match
     exactly; a mismatch raises PDLMError naming the offending paths.
     """
-    from pdlm_jax.checkpoint import flatten  # lazy: keeps Orbax out of the model's import path
-
     given = flatten(tree)
     params = {"/".join(map(str, path)): (path, var) for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
     missing, unexpected = sorted(params.keys() - given.keys()), sorted(given.keys() - params.keys())

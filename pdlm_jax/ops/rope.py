@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -9,18 +11,32 @@ import numpy as np
 
 
 def inverse_frequencies(head_dim: int, theta: float, *, float32: bool = True) -> np.ndarray:
-    """inv_freq[j] = 1 / theta^(2j / head_dim) in float32, bit-equal to the reference's torch buffer.
+    """inv_freq[j] = 1 / theta^(2j / head_dim) in float32, the reference's torch buffer (SPEC §4.4.2).
 
-    Computed on the host with numpy float32 (a constant): under jit XLA constant-folds `pow` with a
-    different rounding, which moves the phases at long positions by ~1e-4.
+    The reference rounds three times in float32: the exponent 2j/head_dim, theta^exponent, the reciprocal.
+    Division is correctly rounded everywhere; `pow` is not: numpy's float32 `pow` takes a different SIMD
+    path (and last bit) on AVX-512 CPUs. So the power is computed in float64 with scalar `math.pow` and
+    rounded once to float32, which gives the correctly rounded float32 power on any CPU (see
+    `tests/test_llada_oracle.py`: every float64 result lies far from a float32 rounding boundary).
+    Computed on the host (a constant): under jit XLA constant-folds `pow` with a different rounding, which
+    moves the phases at long positions by ~1e-4.
     `float32=False` reproduces training, where `model.to(bfloat16)` rounds the buffer (SPEC §4, quirk
     `rope_inv_freq_float32`); the frequencies are then used in float32 again.
     """
-    exponent = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
-    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+    inv_freq = np.float32(1.0) / power_float32(theta, rope_exponents(head_dim))
     if not float32:
         inv_freq = inv_freq.astype(ml_dtypes.bfloat16).astype(np.float32)
     return inv_freq
+
+
+def rope_exponents(head_dim: int) -> np.ndarray:
+    """2j / head_dim in float32, as the reference computes them (a correctly rounded division)."""
+    return np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
+
+
+def power_float32(base: float, exponents: np.ndarray) -> np.ndarray:
+    """float32(base ** e) for each float32 e, via float64 scalar math: no CPU-dependent SIMD rounding."""
+    return np.array([math.pow(float(np.float32(base)), float(e)) for e in exponents], np.float64).astype(np.float32)
 
 
 def rope_cos_sin(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
+import logging
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -11,35 +11,29 @@ from PIL import Image
 
 from pdlm_jax.config import RegionConfig
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.regions.tiling import read_image_file, tile_pil
+from pdlm_jax.regions.tiling import open_image, tile_pil
 
 MaskInput = Union[str, Path, Image.Image, np.ndarray]
+
+log = logging.getLogger("pdlm_jax")
 
 
 def _mask_image(mask: MaskInput, name: str) -> Image.Image:
     """Any mask input -> mode "L" PIL image (the reference converts mask files to "L")."""
-    if isinstance(mask, (str, Path)):
-        return read_image_file(mask, "L", name)
-    if isinstance(mask, Image.Image):
-        return mask.convert("L")
-    if isinstance(mask, np.ndarray):
-        if mask.ndim == 2:
-            return Image.fromarray((mask > 0).astype(np.uint8) * 255)
-        if mask.ndim == 3 and mask.shape[2] in (3, 4) and mask.dtype == np.uint8:
-            return Image.fromarray(mask).convert("L")
-        raise PDLMError(f"{name} array must be 2-D (H, W) or uint8 (H, W, 3|4); got {mask.dtype} {mask.shape}")
-    raise PDLMError(f"{name} must be a file path, a PIL image or a numpy array, not {type(mask).__name__}")
+    if isinstance(mask, np.ndarray) and mask.ndim == 2:  # any dtype: nonzero = inside
+        return Image.fromarray((mask > 0).astype(np.uint8) * 255)
+    return open_image(mask, "L", name)
 
 
 def load_mask(mask: MaskInput, size: tuple[int, int], name: str = "mask") -> np.ndarray:
     """Load one mask as a bool (H, W) array at the image size (W, H); binarised `> 0`.
 
-    A mask of another size is resized with NEAREST (what the reference demo does) and a warning is issued.
+    A mask of another size is resized with NEAREST (what the reference demo does), with one log line.
     """
     im = _mask_image(mask, name)
     if im.size != tuple(size):
-        warnings.warn(f"{name} is {im.width}x{im.height} but the image is {size[0]}x{size[1]}; "
-                      "resizing it with nearest-neighbour", stacklevel=2)
+        log.warning("%s is %dx%d but the image is %dx%d: resized to the image with nearest-neighbour", name,
+                    im.width, im.height, size[0], size[1])
         im = im.resize(tuple(size), Image.Resampling.NEAREST)
     return np.asarray(im) > 0
 

@@ -84,18 +84,22 @@ def read_image_file(path: str | Path, mode: str, what: str) -> Image.Image:
         raise PDLMError(f"cannot read {what} file {path}: {e}") from e
 
 
-def open_rgb(image: ImageInput, what: str = "image") -> Image.Image:
-    """Path / PIL image (any mode) / uint8 array (H, W) or (H, W, 3|4) -> RGB PIL image."""
+def open_image(image: ImageInput, mode: str, what: str) -> Image.Image:
+    """Path / PIL image (any mode) / uint8 array (H, W) or (H, W, 3|4) -> PIL image in `mode`."""
     if isinstance(image, (str, Path)):
-        return read_image_file(image, "RGB", what)
+        return read_image_file(image, mode, what)
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return image.convert(mode)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
             raise PDLMError(f"{what} array must be uint8 (H, W), (H, W, 3) or (H, W, 4); got {image.dtype} "
                             f"{image.shape}")
-        return Image.fromarray(image).convert("RGB")
+        return Image.fromarray(image).convert(mode)
     raise PDLMError(f"{what} must be a file path, a PIL image or a uint8 numpy array, not {type(image).__name__}")
+
+
+def open_rgb(image: ImageInput, what: str = "image") -> Image.Image:
+    return open_image(image, "RGB", what)
 
 
 @dataclasses.dataclass(frozen=True)
