@@ -171,6 +171,21 @@ def test_wrong_checkpoint_kind_is_a_clear_error(checkpoint, handle, capsys):
         handle.answer(half, "What?")
 
 
+def test_base_tokenizer_needs_only_the_image_tokens(tmp_path):
+    """The released Base tokenizer is LLaDA's plus <IMG_CONTEXT>, <img>, </img>: no region tokens."""
+    from pdlm_jax.errors import PDLMError
+    from pdlm_jax.regions.tokenizer import Tokenizer
+
+    tok = json.loads((fixture_dir(NAME) / "tokenizer.json").read_text())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if "Mask_Cap" not in t["content"]]
+    for t in [t for t in tok["model"]["vocab"] if "Mask_Cap" in t]:
+        del tok["model"]["vocab"][t]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tok))
+    assert Tokenizer(tmp_path, base=True).special.mask == 372
+    with pytest.raises(PDLMError, match="Mask_Cap"):
+        Tokenizer(tmp_path)
+
+
 # ---- sharded: 8 fake CPU devices in a subprocess ------------------------------------------------------------
 
 MESHES = [("data:2,fsdp:2,tensor:2", "none"), ("fsdp:8", "none"), ("data:2,fsdp:2,tensor:2", "prefix")]
