@@ -1,7 +1,7 @@
 """`python -m infer.bench_base`: PerceptionDLM-Base answering per mode and schedule; print a table, write JSON.
 
     python -m infer.bench_base --checkpoint DIR --image IMG --question "What is in the picture?" \\
-        --schedules 128/128/128,128/32/128 --modes exact,prefix --repeats 3 --json out.json
+        --schedules 128/128/128,128/32/128 --modes exact,prefix --repeats 3 [--random-lm 512,8] --json out.json
 
 A schedule is G/B/S (gen_length / block_length / steps). Modes: `exact` (the reference's sampler: a full
 forward every step) and `prefix` (opt-in block cache: a full forward at each block's first step, the block's
@@ -31,8 +31,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedules", default="128/128/128,128/32/128", help="comma-separated G/B/S")
     p.add_argument("--modes", default="exact,prefix")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per row after the compiling one")
+    p.add_argument("--random-lm", metavar="HIDDEN,LAYERS",
+                   help="time random weights instead: the checkpoint's config and tokenizer with an LLaDA of this "
+                        "width and depth (e.g. 512,8; heads of 64), built on the device")
     p.add_argument("--json", type=Path, help="write the rows here")
     return p
+
+
+def _load(args):
+    """The checkpoint, or random weights of its architecture with a wider LM (--random-lm)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import pdlm_jax
+    from pdlm_jax.answering import QuestionAnswerer
+    from pdlm_jax.checkpoint import load_config, tokenizer_path
+    from pdlm_jax.modeling.pdm import PerceptionDLM
+    from pdlm_jax.regions.tokenizer import Tokenizer
+
+    if not args.random_lm:
+        return pdlm_jax.load(args.checkpoint)
+    try:
+        hidden, layers = (int(v) for v in args.random_lm.split(","))
+    except ValueError:
+        raise PDLMError(f"--random-lm {args.random_lm!r}: give HIDDEN,LAYERS, e.g. 512,8") from None
+    cfg = load_config(args.checkpoint)
+    cfg = cfg.replace(lm=dataclasses.replace(cfg.lm, hidden_size=hidden, intermediate_size=3 * hidden,
+                                             num_layers=layers, num_heads=max(1, hidden // 64),
+                                             num_kv_heads=max(1, hidden // 64))).validate()
+    make = lambda: PerceptionDLM(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))  # noqa: E731
+    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    model = nnx.merge(graphdef, jax.jit(lambda: nnx.split(make())[1])())
+    return QuestionAnswerer(cfg, model, Tokenizer(tokenizer_path(args.checkpoint), base=True))
 
 
 def _schedules(text: str) -> list[tuple[int, int, int]]:
@@ -46,9 +79,7 @@ def _schedules(text: str) -> list[tuple[int, int, int]]:
 
 
 def run(args) -> list[dict]:
-    import pdlm_jax
-
-    handle = pdlm_jax.load(args.checkpoint)
+    handle = _load(args)
     if not handle.cfg.is_base:
         raise PDLMError(f"{args.checkpoint} is not a PerceptionDLM-Base checkpoint")
     modes = [m.strip() for m in args.modes.split(",")]
