@@ -16,6 +16,8 @@ from pdlm_jax.errors import PDLMError
 log = logging.getLogger("pdlm-infer")
 
 
+from infer import answer as _answer  # PerceptionDLM-Base checkpoints: --question
+
 try:  # the dataset mode (--annotations) lives in its own module
     from infer import dataset as _dataset
 except ImportError:
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
     if _dataset is not None:
         _dataset.add_annotation_args(p)
+    _answer.add_question_args(p)
     return p
 
 
@@ -114,6 +117,8 @@ def _run(args: argparse.Namespace) -> int:
         return pdlm_jax.load(args.checkpoint, dtype=args.dtype, compilation_cache=args.compilation_cache,
                              mesh=args.mesh, attention=args.attention)
 
+    if _answer.wants_answer(args):
+        return _answer.run_question(args, load)
     _fill_defaults(args)
     if getattr(args, "annotations", None):  # dataset mode checks its own arguments, then calls load()
         return _dataset.run_annotations(args, load)

@@ -243,6 +243,10 @@ class RegionCaptioner:
             log.info("compiled in %.1f s", compile_seconds)
         return compile_seconds
 
+    def answer(self, *args, **kwargs):
+        raise PDLMError("this is a PerceptionDLM region-captioning checkpoint: give masks to caption_regions; "
+                        "answering questions about a whole image needs a PerceptionDLM-Base checkpoint")
+
     def full_sequence(self, prep: PreparedRegions, tokens: np.ndarray) -> np.ndarray:
         """The reference's returned ids: the RoI-expanded prompt with the generated slots filled in."""
         ids = prep.layout.input_ids[: prep.layout.length].copy()
@@ -286,11 +290,16 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
                                                    for p, s in shapes.items()}), mesh)
     # PDLMError if not a converted checkpoint
     cfg, tree = restore_params(checkpoint_dir, dtype=DTYPES[dtype], shardings=shardings)
-    tokenizer = Tokenizer(tokenizer_path(checkpoint_dir))
+    tokenizer = Tokenizer(tokenizer_path(checkpoint_dir), base=cfg.is_base)
     if compilation_cache is not None:
         pipeline.enable_compilation_cache(str(compilation_cache))
     model = from_tree(cfg, tree, dtype=DTYPES[dtype],
                       attention_implementation=attention_implementation(attention, DTYPES[dtype]))
+    if cfg.is_base:  # PerceptionDLM-Base: question answering (pdlm_jax.answering)
+        from pdlm_jax.answering import QuestionAnswerer
+        from pdlm_jax.checkpoint import read_json
+
+        return QuestionAnswerer(cfg, model, tokenizer, mesh, defaults=read_json(checkpoint_dir, "sampler.json"))
     return RegionCaptioner(cfg, model, tokenizer, mesh, sampler_defaults(checkpoint_dir))
 
 

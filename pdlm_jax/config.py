@@ -127,6 +127,13 @@ class PDLMConfig:
     region: RegionConfig = RegionConfig()
     quirks: Quirks = Quirks()
     version: int = CONFIG_VERSION
+    # "region": PerceptionDLM (region captioning); "base": PerceptionDLM-Base, the reference's DMLLM (image
+    # question answering, SPEC-base): the same modules without the mask-id embedding and the RoI replay.
+    variant: str = "region"
+
+    @property
+    def is_base(self) -> bool:
+        return self.variant == "base"
 
     # ---- derived quantities -------------------------------------------------------------------
 
@@ -168,6 +175,8 @@ class PDLMConfig:
             problems.append(f"unsupported projection_type {self.projector.projection_type!r} (only mlp2x_gelu)")
         if r.downsample_ratio != 0.5:
             problems.append("only downsample_ratio 0.5 (2x2 pixel shuffle) is implemented")
+        if self.variant not in ("region", "base"):
+            problems.append(f"unknown model variant {self.variant!r} (region or base)")
         if problems:
             raise PDLMError("invalid model config: " + "; ".join(problems))
         return self
@@ -190,6 +199,7 @@ class PDLMConfig:
                 region=RegionConfig(**d["region"]),
                 quirks=Quirks(**d.get("quirks", {})),
                 version=d.get("version", CONFIG_VERSION),
+                variant=d.get("variant", "region"),
             ).validate()
         except (KeyError, TypeError) as e:
             raise PDLMError(f"malformed pdlm-jax config ({e}); regenerate it with pdlm-convert") from e
@@ -250,6 +260,10 @@ class PDLMConfig:
             )
         except KeyError as e:
             raise PDLMError(f"reference config.json is missing {e}; is this a PerceptionDLM checkpoint?") from e
+        if is_dmllm(ref):
+            # SPEC-base §B2: HF's hidden-state tuple (embeddings first) picks the vision layer.
+            return cls(vision=vision, lm=lm, projector=projector, region=region, variant="base",
+                       quirks=Quirks(select_layer_skips_embeddings=False)).validate()
         return cls(vision=vision, lm=lm, projector=projector, region=region).validate()
 
     @classmethod
@@ -261,6 +275,11 @@ class PDLMConfig:
 
     def replace(self, **sections: Any) -> "PDLMConfig":
         return dataclasses.replace(self, **sections)
+
+
+def is_dmllm(ref: dict[str, Any]) -> bool:
+    """A reference config.json of PerceptionDLM-Base (the reference's DMLLM, SPEC-base §B1)."""
+    return ref.get("model_type") == "dmllm" or "DMLLM" in (ref.get("architectures") or [])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ class Rule:
     pattern: str  # full-match regex over the reference name; group `layer` marks a stacked index
     target: str  # path in our tree
     transform: str = "none"  # "none" | "linear" (transpose) | "conv" (OIHW -> HWIO)
+    variants: tuple[str, ...] = ("region", "base")  # model variants (PDLMConfig.variant) that have this tensor
 
     @property
     def stacked(self) -> bool:
@@ -73,7 +74,7 @@ RULES: tuple[Rule, ...] = (
     Rule(r"vision_abstractor\.projection\.0\.bias", "projector/fc1/bias"),
     Rule(r"vision_abstractor\.projection\.2\.weight", "projector/fc2/kernel", "linear"),
     Rule(r"vision_abstractor\.projection\.2\.bias", "projector/fc2/bias"),
-    Rule(r"mask_id_embedding\.weight", "mask_embed/embedding"),
+    Rule(r"mask_id_embedding\.weight", "mask_embed/embedding", variants=("region",)),
 )
 
 # Present in the released file, never used by region captioning (SPEC §2.4).
@@ -111,8 +112,9 @@ def expected_shapes(cfg: PDLMConfig) -> dict[str, tuple[int, ...]]:
         "projector/fc1/bias": (H,),
         "projector/fc2/kernel": (H, H),
         "projector/fc2/bias": (H,),
-        "mask_embed/embedding": (cfg.region.prompt_numbers, D),
     }
+    if not cfg.is_base:  # PerceptionDLM-Base has no mask-id embedding (SPEC-base §B1)
+        shapes["mask_embed/embedding"] = (cfg.region.prompt_numbers, D)
     for name in ("ln1", "ln2"):
         shapes[f"vision/layers/{name}/scale"] = (nv, D)
         shapes[f"vision/layers/{name}/bias"] = (nv, D)
@@ -154,6 +156,8 @@ def match(cfg: PDLMConfig, name: str) -> Match | None:
         m = rx.fullmatch(name)
         if not m:
             continue
+        if cfg.variant not in rule.variants:
+            return None
         layer = int(m.group("layer")) if rule.stacked else None
         if rule.target.startswith("vision/post_ln/") and not cfg.uses_post_layernorm:
             return Match(name, None, reason="post_layernorm unused (vision_select_layer != -1)")

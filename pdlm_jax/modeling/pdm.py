@@ -25,8 +25,10 @@ class PerceptionDLM(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.cfg, self.dtype = cfg, dtype
         self.vision = SiglipVision(cfg, **kw)
-        self.mask_embed = nnx.Embed(cfg.region.prompt_numbers, cfg.vision.hidden_size,
-                                    embedding_init=init(nnx.initializers.normal(0.02), None, "embed"), **kw)
+        # PerceptionDLM-Base (cfg.is_base, SPEC-base) has no mask-id embedding.
+        self.mask_embed = None if cfg.is_base else nnx.Embed(
+            cfg.region.prompt_numbers, cfg.vision.hidden_size,
+            embedding_init=init(nnx.initializers.normal(0.02), None, "embed"), **kw)
         self.projector = Projector(cfg.projector_input_size, cfg.lm.hidden_size, **kw)
         self.lm = LLaDA(cfg.lm, rope_inv_freq_float32=cfg.quirks.rope_inv_freq_float32,
                         attention_implementation=attention_implementation, **kw)
@@ -48,6 +50,10 @@ class PerceptionDLM(nnx.Module):
         """pixel_values (T, S, S, 3) NHWC -> vision_embeds (T, num_image_tokens, H_lm)."""
         features = self.vision(pixel_values, self.mask_offsets(mask_patches, prompt_ids))
         return self.projector(pixel_shuffle(features))
+
+    def encode_tiles(self, pixel_values: jax.Array) -> jax.Array:
+        """Plain vision path of PerceptionDLM-Base (no mask offsets, SPEC-base §B2): (T, S, S, 3) -> (T, n, H_lm)."""
+        return self.projector(pixel_shuffle(self.vision(pixel_values)))
 
 
 def load_params(module: nnx.Module, tree: dict) -> None:

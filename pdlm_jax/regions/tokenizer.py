@@ -32,12 +32,27 @@ class SpecialTokens:
                           self.image_start, self.image_end, *self.reserved, *self.mask_cap))
 
 
+@dataclasses.dataclass(frozen=True)
+class BaseSpecialTokens:
+    """The special tokens PerceptionDLM-Base's prompt and sampler use (its processor adds only the image
+    tokens to LLaDA's, SPEC-base §B1)."""
+
+    mask: int  # <|mdm_mask|>
+    eot: int  # <|eot_id|>
+    image_context: int  # <IMG_CONTEXT>
+    image_start: int  # <img>
+    image_end: int  # </img>
+
+    def all_ids(self) -> frozenset[int]:
+        return frozenset(dataclasses.astuple(self))
+
+
 class Tokenizer:
     """Encodes like the reference's `tokenizer(prompt_text)`: the tokenizer.json pipeline with its own
     post-processor (a PreTrainedTokenizerFast adds exactly what that post-processor adds, e.g. no BOS for
     LLaDA)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, base: bool = False):
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         try:
@@ -46,6 +61,10 @@ class Tokenizer:
             raise PDLMError(f"cannot load tokenizer {file}: {e}; the checkpoint directory must contain the "
                             "reference tokenizer.json") from e
         self.file = file
+        if base:
+            self.special = BaseSpecialTokens(*(self.token_id(t) for t in (
+                "<|mdm_mask|>", "<|eot_id|>", "<IMG_CONTEXT>", "<img>", "</img>")))
+            return
         self.special = SpecialTokens(
             mask=self.token_id("<|mdm_mask|>"),
             eot=self.token_id("<|eot_id|>"),

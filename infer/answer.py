@@ -1,0 +1,80 @@
+"""`pdlm-infer --question` on a PerceptionDLM-Base checkpoint: answer a question about the whole image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from pdlm_jax.errors import PDLMError
+
+log = logging.getLogger("pdlm-infer")
+
+
+def add_question_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--question", help="PerceptionDLM-Base checkpoints: the question to answer about the image")
+    p.add_argument("--block-length", type=int,
+                   help="PerceptionDLM-Base: positions per decoding block (default: the checkpoint's "
+                        "sampler.json, else 128 as the reference demo)")
+
+
+def wants_answer(args: argparse.Namespace) -> bool:
+    """True for a PerceptionDLM-Base checkpoint; PDLMError where the flags do not fit the checkpoint."""
+    from pdlm_jax.checkpoint import load_config
+
+    base = load_config(args.checkpoint).is_base
+    if base and (args.masks or args.demo or getattr(args, "annotations", None)):
+        raise PDLMError(f"{args.checkpoint} is a PerceptionDLM-Base checkpoint: it answers --question about the "
+                        "whole image and takes no --masks/--demo/--annotations; captioning regions needs a "
+                        "PerceptionDLM checkpoint")
+    if not base and args.question is not None:
+        raise PDLMError(f"{args.checkpoint} is a PerceptionDLM region-captioning checkpoint: --question needs a "
+                        "PerceptionDLM-Base checkpoint; give --masks to caption regions (and --prompt to change "
+                        "the region prompt)")
+    if not base and args.block_length is not None:
+        raise PDLMError("--block-length applies to PerceptionDLM-Base checkpoints (block diffusion) only")
+    return base
+
+
+def run_question(args: argparse.Namespace, load: Callable) -> int:
+    """Check the arguments (before loading the model), answer, write or print the JSON."""
+    from infer.cli import write_json_atomic
+    from pdlm_jax.answering import CACHE_MODES, DEFAULTS
+    from pdlm_jax.block_sampling import block_schedule
+    from pdlm_jax.checkpoint import read_json
+
+    if not args.image:
+        raise PDLMError("--image is required: the picture the question is about")
+    if not Path(args.image).is_file():
+        raise PDLMError(f"image file {args.image} does not exist")
+    if not args.question or not args.question.strip():
+        raise PDLMError("--question is required on a PerceptionDLM-Base checkpoint (e.g. --question "
+                        "\"What is in the picture?\")")
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise PDLMError(f"--output {args.output}: folder {Path(args.output).resolve().parent} does not exist")
+    if args.cache not in CACHE_MODES:
+        raise PDLMError(f"--cache must be one of {', '.join(CACHE_MODES)} on a PerceptionDLM-Base checkpoint")
+    if args.unmask != "remask" or args.temperature != 0 or args.visualize:
+        raise PDLMError("PerceptionDLM-Base answering is greedy with the reference's block schedule: "
+                        "--unmask, --temperature and --visualize do not apply")
+    defaults = {**DEFAULTS, **(read_json(args.checkpoint, "sampler.json") or {})}
+    settings = {key: defaults[key] if getattr(args, key) is None else getattr(args, key)
+                for key in ("gen_length", "block_length", "steps")}
+    block_schedule(**settings)
+
+    handle = load()
+    log.info("answering about %s: gen_length=%d block_length=%d steps=%d", args.image, *settings.values())
+    result = handle.answer(args.image, args.question, cache=args.cache, **settings)
+    log.info("done in %.2f s (%.2f s compiling), %d forwards", result["seconds"], result["compile_seconds"],
+             result["forwards"])
+    log.info("answer: %s", result["answer"])
+    if args.output:
+        write_json_atomic(args.output, result)
+        log.info("wrote %s", args.output)
+    else:
+        json.dump(result, sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+    return 0
