@@ -274,8 +274,8 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     may be -1): parameters are restored straight into their shardings (a dimension that does not divide its
     mesh axes is replicated) and batches are split over data × fsdp. attention: see `attention_implementation`.
     """
-    from pdlm_jax.checkpoint import (load_config, nest, params_metadata, restore_params, sampler_defaults,
-                                     tokenizer_path)
+    from pdlm_jax.checkpoint import (load_config, nest, params_metadata, read_json, restore_params,
+                                     sampler_defaults, tokenizer_path)
 
     if dtype == "auto":
         stored = {np.dtype(d) for _, d in params_metadata(checkpoint_dir).values()}
@@ -297,7 +297,6 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
                       attention_implementation=attention_implementation(attention, DTYPES[dtype]))
     if cfg.is_base:  # PerceptionDLM-Base: question answering (pdlm_jax.answering)
         from pdlm_jax.answering import QuestionAnswerer
-        from pdlm_jax.checkpoint import read_json
 
         return QuestionAnswerer(cfg, model, tokenizer, mesh, defaults=read_json(checkpoint_dir, "sampler.json"))
     return RegionCaptioner(cfg, model, tokenizer, mesh, sampler_defaults(checkpoint_dir))
