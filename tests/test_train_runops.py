@@ -1,6 +1,7 @@
-"""Running a training job as a user would (issue #15 part B): file:// and gs:// paths, data running out,
-resume refusing changed settings and trimming log.jsonl, config.yaml kept, TensorBoard events, periodic
-evaluation, the profiler switch, and mixing annotation files with the synthetic task."""
+"""Running a training job as a user would (issue #15 part B): file:// and gs:// paths, data running out
+(stop with exit 3, or loop), resume refusing changed settings and trimming log.jsonl, config.yaml kept,
+TensorBoard events, periodic evaluation, the profiler switch, and mixing annotation files with the synthetic
+task."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _events(logdir: Path) -> dict[str, list[int]]:
     return tags
 
 
-def test_run_out_of_data_resume_checks_and_monitoring(tmp_path, monkeypatch, capsys):
+def test_run_out_of_data_resume_checks_and_monitoring(tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.chdir(tmp_path)  # a mangled URL would show up as a relative "file:" folder here
     out = tmp_path / "run"
     cfg_file = tmp_path / "cfg.yaml"
@@ -98,16 +99,14 @@ def test_run_out_of_data_resume_checks_and_monitoring(tmp_path, monkeypatch, cap
     assert sorted(set(tags["eval/accuracy"])) == [2, 4] and "eval/loss" in tags
     assert any(p.is_file() for p in (out / "profile").rglob("*"))  # the jax.profiler trace of step 3
 
-
-def test_loop_repeats_the_data_until_max_steps(tmp_path):
-    cfg = train_config.from_dict({**CONFIG, "data": {**CONFIG["data"], "loop": True},
-                                  "run": {"max_steps": 6, "output_dir": str(tmp_path / "run"), "export": False,
-                                          "save_every": 100, "tensorboard": False,
-                                          "compilation_cache": str(tmp_path / "cache")},
-                                  "eval": {}})
-    result = cli.train(cfg, progress=False)
-    assert result["complete"] and result["steps"] == 6 and len(result["losses"]) == 6
-    assert (tmp_path / "run" / "checkpoints" / "6").is_dir()
+    # explicitly allowed: more steps with the data repeated (data.loop), the schedule now sized for 6 steps
+    assert cli.main(["--config", str(cfg_file), "--no-progress", "--allow-changed-settings", "run.log_every=2",
+                     "data.loop=true", "run.max_steps=6", "eval.every=0"]) == 0
+    assert "changed config (data.loop: False -> True" in caplog.text and "run.max_steps: 5 -> 6" in caplog.text
+    records = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    provenance = json.loads((out / "export" / "provenance.json").read_text())
+    assert (provenance["steps"], provenance["planned_steps"], provenance["complete"]) == (6, 6, True)
 
 
 def _rle(mask: np.ndarray) -> dict:

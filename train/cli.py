@@ -135,8 +135,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
                                     seed=cfg.run.seed, remat=cfg.model.remat)
     out = as_path(cfg.run.output_dir)
     is_main = jax.process_index() == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     iterator = iter(pipe.dataset)
     mgr = checkpointing.manager(out, cfg.run.keep, cfg.run.async_save)
 

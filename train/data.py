@@ -142,7 +142,6 @@ class AnnotationSource:
         self.records: list[tuple[dict, Any, str]] = []  # (raw record, image path or data URL, "file record i")
         self.skipped: list[str] = []  # messages of the records left out
         self.image_root = image_root
-        self.limits = limits
         for path in paths:
             path = as_path(path)
             try:
@@ -154,7 +153,7 @@ class AnnotationSource:
             for i, raw in enumerate(data):
                 where = f"{path} record {i}"
                 try:
-                    self.records.append((raw, self._validate(raw, path.parent), where))
+                    self.records.append((raw, self._validate(raw, path.parent, limits), where))
                 except PDLMError as e:
                     if on_bad_record != "skip":
                         raise PDLMError(f"{where}: {e} (data.on_bad_record: skip leaves bad records out)") from e
@@ -175,7 +174,8 @@ class AnnotationSource:
                             f"{', data.image_root' if self.image_root else ''} and {base}); set data.image_root")
         return found
 
-    def _validate(self, raw: Any, base) -> Any:
+    def _validate(self, raw: Any, base, limits: Limits | None) -> Any:
+        """The record's image (path or data URL) if the record is usable, else PDLMError saying why."""
         if not isinstance(raw, dict):
             raise PDLMError("a record must be a JSON object")
         rles, captions = _masks_field(raw)
@@ -194,14 +194,14 @@ class AnnotationSource:
             w, h = im.size
         if min(w, h) < MIN_IMAGE_SIDE:
             raise PDLMError(f"image is {w}x{h}; images must be at least {MIN_IMAGE_SIDE} px per side")
-        if self.limits is not None:
-            tiles, length = self.limits.longest_sample((w, h), captions)
-            if tiles > self.limits.max_tiles:
+        if limits is not None:
+            tiles, length = limits.longest_sample((w, h), captions)
+            if tiles > limits.max_tiles:
                 raise PDLMError(f"the image needs {tiles} tiles but the largest of data.tile_buckets is "
-                                f"{self.limits.max_tiles}")
-            if length > self.limits.max_length:
+                                f"{limits.max_tiles}")
+            if length > limits.max_length:
                 raise PDLMError(f"its longest sample has {length} tokens but the largest of data.length_buckets "
-                                f"is {self.limits.max_length}; add a larger bucket or shorten the captions")
+                                f"is {limits.max_length}; add a larger bucket or shorten the captions")
         return image
 
     def __len__(self) -> int:
