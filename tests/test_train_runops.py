@@ -65,7 +65,7 @@ def test_run_out_of_data_resume_checks_and_monitoring(tmp_path, monkeypatch, cap
             raise Interrupt
 
     with pytest.raises(Interrupt):  # killed after step 3; the last checkpoint is step 2
-        cli.train(train_config.load(cfg_file), progress=False, callback=stop_at_three)
+        cli.train(train_config.load(cfg_file, ["eval.every=0"]), progress=False, callback=stop_at_three)
     assert not (tmp_path / "file:").exists() and (out / "checkpoints" / "2").is_dir()
     assert [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
 
@@ -77,7 +77,8 @@ def test_run_out_of_data_resume_checks_and_monitoring(tmp_path, monkeypatch, cap
     # resume with a harmless change: old config kept; 4 steps of data < max_steps 5 -> exit 3
     assert cli.main(["--config", str(cfg_file), "--no-progress", "run.log_every=2"]) == cli.EXIT_INCOMPLETE
     assert "stopped after 4 of run.max_steps=5" in capsys.readouterr().err
-    assert json.loads((out / "config.step2.yaml").read_text())["run"]["log_every"] == 1
+    old_config = json.loads((out / "config.step2.yaml").read_text())
+    assert (old_config["run"]["log_every"], old_config["eval"]["every"]) == (1, 0)
     assert json.loads((out / "config.yaml").read_text())["run"]["log_every"] == 2
 
     records = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
@@ -85,7 +86,7 @@ def test_run_out_of_data_resume_checks_and_monitoring(tmp_path, monkeypatch, cap
     # the lr schedule is sized for the 4 steps that ran (cosine over 4 steps, no warmup), not for 5
     assert records[-1]["lr"] == pytest.approx(LR * 0.5 * (1 + math.cos(math.pi * 3 / 4)), rel=1e-5)
     evals = {r["step"]: r for r in records if "eval_loss" in r}
-    assert sorted(evals) == [2, 4]
+    assert sorted(evals) == [4]  # every 2 steps and at the end (step 2 ran without eval before the kill)
     assert all(np.isfinite(r["eval_loss"]) and 0 <= r["eval_accuracy"] <= 1 and r["eval_regions"] > 0
                for r in evals.values())
 
@@ -96,7 +97,7 @@ def test_run_out_of_data_resume_checks_and_monitoring(tmp_path, monkeypatch, cap
     tags = _events(out / "tensorboard")
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/step_time", "train/tokens_per_s"):
         assert sorted(set(tags[tag])) == [1, 2, 3, 4], tag
-    assert sorted(set(tags["eval/accuracy"])) == [2, 4] and "eval/loss" in tags
+    assert tags["eval/accuracy"] == [4] and tags["eval/loss"] == [4]
     assert any(p.is_file() for p in (out / "profile").rglob("*"))  # the jax.profiler trace of step 3
 
     # explicitly allowed: more steps with the data repeated (data.loop), the schedule now sized for 6 steps
@@ -107,6 +108,12 @@ def test_run_out_of_data_resume_checks_and_monitoring(tmp_path, monkeypatch, cap
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     provenance = json.loads((out / "export" / "provenance.json").read_text())
     assert (provenance["steps"], provenance["planned_steps"], provenance["complete"]) == (6, 6, True)
+
+    from train.export import export_step  # any kept step, through the same checkpoint manager set-up
+
+    exported = export_step(f"file://{out}", tmp_path / "step4", step=4)
+    assert json.loads((exported / "provenance.json").read_text())["steps"] == 4
+    assert (exported / "params").is_dir() and (exported / "config.json").is_file()
 
 
 def _rle(mask: np.ndarray) -> dict:

@@ -158,7 +158,10 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
         state = trainer.init_state(params, cfg.model.freeze)
         del params
     if is_main:
-        write_text_atomic(out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2, default=list))
+        text = json.dumps(cfg.to_dict(), indent=2, default=list)
+        if resumed is None and (out / CONFIG_FILE).exists() and (out / CONFIG_FILE).read_text() != text:
+            log.warning("%s: replacing the config of an earlier run that saved no checkpoint", out / CONFIG_FILE)
+        write_text_atomic(out / CONFIG_FILE, text)
     evaluator = (monitor.Evaluator(cfg, model_cfg, tokenizer, trainer, jax.process_index(), jax.process_count())
                  if cfg.eval.every > 0 else None)
     profiler = monitor.Profiler(cfg.run.profile_steps, out / monitor.PROFILE_DIR)
