@@ -100,19 +100,16 @@ def test_run_out_of_data_resume_checks_and_monitoring(tmp_path, monkeypatch, cap
     assert tags["eval/accuracy"] == [4] and tags["eval/loss"] == [4]
     assert any(p.is_file() for p in (out / "profile").rglob("*"))  # the jax.profiler trace of step 3
 
-    # explicitly allowed: more steps with the data repeated (data.loop), the schedule now sized for 6 steps
-    assert cli.main(["--config", str(cfg_file), "--no-progress", "--allow-changed-settings", "run.log_every=2",
-                     "data.loop=true", "run.max_steps=6", "eval.every=0"]) == 0
+    # --allow-changed-settings lets a schedule change through, said loudly, the old config kept
+    changed = train_config.load(cfg_file, ["run.max_steps=6", "data.loop=true"]).to_dict()
+    cli._check_resume(storage.as_path(out), changed, 4, allow_changes=True, write=True)
     assert "changed config (data.loop: False -> True" in caplog.text and "run.max_steps: 5 -> 6" in caplog.text
-    records = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    provenance = json.loads((out / "export" / "provenance.json").read_text())
-    assert (provenance["steps"], provenance["planned_steps"], provenance["complete"]) == (6, 6, True)
+    assert (out / "config.step4.yaml").read_text() == (out / "config.yaml").read_text()
 
     from train.export import export_step  # any kept step, through the same checkpoint manager set-up
 
-    exported = export_step(f"file://{out}", tmp_path / "step4", step=4)
-    assert json.loads((exported / "provenance.json").read_text())["steps"] == 4
+    exported = export_step(f"file://{out}", tmp_path / "step2", step=2)
+    assert json.loads((exported / "provenance.json").read_text())["steps"] == 2
     assert (exported / "params").is_dir() and (exported / "config.json").is_file()
 
 
@@ -126,6 +123,18 @@ def _annotation_file(path: Path, caption: str, n: int) -> None:
     Image.fromarray(scene.image).save(path.parent / "img.png")
     path.write_text(json.dumps([{"image_file": "img.png", "mask_rles": [_rle(scene.masks[0])], "captions": [caption]}
                                 for _ in range(n)]))
+
+
+def test_loop_repeats_the_data():
+    from pdlm_jax.regions.tokenizer import Tokenizer
+
+    cfg = train_config.from_dict({**CONFIG, "data": {**CONFIG["data"], "synthetic_scenes": 4, "loop": True}})
+    pipe = data.build_pipeline(cfg.data, cfg.model_config(), Tokenizer(fixture_dir("tiny_v1")))
+    assert pipe.steps_available is None and pipe.steps_per_epoch == 2
+    it = iter(pipe.dataset)
+    # three passes over the two batches of data, no StopIteration; every pass holds the 4 scenes once
+    passes = [sorted(tuple(row) for _ in range(2) for row in next(it)["input_ids"]) for _ in range(3)]
+    assert passes[0] == passes[1] == passes[2] and len(set(passes[0])) == 4
 
 
 def test_mixing_annotation_files_with_the_synthetic_task_by_weight(tmp_path):
