@@ -224,3 +224,16 @@ def test_new_config_entries_are_checked():
         train_config.load(None, ["data.weights=[1, -1]"])
     assert str(storage.as_path("file:///tmp/x")) == "/tmp/x" and Path(str(storage.as_path("rel"))).is_absolute()
     assert str(storage.as_path("gs://bucket/run")) == "gs://bucket/run"
+
+
+def test_resume_check_fills_in_entries_older_configs_lack(tmp_path):
+    """A run saved by a version without the newer entries resumes without a false 'changed settings'."""
+    cfg = train_config.load(None, ["run.max_steps=5"]).to_dict()
+    old = json.loads(json.dumps(cfg, default=list))
+    del old["eval"], old["data"]["loop"], old["data"]["weights"]
+    (tmp_path / "config.yaml").write_text(json.dumps(old))
+    cli._check_resume(storage.as_path(tmp_path), cfg, 3, allow_changes=False, write=True)
+    assert not (tmp_path / "config.step3.yaml").exists()  # nothing changed
+    with pytest.raises(PDLMError, match=r"step 3 .*run.max_steps: 5 -> 6"):
+        cli._check_resume(storage.as_path(tmp_path), train_config.load(None, ["run.max_steps=6"]).to_dict(), 3,
+                          allow_changes=False, write=True)

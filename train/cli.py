@@ -65,12 +65,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def _check_resume(out, new: dict, step: int, allow_changes: bool, write: bool) -> None:
     """Compare the saved config of a run being resumed with the new one: refuse changed RESUME_SETTINGS
     (unless allowed), warn about other changes, and keep the old config.yaml as config.step<N>.yaml."""
-    from train.config import CONFIG_FILE, read_saved
+    from train.config import CONFIG_FILE, from_dict, read_saved
     from train.storage import write_text_atomic
 
     saved = read_saved(out)
     if saved is None:
         return
+    try:  # fill in the defaults of entries an older version did not save
+        saved = from_dict(saved).to_dict()
+    except PDLMError:
+        pass
     old, cur = _flat(json.loads(json.dumps(saved, default=list))), _flat(json.loads(json.dumps(new, default=list)))
     changed = {k: (old.get(k), cur.get(k)) for k in sorted(old.keys() | cur.keys()) if old.get(k) != cur.get(k)}
     if not changed:
