@@ -30,17 +30,16 @@ import io
 import json
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pycocotools.mask
 from PIL import Image
 from tqdm import tqdm
 
 from infer.files import atomic_write, exclusive_lock
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.regions.masks import decode_rle as strict_decode_rle
 from pdlm_jax.regions.tiling import tile_image
 
 REGIONS_PER_CALL = 6  # prompt_numbers of PerceptionDLM (used when the handle does not expose its config)
@@ -125,53 +124,14 @@ def _parse_record(rec, position: int, image_root: Path, path: Path) -> ImageEntr
     return ImageEntry(image_id, source, tuple(Region(f"{image_id}_{i}", i, r) for i, r in enumerate(rles)))
 
 
-def _rle_counts(counts: bytes) -> list[int]:
-    """Parse COCO's compressed RLE string like pycocotools' rleFrString, rejecting malformed input
-    (pycocotools decodes such strings into uninitialised memory instead of failing)."""
-    runs: list[int] = []
-    pos = 0
-    while pos < len(counts):
-        value, shift, more = 0, 0, True
-        while more:
-            if pos == len(counts):
-                raise ValueError("the counts string ends inside a number")
-            c = counts[pos] - 48
-            if not 0 <= c < 64:
-                raise ValueError(f"invalid character {chr(counts[pos])!r} in counts")
-            value |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            pos += 1
-            shift += 5
-            if not more and c & 0x10:
-                value |= -1 << shift  # sign extension
-        if len(runs) > 2:
-            value += runs[-2]  # runs after the second are stored as differences
-        if value < 0:
-            raise ValueError("negative run length")
-        runs.append(value)
-    return runs
-
-
 def decode_rle(rle: dict | None, image_hw: tuple[int, int]) -> np.ndarray:
     """A region's (H, W) bool mask; None means the whole image. Raises PDLMError for a corrupt or unusable RLE."""
     if rle is None:
         return np.ones(image_hw, bool)
-    try:
-        h, w = (int(v) for v in rle["size"])
-        counts = rle["counts"]
-        if not isinstance(counts, str):
-            raise ValueError("counts must be a compressed RLE string (uncompressed lists and polygons are "
-                             "not supported)")
-        counts = counts.encode("ascii")
-        if h < 0 or w < 0 or sum(_rle_counts(counts)) != h * w:
-            raise ValueError(f"run lengths do not add up to size {h}x{w}")
-        with warnings.catch_warnings():  # pycocotools' NumPy 2 copy=False deprecation, not ours
-            warnings.simplefilter("ignore", DeprecationWarning)
-            mask = pycocotools.mask.decode({"size": [h, w], "counts": counts}).astype(bool)
-    except (TypeError, KeyError, ValueError, UnicodeEncodeError) as e:
-        raise PDLMError(f"corrupt mask RLE ({type(e).__name__}: {e}).") from e
+    mask = strict_decode_rle(rle)
     if mask.shape != tuple(image_hw):
-        raise PDLMError(f"mask size {h}x{w} does not match the image size {image_hw[0]}x{image_hw[1]}.")
+        raise PDLMError(f"mask size {mask.shape[0]}x{mask.shape[1]} does not match the image size "
+                        f"{image_hw[0]}x{image_hw[1]}.")
     if not mask.any():
         raise PDLMError("empty mask: a region needs at least one pixel.")
     return mask

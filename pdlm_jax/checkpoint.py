@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
+from etils import epath
 
 from pdlm_jax import keymap
 from pdlm_jax.config import PDLMConfig, SamplerConfig
@@ -65,7 +66,7 @@ class ParamsWriter:
     """
 
     def __init__(self, params_dir: str | Path, flush_bytes: int = 256 * 2**20):
-        self.params_dir = Path(params_dir)
+        self.params_dir = epath.Path(params_dir)  # also gs:// and other epath URLs (pdlm-train exports)
         self.flush_bytes = flush_bytes
         self._pending: dict[str, np.ndarray] = {}
         self._ctx = _context()
@@ -91,7 +92,7 @@ class ParamsWriter:
 
 
 def write_config(ckpt_dir: str | Path, cfg: PDLMConfig) -> None:
-    (Path(ckpt_dir) / CONFIG_FILE).write_text(cfg.to_json() + "\n")
+    (epath.Path(ckpt_dir) / CONFIG_FILE).write_text(cfg.to_json() + "\n")
 
 
 # ---- reading -------------------------------------------------------------------------------------

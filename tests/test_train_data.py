@@ -60,7 +60,7 @@ def test_both_schema_variants_decode(tmp_path):
 
 
 @pytest.mark.parametrize("record, message", [
-    ({"captions": ["x"]}, "needs an image"),
+    ({"mask_rles": [{"size": [2, 2], "counts": "04"}], "captions": ["x"]}, "needs an image"),
     ({"image_file": "a.png"}, "no masks"),
     ({"image_file": "a.png", "mask_rles": [{"size": [2, 2], "counts": "04"}], "captions": []}, "one caption per"),
 ])
@@ -69,6 +69,48 @@ def test_bad_records_name_the_problem(tmp_path, record, message):
     path.write_text(json.dumps([record]))
     with pytest.raises(PDLMError, match=message):
         data.AnnotationSource([path])
+
+
+def _bad_records(scene, rle):
+    """(record, expected message) for every kind of bad record; all but the image are otherwise valid."""
+    good = {"image_file": "img.png", "mask_rles": [rle(m) for m in scene.masks], "captions": scene.captions}
+    h, w = scene.masks[0].shape
+    return [
+        ({**good, "image_file": "missing.png"}, "image 'missing.png' not found"),
+        ({**good, "mask_rles": [{"size": [4, 4], "counts": "12"}] + good["mask_rles"][1:]}, "mask 0: corrupt mask RLE"),
+        ({**good, "mask_rles": [rle(np.zeros((h, w), bool))] + good["mask_rles"][1:]}, "mask 0 is empty"),
+        ({**good, "captions": ["word " * 400] + scene.captions[1:]}, "its longest sample has .* tokens"),
+        ({"image_file": "img.png"}, "no masks"),
+    ]
+
+
+def test_every_record_is_checked_when_the_files_load(tmp_path, tokenizer):
+    """Bad records are found before training: the message names the file and the record's index in that file;
+    on_bad_record=skip leaves them out and counts them."""
+    path, scene = _write_annotations(tmp_path)
+    limits = data.Limits(CFG.region, tokenizer, data.DEFAULT_QUESTION, 3.5, 7, 512)
+    good = json.loads(path.read_text())[0]
+    bad = _bad_records(scene, _rle)
+    second = tmp_path / "second.json"
+    for record, message in bad:
+        second.write_text(json.dumps([good, good, record]))
+        with pytest.raises(PDLMError, match=f"second.json record 2: {message}"):
+            data.AnnotationSource([path, second], limits=limits)
+    second.write_text(json.dumps([good] + [r for r, _ in bad]))
+    source = data.AnnotationSource([path, second], limits=limits, on_bad_record="skip")
+    assert len(source) == 3 and len(source.skipped) == len(bad)
+    assert source.label(2) == f"{second} record 0" and "second.json record 1: image" in source.skipped[0]
+
+
+def test_longest_sample_estimate_is_the_real_length(tokenizer):
+    """The load-time length check computes exactly what build_sample produces for the longest group."""
+    scene = synthetic.make_scene(3, 2, num_shapes=4)
+    captions = ["a much longer caption than the others, with many words"] + scene.captions[1:]
+    record = data.Record(Image.fromarray(scene.image), scene.masks, captions)
+    limits = data.Limits(CFG.region, tokenizer, data.DEFAULT_QUESTION, 6, 7, 512)  # one group of 4 masks
+    tiles, length = limits.longest_sample(record.image.size, captions)
+    s = data.build_sample(record, [0, 1, 2, 3], np.random.default_rng(0), CFG, tokenizer)
+    assert (tiles, length) == (len(s["pixel_values"]), len(s["input_ids"]))
 
 
 def test_mask_groups_partition_like_the_reference():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,20 @@ import orbax.checkpoint as ocp
 from pdlm_jax import checkpoint as pdlm_ckpt
 from pdlm_jax.config import PDLMConfig, SamplerConfig
 from pdlm_jax.errors import PDLMError
+from train.storage import as_path
 
 SAMPLER_FILE = "sampler.json"  # generation defaults stored with an exported model
 
 
-def manager(directory: str | Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
+CHECKPOINTS_DIR = "checkpoints"  # under run.output_dir
+
+
+def manager(run_dir: str | Path, keep: int | None = None, async_save: bool = False,
+            create: bool = True) -> ocp.CheckpointManager:
+    """The CheckpointManager of a run's `checkpoints/` folder (local, file:// or any epath URL, e.g. gs://)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                           create=True)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "data"))
+                                           create=create)
+    return ocp.CheckpointManager(as_path(run_dir) / CHECKPOINTS_DIR, options=options, item_names=("state", "data"))
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: dict, iterator: grain.DatasetIterator) -> None:
@@ -62,11 +67,15 @@ def export(out_dir: str | Path, cfg: PDLMConfig, params: dict, tokenizer_dir: st
     """
     from jax.experimental import multihost_utils
 
-    out = Path(out_dir).absolute()  # Orbax requires absolute paths
-    tmp = out.with_name(out.name + ".tmp")  # the same path on every process
+    out = as_path(out_dir)
+    # local: write beside and rename into place; an object store (gs://...) has no directory rename, so
+    # the export is written in place and provenance.json, written last, marks it complete
+    local = "://" not in str(out)
+    tmp = out.parent / (out.name + ".tmp") if local else out  # the same path on every process
     main = jax.process_index() == 0
     if main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            tmp.rmtree()
         tmp.mkdir(parents=True)
     multihost_utils.sync_global_devices("pdlm-export-begin")
     writer = pdlm_ckpt.ParamsWriter(tmp / pdlm_ckpt.PARAMS_DIR)
@@ -76,17 +85,18 @@ def export(out_dir: str | Path, cfg: PDLMConfig, params: dict, tokenizer_dir: st
     if main:
         pdlm_ckpt.write_config(tmp, cfg)
         for name in pdlm_ckpt.TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
+            src = as_path(tokenizer_dir) / name
             if src.exists():
-                shutil.copy(src, tmp / name)
+                (tmp / name).write_bytes(src.read_bytes())
         if sampler is not None:
             (tmp / SAMPLER_FILE).write_text(json.dumps(dataclasses.asdict(sampler), indent=2) + "\n")
         (tmp / pdlm_ckpt.PROVENANCE_FILE).write_text(json.dumps(
             {"producer": "pdlm-train", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              **(provenance or {})}, indent=2, default=str) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        if local:
+            if out.exists():
+                out.rmtree()
+            tmp.rename(out)
     multihost_utils.sync_global_devices("pdlm-export-end")
     return out
 

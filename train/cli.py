@@ -2,8 +2,10 @@
 
 Trains PerceptionDLM with the masked-diffusion objective on one device, a multi-device host or a
 multi-host pod (see docs/TRAINING.md). Resumes automatically from the latest checkpoint in
-`run.output_dir/checkpoints`; writes `run.output_dir/log.jsonl` and, at the end, a pdlm-infer checkpoint
-in `run.output_dir/export`.
+`run.output_dir/checkpoints`; writes `run.output_dir/log.jsonl`, TensorBoard events in
+`run.output_dir/tensorboard` and, at the end, a pdlm-infer checkpoint in `run.output_dir/export`.
+`run.output_dir` may be local, `file://` or any etils-epath URL (`gs://bucket/run`).
+Exit codes: 0 done, 2 bad input (one-line error), 3 the data ran out before run.max_steps.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 from pdlm_jax.errors import PDLMError
 
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-changed-settings", action="store_true",
+                   help="resume even though run.max_steps, the lr schedule, the mesh or the batch changed")
     return p
 
 
@@ -46,8 +49,52 @@ def _init_distributed(args) -> None:
         jax.distributed.initialize(**kwargs)
 
 
-def train(cfg, progress: bool = True, callback=None) -> dict:
-    """Run training for a TrainConfig; returns {'losses': [...], 'export': path or None, 'state': ...}.
+# settings a resumed run must keep: they size the lr schedule, shape the optimizer state or the batches
+RESUME_SETTINGS = ("run.max_steps", "run.mesh", "data.batch_size", "data.epochs", "data.loop", "data.weights",
+                   "optim.lr", "optim.warmup_ratio", "optim.end_lr_ratio", "optim.grad_accum")
+EXIT_INCOMPLETE = 3  # the data ran out before run.max_steps (data.loop: false)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_resume(out, new: dict, step: int, allow_changes: bool, write: bool) -> None:
+    """Compare the saved config of a run being resumed with the new one: refuse changed RESUME_SETTINGS
+    (unless allowed), warn about other changes, and keep the old config.yaml as config.step<N>.yaml."""
+    from train.config import CONFIG_FILE, from_dict, read_saved
+    from train.storage import write_text_atomic
+
+    saved = read_saved(out)
+    if saved is None:
+        return
+    try:  # fill in the defaults of entries an older version did not save
+        saved = from_dict(saved).to_dict()
+    except PDLMError:
+        pass
+    old, cur = _flat(json.loads(json.dumps(saved, default=list))), _flat(json.loads(json.dumps(new, default=list)))
+    changed = {k: (old.get(k), cur.get(k)) for k in sorted(old.keys() | cur.keys()) if old.get(k) != cur.get(k)}
+    if not changed:
+        return
+    listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    blocked = [k for k in changed if k in RESUME_SETTINGS]
+    if blocked and not allow_changes:
+        raise PDLMError(f"{out} holds a run at step {step} trained with other settings ({listing}); resuming would "
+                        "change its schedule or batches. Restore the old values, use a new run.output_dir, or pass "
+                        "--allow-changed-settings to resume anyway")
+    archive = out / f"config.step{step}.yaml"
+    if write:
+        log.warning("resuming at step %d with a changed config (%s); the previous config is kept as %s",
+                    step, listing, archive.name)
+        write_text_atomic(archive, (out / CONFIG_FILE).read_text())
+
+
+def train(cfg, progress: bool = True, callback=None, allow_changed_settings: bool = False) -> dict:
+    """Run training for a TrainConfig; returns {'losses': [...], 'export': path or None, 'state': ...,
+    'steps': steps done in all, 'planned_steps': ..., 'complete': False if the data ran out first}.
 
     callback(step, record) is called after each step (and its checkpoint, if any) — e.g. an eval hook;
     an exception it raises stops training like an interruption would.
@@ -60,7 +107,9 @@ def train(cfg, progress: bool = True, callback=None) -> dict:
     from pdlm_jax import keymap
     from pdlm_jax import sharding as shd
     from pdlm_jax.regions.tokenizer import Tokenizer
-    from train import checkpointing, data, step as step_lib
+    from train import checkpointing, data, monitor, step as step_lib
+    from train.config import CONFIG_FILE
+    from train.storage import as_path, write_text_atomic
 
     if cfg.run.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", cfg.run.compilation_cache)
@@ -77,18 +126,27 @@ def train(cfg, progress: bool = True, callback=None) -> dict:
     per_update = cfg.data.batch_size * cfg.optim.grad_accum
     pipe = data.build_pipeline(dataclasses.replace(cfg.data, batch_size=per_update), model_cfg, tokenizer,
                                process_index=jax.process_index(), process_count=jax.process_count())
-    total = cfg.run.max_steps or pipe.steps_per_epoch * cfg.data.epochs
+    if pipe.skipped:
+        log.warning("data.on_bad_record=skip: skipped %d bad annotation records, e.g. %s", len(pipe.skipped),
+                    "; ".join(pipe.skipped[:3]))
+    planned = cfg.run.max_steps or pipe.steps_available
+    total = planned if pipe.steps_available is None else min(planned, pipe.steps_available)
+    if total < planned:
+        log.warning("the data runs out after %d steps, before run.max_steps=%d: training %d steps with the lr "
+                    "schedule sized for them (set data.loop: true to repeat the data)", total, planned, total)
     mesh = shd.make_mesh(cfg.run.mesh)
     trainer = step_lib.make_trainer(model_cfg, cfg.model.dtype, mesh, cfg.optim, total, tokenizer.special.mask,
                                     seed=cfg.run.seed, remat=cfg.model.remat)
-    out = Path(cfg.run.output_dir)
+    out = as_path(cfg.run.output_dir)
+    is_main = jax.process_index() == 0
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
     iterator = iter(pipe.dataset)
-    mgr = checkpointing.manager(out / "checkpoints", cfg.run.keep, cfg.run.async_save)
+    mgr = checkpointing.manager(out, cfg.run.keep, cfg.run.async_save)
 
     shapes = {p: jax.ShapeDtypeStruct(s, np.float32) for p, s in keymap.expected_shapes(model_cfg).items()}
     abstract = trainer.abstract_state(pdlm_ckpt.nest(shapes), cfg.model.freeze)
+    if mgr.latest_step() is not None:  # before restoring: a changed mesh or batch would fail there
+        _check_resume(out, cfg.to_dict(), mgr.latest_step(), allow_changed_settings, write=is_main)
     resumed = checkpointing.restore(mgr, abstract, iterator)
     if resumed is not None:
         start, state = resumed
@@ -103,57 +161,79 @@ def train(cfg, progress: bool = True, callback=None) -> dict:
                                           cfg.model.vision_pos_embed_init)
         state = trainer.init_state(params, cfg.model.freeze)
         del params
+    if is_main:
+        text = json.dumps(cfg.to_dict(), indent=2, default=list)
+        if resumed is None and (out / CONFIG_FILE).exists() and (out / CONFIG_FILE).read_text() != text:
+            log.warning("%s: replacing the config of an earlier run that saved no checkpoint", out / CONFIG_FILE)
+        write_text_atomic(out / CONFIG_FILE, text)
+    evaluator = (monitor.Evaluator(cfg, model_cfg, tokenizer, trainer, jax.process_index(), jax.process_count())
+                 if cfg.eval.every > 0 else None)
+    profiler = monitor.Profiler(cfg.run.profile_steps, out / monitor.PROFILE_DIR)
 
-    is_main = jax.process_index() == 0
-    log_file = open(out / "log.jsonl", "a") if is_main else None
+    run_log = monitor.RunLog(out, start, cfg.run.tensorboard) if is_main else None
     losses = []
+    step = start
+    saved = start if resumed is not None else None
     bar = tqdm(total=total, initial=start, disable=not (progress and is_main), desc="train", dynamic_ncols=True)
     t_prev = time.perf_counter()
     try:
-        for step in range(start, total):
+        while step < total:
             try:
                 batch = next(iterator)
-            except StopIteration:
+            except StopIteration:  # not expected: steps_available counts the batches
                 log.warning("data exhausted after %d steps", step)
                 break
+            profiler.before(step + 1)
             state, metrics = trainer.step(state, trainer.put_batch(batch))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            step += 1
+            profiler.after(step)
             now = time.perf_counter()
             dt, t_prev = now - t_prev, now
-            record = {"step": step + 1, "loss": metrics["loss"], "lr": metrics["lr"],
+            record = {"step": step, "loss": metrics["loss"], "lr": metrics["lr"],
                       "grad_norm": metrics["grad_norm"], "step_time": dt, "tokens_per_s": metrics["tokens"] / dt,
                       "masked_tokens": int(metrics["masked_tokens"])}
+            if evaluator is not None and (step % cfg.eval.every == 0 or step == total):
+                record.update(evaluator(state))
+                t_prev = time.perf_counter()  # the next step_time leaves the evaluation out
             losses.append(metrics["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-            if log_file is not None:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                if (step + 1) % cfg.run.log_every == 0:
+            if run_log is not None:
+                run_log.write(record)
+                if step % cfg.run.log_every == 0:
+                    run_log.flush()
                     bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in record.items()))
-            if (step + 1) % cfg.run.save_every == 0 or step + 1 == total:
-                checkpointing.save(mgr, step + 1, state, iterator)
+            if step % cfg.run.save_every == 0 or step == total:
+                checkpointing.save(mgr, step, state, iterator)
+                saved = step
             if callback is not None:
-                callback(step + 1, record)
+                callback(step, record)
+        if saved != step:  # stopped early: keep what was trained
+            checkpointing.save(mgr, step, state, iterator)
         mgr.wait_until_finished()
     finally:
+        profiler.stop()
         bar.close()
         mgr.close()
-        if log_file is not None:
-            log_file.close()
+        if run_log is not None:
+            run_log.close()
+    complete = step >= planned
     exported = None
     if cfg.run.export:
         params = checkpointing.full_params(state)
         if jax.process_count() > 1:  # every process takes part in gathering the sharded params
             from jax.experimental import multihost_utils
             params = multihost_utils.process_allgather(params, tiled=True)
-        path = checkpointing.export(out / "export", model_cfg, params, cfg.tokenizer_dir(), cfg.sampler(),
-                                    {"config": cfg.to_dict(), "steps": total, "final_loss": losses[-1:]})
+        provenance = {"config": cfg.to_dict(), "steps": step, "planned_steps": planned, "complete": complete,
+                      "skipped_records": len(pipe.skipped), "final_loss": losses[-1:]}
+        path = checkpointing.export(out / "export", model_cfg, params, cfg.tokenizer_dir(), cfg.sampler(), provenance)
         if is_main:  # the export is collective; process 0 reports it
             exported = path
             log.info("exported %s", exported)
-    return {"losses": losses, "export": exported, "state": state}
+    return {"losses": losses, "export": exported, "state": state, "steps": step, "planned_steps": planned,
+            "complete": complete}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,10 +245,14 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = train_config.load(args.config, args.overrides)
         _init_distributed(args)
-        train(cfg, progress=not args.no_progress)
+        result = train(cfg, progress=not args.no_progress, allow_changed_settings=args.allow_changed_settings)
     except PDLMError as e:
         print(f"pdlm-train: error: {e}", file=sys.stderr)
         return 2
+    if not result["complete"]:
+        print(f"pdlm-train: stopped after {result['steps']} of run.max_steps={result['planned_steps']} steps: the "
+              "data ran out (set data.loop: true to repeat it)", file=sys.stderr)
+        return EXIT_INCOMPLETE
     return 0
 
 

@@ -1,7 +1,8 @@
 """Training configuration: a YAML file plus `key=value` command-line overrides -> frozen dataclasses.
 
 Sections: `model` (architecture / initial weights / precision / freezing), `data` (train.data.DataConfig),
-`optim` (AdamW + cosine schedule, SPEC §11.4 defaults), `run` (mesh, output, logging, checkpoints).
+`optim` (AdamW + cosine schedule, SPEC §11.4 defaults), `run` (mesh, output, logging, checkpoints,
+TensorBoard, profiling), `eval` (periodic held-out evaluation).
 """
 
 from __future__ import annotations
@@ -67,6 +68,24 @@ class RunConfig:
     async_save: bool = True
     export: bool = True  # write the final params as a pdlm-infer checkpoint (output_dir/export)
     compilation_cache: str | None = None
+    tensorboard: bool = True  # TensorBoard event files in output_dir/tensorboard (next to log.jsonl)
+    # [first, last]: a jax.profiler trace of steps first..last (1-based) into output_dir/profile
+    profile_steps: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Periodic evaluation on held-out data: the loss (any data) and, through the inference path, the
+    exact-caption accuracy (a region counts when its caption equals the annotation, ignoring case and
+    punctuation: the measure for the synthetic task)."""
+
+    every: int = 0  # evaluate every N steps and after the last; 0 = never
+    annotations: tuple[str, ...] = ()  # held-out annotation files (the training schema)
+    synthetic_scenes: int = 0  # or: that many synthetic scenes from a seed training never uses
+    batch_size: int = 4  # loss batches (samples that do not fill the last batch are left out)
+    max_records: int = 32  # records captioned for the accuracy (the first ones); 0 = loss only
+    gen_length: int | None = None  # caption slots per region; default: model.sampler, else 32
+    steps: int | None = None  # denoising steps; default: model.sampler, else gen_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +94,7 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     run: RunConfig = RunConfig()
+    eval: EvalConfig = EvalConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,7 +158,7 @@ def _build(cls, values: dict, where: str):
     return cls(**kwargs)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig, "eval": EvalConfig}
 
 
 def from_dict(d: dict) -> TrainConfig:
@@ -162,7 +182,24 @@ def from_dict(d: dict) -> TrainConfig:
         raise PDLMError(f"data.synthetic_rotated is a fraction in [0, 1], got {cfg.data.synthetic_rotated}")
     if not 0.0 <= cfg.optim.noise_t_min < 1.0:
         raise PDLMError(f"optim.noise_t_min must be in [0, 1), got {cfg.optim.noise_t_min}")
+    _check_run_data_eval(cfg)
     return cfg
+
+
+def _check_run_data_eval(cfg: TrainConfig) -> None:
+    from train.data import BAD_RECORD_POLICIES
+
+    if cfg.data.on_bad_record not in BAD_RECORD_POLICIES:
+        raise PDLMError(f"data.on_bad_record must be one of {BAD_RECORD_POLICIES}, not {cfg.data.on_bad_record!r}")
+    if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 0 for w in cfg.data.weights):
+        raise PDLMError(f"data.weights must be positive numbers, got {list(cfg.data.weights)}")
+    if cfg.data.loop and not cfg.run.max_steps:
+        raise PDLMError("data.loop repeats the data until run.max_steps: set run.max_steps")
+    p = cfg.run.profile_steps
+    if p and (len(p) != 2 or not all(isinstance(v, int) for v in p) or not 1 <= p[0] <= p[1]):
+        raise PDLMError(f"run.profile_steps must be [first, last] with 1 <= first <= last, got {list(p)}")
+    if cfg.eval.every < 0 or (cfg.eval.every and bool(cfg.eval.annotations) == (cfg.eval.synthetic_scenes > 0)):
+        raise PDLMError("eval.every > 0 needs held-out data: eval.annotations or (not both) eval.synthetic_scenes")
 
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
@@ -181,6 +218,22 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
                 raise PDLMError(f"override {item!r}: {p} is not a section")
         node[leaf] = value
     return d
+
+
+CONFIG_FILE = "config.yaml"  # the resolved config of a run, in run.output_dir (JSON, which YAML reads)
+
+
+def read_saved(run_dir: str | Path) -> dict | None:
+    """The resolved config a run saved in its output directory (None if there is none)."""
+    from train.storage import as_path
+
+    path = as_path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PDLMError(f"cannot read {path}: {e}; remove it or use a new run.output_dir") from e
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

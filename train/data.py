@@ -10,6 +10,8 @@ fits, so the jitted step sees a handful of shapes.
 from __future__ import annotations
 
 import base64
+import binascii
+import contextlib
 import dataclasses
 import io
 import json
@@ -25,10 +27,11 @@ from PIL import Image
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.ops.roi_replay import roi_boxes
-from pdlm_jax.regions.masks import area_order, mask_box, patch_activity, visual_prompt_tiles
+from pdlm_jax.regions.masks import area_order, check_rle, decode_rle, mask_box, patch_activity, visual_prompt_tiles
 from pdlm_jax.regions.prompt import DEFAULT_QUESTION, build_layout, build_prompt_text
-from pdlm_jax.regions.tiling import open_rgb, tile_image
+from pdlm_jax.regions.tiling import select_grid, tile_image
 from pdlm_jax.regions.tokenizer import Tokenizer
+from train.storage import as_path
 
 IGNORE = -100  # label of positions without a target
 ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n"
@@ -37,8 +40,17 @@ MIN_IMAGE_SIDE = 10  # the reference skips smaller images
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    annotations: tuple[str, ...] = ()  # JSON files in the SPEC §11.2 schema
-    synthetic_scenes: int = 0  # >0: use that many scenes of the synthetic task instead (train.synthetic)
+    annotations: tuple[str, ...] = ()  # JSON files in the SPEC §11.2 schema (local, file:// or gs:// paths)
+    synthetic_scenes: int = 0  # >0: that many scenes of the synthetic task (train.synthetic), alone or mixed in
+    # Mixing: one weight per annotation file, then one for the synthetic task (if any); items are drawn from
+    # the sources in these proportions (grain MapDataset.mix). Empty: the annotation files as one source.
+    weights: tuple[float, ...] = ()
+    # A bad annotation record (missing image, corrupt or empty RLE, too long for the buckets, ...): "error"
+    # stops before training, naming file and record; "skip" leaves it out and logs how many were skipped.
+    on_bad_record: str = "error"
+    # When the data runs out before run.max_steps: false trains on what there is (the lr schedule sized for
+    # it) and exits with code 3; true repeats the data (reshuffled each pass) until run.max_steps.
+    loop: bool = False
     synthetic_seed: int = 0
     synthetic_rotated: float = 0.0  # fraction of synthetic squares and triangles drawn at any angle
     image_root: str | None = None  # relative image paths: tried against cwd, this, then the JSON's folder
@@ -69,19 +81,7 @@ class Record:
 # ---- sources ------------------------------------------------------------------------------------
 
 
-def _decode_rle(rle: Any, where: str) -> np.ndarray:
-    from pycocotools import mask as mask_utils
-
-    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
-        raise PDLMError(f"{where}: a mask must be a COCO compressed RLE dict {{'size': [h, w], 'counts': str}}")
-    counts = rle["counts"]
-    if isinstance(counts, list):
-        raise PDLMError(f"{where}: uncompressed (list) RLE counts are not supported; compress the RLE first")
-    try:
-        return mask_utils.decode({"size": list(rle["size"]), "counts": counts.encode() if isinstance(counts, str)
-                                  else counts}).astype(bool)
-    except Exception as e:  # pycocotools raises bare errors on corrupt counts
-        raise PDLMError(f"{where}: cannot decode the RLE mask ({e})") from e
+BAD_RECORD_POLICIES = ("error", "skip")
 
 
 def _image_field(raw: dict) -> Any:
@@ -91,14 +91,59 @@ def _image_field(raw: dict) -> Any:
     return None
 
 
-class AnnotationSource:
-    """Records of one or more annotation JSON files (a list of dicts each), validated when loaded."""
+def _masks_field(raw: dict) -> tuple[list, list]:
+    """(RLEs or None = whole image, captions) of a record in either schema variant; PDLMError if malformed."""
+    if "mask_rles" in raw:
+        rles = raw["mask_rles"]
+        rles = [rles] if isinstance(rles, dict) else rles
+        caps = raw.get("captions")
+        if not isinstance(rles, list) or not rles or not isinstance(caps, list) or len(caps) != len(rles):
+            raise PDLMError("'captions' must be a list with one caption per entry of 'mask_rles'")
+        return rles, caps
+    if "annotations" in raw:
+        anns = raw["annotations"]
+        if not isinstance(anns, list) or not anns or any(not isinstance(a, dict) or "caption" not in a
+                                                         for a in anns):
+            raise PDLMError("'annotations' must be a non-empty list of {'caption', 'segmentation'}")
+        return [a.get("segmentation") for a in anns], [a["caption"] for a in anns]
+    raise PDLMError("no masks — give 'mask_rles' + 'captions' or 'annotations'")
 
-    def __init__(self, paths: Sequence[str | Path], image_root: str | None = None):
-        self.records: list[tuple[dict, Path]] = []
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What every sample of a record must fit into (checked when the annotation files load)."""
+
+    region: Any  # RegionConfig
+    tokenizer: Tokenizer
+    question: str
+    group_divisor: float
+    max_tiles: int
+    max_length: int
+
+    def longest_sample(self, size: tuple[int, int], captions: Sequence[str]) -> tuple[int, int]:
+        """(tiles, tokens) of the record's longest possible sample: its largest mask group with the
+        captions of most tokens (the answer starts with a special token, so it tokenizes on its own)."""
+        cols, rows = select_grid(size[0], size[1], self.region)
+        tiles = cols * rows + (1 if self.region.use_thumbnail and cols * rows > 1 else 0)
+        k = math.ceil(len(captions) / groups_per_record(len(captions), self.group_divisor))
+        longest = sorted(captions, key=lambda c: len(self.tokenizer.encode(c)), reverse=True)[:k]
+        prefix, answer = training_text(tiles, self.region.num_image_tokens, longest, self.question)
+        return tiles, len(self.tokenizer.encode(prefix + answer)) + k * (self.region.roi_tokens - 1)
+
+
+class AnnotationSource:
+    """Records of one or more annotation JSON files (a list of dicts each), every one validated when loaded:
+    image readable and large enough, RLEs well-formed and non-empty, one caption per mask, and (given
+    `limits`) the longest sample within the largest buckets. A bad record raises a PDLMError naming its file
+    and index, or with on_bad_record="skip" is left out and counted in `skipped`."""
+
+    def __init__(self, paths: Sequence[str | Path], image_root: str | None = None, limits: Limits | None = None,
+                 on_bad_record: str = "error"):
+        self.records: list[tuple[dict, Any, str]] = []  # (raw record, image path or data URL, "file record i")
+        self.skipped: list[str] = []  # messages of the records left out
         self.image_root = image_root
         for path in paths:
-            path = Path(path)
+            path = as_path(path)
             try:
                 data = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError) as e:
@@ -106,80 +151,96 @@ class AnnotationSource:
             if not isinstance(data, list):
                 raise PDLMError(f"annotation file {path} must hold a JSON list of records")
             for i, raw in enumerate(data):
-                self._validate(raw, f"{path} record {i}")
-                self.records.append((raw, path.parent))
+                where = f"{path} record {i}"
+                try:
+                    self.records.append((raw, self._validate(raw, path.parent, limits), where))
+                except PDLMError as e:
+                    if on_bad_record != "skip":
+                        raise PDLMError(f"{where}: {e} (data.on_bad_record: skip leaves bad records out)") from e
+                    self.skipped.append(f"{where}: {e}")
         if not self.records:
-            raise PDLMError("no training records: data.annotations lists no records")
+            raise PDLMError(f"no usable training records in {', '.join(map(str, paths))}"
+                            + (f" ({len(self.skipped)} skipped; first: {self.skipped[0]})" if self.skipped else ""))
 
-    @staticmethod
-    def _validate(raw: Any, where: str) -> None:
-        if not isinstance(raw, dict) or _image_field(raw) is None:
-            raise PDLMError(f"{where}: each record needs an image ('image_file', 'image' or 'image_path')")
-        if "mask_rles" in raw:
-            rles = raw["mask_rles"]
-            n = 1 if isinstance(rles, dict) else len(rles)
-            caps = raw.get("captions")
-            if not isinstance(caps, list) or len(caps) != n:
-                raise PDLMError(f"{where}: 'captions' must be a list with one caption per entry of 'mask_rles'")
-        elif "annotations" in raw:
-            anns = raw["annotations"]
-            if not isinstance(anns, list) or not anns or any(not isinstance(a, dict) or "caption" not in a
-                                                             for a in anns):
-                raise PDLMError(f"{where}: 'annotations' must be a non-empty list of {{'caption', 'segmentation'}}")
-        else:
-            raise PDLMError(f"{where}: no masks — give 'mask_rles' + 'captions' or 'annotations'")
+    def _resolve_image(self, value: Any, base) -> Any:
+        if not isinstance(value, str):
+            raise PDLMError("each record needs an image ('image_file', 'image' or 'image_path'): a path or data URL")
+        if value.startswith("data:"):
+            return value
+        candidates = [as_path(value)] + ([as_path(self.image_root) / value] if self.image_root else []) + [base / value]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise PDLMError(f"image {value!r} not found (looked in the working directory"
+                            f"{', data.image_root' if self.image_root else ''} and {base}); set data.image_root")
+        return found
+
+    def _validate(self, raw: Any, base, limits: Limits | None) -> Any:
+        """The record's image (path or data URL) if the record is usable, else PDLMError saying why."""
+        if not isinstance(raw, dict):
+            raise PDLMError("a record must be a JSON object")
+        rles, captions = _masks_field(raw)
+        for i, rle in enumerate(rles):
+            if rle is not None:
+                try:
+                    nonempty = check_rle(rle)[3]
+                except PDLMError as e:
+                    raise PDLMError(f"mask {i}: {e}") from None
+                if not nonempty:
+                    raise PDLMError(f"mask {i} is empty (all zeros); every mask must cover at least one pixel")
+            if not isinstance(captions[i], str) or not captions[i].strip():
+                raise PDLMError(f"caption {i} must be a non-empty string, not {captions[i]!r}")
+        image = self._resolve_image(_image_field(raw), base)
+        with _open_image_file(image) as im:  # reads the header only
+            w, h = im.size
+        if min(w, h) < MIN_IMAGE_SIDE:
+            raise PDLMError(f"image is {w}x{h}; images must be at least {MIN_IMAGE_SIDE} px per side")
+        if limits is not None:
+            tiles, length = limits.longest_sample((w, h), captions)
+            if tiles > limits.max_tiles:
+                raise PDLMError(f"the image needs {tiles} tiles but the largest of data.tile_buckets is "
+                                f"{limits.max_tiles}")
+            if length > limits.max_length:
+                raise PDLMError(f"its longest sample has {length} tokens but the largest of data.length_buckets "
+                                f"is {limits.max_length}; add a larger bucket or shorten the captions")
+        return image
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def num_masks(self, index: int) -> int:
-        raw = self.records[index][0]
-        if "mask_rles" in raw:
-            return 1 if isinstance(raw["mask_rles"], dict) else len(raw["mask_rles"])
-        return len(raw["annotations"])
+    def label(self, index: int) -> str:
+        return self.records[index][2]
 
-    def _open_image(self, value: Any, base: Path, where: str) -> Image.Image:
-        if isinstance(value, str) and value.startswith("data:"):
-            try:
-                data = base64.b64decode(value.split(",", 1)[1])
-                with Image.open(io.BytesIO(data)) as im:
-                    return im.convert("RGB")
-            except Exception as e:
-                raise PDLMError(f"{where}: cannot decode the base64 image ({e})") from e
-        if isinstance(value, str):
-            candidates = [Path(value)]
-            if self.image_root:
-                candidates.append(Path(self.image_root) / value)
-            candidates.append(base / value)
-            path = next((c for c in candidates if c.is_file()), None)
-            if path is None:
-                raise PDLMError(f"{where}: image {value!r} not found (looked in the working directory"
-                                f"{', data.image_root' if self.image_root else ''} and {base}); set data.image_root")
-            value = path
-        return open_rgb(value, f"{where} image")
+    def num_masks(self, index: int) -> int:
+        return len(_masks_field(self.records[index][0])[0])
 
     def __getitem__(self, index: int) -> Record:
-        raw, base = self.records[index]
-        where = f"record {index}"
-        image = self._open_image(_image_field(raw), base, where)
+        raw, image_ref, where = self.records[index]
+        with _open_image_file(image_ref) as im:
+            try:
+                image = im.convert("RGB")
+            except OSError as e:
+                raise PDLMError(f"{where}: cannot read the image ({e})") from e
         w, h = image.size
-        if min(w, h) < MIN_IMAGE_SIDE:
-            raise PDLMError(f"{where}: image is {w}x{h}; images must be at least {MIN_IMAGE_SIDE} px per side")
-        if "mask_rles" in raw:
-            rles = raw["mask_rles"]
-            rles = [rles] if isinstance(rles, dict) else rles
-            masks = [_decode_rle(r, f"{where} mask {i}") for i, r in enumerate(rles)]
-            captions = [str(c) for c in raw["captions"]]
-        else:
-            masks, captions = [], []
-            for i, ann in enumerate(raw["annotations"]):
-                seg = ann.get("segmentation")
-                masks.append(np.ones((h, w), bool) if seg is None else _decode_rle(seg, f"{where} mask {i}"))
-                captions.append(str(ann["caption"]))
+        rles, captions = _masks_field(raw)
+        masks = [np.ones((h, w), bool) if r is None else decode_rle(r) for r in rles]
         masks = [m if m.shape == (h, w) else  # the reference resizes mismatched masks with NEAREST
                  np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 0
                  for m in masks]
-        return Record(image, masks, captions)
+        return Record(image, masks, [str(c) for c in captions])
+
+
+@contextlib.contextmanager
+def _open_image_file(ref: Any):
+    """A lazily opened PIL image from a data URL or an epath path; PDLMError if unreadable."""
+    try:
+        if isinstance(ref, str):  # data URL
+            source = io.BytesIO(base64.b64decode(ref.split(",", 1)[1]))
+        else:
+            source = io.BytesIO(ref.read_bytes()) if "://" in str(ref) else str(ref)
+        with Image.open(source) as im:
+            yield im
+    except (OSError, ValueError, IndexError, binascii.Error) as e:
+        raise PDLMError(f"cannot read the image {str(ref)[:200]} ({e})") from e
 
 
 class SyntheticRecords:
@@ -197,17 +258,29 @@ class SyntheticRecords:
     def num_masks(self, index: int) -> int:
         return len(self.scenes[index]["masks"])
 
+    def label(self, index: int) -> str:
+        return f"synthetic scene {index}"
+
     def __getitem__(self, index: int) -> Record:
         r = self.scenes[index]
         return Record(Image.fromarray(r["image"]), r["masks"], r["captions"])
 
 
-def make_source(cfg: DataConfig) -> AnnotationSource | SyntheticRecords:
+def make_sources(cfg: DataConfig, limits: Limits | None = None) -> list[AnnotationSource | SyntheticRecords]:
+    """The data sources: all annotation files as one, or (with data.weights) each file on its own, plus the
+    synthetic task if data.synthetic_scenes > 0."""
+    if not cfg.annotations and cfg.synthetic_scenes <= 0:
+        raise PDLMError("no training data: set data.annotations (JSON files) and/or data.synthetic_scenes")
+    mixed = bool(cfg.weights)
+    n_sources = (len(cfg.annotations) if mixed else min(len(cfg.annotations), 1)) + (cfg.synthetic_scenes > 0)
+    if (n_sources > 1 or mixed) and len(cfg.weights) != n_sources:
+        raise PDLMError(f"data.weights: give one weight per annotation file{' plus one for the synthetic task' if cfg.synthetic_scenes > 0 else ''} "
+                        f"({n_sources} in all) to mix them, got {list(cfg.weights)}")
+    files = [[f] for f in cfg.annotations] if mixed else ([list(cfg.annotations)] if cfg.annotations else [])
+    sources: list = [AnnotationSource(f, cfg.image_root, limits, cfg.on_bad_record) for f in files]
     if cfg.synthetic_scenes > 0:
-        return SyntheticRecords(cfg.synthetic_scenes, cfg.synthetic_seed, cfg.synthetic_rotated)
-    if not cfg.annotations:
-        raise PDLMError("no training data: set data.annotations (JSON files) or data.synthetic_scenes")
-    return AnnotationSource(cfg.annotations, cfg.image_root)
+        sources.append(SyntheticRecords(cfg.synthetic_scenes, cfg.synthetic_seed, cfg.synthetic_rotated))
+    return sources
 
 
 # ---- items: deterministic mask groups (SPEC §11.3.1) --------------------------------------------------
@@ -373,18 +446,27 @@ class SampleBuilder:
             self._tokenizer = Tokenizer(self.tokenizer_path)
         record_index, group, num_groups = (int(v) for v in item)
         epoch = index // self.num_items
-        record = self.source[record_index]
-        chosen = mask_group(len(record.masks), record_index, epoch, group, num_groups)
-        rng = np.random.default_rng([self.data.seed, index])
-        return build_sample(record, chosen, rng, self.model, self._tokenizer, self.data.question,
-                            self.data.random_prompt_ids)
+        try:
+            record = self.source[record_index]
+            chosen = mask_group(len(record.masks), record_index, epoch, group, num_groups)
+            rng = np.random.default_rng([self.data.seed, index])
+            sample = build_sample(record, chosen, rng, self.model, self._tokenizer, self.data.question,
+                                  self.data.random_prompt_ids)
+        except PDLMError as e:
+            raise PDLMError(f"{self.source.label(record_index)}: {e}") from e
+        if len(sample["input_ids"]) > max(self.data.length_buckets):
+            raise PDLMError(f"{self.source.label(record_index)}: a sample of {len(sample['input_ids'])} tokens "
+                            f"exceeds the largest of data.length_buckets ({max(self.data.length_buckets)})")
+        return sample
 
 
 @dataclasses.dataclass
 class Pipeline:
     dataset: grain.IterDataset
-    num_items: int
+    num_items: int  # items in one pass over all sources
     steps_per_epoch: int
+    steps_available: int | None  # batches before the data runs out (None: data.loop repeats it forever)
+    skipped: list[str]  # messages of the annotation records left out (data.on_bad_record: skip)
 
 
 def build_pipeline(data: DataConfig, model: PDLMConfig, tokenizer: Tokenizer, *, process_index: int = 0,
@@ -392,18 +474,31 @@ def build_pipeline(data: DataConfig, model: PDLMConfig, tokenizer: Tokenizer, *,
     """Deterministic, checkpointable iterator of per-process batches (global batch / process_count)."""
     if data.batch_size % process_count:
         raise PDLMError(f"data.batch_size {data.batch_size} must divide by the number of processes {process_count}")
-    source = make_source(data)
-    items = build_items(source, data.group_divisor)
-    steps_per_epoch = len(items) // data.batch_size
+    limits = Limits(model.region, tokenizer, data.question, data.group_divisor, max(data.tile_buckets),
+                    max(data.length_buckets))
+    sources = make_sources(data, limits)
+    per_source, one_pass = [], []
+    for i, source in enumerate(sources):
+        items = build_items(source, data.group_divisor)
+        shuffled = grain.MapDataset.source(items).shuffle(seed=data.seed + i)
+        one_pass.append(shuffled)
+        ds = shuffled.repeat(None if data.loop else data.epochs)
+        per_source.append(ds.map_with_index(SampleBuilder(source, data, model, str(tokenizer.file), len(items))))
+    if len(sources) == 1:
+        ds, epoch_items = per_source[0], len(one_pass[0])
+    else:
+        ds, epoch_items = grain.MapDataset.mix(per_source, data.weights), len(grain.MapDataset.mix(one_pass, data.weights))
+    steps_per_epoch = epoch_items // data.batch_size
     if steps_per_epoch == 0:
-        raise PDLMError(f"{len(items)} training items are fewer than one batch of {data.batch_size}")
-    ds = grain.MapDataset.source(items).shuffle(seed=data.seed).repeat(data.epochs)
-    ds = ds.map_with_index(SampleBuilder(source, data, model, str(tokenizer.file), len(items)))
+        raise PDLMError(f"{epoch_items} training items are fewer than one batch of {data.batch_size}")
+    per_process = data.batch_size // process_count
+    steps_available = None if data.loop else (len(ds) // process_count) // per_process
     ds = ds[process_index::process_count]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.threads, prefetch_buffer_size=data.prefetch))
-    it = it.batch(data.batch_size // process_count, drop_remainder=True,
+    it = it.batch(per_process, drop_remainder=True,
                   batch_fn=Collate(tuple(data.tile_buckets), tuple(data.length_buckets),
                                    model.region.prompt_numbers, tokenizer.special.eot))
     if data.workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
-    return Pipeline(it, len(items), steps_per_epoch)
+    skipped = [m for s in sources for m in getattr(s, "skipped", [])]
+    return Pipeline(it, sum(len(p) for p in one_pass), steps_per_epoch, steps_available, skipped)

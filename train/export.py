@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,15 +19,14 @@ def export_step(run_dir: str | Path, out: str | Path, step: int | None = None) -
 
     from train import checkpointing, config
 
-    run_dir = Path(run_dir)
-    try:
-        cfg = config.from_dict(json.loads((run_dir / "config.yaml").read_text()))
-    except OSError as e:
-        raise PDLMError(f"{run_dir} is not a pdlm-train output directory (no config.yaml): {e}") from e
-    mgr = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), item_names=("state", "data"))
+    saved = config.read_saved(run_dir)
+    if saved is None:
+        raise PDLMError(f"{run_dir} is not a pdlm-train output directory (no config.yaml)")
+    cfg = config.from_dict(saved)
+    mgr = checkpointing.manager(run_dir, create=False)
     step = mgr.latest_step() if step is None else step
     if step is None or step not in mgr.all_steps():
-        raise PDLMError(f"no checkpoint for step {step} in {run_dir}/checkpoints (have {mgr.all_steps()})")
+        raise PDLMError(f"no checkpoint for step {step} in {mgr.directory} (have {mgr.all_steps()})")
     state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     return checkpointing.export(out, cfg.model_config(), checkpointing.full_params(state), cfg.tokenizer_dir(),
                                 cfg.sampler(), {"config": cfg.to_dict(), "steps": step})

@@ -82,3 +82,65 @@ def patch_activity(prompt_tiles: np.ndarray, region: RegionConfig) -> np.ndarray
     """
     k = region.mask_kernel_size
     return prompt_tiles[:, ::k, ::k, 0] != 255
+
+
+# ---- COCO compressed RLE (annotation files) ------------------------------------------------------------
+
+
+def _rle_runs(counts: bytes) -> list[int]:
+    """Parse COCO's compressed RLE string like pycocotools' rleFrString, rejecting malformed input
+    (pycocotools decodes such strings into uninitialised memory instead of failing)."""
+    runs: list[int] = []
+    pos = 0
+    while pos < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if pos == len(counts):
+                raise ValueError("the counts string ends inside a number")
+            c = counts[pos] - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"invalid character {chr(counts[pos])!r} in counts")
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            pos += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift  # sign extension
+        if len(runs) > 2:
+            value += runs[-2]  # runs after the second are stored as differences
+        if value < 0:
+            raise ValueError("negative run length")
+        runs.append(value)
+    return runs
+
+
+def check_rle(rle: object) -> tuple[int, int, bytes, bool]:
+    """Validate a COCO compressed RLE without decoding it: (h, w, counts, any pixel set).
+
+    Raises PDLMError("corrupt mask RLE (...)") for anything pycocotools would misread.
+    """
+    try:
+        if not isinstance(rle, dict):
+            raise TypeError("a mask must be a COCO compressed RLE dict {'size': [h, w], 'counts': str}")
+        h, w = (int(v) for v in rle["size"])
+        counts = rle["counts"]
+        if not isinstance(counts, str):
+            raise ValueError("counts must be a compressed RLE string (uncompressed lists and polygons are "
+                             "not supported)")
+        counts = counts.encode("ascii")
+        runs = _rle_runs(counts)
+        if h < 0 or w < 0 or sum(runs) != h * w:
+            raise ValueError(f"run lengths do not add up to size {h}x{w}")
+    except (TypeError, KeyError, ValueError, UnicodeEncodeError) as e:
+        raise PDLMError(f"corrupt mask RLE ({type(e).__name__}: {e}).") from e
+    return h, w, counts, any(runs[1::2])  # runs alternate 0s and 1s, starting with 0s
+
+
+def decode_rle(rle: object) -> np.ndarray:
+    """Strictly decode a COCO compressed RLE to an (h, w) bool mask; PDLMError if corrupt (not if empty)."""
+    import pycocotools.mask
+
+    h, w, counts, _ = check_rle(rle)
+    with warnings.catch_warnings():  # pycocotools' NumPy 2 copy=False deprecation, not ours
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pycocotools.mask.decode({"size": [h, w], "counts": counts}).astype(bool)
