@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -39,6 +40,9 @@ log = logging.getLogger("pdlm-serve")
 # Request fields and their types; the defaults of gen_length / steps come from the checkpoint's sampler.json.
 FIELDS = {"image": str, "masks": list, "gen_length": int, "steps": int, "question": str, "cache": str,
           "unmask": str, "temperature": float, "top_p": float, "seed": int, "history": bool}
+
+
+EXTERNAL_SCRIPT = re.compile(rb'<script[^>]*\ssrc="https?://[^"]*"[^>]*>\s*</script>')
 
 
 class TooLarge(PDLMError):
@@ -243,7 +247,7 @@ def build_app(service: Service, max_body_bytes: int = 32 << 20):
     """The FastAPI app: JSON routes first, then the Gradio page mounted at `/`."""
     import gradio as gr
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
 
     from infer.serve_page import build_page
@@ -284,6 +288,17 @@ def build_app(service: Service, max_body_bytes: int = 32 << 20):
             return error(413, str(e))
         except PDLMError as e:
             return error(400, str(e))
+
+    @app.middleware("http")
+    async def local_assets_only(request: Request, call_next):
+        """Gradio's page links one script from a CDN (iframe-resizer, for embedding): drop it, so that the page
+        loads nothing from outside this server."""
+        response = await call_next(request)
+        if not response.headers.get("content-type", "").startswith("text/html"):
+            return response
+        body = EXTERNAL_SCRIPT.sub(b"", b"".join([chunk async for chunk in response.body_iterator]))
+        headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+        return Response(body, status_code=response.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
