@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import time
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -50,8 +51,12 @@ def partial_caption(tokenizer, ids, mask_id: int) -> str:
 
 
 def captions_html(captions: list[str]) -> str:
-    rows = "".join(f'<li style="color:{_hex(PALETTE[i % len(PALETTE)])}"><b>{i}</b>: '
-                   f'<span class="pdlm-caption">{html.escape(c) or "(empty)"}</span></li>' for i, c in enumerate(captions))
+    def row(i: int, caption: str) -> str:
+        colour = f'style="color:{_hex(PALETTE[i % len(PALETTE)])}"'
+        return (f'<li><b {colour}>{i}</b>: <span class="pdlm-caption" {colour}>{html.escape(caption) or "(empty)"}'
+                '</span></li>')
+
+    rows = "".join(row(i, c) for i, c in enumerate(captions))
     return f'<ol class="pdlm-captions" style="list-style:none;padding:0;font-size:1.1em">{rows}</ol>'
 
 
@@ -59,11 +64,18 @@ def error_html(message: str) -> str:
     return f'<div class="pdlm-error" style="color:#b00020;font-weight:bold">Error: {html.escape(message)}</div>'
 
 
+def open_mask(path: str) -> Image.Image:
+    try:
+        return Image.open(path).convert("L")
+    except Exception:
+        raise PDLMError(f"mask file {Path(path).name} is not an image Pillow can read; upload PNG masks") from None
+
+
 def page_inputs(image: Image.Image | None, files: list | None, editor: dict | None
                 ) -> tuple[Image.Image, list[np.ndarray]]:
     """The image and the region masks: the uploaded mask files, then every non-empty layer drawn in the editor
     (scaled to the image). Without an image, the editor's background (or a white canvas under the drawing)."""
-    layers = [layer[..., 3] > 0 for layer in (editor or {}).get("layers") or [] if layer.ndim == 3 and layer.shape[2] == 4]
+    layers = [layer[..., 3] > 0 for layer in (editor or {}).get("layers") or []]  # RGBA: drawn where opaque
     layers = [alpha for alpha in layers if alpha.any()]
     if image is None:
         background = (editor or {}).get("background")
@@ -74,7 +86,7 @@ def page_inputs(image: Image.Image | None, files: list | None, editor: dict | No
         else:
             raise PDLMError("no image: upload one, pick a preset, or draw regions on the blank canvas")
     image = image.convert("RGB")
-    masks = [Image.open(f).convert("L") for f in files or []] + [Image.fromarray(a) for a in layers]
+    masks = [open_mask(f) for f in files or []] + [Image.fromarray(a) for a in layers]
     masks = [np.asarray(m.resize(image.size, Image.Resampling.NEAREST)) > 0 for m in masks]
     if not masks:
         raise PDLMError("no mask: draw each region with the brush on its own layer, or upload mask files")
@@ -97,9 +109,9 @@ def build_page(service) -> gr.Blocks:
         try:
             image, masks = page_inputs(image, files, editor)
             cache, unmask = MODES[mode]
-            job = service.make_job(image, masks, dict(question=question, gen_length=int(gen_length),
-                                                       steps=int(steps), cache=cache, unmask=unmask, history=True))
-            result = service.caption(job)
+            settings = dict(question=question, gen_length=int(gen_length or 0), steps=int(steps or 0), cache=cache,
+                            unmask=unmask, history=True)
+            result = service.caption(service.make_job(image, masks, settings))
         except PDLMError as e:
             return None, error_html(str(e)), "", gr.update(), []
         captions = [r["caption"] for r in result["regions"]]

@@ -188,8 +188,9 @@ class RegionCaptioner:
         for bucket, group in groups.items():
             size = batch_size or len(group)
             for b in range(0, len(group), size):
-                compile_seconds += self._run(group[b:b + size], dataclasses.replace(bucket, batch=size, history=history),
-                                             steps, mode, temperature, top_p, seed, len(passes))
+                compile_seconds += self._run(group[b:b + size],
+                                             dataclasses.replace(bucket, batch=size, history=history), steps, mode,
+                                             temperature, top_p, seed, len(passes))
 
         results = []
         for i, (tiled, num_masks) in enumerate(images):
