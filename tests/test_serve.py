@@ -214,6 +214,12 @@ def test_page_runs_the_preset_replays_the_steps_and_captions_a_drawn_mask(server
         assert at_step_1 != CAPTIONS and sum(c.count("▢") for c in at_step_1) == 10
         page.screenshot(path=str(ARTEFACTS / "serve_step1.png"), full_page=True)
 
+        # Play replays steps 0..3 and ends on the final captions.
+        page.click("#play")
+        page.wait_for_function("() => document.querySelector('#step input[type=number]').value == '3' && "
+                               "!document.querySelector('#captions').innerText.includes('▢')")
+        assert page.locator("#captions .pdlm-caption").all_inner_texts() == CAPTIONS
+
         # The blank canvas preset, then one brush stroke on the editor's layer: one region to caption.
         page.locator("#presets button.thumbnail-item").nth(1).click()
         page.wait_for_function("() => !document.querySelector('#mask-files tr')")  # the preset has no mask files
