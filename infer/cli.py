@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-parser", action="store_true",
                    help="split captions with the reference demo's string parser (cuts at the first <|eot_id|>)")
     p.add_argument("--compilation-cache", metavar="DIR", help="persistent JAX compilation cache directory")
+    p.add_argument("--history", action="store_true",
+                   help="add \"history\" to the result: every region's slot tokens after each denoising step")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
     if _dataset is not None:
         _dataset.add_annotation_args(p)
@@ -130,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     result = handle.caption_regions(args.image, args.masks, gen_length=args.gen_length, steps=args.steps,
                                     temperature=args.temperature, top_p=args.top_p, question=args.prompt,
                                     seed=args.seed, reference_parser=args.reference_parser, cache=args.cache,
-                                    unmask=args.unmask)
+                                    unmask=args.unmask, history=args.history)
     log.info("done in %.2f s (%.2f s compiling), %d forwards, %.2f tokens/forward", result["seconds"],
              result["compile_seconds"], result["forwards"], result["tokens_per_forward"])
     if args.output:  # stdout is free: the captions, one line per region, then the files written

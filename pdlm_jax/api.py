@@ -99,6 +99,7 @@ class _Pass:
     bucket: pipeline.Bucket
     tokens: np.ndarray | None = None  # (k, G) in area order, once run
     forwards: int = 0
+    history: np.ndarray | None = None  # (forwards, k, G) slot tokens after each forward, when asked for
 
 
 class RegionCaptioner:
@@ -119,7 +120,7 @@ class RegionCaptioner:
                         steps: int | None = None,
                         temperature: float = 0.0, top_p: float = 1.0, question: str = DEFAULT_QUESTION, seed: int = 0,
                         reference_parser: bool = False, cache: str = "none", unmask: str = "remask",
-                        batch_size: int | None = None) -> dict | list[dict]:
+                        batch_size: int | None = None, history: bool = False) -> dict | list[dict]:
         """Caption every mask of `image`; returns a JSON-ready dict.
 
         image: path, PIL image, uint8 array or an already tiled `TiledImage`; masks: paths, PIL images or
@@ -141,10 +142,14 @@ class RegionCaptioner:
         "compile_seconds", "forwards" (LM forward passes, all chunks), "tokens_per_forward" (generated tokens /
         forwards)}. `reference_parser=True` takes captions from the reference demo's string parser (SPEC §10)
         instead of decoding each block's own tokens without special tokens.
+
+        `history=True` adds "history": the slot tokens after every forward, one entry per forward (all chunks
+        in turn), each a list with every region's gen_length ids in input order (the mask id where a slot is
+        still masked; regions of later chunks are all masks); its last entry equals the final token_ids.
         """
         settings = dict(gen_length=gen_length, steps=steps, temperature=temperature, top_p=top_p, question=question,
                         seed=seed, reference_parser=reference_parser, cache=cache, unmask=unmask,
-                        batch_size=batch_size)
+                        batch_size=batch_size, history=history)
         if masks is None:
             return self.caption_batch(image, **settings)
         return self.caption_batch([(image, masks)], **settings)[0]
@@ -153,7 +158,8 @@ class RegionCaptioner:
                       gen_length: int | None = None, steps: int | None = None, temperature: float = 0.0,
                       top_p: float = 1.0,
                       question: str = DEFAULT_QUESTION, seed: int = 0, reference_parser: bool = False,
-                      cache: str = "none", unmask: str = "remask", batch_size: int | None = None) -> list[dict]:
+                      cache: str = "none", unmask: str = "remask", batch_size: int | None = None,
+                      history: bool = False) -> list[dict]:
         """Caption many images: one result per (image, masks) pair, each as `caption_regions` gives it alone.
 
         The passes (chunks) of all images are grouped by bucket; the passes of one bucket run together as the
@@ -197,8 +203,9 @@ class RegionCaptioner:
         for bucket, group in groups.items():
             size = batch_size or len(group)
             for b in range(0, len(group), size):
-                compile_seconds += self._run(group[b:b + size], dataclasses.replace(bucket, batch=size), steps,
-                                             mode, temperature, top_p, seed, len(passes))
+                compile_seconds += self._run(group[b:b + size],
+                                             dataclasses.replace(bucket, batch=size, history=history), steps, mode,
+                                             temperature, top_p, seed, len(passes))
 
         results = []
         for i, (tiled, num_masks) in enumerate(images):
@@ -225,6 +232,8 @@ class RegionCaptioner:
                 "forwards": int(forwards),
                 "tokens_per_forward": num_masks * gen_length / forwards,
             })
+            if history:
+                results[-1]["history"] = self._history(mine, num_masks, gen_length).tolist()
         return results
 
     def _run(self, group: list[_Pass], bucket: pipeline.Bucket, steps: int, mode: pipeline.Mode,
@@ -234,9 +243,11 @@ class RegionCaptioner:
                 for p in group]
         schedules = [(p.prep.layout.num_regions * bucket.gen_length, steps) for p in group]
         inputs = pipeline.batch_inputs(rows, schedules, bucket, mode, temperature, top_p)
-        tokens, forwards, compile_seconds = self.program.run(bucket, inputs)
-        for p, t in zip(group, tokens):
+        tokens, forwards, compile_seconds, *history = self.program.run(bucket, inputs)
+        for row, (p, t) in enumerate(zip(group, tokens)):
             p.tokens, p.forwards = t[:p.prep.layout.num_regions], forwards
+            if history:
+                p.history = history[0][:, row, :p.prep.layout.num_regions]
             log.info("pass %d/%d: %d region(s), %d forwards%s", p.number + 1, total, len(p.members), forwards,
                      f" (batch of {len(group)})" if bucket.batch > 1 else "")
         if compile_seconds:
@@ -246,6 +257,17 @@ class RegionCaptioner:
     def answer(self, *args, **kwargs):
         raise PDLMError("this is a PerceptionDLM region-captioning checkpoint: give masks to caption_regions; "
                         "answering questions about a whole image needs a PerceptionDLM-Base checkpoint")
+
+    def _history(self, passes: list[_Pass], num_masks: int, gen_length: int) -> np.ndarray:
+        """(forwards, num_masks, G): one image's slot tokens after each forward of its passes, in chunk order."""
+        current = np.full((num_masks, gen_length), self.tokenizer.special.mask, np.int32)
+        steps = []
+        for p in passes:
+            regions = [p.members[local] for local in p.prep.order]  # area-order slot -> input index
+            for tokens in p.history:
+                current[regions] = tokens
+                steps.append(current.copy())
+        return np.stack(steps)
 
     def full_sequence(self, prep: PreparedRegions, tokens: np.ndarray) -> np.ndarray:
         """The reference's returned ids: the RoI-expanded prompt with the generated slots filled in."""

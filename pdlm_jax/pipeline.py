@@ -117,6 +117,7 @@ class Bucket:
     batch: int = 1  # rows (passes) per call
     prefix: bool = False  # prefix K/V cache mode
     threshold: bool = False  # confidence-threshold unmasking
+    history: bool = False  # also return the slot tokens after every step
 
     @property
     def slots(self) -> int:
@@ -209,7 +210,8 @@ def _row_embeddings(model, x: dict, cfg: PDLMConfig) -> jax.Array:
 
 
 def _caption_pass(graphdef, state, x: dict, *, cfg: PDLMConfig, mask_id: int, bucket: Bucket):
-    """The whole pass for a batch of rows; returns the slot tokens (B, regions·G) and the forwards run."""
+    """The whole pass for a batch of rows; returns the slot tokens (B, regions·G) and the forwards run (and with
+    `bucket.history`, the slot tokens after every step)."""
     model = nnx.merge(graphdef, state)
     lm = model.lm
     row_keys = ("pixel_values", "mask_patches", "prompt_ids", "grid", "roi_boxes", "input_ids", "image_positions",
@@ -250,12 +252,13 @@ def _caption_pass(graphdef, state, x: dict, *, cfg: PDLMConfig, mask_id: int, bu
 
         carry = embeds
 
-    common = dict(mask_id=mask_id, temperature=x["temperature"], top_p=x["top_p"],
-                  key=jax.vmap(jax.random.key)(x["seed"]), sample=bucket.sample, nucleus=bucket.nucleus, carry=carry)
+    sampler = sampling.Sampler(mask_id=mask_id, temperature=x["temperature"], top_p=x["top_p"],
+                               key=jax.vmap(jax.random.key)(x["seed"]), sample=bucket.sample, nucleus=bucket.nucleus,
+                               history=bucket.history)
     if bucket.threshold:
-        return sampling.denoise_threshold(logits_fn, x["slot_valid"], x["threshold"], block_size=bucket.gen_length,
-                                          **common)
-    return sampling.denoise(logits_fn, x["slot_valid"], x["counts"], x["num_forwards"], **common)
+        return sampling.denoise_threshold(logits_fn, x["slot_valid"], x["threshold"], bucket.gen_length, sampler,
+                                          carry)
+    return sampling.denoise(logits_fn, x["slot_valid"], x["counts"], x["num_forwards"], sampler, carry)
 
 
 class CaptionProgram:
@@ -298,12 +301,19 @@ class CaptionProgram:
         return self._compiled[bucket], time.perf_counter() - start
 
     def run(self, bucket: Bucket, inputs: dict) -> tuple[np.ndarray, int, float]:
-        """Slot tokens (batch, regions, G) int32, forwards run, compile seconds."""
+        """Slot tokens (batch, regions, G) int32, forwards run, compile seconds.
+
+        With `bucket.history` a fourth result: the slot tokens after each forward, (forwards, batch, regions, G).
+        """
         inputs = self.place(inputs)
         exe, compile_seconds = self.compiled(bucket, inputs)
-        tokens, forwards = exe(self.state, inputs)
-        tokens = np.asarray(jax.device_get(tokens)).reshape(bucket.batch, bucket.regions, bucket.gen_length)
-        return tokens, int(forwards), compile_seconds
+        tokens, forwards, *history = exe(self.state, inputs)
+        shape = (bucket.batch, bucket.regions, bucket.gen_length)
+        tokens, forwards = np.asarray(jax.device_get(tokens)).reshape(shape), int(forwards)
+        if bucket.history:
+            return tokens, forwards, compile_seconds, np.asarray(jax.device_get(history[0]))[:forwards].reshape(
+                forwards, *shape)
+        return tokens, forwards, compile_seconds
 
 
 def enable_compilation_cache(directory: str) -> None:

@@ -18,6 +18,7 @@ Differences from the reference, on purpose:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -123,94 +124,103 @@ def _propose(logits: jax.Array, step: jax.Array, keys: jax.Array | None, tempera
     return x0, _confidence(logits, x0)
 
 
-def _start(logits_fn: Callable, slot_valid: jax.Array, mask_id: int, temperature, top_p, key, sample: bool,
-           nucleus: bool, carry) -> tuple[jax.Array, Callable]:
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """The settings both samplers share: how each step proposes tokens, and what the loop records.
+
+    temperature / top_p may be traced values; greedy decoding (sample=False) ignores them and `key` (one
+    PRNG key, or one per row). `sample` (temperature > 0), `nucleus` (top_p < 1) and `history` (record the
+    slot tokens after every step) are static switches: each selects another program.
+    """
+
+    mask_id: int
+    temperature: jax.Array | float = 0.0
+    top_p: jax.Array | float = 1.0
+    key: jax.Array | None = None
+    sample: bool = False
+    nucleus: bool = False
+    history: bool = False
+
+
+def _start(logits_fn: Callable, slot_valid: jax.Array, sampler: Sampler, carry) -> tuple[jax.Array, Callable]:
     """The start tokens (every valid slot masked) and `propose(tokens, step, carry) -> (x0, log p(x0), carry)`,
     whether or not `logits_fn` takes a carry."""
-    tokens = jnp.where(slot_valid, mask_id, 0).astype(jnp.int32)
-    temperature = jnp.asarray(temperature, jnp.float32)
-    top_p = jnp.asarray(top_p, jnp.float32)
-    keys = _keys_per_row(key, tokens.shape[0])
+    tokens = jnp.where(slot_valid, sampler.mask_id, 0).astype(jnp.int32)
+    temperature = jnp.asarray(sampler.temperature, jnp.float32)
+    top_p = jnp.asarray(sampler.top_p, jnp.float32)
+    keys = _keys_per_row(sampler.key, tokens.shape[0])
     forward = logits_fn if carry is not None else (lambda t, s, c: (logits_fn(t, s), c))
 
     def propose(tokens, step, carry):
         logits, carry = forward(tokens, step, carry)
-        return *_propose(logits.astype(jnp.float32), step, keys, temperature, top_p, sample, nucleus), carry
+        return (*_propose(logits.astype(jnp.float32), step, keys, temperature, top_p, sampler.sample,
+                          sampler.nucleus), carry)
 
     return tokens, propose
 
 
-def denoise(
-    logits_fn: LogitsFn,
-    slot_valid: jax.Array,
-    counts: jax.Array,
-    num_forwards: jax.Array,
-    *,
-    mask_id: int,
-    temperature: jax.Array | float = 0.0,
-    top_p: jax.Array | float = 1.0,
-    key: jax.Array | None = None,
-    sample: bool = False,
-    nucleus: bool = False,
-    carry=None,
-) -> tuple[jax.Array, jax.Array]:
-    """Run the low-confidence re-masking sampler; returns (slot tokens (B, N) int32, forwards run).
+def _history_buffer(sampler: Sampler, max_steps: int, tokens: jax.Array) -> jax.Array | None:
+    """The preallocated (max_steps, B, N) record of the slot tokens after each step, when asked for."""
+    return jnp.zeros((max_steps, *tokens.shape), jnp.int32) if sampler.history else None
+
+
+def _record(history: jax.Array | None, step: jax.Array, tokens: jax.Array) -> jax.Array | None:
+    return None if history is None else history.at[step].set(tokens)
+
+
+def denoise(logits_fn: LogitsFn, slot_valid: jax.Array, counts: jax.Array, num_forwards: jax.Array,
+            sampler: Sampler, carry=None) -> tuple[jax.Array, ...]:
+    """Run the low-confidence re-masking sampler; returns (slot tokens (B, N) int32, forwards run), and with
+    `sampler.history` also the slot tokens after every step (S_max, B, N) (entries past the forwards run: 0).
 
     slot_valid (B, N) bool marks real generation slots (False = padding, never masked, never chosen);
     counts (B, S_max) int32 comes from `schedule_array`; num_forwards is its forward count (may be traced).
-    `sample` / `nucleus` are static switches (temperature > 0, top_p < 1); greedy decoding ignores both
-    values and `key` (one key, or one per row). With `carry` (model state that changes across steps, e.g. a
-    K/V cache) `logits_fn(tokens, step, carry)` returns (logits, carry). Traceable: call it inside a jit.
+    With `carry` (model state that changes across steps, e.g. a K/V cache) `logits_fn(tokens, step, carry)`
+    returns (logits, carry). Traceable: call it inside a jit.
     """
-    tokens, propose = _start(logits_fn, slot_valid, mask_id, temperature, top_p, key, sample, nucleus, carry)
+    tokens, propose = _start(logits_fn, slot_valid, sampler, carry)
 
     def step(s, state):
-        tokens, masked, carry = state
+        tokens, masked, carry, history = state
         x0, conf, carry = propose(tokens, s, carry)
         tokens = jnp.where(masked, x0, tokens)  # commit into currently masked slots only
         masked = _remask(conf, slot_valid, counts[:, s])
-        return jnp.where(masked, mask_id, tokens), masked, carry
+        tokens = jnp.where(masked, sampler.mask_id, tokens)
+        return tokens, masked, carry, _record(history, s, tokens)
 
-    tokens, _, _ = jax.lax.fori_loop(0, num_forwards, step, (tokens, slot_valid, carry))
-    return tokens, jnp.asarray(num_forwards, jnp.int32)
+    history = _history_buffer(sampler, counts.shape[1], tokens)
+    tokens, _, _, history = jax.lax.fori_loop(0, num_forwards, step, (tokens, slot_valid, carry, history))
+    forwards = jnp.asarray(num_forwards, jnp.int32)
+    return (tokens, forwards) if history is None else (tokens, forwards, history)
 
 
-def denoise_threshold(
-    logits_fn: LogitsFn,
-    slot_valid: jax.Array,
-    threshold: jax.Array | float,
-    *,
-    block_size: int,
-    mask_id: int,
-    temperature: jax.Array | float = 0.0,
-    top_p: jax.Array | float = 1.0,
-    key: jax.Array | None = None,
-    sample: bool = False,
-    nucleus: bool = False,
-    carry=None,
-) -> tuple[jax.Array, jax.Array]:
+def denoise_threshold(logits_fn: LogitsFn, slot_valid: jax.Array, threshold: jax.Array | float, block_size: int,
+                      sampler: Sampler, carry=None) -> tuple[jax.Array, ...]:
     """Confidence-threshold parallel decoding (Fast-dLLM); returns (slot tokens (B, N), forwards run).
 
     Not the reference's sampler: each forward commits, for good, every masked slot whose p(x0) exceeds
     `threshold`, and at least the most confident still-masked slot of every caption block (the N slots are
     blocks of `block_size` = G, one per region), so the loop ends after at most G forwards, when no slot is
-    masked. Arguments as in `denoise`.
+    masked. Arguments and results as in `denoise` (the history has block_size entries).
     """
-    tokens, propose = _start(logits_fn, slot_valid, mask_id, temperature, top_p, key, sample, nucleus, carry)
+    tokens, propose = _start(logits_fn, slot_valid, sampler, carry)
     log_threshold = jnp.log(jnp.asarray(threshold, jnp.float32))
     B, N = tokens.shape
 
     def step(state):
-        s, tokens, masked, carry = state
+        s, tokens, masked, carry, history = state
         x0, conf, carry = propose(tokens, s, carry)
         conf = jnp.where(masked, conf, -jnp.inf).reshape(B, N // block_size, block_size)
         best = jax.nn.one_hot(jnp.argmax(conf, axis=-1), block_size, dtype=bool)  # ties -> lowest position
         commit = masked & ((conf > log_threshold) | best).reshape(B, N)
-        return s + 1, jnp.where(commit, x0, tokens), masked & ~commit, carry
+        tokens = jnp.where(commit, x0, tokens)
+        return s + 1, tokens, masked & ~commit, carry, _record(history, s, tokens)
 
     def running(state):
-        s, _, masked, _ = state
+        s, _, masked, _, _ = state
         return (s < block_size) & jnp.any(masked)
 
-    forwards, tokens, _, _ = jax.lax.while_loop(running, step, (jnp.int32(0), tokens, slot_valid, carry))
-    return tokens, forwards
+    history = _history_buffer(sampler, block_size, tokens)
+    forwards, tokens, _, _, history = jax.lax.while_loop(running, step,
+                                                         (jnp.int32(0), tokens, slot_valid, carry, history))
+    return (tokens, forwards) if history is None else (tokens, forwards, history)

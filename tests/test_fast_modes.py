@@ -94,7 +94,7 @@ def test_threshold_near_one_commits_one_slot_per_caption_per_step():
 
 def _threshold(logits, valid, tau, block):
     fn = jax.jit(functools.partial(sampling.denoise_threshold, lambda tok, s: logits[s], block_size=block,
-                                   mask_id=99))
+                                   sampler=sampling.Sampler(mask_id=99)))
     return fn(jnp.asarray(valid), jnp.float32(tau))
 
 
@@ -137,3 +137,18 @@ def test_bad_mode_strings(cache, unmask, message):
 def test_mode_names():
     assert Mode.parse().name == "exact" and Mode.parse().exact
     assert Mode.parse("prefix:4", "threshold:0.5").name == "prefix:4+threshold:0.5"
+
+
+def test_threshold_history_shows_each_commit():
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(4, 1, 8, 7)).astype(np.float32))
+    fn = jax.jit(functools.partial(sampling.denoise_threshold, lambda tok, s: logits[s], block_size=4,
+                                   sampler=sampling.Sampler(mask_id=99, history=True)))
+    tokens, forwards, history = fn(jnp.ones((1, 8), bool), jnp.float32(0.99))
+    history = np.asarray(history)[: int(forwards)]
+    np.testing.assert_array_equal(history[-1], np.asarray(tokens))
+    # Low confidences: one slot per block of 4 is committed per step, and committed slots never change.
+    assert (history[:, 0] == 99).sum(-1).tolist() == [6, 4, 2, 0]
+    for s in range(1, len(history)):
+        kept = history[s - 1] != 99
+        np.testing.assert_array_equal(history[s][kept], history[s - 1][kept])

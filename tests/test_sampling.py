@@ -15,7 +15,7 @@ REPLAY_FIXTURES = ("tiny_v1", "tiny_v1_roi4", "tiny_v1_wide")  # demo512 stores 
 
 def _run(logits_fn, valid, rows, max_steps, **kw):
     counts, forwards = sampling.schedule_array(rows, max_steps)
-    fn = jax.jit(functools.partial(sampling.denoise, logits_fn, **kw))
+    fn = jax.jit(functools.partial(sampling.denoise, logits_fn, sampler=sampling.Sampler(**kw)))
     return fn(jnp.asarray(valid), jnp.asarray(counts), jnp.int32(forwards))
 
 
@@ -134,3 +134,21 @@ def test_nucleus_mass():
     np.testing.assert_array_equal(kept, [[True, True, False, False]])
     kept = np.isfinite(np.asarray(sampling._nucleus(logits, jnp.float32(1.0), jnp.float32(0.81))))
     np.testing.assert_array_equal(kept, [[True, True, True, False]])
+
+
+def test_history_records_the_tokens_after_every_step():
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(5, 2, 6, 9)).astype(np.float32))
+    valid = np.ones((2, 6), bool)
+    valid[1, 4:] = False
+    plain = _run(lambda tok, s: logits[s], valid, [(6, 5), (4, 3)], 5, mask_id=99)
+    tokens, forwards, history = _run(lambda tok, s: logits[s], valid, [(6, 5), (4, 3)], 5, mask_id=99, history=True)
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(plain[0]))
+    history = np.asarray(history)
+    assert history.shape == (5, 2, 6) and int(forwards) == 5
+    np.testing.assert_array_equal(history[-1], np.asarray(tokens))
+    # Row 0 re-masks 4, 3, 2, 1, 0 of its 6 slots after each step; row 1 (3 steps) stays final afterwards.
+    assert (history[:, 0] == 99).sum(-1).tolist() == [4, 3, 2, 1, 0]
+    assert (history[:, 1, :4] == 99).sum(-1).tolist() == [2, 1, 0, 0, 0]
+    # Decided tokens are those of the final output wherever a slot is no longer masked at the last steps.
+    np.testing.assert_array_equal(history[2, 1], np.asarray(tokens)[1])
