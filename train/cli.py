@@ -79,8 +79,7 @@ def train(cfg, progress: bool = True, callback=None) -> dict:
                                process_index=jax.process_index(), process_count=jax.process_count())
     total = cfg.run.max_steps or pipe.steps_per_epoch * cfg.data.epochs
     mesh = shd.make_mesh(cfg.run.mesh)
-    trainer = step_lib.make_trainer(model_cfg, cfg.model.dtype, mesh, cfg.optim, total, tokenizer.special.mask,
-                                    seed=cfg.run.seed, remat=cfg.model.remat)
+    trainer = step_lib.trainer_for(cfg, model_cfg, mesh, total, tokenizer.special.mask)
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
@@ -89,19 +88,18 @@ def train(cfg, progress: bool = True, callback=None) -> dict:
 
     shapes = {p: jax.ShapeDtypeStruct(s, np.float32) for p, s in keymap.expected_shapes(model_cfg).items()}
     abstract = trainer.abstract_state(pdlm_ckpt.nest(shapes), cfg.model.freeze)
-    resumed = checkpointing.restore(mgr, abstract, iterator)
+    resumed = checkpointing.restore(mgr, trainer.checkpointed(abstract), iterator)
+    start, state = resumed or (0, None)
     if resumed is not None:
-        start, state = resumed
         log.info("resumed from %s at step %d", mgr.directory, start)
-    else:
-        start = 0
+    if state is None or cfg.lora.enabled:  # LoRA checkpoints hold the adapters; the base is loaded again
         if cfg.model.init_from:
             _, params = pdlm_ckpt.restore_params(cfg.model.init_from, dtype=np.float32,
                                                  shardings=shd.param_shardings(pdlm_ckpt.nest(shapes), mesh))
         else:
             params = step_lib.init_params(model_cfg, cfg.run.seed, mesh, cfg.model.mask_embed_init_std,
                                           cfg.model.vision_pos_embed_init)
-        state = trainer.init_state(params, cfg.model.freeze)
+        state = {**trainer.init_state(params, cfg.model.freeze), **(state or {})}
         del params
 
     is_main = jax.process_index() == 0
@@ -133,7 +131,7 @@ def train(cfg, progress: bool = True, callback=None) -> dict:
                     bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in record.items()))
             if (step + 1) % cfg.run.save_every == 0 or step + 1 == total:
-                checkpointing.save(mgr, step + 1, state, iterator)
+                checkpointing.save(mgr, step + 1, trainer.checkpointed(state), iterator)
             if callback is not None:
                 callback(step + 1, record)
         mgr.wait_until_finished()
@@ -144,15 +142,20 @@ def train(cfg, progress: bool = True, callback=None) -> dict:
             log_file.close()
     exported = None
     if cfg.run.export:
-        params = checkpointing.full_params(state)
+        params, adapters = trainer.model_params(state), (state["params"] if cfg.lora.enabled else None)
         if jax.process_count() > 1:  # every process takes part in gathering the sharded params
             from jax.experimental import multihost_utils
-            params = multihost_utils.process_allgather(params, tiled=True)
-        path = checkpointing.export(out / "export", model_cfg, params, cfg.tokenizer_dir(), cfg.sampler(),
-                                    {"config": cfg.to_dict(), "steps": total, "final_loss": losses[-1:]})
+            params, adapters = multihost_utils.process_allgather((params, adapters), tiled=True)
+        sampler = checkpointing.sampler_for(cfg.sampler(), cfg.model.init_from)
+        provenance = {"config": cfg.to_dict(), "steps": total, "final_loss": losses[-1:]}
+        path = checkpointing.export(out / "export", model_cfg, params, cfg.tokenizer_dir(), sampler, provenance)
         if is_main:  # the export is collective; process 0 reports it
             exported = path
             log.info("exported %s", exported)
+            if adapters is not None:
+                log.info("exported the LoRA adapters to %s", checkpointing.export_adapter(
+                    out / "adapter", adapters, cfg.lora, model_cfg, cfg.tokenizer_dir(), sampler,
+                    {**provenance, "base": cfg.model.init_from}))
     return {"losses": losses, "export": exported, "state": state}
 
 

@@ -1,7 +1,8 @@
 """Training configuration: a YAML file plus `key=value` command-line overrides -> frozen dataclasses.
 
 Sections: `model` (architecture / initial weights / precision / freezing), `data` (train.data.DataConfig),
-`optim` (AdamW + cosine schedule, SPEC §11.4 defaults), `run` (mesh, output, logging, checkpoints).
+`optim` (AdamW + cosine schedule, SPEC §11.4 defaults), `run` (mesh, output, logging, checkpoints),
+`lora` (pdlm_jax.lora.LoraConfig: rank > 0 trains LoRA adapters only).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import yaml
 
 from pdlm_jax.config import PDLMConfig, SamplerConfig, preset
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.lora import LoraConfig
 from train.data import DataConfig
 
 MODULE_GROUPS = ("vision", "mask_embed", "projector", "lm")  # top-level parameter groups (freezable)
@@ -75,6 +77,7 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     run: RunConfig = RunConfig()
+    lora: LoraConfig = LoraConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,7 +141,7 @@ def _build(cls, values: dict, where: str):
     return cls(**kwargs)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig, "lora": LoraConfig}
 
 
 def from_dict(d: dict) -> TrainConfig:
@@ -162,6 +165,9 @@ def from_dict(d: dict) -> TrainConfig:
         raise PDLMError(f"data.synthetic_rotated is a fraction in [0, 1], got {cfg.data.synthetic_rotated}")
     if not 0.0 <= cfg.optim.noise_t_min < 1.0:
         raise PDLMError(f"optim.noise_t_min must be in [0, 1), got {cfg.optim.noise_t_min}")
+    cfg.lora.check()
+    if cfg.lora.enabled and cfg.model.freeze:
+        raise PDLMError("model.freeze has no effect with LoRA (lora.rank > 0 trains only the adapters); remove it")
     return cfg
 
 
