@@ -75,7 +75,7 @@ def _path(path: tuple) -> str:
 
 def targets(model: nnx.Module, lora: LoraConfig) -> list[tuple[str, nnx.Linear]]:
     """The nnx.Linear layers whose module path fully matches `lora.target` (PDLMError if none)."""
-    linears = [(_path(p), m) for p, m in model.iter_modules() if isinstance(m, nnx.Linear)]
+    linears = [(_path(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)]
     chosen = [(p, m) for p, m in linears if re.fullmatch(lora.target, p)]
     if not chosen:
         raise PDLMError(f"lora.target {lora.target!r} matches no linear layer; module paths are e.g. "
@@ -125,7 +125,7 @@ def tag_paths(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     """Set `qwix_path` on every module (qwix matches its rules' module_path against it; a module merged
     from a graphdef keeps it); returns [(path, module)]."""
     out = []
-    for path, module in model.iter_modules():
+    for path, module in nnx.iter_modules(model):
         module.qwix_path = path
         out.append((_path(path), module))
     return out
