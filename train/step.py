@@ -180,12 +180,17 @@ class Trainer:
                    "tokens": jnp.sum(batch["valid"])}
         return new_state, metrics
 
-    def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
-        """One optimizer update on a global batch (dict of jax.Arrays from `put_batch`)."""
+    def jitted_step(self) -> Callable:
+        """The jitted update (state, batch) -> (state, metrics), state donated; call `abstract_state` or
+        `init_state` first. Ahead of time: `.lower(abstract_state, batch ShapeDtypeStructs).compile()`."""
         if self._step is None:
             self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, None),
                                  out_shardings=(self.state_shardings, shd.replicated(self.mesh)), donate_argnums=0)
-        return self._step(state, batch)
+        return self._step
+
+    def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        """One optimizer update on a global batch (dict of jax.Arrays from `put_batch`)."""
+        return self.jitted_step()(state, batch)
 
     def put_batch(self, local_batch: dict) -> dict:
         """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
