@@ -52,15 +52,16 @@ def test_adapted_forward_equals_merged_weights():
     assert np.abs(np.asarray(ignored) - np.asarray(merged)).max() > 1e-2
 
 
-@pytest.mark.parametrize("section, message", [
-    ({"rank": -1}, "non-negative"),
-    ({"rank": 4, "alpha": 0}, "alpha"),
-    ({"rank": 4, "target": "lm/("}, "regular expression"),
-    ({"rank": 4, "bogus": 1}, "unknown keys"),
+@pytest.mark.parametrize("config, message", [
+    ({"lora": {"rank": -1}}, "non-negative"),
+    ({"lora": {"rank": 4, "alpha": 0}}, "alpha"),
+    ({"lora": {"rank": 4, "target": "lm/("}}, "regular expression"),
+    ({"lora": {"rank": 4, "bogus": 1}}, "unknown keys"),
+    ({"lora": {"rank": 4}, "model": {"freeze": ["vision"]}}, "model.freeze has no effect"),
 ])
-def test_bad_lora_config(section, message):
+def test_bad_lora_config(config, message):
     with pytest.raises(PDLMError, match=message):
-        train_config.from_dict({"lora": section})
+        train_config.from_dict(config)
 
 
 def test_target_matching_nothing_names_the_paths():
@@ -133,6 +134,14 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(tmp_path):
     spec, adapters = lora.load_adapter(adapter, cfg)
     np.testing.assert_allclose(flatten(merged_params)["lm/layers/mlp/up/kernel"],
                                flatten(lora.merge(stored, adapters, spec))["lm/layers/mlp/up/kernel"], atol=1e-6)
+    # train.export of a kept step: merged weights as the run's own export, or the adapter directory
+    from train.export import export_step
+    again = export_step(tmp_path / "a", tmp_path / "merged4")
+    np.testing.assert_allclose(flatten(restore_params(again, dtype=np.float32)[1])["lm/layers/attn/q/kernel"],
+                               flatten(merged_params)["lm/layers/attn/q/kernel"], atol=1e-6)
+    _, adapters4 = lora.load_adapter(export_step(tmp_path / "a", tmp_path / "adapter4", adapter=True), cfg)
+    np.testing.assert_array_equal(flatten(adapters4)["lm/layers/attn/q/kernel_lora_b"],
+                                  flatten(adapters)["lm/layers/attn/q/kernel_lora_b"])
     # an adapter refuses a base of another architecture
     other = preset("tiny-roi4")
     with pytest.raises(PDLMError, match="different base model"):

@@ -14,7 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-from pdlm_jax import lora as lora_lib
 from pdlm_jax.errors import PDLMError
 
 
@@ -35,14 +34,15 @@ def export_step(run_dir: str | Path, out: str | Path, step: int | None = None, a
     state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     model_cfg, sampler = cfg.model_config(), checkpointing.sampler_for(cfg.sampler(), cfg.model.init_from)
     provenance = {"config": cfg.to_dict(), "steps": step}
-    if adapter and not cfg.lora.enabled:
-        raise PDLMError(f"--adapter: {run_dir} is not a LoRA run (lora.rank is 0)")
     if adapter:
+        if not cfg.lora.enabled:
+            raise PDLMError(f"--adapter: {run_dir} is not a LoRA run (lora.rank is 0)")
         return checkpointing.export_adapter(out, state["params"], cfg.lora, model_cfg, cfg.tokenizer_dir(), sampler,
                                             {**provenance, "base": cfg.model.init_from})
     if cfg.lora.enabled:  # the checkpoint holds the adapters; the frozen base comes from where training began
-        params = _base_params(cfg, model_cfg)
-        params = lora_lib.merge(params, state["params"], cfg.lora)
+        from pdlm_jax import lora
+
+        params = lora.merge(_base_params(cfg, model_cfg), state["params"], cfg.lora)
     else:
         params = checkpointing.full_params(state)
     return checkpointing.export(out, model_cfg, params, cfg.tokenizer_dir(), sampler, provenance)
