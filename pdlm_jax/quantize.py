@@ -35,7 +35,8 @@ def check_mode(mode: str) -> None:
 
 def quantize_model(model: nnx.Module, mode: str = "int8") -> tuple[nnx.Module, Callable[[Callable], Callable]]:
     """Quantize every linear kernel of `model` in place; returns (model, tracer): wrap the functions that
-    trace the model's programs with `tracer` (`lora.under`)."""
+    trace the model's programs with `tracer` (`lora.under`). Needs concrete weights: for an abstract plan
+    see `abstract`."""
     import qwix
     from qwix._src.core.qarray import HowToQuantize  # qwix's PTQ weight container and its recipe
     from qwix._src.providers.ptq import WithAux
@@ -51,7 +52,7 @@ def quantize_model(model: nnx.Module, mode: str = "int8") -> tuple[nnx.Module, C
     paths = []
     for path, module in tag_paths(model):
         if isinstance(module, nnx.Linear):
-            kernel = module.kernel[...]
+            kernel = module.kernel.get_value()
             fn = one
             for _ in kernel.shape[:-2]:  # stacked layers: a scale per layer and output channel
                 fn = jax.vmap(fn)
@@ -61,6 +62,21 @@ def quantize_model(model: nnx.Module, mode: str = "int8") -> tuple[nnx.Module, C
     rule = qwix.QuantizationRule(module_path="|".join(map(re.escape, paths)), op_names=("dot_general",),
                                  weight_qtype=qtype)
     return model, under(qwix.PtqProvider([rule]))
+
+
+def abstract(make_model: Callable[[], nnx.Module], mode: str = "int8"):
+    """(graphdef, abstract state, tracer) of the quantized model `make_model()` builds, without allocating
+    it (ahead-of-time plans: `jax.jit(tracer(fn)).lower(state, ...)`). An nnx.eval_shape model cannot be
+    quantized directly: qwix's weight container holds no arrays there, so nnx keeps it out of the state."""
+    out = {}
+
+    def build():
+        model, out["tracer"] = quantize_model(make_model(), mode)
+        out["graphdef"], state = nnx.split(model)
+        return state
+
+    state = jax.eval_shape(build)
+    return out["graphdef"], state, out["tracer"]
 
 
 def weight_bytes(model: nnx.Module) -> int:

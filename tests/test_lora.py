@@ -134,6 +134,15 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(tmp_path):
     spec, adapters = lora.load_adapter(adapter, cfg)
     np.testing.assert_allclose(flatten(merged_params)["lm/layers/mlp/up/kernel"],
                                flatten(lora.merge(stored, adapters, spec))["lm/layers/mlp/up/kernel"], atol=1e-6)
+    # pdlm-infer --adapter: the adapter's sampler.json (2 slots) and weights; a non-adapter directory is refused
+    from infer.cli import main as infer_main
+    image, masks = synthetic.write_scene(scene, tmp_path / "scene")
+    args = ["--checkpoint", str(base), "--image", str(image), "--masks", *map(str, masks), "--dtype", "float32",
+            "--quiet", "--output"]
+    assert infer_main(args + [str(tmp_path / "r.json"), "--adapter", str(adapter)]) == 0
+    cli = json.loads((tmp_path / "r.json").read_text())
+    assert [r["token_ids"] for r in cli["regions"]] == [r["token_ids"] for r in merged["regions"]]
+    assert infer_main(args + [str(tmp_path / "x.json"), "--adapter", str(base)]) == 2
     # train.export of a kept step: merged weights as the run's own export, or the adapter directory
     from train.export import export_step
     again = export_step(tmp_path / "a", tmp_path / "merged4")

@@ -48,3 +48,14 @@ def test_infer_cli_int8_on_demo_model(tmp_path):
                  "--quiet"]) == 0
     captions = [r["caption"] for r in json.loads(out.read_text())["regions"]]
     assert captions == json.loads((DEMO_SCENE / "captions.json").read_text())
+
+
+def test_abstract_int8_plan_compiles_without_weights():
+    cfg = preset("tiny")
+    graphdef, state, tracer = quantize.abstract(lambda: PerceptionDLM(cfg, rngs=nnx.Rngs(0)))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+    assert {str(x.dtype) for x in jax.tree.leaves(state)} == {"float32", "int8"}
+    x = jax.ShapeDtypeStruct((1, 7, cfg.lm.hidden_size), np.float32)
+    compiled = jax.jit(tracer(lambda s, x: nnx.merge(graphdef, s).lm(x))).lower(state, x).compile()
+    int8_bytes = sum(x.size for x in jax.tree.leaves(state) if x.dtype == np.int8)
+    assert compiled.memory_analysis().argument_size_in_bytes >= int8_bytes
