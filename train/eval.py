@@ -45,6 +45,7 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
     agree = {"tokens": 0, "captions": 0, "slots": 0, "plain_correct": 0}
     confusions: dict[str, int] = {}
     by_shapes: dict[int, list[int]] = {}  # number of shapes in the scene -> [correct, regions]
+    by_color: dict[str, list[int]] = {}  # colour word of the true caption -> [correct, regions]
     start = time.perf_counter()
     for i in range(scenes):
         scene = synthetic.make_scene(seed, i, rotated=rotated, colors=colors)
@@ -60,8 +61,9 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
         tally = by_shapes.setdefault(len(scene.masks), [0, 0])
         for truth, region in zip(scene.captions, result["regions"]):
             ok = normalise(region["caption"]) == normalise(truth)
-            tally[0] += ok
-            tally[1] += 1
+            for t in (tally, by_color.setdefault(truth.split()[1], [0, 0])):
+                t[0] += ok
+                t[1] += 1
             if not ok:
                 key = f"{truth} -> {region['caption']!r}"
                 confusions[key] = confusions.get(key, 0) + 1
@@ -71,6 +73,7 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
     return {"scenes": scenes, "regions": total, "correct": correct, "accuracy": correct / max(total, 1),
             "by_num_shapes": {k: {"correct": c, "regions": n, "accuracy": c / n}
                               for k, (c, n) in sorted(by_shapes.items())},
+            "by_color": {k: {"correct": c, "regions": n, "accuracy": c / n} for k, (c, n) in sorted(by_color.items())},
             "gen_length": gen_length, "steps": steps, "cache": cache, "unmask": unmask, "dtype": dtype,
             "rotated": rotated, "colors": list(colors), "quantize": quantize, "adapter": adapter,
             **({"token_agreement": agree["tokens"] / max(agree["slots"], 1),
