@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA adapter directory (pdlm-train's run.output_dir/adapter) to apply to --checkpoint; "
                         "its sampler.json and tokenizer take precedence")
     p.add_argument("--quantize", choices=("none", "int8"), default="none",
-                   help="int8: weight-only int8 linear layers (qwix PTQ; about a quarter of the float32 weight memory)")
+                   help="int8: linear-layer weights stored as int8 with per-channel scales (qwix PTQ; half of bf16)")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
                    help="attention kernel; auto = cuDNN flash attention on GPU in bf16, else XLA")
     p.add_argument("--output", type=Path, help="write the result JSON here (default: print it)")

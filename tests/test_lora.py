@@ -47,7 +47,7 @@ def test_adapted_forward_equals_merged_weights():
     adapted = jax.jit(lora.under(lora.provider(spec))(forward))(lora.combine(base, adapters))
     ignored = jax.jit(forward)(lora.combine(base, adapters))  # no qwix: the adapters do nothing
     plain_graphdef = nnx.split(PerceptionDLM(cfg, rngs=nnx.Rngs(0)))[0]
-    merged = nnx.merge(plain_graphdef, lora.merge(base, adapters, spec)).lm(x)
+    merged = jax.jit(lambda s: nnx.merge(plain_graphdef, s).lm(x))(lora.merge(base, adapters, spec))
     np.testing.assert_allclose(adapted, merged, atol=2e-5, rtol=1e-4)
     assert np.abs(np.asarray(ignored) - np.asarray(merged)).max() > 1e-2
 
