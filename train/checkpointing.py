@@ -2,9 +2,9 @@
 
 A training checkpoint holds the train state (params, frozen params, optimizer, step) and the data
 iterator position, so a resumed run continues exactly; with LoRA it holds the adapters, their optimizer
-state and the step, not the frozen base. A LoRA run also exports its adapters (`export_adapter`). The export is a pdlm-jax checkpoint directory
+state and the step, not the frozen base. The export is a pdlm-jax checkpoint directory
 (pdlm_jax/checkpoint.py layout: config.json, params/, tokenizer files) that `pdlm-infer --checkpoint`
-and `pdlm_jax.load` read directly.
+and `pdlm_jax.load` read directly; a LoRA run also exports its adapters (`export_adapter`).
 """
 
 from __future__ import annotations
