@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unmask", default="remask", metavar="MODE",
                    help="'remask' (the reference's schedule) or opt-in 'threshold:TAU': commit every slot with "
                         "confidence > TAU, at least one per caption per step (approximate, fewer forwards)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="LoRA adapter directory (pdlm-train's run.output_dir/adapter) to apply to --checkpoint; "
+                        "its sampler.json and tokenizer take precedence")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="int8: linear-layer weights stored as int8 with per-channel scales (qwix PTQ; half of bf16)")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
                    help="attention kernel; auto = cuDNN flash attention on GPU in bf16, else XLA")
     p.add_argument("--output", type=Path, help="write the result JSON here (default: print it)")
@@ -83,7 +88,8 @@ def _fill_defaults(args: argparse.Namespace) -> None:
         args.output = args.output or Path("demo_result.json")
         args.visualize = args.visualize or "demo_overlay.png"
     if args.gen_length is None or args.steps is None:
-        defaults = sampler_defaults(args.checkpoint)
+        defaults = sampler_defaults(args.adapter if args.adapter and (Path(args.adapter) / "sampler.json").exists()
+                                    else args.checkpoint)
         args.gen_length = defaults["gen_length"] if args.gen_length is None else args.gen_length
         args.steps = defaults["steps"] if args.steps is None else args.steps
 
@@ -117,7 +123,8 @@ def _run(args: argparse.Namespace) -> int:
     def load():
         log.info("loading checkpoint %s (%s)", args.checkpoint, args.dtype)
         return pdlm_jax.load(args.checkpoint, dtype=args.dtype, compilation_cache=args.compilation_cache,
-                             mesh=args.mesh, attention=args.attention)
+                             mesh=args.mesh, attention=args.attention, adapter=args.adapter,
+                             quantize=None if args.quantize == "none" else args.quantize)
 
     if _answer.wants_answer(args):
         return _answer.run_question(args, load)

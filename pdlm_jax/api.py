@@ -106,14 +106,14 @@ class RegionCaptioner:
     """A loaded model, its tokenizer and its compiled programs (one per input bucket).
 
     `sampler`: the gen_length and steps used when a call gives none (a checkpoint's sampler.json), else
-    the reference's 32/32.
+    the reference's 32/32. `trace`: wraps the program's lowering (pdlm_jax.quantize for int8 weights).
     """
 
     def __init__(self, cfg: PDLMConfig, model: PerceptionDLM, tokenizer: Tokenizer, mesh: Mesh | None = None,
-                 sampler: dict | None = None):
+                 sampler: dict | None = None, trace=None):
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
         self.sampler = sampler or {"gen_length": SamplerConfig.gen_length, "steps": SamplerConfig.steps}
-        self.program = pipeline.CaptionProgram(model, cfg, tokenizer.special.mask, mesh)
+        self.program = pipeline.CaptionProgram(model, cfg, tokenizer.special.mask, mesh, trace)
 
     def caption_regions(self, image: ImageInput | TiledImage | Sequence[tuple],
                         masks: Sequence[MaskInput] | None = None, gen_length: int | None = None,
@@ -283,7 +283,8 @@ class RegionCaptioner:
 
 
 def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilation_cache: str | Path | None = None,
-         mesh: str | dict | Mesh | None = None, attention: str = "auto") -> RegionCaptioner:
+         mesh: str | dict | Mesh | None = None, attention: str = "auto", adapter: str | Path | None = None,
+         quantize: str | None = None) -> RegionCaptioner:
     """Load a checkpoint converted by `pdlm-convert` (config, weights, tokenizer) for region captioning.
 
     With no argument: the embedded demo model (`DEMO_MODEL`). The handle's gen_length / steps defaults come
@@ -295,6 +296,9 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     the same buckets. mesh: shard over devices, e.g. "data:2,fsdp:2,tensor:2" (`sharding.make_mesh`; one size
     may be -1): parameters are restored straight into their shardings (a dimension that does not divide its
     mesh axes is replicated) and batches are split over data × fsdp. attention: see `attention_implementation`.
+    adapter: a LoRA adapter directory (pdlm-train's run.output_dir/adapter) trained on this checkpoint; its
+    weights are merged into the base on load, and its tokenizer (if it has one) replaces the base's.
+    quantize: "int8" stores every linear kernel as int8 with per-channel scales (pdlm_jax.quantize).
     """
     from pdlm_jax.checkpoint import (load_config, nest, params_metadata, read_json, restore_params,
                                      sampler_defaults, tokenizer_path)
@@ -311,8 +315,22 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
         shardings = sharding.param_shardings(nest({p: jax.ShapeDtypeStruct(s, DTYPES[dtype])
                                                    for p, s in shapes.items()}), mesh)
     # PDLMError if not a converted checkpoint
+    if quantize is not None:
+        from pdlm_jax import quantize as quantize_lib
+        quantize_lib.check_mode(quantize)
     cfg, tree = restore_params(checkpoint_dir, dtype=DTYPES[dtype], shardings=shardings)
     tokenizer = Tokenizer(tokenizer_path(checkpoint_dir), base=cfg.is_base)
+    sampler_source = checkpoint_dir
+    if adapter is not None:
+        from pdlm_jax import lora
+        lora_cfg, adapters = lora.load_adapter(adapter, cfg)
+        if mesh is not None:
+            adapters = jax.device_put(adapters, sharding.replicated(mesh))
+        tree = lora.merge(tree, adapters, lora_cfg)
+        if (Path(adapter) / "tokenizer.json").exists():
+            tokenizer = Tokenizer(Path(adapter) / "tokenizer.json", base=cfg.is_base)
+        if (Path(adapter) / "sampler.json").exists():
+            sampler_source = adapter
     if compilation_cache is not None:
         pipeline.enable_compilation_cache(str(compilation_cache))
     model = from_tree(cfg, tree, dtype=DTYPES[dtype],
@@ -320,8 +338,11 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     if cfg.is_base:  # PerceptionDLM-Base: question answering (pdlm_jax.answering)
         from pdlm_jax.answering import QuestionAnswerer
 
-        return QuestionAnswerer(cfg, model, tokenizer, mesh, defaults=read_json(checkpoint_dir, "sampler.json"))
-    return RegionCaptioner(cfg, model, tokenizer, mesh, sampler_defaults(checkpoint_dir))
+        return QuestionAnswerer(cfg, model, tokenizer, mesh, defaults=read_json(sampler_source, "sampler.json"))
+    trace = None
+    if quantize is not None:
+        model, trace = quantize_lib.quantize_model(model, quantize)
+    return RegionCaptioner(cfg, model, tokenizer, mesh, sampler_defaults(sampler_source), trace)
 
 
 def load_random(cfg: PDLMConfig | str, tokenizer_dir: str | Path, dtype: str = "bfloat16", seed: int = 0,

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import logging
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -267,9 +268,11 @@ class CaptionProgram:
     With a `mesh`, the model's parameters must already be placed in their shardings (`api.load(mesh=...)`).
     """
 
-    def __init__(self, model: nnx.Module, cfg: PDLMConfig, mask_id: int, mesh: Mesh | None = None):
+    def __init__(self, model: nnx.Module, cfg: PDLMConfig, mask_id: int, mesh: Mesh | None = None,
+                 trace: Callable[[Callable], Callable] | None = None):
         self.graphdef, self.state = nnx.split(model)
         self.cfg, self.mask_id, self.mesh = cfg, mask_id, mesh
+        self.trace = trace  # wraps the tracing of each program (qwix interception for a quantized model)
         self._compiled: dict[Bucket, jax.stages.Compiled] = {}
 
     @property
@@ -297,7 +300,8 @@ class CaptionProgram:
         fn = jax.jit(functools.partial(_caption_pass, self.graphdef, cfg=self.cfg, mask_id=self.mask_id,
                                        bucket=bucket),
                      out_shardings=None if self.mesh is None else sharding.replicated(self.mesh))
-        self._compiled[bucket] = fn.lower(self.state, inputs).compile()
+        lower = lambda: fn.lower(self.state, inputs).compile()  # noqa: E731
+        self._compiled[bucket] = self.trace(lower)() if self.trace else lower()
         return self._compiled[bucket], time.perf_counter() - start
 
     def run(self, bucket: Bucket, inputs: dict) -> tuple[np.ndarray, int, float]:

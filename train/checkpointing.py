@@ -1,9 +1,10 @@
 """Training checkpoints (Orbax CheckpointManager: async, keep-N, atomic) and the final export.
 
 A training checkpoint holds the train state (params, frozen params, optimizer, step) and the data
-iterator position, so a resumed run continues exactly. The export is a pdlm-jax checkpoint directory
+iterator position, so a resumed run continues exactly; with LoRA it holds the adapters, their optimizer
+state and the step, not the frozen base. The export is a pdlm-jax checkpoint directory
 (pdlm_jax/checkpoint.py layout: config.json, params/, tokenizer files) that `pdlm-infer --checkpoint`
-and `pdlm_jax.load` read directly.
+and `pdlm_jax.load` read directly; a LoRA run also exports its adapters (`export_adapter`).
 """
 
 from __future__ import annotations
@@ -103,3 +104,29 @@ def export(out_dir: str | Path, cfg: PDLMConfig, params: dict, tokenizer_dir: st
 
 def full_params(state: dict) -> dict[str, Any]:
     return {**state["params"], **state["frozen"]}
+
+
+def sampler_for(sampler: SamplerConfig | None, init_from: str | None) -> SamplerConfig:
+    """Generation defaults to store with an export: model.sampler, else those of the model training started
+    from (its sampler.json), else the reference's. A model learns captions of the lengths it was trained on
+    and pdlm-infer gives every region gen_length slots: more slots than it learned to fill garble captions."""
+    if sampler is not None:
+        return sampler
+    if init_from and (Path(init_from) / SAMPLER_FILE).exists():
+        return SamplerConfig(**json.loads((Path(init_from) / SAMPLER_FILE).read_text()))
+    return SamplerConfig()
+
+
+def export_adapter(out_dir: str | Path, adapters: dict, lora, cfg: PDLMConfig, tokenizer_dir: str | Path,
+                   sampler: SamplerConfig, provenance: dict | None = None) -> Path:
+    """Write LoRA adapters as an adapter directory (pdlm_jax.lora layout) with the training tokenizer,
+    sampler.json and provenance: `pdlm-infer --checkpoint BASE --adapter DIR`. Call on process 0."""
+    from pdlm_jax import lora as lora_lib
+
+    files = {name: (Path(tokenizer_dir) / name).read_text() for name in pdlm_ckpt.TOKENIZER_FILES
+             if (Path(tokenizer_dir) / name).exists()}
+    files[SAMPLER_FILE] = json.dumps(dataclasses.asdict(sampler), indent=2) + "\n"
+    files[pdlm_ckpt.PROVENANCE_FILE] = json.dumps(
+        {"producer": "pdlm-train", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(provenance or {})},
+        indent=2, default=str) + "\n"
+    return lora_lib.save_adapter(out_dir, adapters, lora, cfg, files)

@@ -51,7 +51,8 @@ def _init_distributed(args) -> None:
 
 # settings a resumed run must keep: they size the lr schedule, shape the optimizer state or the batches
 RESUME_SETTINGS = ("run.max_steps", "run.mesh", "data.batch_size", "data.epochs", "data.loop", "data.weights",
-                   "optim.lr", "optim.warmup_ratio", "optim.end_lr_ratio", "optim.grad_accum")
+                   "optim.lr", "optim.warmup_ratio", "optim.end_lr_ratio", "optim.grad_accum", "lora.rank",
+                   "lora.alpha", "lora.target")
 EXIT_INCOMPLETE = 3  # the data ran out before run.max_steps (data.loop: false)
 
 
@@ -135,8 +136,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
         log.warning("the data runs out after %d steps, before run.max_steps=%d: training %d steps with the lr "
                     "schedule sized for them (set data.loop: true to repeat the data)", total, planned, total)
     mesh = shd.make_mesh(cfg.run.mesh)
-    trainer = step_lib.make_trainer(model_cfg, cfg.model.dtype, mesh, cfg.optim, total, tokenizer.special.mask,
-                                    seed=cfg.run.seed, remat=cfg.model.remat)
+    trainer = step_lib.trainer_for(cfg, model_cfg, mesh, total, tokenizer.special.mask)
     out = as_path(cfg.run.output_dir)
     is_main = jax.process_index() == 0
     out.mkdir(parents=True, exist_ok=True)
@@ -147,19 +147,18 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     abstract = trainer.abstract_state(pdlm_ckpt.nest(shapes), cfg.model.freeze)
     if mgr.latest_step() is not None:  # before restoring: a changed mesh or batch would fail there
         _check_resume(out, cfg.to_dict(), mgr.latest_step(), allow_changed_settings, write=is_main)
-    resumed = checkpointing.restore(mgr, abstract, iterator)
+    resumed = checkpointing.restore(mgr, trainer.checkpointed(abstract), iterator)
+    start, state = resumed or (0, None)
     if resumed is not None:
-        start, state = resumed
         log.info("resumed from %s at step %d", mgr.directory, start)
-    else:
-        start = 0
+    if state is None or cfg.lora.enabled:  # LoRA checkpoints hold the adapters; the base is loaded again
         if cfg.model.init_from:
             _, params = pdlm_ckpt.restore_params(cfg.model.init_from, dtype=np.float32,
                                                  shardings=shd.param_shardings(pdlm_ckpt.nest(shapes), mesh))
         else:
             params = step_lib.init_params(model_cfg, cfg.run.seed, mesh, cfg.model.mask_embed_init_std,
                                           cfg.model.vision_pos_embed_init)
-        state = trainer.init_state(params, cfg.model.freeze)
+        state = {**trainer.init_state(params, cfg.model.freeze), **(state or {})}
         del params
     if is_main:
         text = json.dumps(cfg.to_dict(), indent=2, default=list)
@@ -206,12 +205,12 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
                     bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in record.items()))
             if step % cfg.run.save_every == 0 or step == total:
-                checkpointing.save(mgr, step, state, iterator)
+                checkpointing.save(mgr, step, trainer.checkpointed(state), iterator)
                 saved = step
             if callback is not None:
                 callback(step, record)
         if saved != step:  # stopped early: keep what was trained
-            checkpointing.save(mgr, step, state, iterator)
+            checkpointing.save(mgr, step, trainer.checkpointed(state), iterator)
         mgr.wait_until_finished()
     finally:
         profiler.stop()
@@ -222,16 +221,21 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     complete = step >= planned
     exported = None
     if cfg.run.export:
-        params = checkpointing.full_params(state)
+        params, adapters = trainer.model_params(state), (state["params"] if cfg.lora.enabled else None)
         if jax.process_count() > 1:  # every process takes part in gathering the sharded params
             from jax.experimental import multihost_utils
-            params = multihost_utils.process_allgather(params, tiled=True)
+            params, adapters = multihost_utils.process_allgather((params, adapters), tiled=True)
+        sampler = checkpointing.sampler_for(cfg.sampler(), cfg.model.init_from)
         provenance = {"config": cfg.to_dict(), "steps": step, "planned_steps": planned, "complete": complete,
                       "skipped_records": len(pipe.skipped), "final_loss": losses[-1:]}
-        path = checkpointing.export(out / "export", model_cfg, params, cfg.tokenizer_dir(), cfg.sampler(), provenance)
+        path = checkpointing.export(out / "export", model_cfg, params, cfg.tokenizer_dir(), sampler, provenance)
         if is_main:  # the export is collective; process 0 reports it
             exported = path
             log.info("exported %s", exported)
+            if adapters is not None:
+                log.info("exported the LoRA adapters to %s", checkpointing.export_adapter(
+                    out / "adapter", adapters, cfg.lora, model_cfg, cfg.tokenizer_dir(), sampler,
+                    {**provenance, "base": cfg.model.init_from}))
     return {"losses": losses, "export": exported, "state": state, "steps": step, "planned_steps": planned,
             "complete": complete}
 

@@ -2,7 +2,8 @@
 
 Sections: `model` (architecture / initial weights / precision / freezing), `data` (train.data.DataConfig),
 `optim` (AdamW + cosine schedule, SPEC §11.4 defaults), `run` (mesh, output, logging, checkpoints,
-TensorBoard, profiling), `eval` (periodic held-out evaluation).
+TensorBoard, profiling), `eval` (periodic held-out evaluation), `lora` (pdlm_jax.lora.LoraConfig: rank > 0
+trains LoRA adapters only).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import yaml
 
 from pdlm_jax.config import PDLMConfig, SamplerConfig, preset
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.lora import LoraConfig
 from train.data import DataConfig
 
 MODULE_GROUPS = ("vision", "mask_embed", "projector", "lm")  # top-level parameter groups (freezable)
@@ -95,6 +97,7 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     run: RunConfig = RunConfig()
     eval: EvalConfig = EvalConfig()
+    lora: LoraConfig = LoraConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,7 +161,8 @@ def _build(cls, values: dict, where: str):
     return cls(**kwargs)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig, "eval": EvalConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig, "eval": EvalConfig,
+            "lora": LoraConfig}
 
 
 def from_dict(d: dict) -> TrainConfig:
@@ -183,6 +187,9 @@ def from_dict(d: dict) -> TrainConfig:
     if not 0.0 <= cfg.optim.noise_t_min < 1.0:
         raise PDLMError(f"optim.noise_t_min must be in [0, 1), got {cfg.optim.noise_t_min}")
     _check_run_data_eval(cfg)
+    cfg.lora.check()
+    if cfg.lora.enabled and cfg.model.freeze:
+        raise PDLMError("model.freeze has no effect with LoRA (lora.rank > 0 trains only the adapters); remove it")
     return cfg
 
 

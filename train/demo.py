@@ -4,6 +4,8 @@
 prompt and of the synthetic captions is one token; every special token of the real tokenizer is present,
 resolved by string). `python -m train.demo scene --out DIR` writes the bundled demo scene. The model is
 trained with `pdlm-train --config configs/demo.yaml` and exported to `pdlm_jax/assets/demo_model/`.
+`python -m train.demo add-words --words purple --out DIR` writes the demo model's tokenizer with new
+caption words, one token each (the LoRA recipe configs/finetune_demo_lora.yaml teaches the word).
 """
 
 from __future__ import annotations
@@ -60,6 +62,28 @@ def build_tokenizer(out_dir: str | Path) -> Path:
     return out / "tokenizer.json"
 
 
+def add_words(out_dir: str | Path, words: list[str], base_dir: str | Path | None = None) -> Path:
+    """The demo model's tokenizer (or `base_dir`'s) with " word" added as one token per word: a caption
+    "a {word} {shape}" stays 3 tokens, the caption length the demo model was trained for. The new ids
+    are rows of the model's vocabulary no caption used so far."""
+    import shutil
+
+    from tokenizers import AddedToken, Tokenizer
+
+    from infer.cli import DEMO_MODEL
+    from pdlm_jax.checkpoint import TOKENIZER_FILES
+
+    base, out = Path(base_dir or DEMO_MODEL), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.from_file(str(base / "tokenizer.json"))
+    tok.add_tokens([AddedToken(f" {w}", normalized=False) for w in words])
+    tok.save(str(out / "tokenizer.json"))
+    for name in TOKENIZER_FILES[1:]:
+        if (base / name).exists():
+            shutil.copy(base / name, out / name)
+    return out / "tokenizer.json"
+
+
 def write_demo_scene(out_dir: str | Path) -> None:
     """The bundled scene of `pdlm-infer --demo`: image.png and mask_{i}.png."""
     scene = synthetic.make_scene(DEMO_SCENE_SEED, DEMO_SCENE_INDEX, num_shapes=5)
@@ -69,11 +93,14 @@ def write_demo_scene(out_dir: str | Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m train.demo")
-    ap.add_argument("what", choices=("tokenizer", "scene"))
+    ap.add_argument("what", choices=("tokenizer", "scene", "add-words"))
     ap.add_argument("--out", required=True)
+    ap.add_argument("--words", nargs="+", default=["purple"], help="add-words: the new caption words")
     args = ap.parse_args(argv)
     if args.what == "tokenizer":
         print(build_tokenizer(args.out))
+    elif args.what == "add-words":
+        print(add_words(args.out, args.words))
     else:
         write_demo_scene(args.out)
 

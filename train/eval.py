@@ -30,26 +30,40 @@ def normalise(text: str) -> str:
 
 def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen_length: int | None = None,
              steps: int | None = None, dtype: str = "auto", verbose: bool = False, cache: str = "none",
-             unmask: str = "remask", rotated: float = 0.0) -> dict:
+             unmask: str = "remask", rotated: float = 0.0, quantize: str | None = None, adapter: str | None = None,
+             colors: tuple[str, ...] = synthetic.COLORS, compare: bool = False) -> dict:
+    """`quantize` / `adapter` as `pdlm_jax.load`; `compare`: also run the plain checkpoint (same dtype) and
+    report the fraction of generated tokens and of captions that agree with it."""
     import pdlm_jax
     from pdlm_jax.checkpoint import sampler_defaults
 
-    defaults = sampler_defaults(checkpoint)
+    defaults = sampler_defaults(adapter if adapter and (Path(adapter) / "sampler.json").exists() else checkpoint)
     gen_length = defaults["gen_length"] if gen_length is None else gen_length
     steps = defaults["steps"] if steps is None else steps
-    model = pdlm_jax.load(checkpoint, dtype=dtype)
+    model = pdlm_jax.load(checkpoint, dtype=dtype, quantize=quantize, adapter=adapter)
+    plain = pdlm_jax.load(checkpoint, dtype=dtype) if compare else None
+    agree = {"tokens": 0, "captions": 0, "slots": 0, "plain_correct": 0}
     confusions: dict[str, int] = {}
     by_shapes: dict[int, list[int]] = {}  # number of shapes in the scene -> [correct, regions]
+    by_color: dict[str, list[int]] = {}  # colour word of the true caption -> [correct, regions]
     start = time.perf_counter()
     for i in range(scenes):
-        scene = synthetic.make_scene(seed, i, rotated=rotated)
-        result = model.caption_regions(scene.image, scene.masks, gen_length=gen_length, steps=steps, cache=cache,
-                                       unmask=unmask)
+        scene = synthetic.make_scene(seed, i, rotated=rotated, colors=colors)
+        settings = dict(gen_length=gen_length, steps=steps, cache=cache, unmask=unmask)
+        result = model.caption_regions(scene.image, scene.masks, **settings)
+        if plain is not None:
+            baseline = plain.caption_regions(scene.image, scene.masks, **settings)["regions"]
+            for a, b, truth in zip(result["regions"], baseline, scene.captions):
+                agree["tokens"] += sum(x == y for x, y in zip(a["token_ids"], b["token_ids"]))
+                agree["slots"] += len(a["token_ids"])
+                agree["captions"] += a["caption"] == b["caption"]
+                agree["plain_correct"] += normalise(b["caption"]) == normalise(truth)
         tally = by_shapes.setdefault(len(scene.masks), [0, 0])
         for truth, region in zip(scene.captions, result["regions"]):
             ok = normalise(region["caption"]) == normalise(truth)
-            tally[0] += ok
-            tally[1] += 1
+            for t in (tally, by_color.setdefault(truth.split()[1], [0, 0])):
+                t[0] += ok
+                t[1] += 1
             if not ok:
                 key = f"{truth} -> {region['caption']!r}"
                 confusions[key] = confusions.get(key, 0) + 1
@@ -59,8 +73,12 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
     return {"scenes": scenes, "regions": total, "correct": correct, "accuracy": correct / max(total, 1),
             "by_num_shapes": {k: {"correct": c, "regions": n, "accuracy": c / n}
                               for k, (c, n) in sorted(by_shapes.items())},
+            "by_color": {k: {"correct": c, "regions": n, "accuracy": c / n} for k, (c, n) in sorted(by_color.items())},
             "gen_length": gen_length, "steps": steps, "cache": cache, "unmask": unmask, "dtype": dtype,
-            "rotated": rotated,
+            "rotated": rotated, "colors": list(colors), "quantize": quantize, "adapter": adapter,
+            **({"token_agreement": agree["tokens"] / max(agree["slots"], 1),
+                "caption_agreement": agree["captions"] / max(total, 1),
+                "plain_accuracy": agree["plain_correct"] / max(total, 1)} if compare else {}),
             "seconds": time.perf_counter() - start,
             "top_errors": dict(sorted(confusions.items(), key=lambda kv: -kv[1])[:10])}
 
@@ -78,17 +96,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unmask", default="remask", help="pdlm-infer --unmask mode (remask, threshold:TAU)")
     ap.add_argument("--rotated", type=synthetic.fraction, default=0.0,
                     help="fraction of squares and triangles drawn at any angle (0: upright, as in training)")
+    ap.add_argument("--quantize", choices=("none", "int8"), default="none", help="as pdlm-infer --quantize")
+    ap.add_argument("--adapter", help="LoRA adapter directory applied to --checkpoint (as pdlm-infer --adapter)")
+    ap.add_argument("--colors", type=synthetic.color_list, default=synthetic.COLORS,
+                    help="colours of the scenes (comma-separated; default: the demo's four)")
+    ap.add_argument("--compare", action="store_true",
+                    help="also caption with the plain --checkpoint and report token and caption agreement")
     ap.add_argument("--verbose", action="store_true", help="print every wrong caption")
     args = ap.parse_args(argv)
     checkpoint = args.checkpoint or str(DEMO_MODEL)
     try:
         report = evaluate(checkpoint, args.scenes, args.seed, args.gen_length, args.steps, args.dtype, args.verbose,
-                          args.cache, args.unmask, args.rotated)
+                          args.cache, args.unmask, args.rotated, None if args.quantize == "none" else args.quantize,
+                          args.adapter, args.colors, args.compare)
     except PDLMError as e:
         print(f"train.eval: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2))
     print(f"exact-caption accuracy: {report['correct']}/{report['regions']} = {report['accuracy']:.1%}")
+    if args.compare:
+        print(f"plain model: {report['plain_accuracy']:.1%} exact captions; agreement with it: tokens "
+              f"{report['token_agreement']:.2%}, captions {report['caption_agreement']:.2%}")
     return 0
 
 

@@ -1,8 +1,10 @@
 """Export a training checkpoint as a pdlm-infer model directory.
 
-    python -m train.export --run runs/demo [--step N] --out DIR
+    python -m train.export --run runs/demo [--step N] --out DIR [--adapter]
 
-`pdlm-train` exports the final step itself (run.output_dir/export); this exports any kept step.
+`pdlm-train` exports the final step itself (run.output_dir/export, and run.output_dir/adapter for LoRA);
+this exports any kept step. A LoRA run's step is exported with its adapters merged into the base weights
+(a plain checkpoint), or with --adapter as an adapter directory (`pdlm-infer --adapter`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from pdlm_jax.errors import PDLMError
 
 
-def export_step(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
+def export_step(run_dir: str | Path, out: str | Path, step: int | None = None, adapter: bool = False) -> Path:
     import orbax.checkpoint as ocp
 
     from train import checkpointing, config
@@ -28,8 +30,35 @@ def export_step(run_dir: str | Path, out: str | Path, step: int | None = None) -
     if step is None or step not in mgr.all_steps():
         raise PDLMError(f"no checkpoint for step {step} in {mgr.directory} (have {mgr.all_steps()})")
     state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    return checkpointing.export(out, cfg.model_config(), checkpointing.full_params(state), cfg.tokenizer_dir(),
-                                cfg.sampler(), {"config": cfg.to_dict(), "steps": step})
+    model_cfg, sampler = cfg.model_config(), checkpointing.sampler_for(cfg.sampler(), cfg.model.init_from)
+    provenance = {"config": cfg.to_dict(), "steps": step}
+    if adapter:
+        if not cfg.lora.enabled:
+            raise PDLMError(f"--adapter: {run_dir} is not a LoRA run (lora.rank is 0)")
+        return checkpointing.export_adapter(out, state["params"], cfg.lora, model_cfg, cfg.tokenizer_dir(), sampler,
+                                            {**provenance, "base": cfg.model.init_from})
+    if cfg.lora.enabled:  # the checkpoint holds the adapters; the frozen base comes from where training began
+        from pdlm_jax import lora
+
+        params = lora.merge(_base_params(cfg, model_cfg), state["params"], cfg.lora)
+    else:
+        params = checkpointing.full_params(state)
+    return checkpointing.export(out, model_cfg, params, cfg.tokenizer_dir(), sampler, provenance)
+
+
+def _base_params(cfg, model_cfg) -> dict:
+    import jax
+    import numpy as np
+
+    from pdlm_jax import checkpoint as pdlm_ckpt
+    from pdlm_jax import sharding as shd
+    from train import step as step_lib
+
+    if cfg.model.init_from:
+        return pdlm_ckpt.restore_params(cfg.model.init_from, dtype=np.float32)[1]
+    mesh = shd.make_mesh(f"data:{len(jax.devices())}")
+    return step_lib.init_params(model_cfg, cfg.run.seed, mesh, cfg.model.mask_embed_init_std,
+                                cfg.model.vision_pos_embed_init)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", required=True, help="run.output_dir of a pdlm-train run")
     ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ap.add_argument("--out", required=True, help="output model directory")
+    ap.add_argument("--adapter", action="store_true", help="LoRA runs: write the adapter directory, not merged weights")
     args = ap.parse_args(argv)
     try:
-        print(export_step(args.run, args.out, args.step))
+        print(export_step(args.run, args.out, args.step, args.adapter))
     except PDLMError as e:
         print(f"train.export: error: {e}", file=sys.stderr)
         return 2

@@ -133,16 +133,20 @@ class Evaluator:
         from flax import nnx
 
         from pdlm_jax import sharding as shd
-        from train import checkpointing, step as step_lib
+        from train import step as step_lib
 
         t = self.trainer
         if self._loss_fn is None:
+            # LoRA runs evaluate the merged weights with the plain model (t.graphdef has the adapters)
+            graphdef = (nnx.split(step_lib.build_model(t.cfg, self.cfg.model.dtype, abstract=True))[0]
+                        if t.lora.enabled else t.graphdef)
+
             def loss(params, batch, key):
-                model = nnx.merge(t.graphdef, params)
+                model = nnx.merge(graphdef, params)
                 return step_lib.batch_loss(model, batch, key, t.cfg, t.mask_id, t.noise_t_min)[0]
 
             self._loss_fn = jax.jit(loss, out_shardings=shd.replicated(t.mesh))
-        params = checkpointing.full_params(state)
+        params = t.model_params(state)
         key = jax.random.key(self.cfg.run.seed + 1)  # the same noise at every evaluation
         losses = [float(self._loss_fn(params, t.put_batch(batch), jax.random.fold_in(key, i)))
                   for i, batch in enumerate(iter(self.pipe.dataset))]
@@ -153,11 +157,10 @@ class Evaluator:
 
         from pdlm_jax.api import DTYPES, RegionCaptioner, attention_implementation
         from pdlm_jax.modeling.pdm import from_tree
-        from train import checkpointing
         from train.eval import normalise
 
         dtype = DTYPES[self.cfg.model.dtype]
-        model = from_tree(self.model_cfg, checkpointing.full_params(state), dtype=dtype,
+        model = from_tree(self.model_cfg, self.trainer.model_params(state), dtype=dtype,
                           attention_implementation=attention_implementation("auto", dtype))
         if self._captioner is None:
             self._captioner = RegionCaptioner(self.model_cfg, model, self.tokenizer, self.trainer.mesh)

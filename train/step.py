@@ -2,12 +2,15 @@
 diffusion loss, gradient accumulation, AdamW — sharded over a (data, fsdp, tensor) mesh.
 
 Train state is a plain dict of arrays (`params` = trainable float32 master weights, `frozen`, `opt`,
-`step`) so that Orbax, optax and the sharding rules see ordinary pytrees.
+`step`) so that Orbax, optax and the sharding rules see ordinary pytrees. With LoRA (`lora.rank > 0`),
+`params` holds only the adapters (pdlm_jax.lora), `frozen` every base weight, and the optimizer state
+covers the adapters alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -18,6 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from pdlm_jax import lora as lora_lib
 from pdlm_jax import sharding as shd
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
@@ -30,9 +34,14 @@ from train.loss import IGNORE, draw_noise, lm_diffusion_loss
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
-def build_model(cfg: PDLMConfig, dtype: str, seed: int = 0, abstract: bool = False, remat: bool = False):
-    """A PerceptionDLM with float32 parameters computing in `dtype` (concrete or nnx.eval_shape)."""
-    make = lambda: PerceptionDLM(cfg, dtype=DTYPES[dtype], param_dtype=jnp.float32, rngs=nnx.Rngs(seed))  # noqa: E731
+def build_model(cfg: PDLMConfig, dtype: str, seed: int = 0, abstract: bool = False, remat: bool = False,
+                lora: lora_lib.LoraConfig | None = None):
+    """A PerceptionDLM with float32 parameters computing in `dtype` (concrete or nnx.eval_shape), with
+    LoRA adapters when `lora` is enabled."""
+    def make():
+        model = PerceptionDLM(cfg, dtype=DTYPES[dtype], param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
+        return lora_lib.add_adapters(model, lora, seed) if lora and lora.enabled else model
+
     model = nnx.eval_shape(make) if abstract else make()
     model.lm.remat = model.vision.remat = remat  # per-layer rematerialisation in the backward pass
     return model
@@ -93,26 +102,53 @@ class Trainer:
     grad_accum: int
     seed: int
     noise_t_min: float = 0.0
+    lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
+    adapter_shapes: dict = dataclasses.field(default_factory=dict)  # {path: shape} of the LoRA adapters
+    compute_dtype: Any = jnp.float32
     state_shardings: Any = None
     _step: Callable | None = None
 
-    def _new_state(self, trainable: dict, frozen: dict) -> dict:
+    def __post_init__(self):
+        # the LoRA forward: qwix adds each adapter's term to its layer's dot_general while the step is traced
+        self._adapted = lora_lib.under(lora_lib.provider(self.lora)) if self.lora.enabled else None
+
+    def _new_state(self, params: dict, freeze: tuple[str, ...]) -> dict:
+        if self.lora.enabled:  # train the adapters; every base weight stays fixed
+            trainable, frozen = lora_lib.init_adapters(self.adapter_shapes, self.lora, self.seed), params
+        else:
+            trainable, frozen = split_params(params, freeze)
         return {"params": trainable, "frozen": frozen, "opt": self.tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
 
     def abstract_state(self, params_shape: dict, freeze: tuple[str, ...]) -> dict:
         """ShapeDtypeStructs (with shardings) of the train state; also fixes `state_shardings`."""
-        abstract = jax.eval_shape(self._new_state, *split_params(params_shape, freeze))
+        abstract = jax.eval_shape(functools.partial(self._new_state, freeze=tuple(freeze)), params_shape)
         self.state_shardings = shd.param_shardings(abstract, self.mesh)
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                             self.state_shardings)
 
     def init_state(self, params: dict, freeze: tuple[str, ...]) -> dict:
-        """Train state from a full param tree, placed into the state shardings."""
+        """Train state from a full param tree (the base model with LoRA), placed into the state shardings."""
         self.abstract_state(params, freeze)
-        return jax.jit(self._new_state, out_shardings=self.state_shardings)(*split_params(params, freeze))
+        new_state = functools.partial(self._new_state, freeze=tuple(freeze))
+        return jax.jit(new_state, out_shardings=self.state_shardings)(params)
+
+    def checkpointed(self, state: dict) -> dict:
+        """The part of the train state a checkpoint holds: all of it, or with LoRA everything but the frozen
+        base weights (they are reloaded from model.init_from / the seed on resume)."""
+        return {k: v for k, v in state.items() if not (self.lora.enabled and k == "frozen")}
+
+    def model_params(self, state: dict) -> dict:
+        """The full parameter tree of the trained model (LoRA adapters merged into their kernels)."""
+        if self.lora.enabled:
+            return lora_lib.merge(state["frozen"], state["params"], self.lora)
+        return {**state["params"], **state["frozen"]}
 
     def _loss_and_grad(self, params, frozen, batch, key):
         def loss_fn(p):
+            if self.lora.enabled:  # adapters in the compute dtype (their layers' outputs keep it)
+                p = jax.tree.map(lambda x: x.astype(self.compute_dtype), p)
+                model = nnx.merge(self.graphdef, lora_lib.combine(frozen, p))
+                return self._adapted(batch_loss)(model, batch, key, self.cfg, self.mask_id, self.noise_t_min)
             model = nnx.merge(self.graphdef, {**p, **frozen})
             return batch_loss(model, batch, key, self.cfg, self.mask_id, self.noise_t_min)
 
@@ -144,12 +180,17 @@ class Trainer:
                    "tokens": jnp.sum(batch["valid"])}
         return new_state, metrics
 
-    def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
-        """One optimizer update on a global batch (dict of jax.Arrays from `put_batch`)."""
+    def jitted_step(self) -> Callable:
+        """The jitted update (state, batch) -> (state, metrics), state donated; call `abstract_state` or
+        `init_state` first. Ahead of time: `.lower(abstract_state, batch ShapeDtypeStructs).compile()`."""
         if self._step is None:
             self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, None),
                                  out_shardings=(self.state_shardings, shd.replicated(self.mesh)), donate_argnums=0)
-        return self._step(state, batch)
+        return self._step
+
+    def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        """One optimizer update on a global batch (dict of jax.Arrays from `put_batch`)."""
+        return self.jitted_step()(state, batch)
 
     def put_batch(self, local_batch: dict) -> dict:
         """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
@@ -161,10 +202,20 @@ class Trainer:
 
 
 def make_trainer(cfg: PDLMConfig, dtype: str, mesh: Mesh, optim, total_steps: int, mask_id: int,
-                 seed: int = 0, remat: bool = False) -> Trainer:
-    graphdef, _ = nnx.split(build_model(cfg, dtype, abstract=True, remat=remat))
+                 seed: int = 0, remat: bool = False, lora: lora_lib.LoraConfig = lora_lib.LoraConfig()) -> Trainer:
+    model = build_model(cfg, dtype, seed, abstract=True, remat=remat, lora=lora)
+    graphdef, _ = nnx.split(model)
     tx, schedule = make_optimizer(optim, total_steps)
-    return Trainer(graphdef, cfg, mesh, tx, schedule, mask_id, optim.grad_accum, seed, optim.noise_t_min)
+    return Trainer(graphdef, cfg, mesh, tx, schedule, mask_id, optim.grad_accum, seed, optim.noise_t_min, lora,
+                   lora_lib.adapter_shapes(model), DTYPES[dtype])
+
+
+def trainer_for(train_cfg, model_cfg: PDLMConfig, mesh: Mesh, total_steps: int, mask_id: int) -> Trainer:
+    """The Trainer a TrainConfig describes (model.dtype / remat, optim, run.seed, lora): what pdlm-train
+    runs and what an ahead-of-time plan should compile."""
+    m = train_cfg.model
+    return make_trainer(model_cfg, m.dtype, mesh, train_cfg.optim, total_steps, mask_id, seed=train_cfg.run.seed,
+                        remat=m.remat, lora=train_cfg.lora)
 
 
 def sincos_2d(grid: int, dim: int) -> np.ndarray:

@@ -29,6 +29,8 @@ HUES = {
     "green": ((85.0, 150.0), 0.5, 0.45),
     "blue": ((195.0, 250.0), 0.55, 0.45),
     "yellow": ((47.0, 63.0), 0.6, 0.85),
+    # not in the demo model's training: the new colour word of configs/finetune_demo_lora.yaml
+    "purple": ((268.0, 295.0), 0.5, 0.45),
 }
 MIN_SIDE, MAX_SIDE = 128, 512
 MAX_SHAPES = 6
@@ -84,9 +86,10 @@ def _draw(canvas: ImageDraw.ImageDraw, kind: str, geom: np.ndarray, fill) -> Non
     getattr(canvas, kind)([tuple(p) for p in geom.tolist()], fill=fill)
 
 
-def make_scene(seed: int, index: int, num_shapes: int | None = None, rotated: float = 0.0) -> Scene:
+def make_scene(seed: int, index: int, num_shapes: int | None = None, rotated: float = 0.0,
+               colors: tuple[str, ...] = COLORS) -> Scene:
     """Scene `index` of the stream `seed` (deterministic); `rotated`: the fraction of squares and triangles
-    drawn at any angle."""
+    drawn at any angle; `colors`: the colour names drawn from (keys of HUES)."""
     rng = np.random.default_rng([seed, index])
     w, h = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
     short = min(w, h)
@@ -100,7 +103,7 @@ def make_scene(seed: int, index: int, num_shapes: int | None = None, rotated: fl
     boxes: list[tuple[float, float, float, float]] = []
     masks, captions = [], []
     for _ in range(n):
-        shape, color = SHAPES[rng.integers(len(SHAPES))], COLORS[rng.integers(len(COLORS))]
+        shape, color = SHAPES[rng.integers(len(SHAPES))], colors[rng.integers(len(colors))]
         placed = None
         for attempt in range(200):
             # shrink towards the minimum size when the scene gets crowded
@@ -156,7 +159,8 @@ def write_scene(scene: Scene, out_dir: str | Path, stem: str = "") -> tuple[Path
     return image_path, mask_paths
 
 
-def write_dataset(out_dir: str | Path, num_scenes: int, seed: int = 0, rotated: float = 0.0) -> Path:
+def write_dataset(out_dir: str | Path, num_scenes: int, seed: int = 0, rotated: float = 0.0,
+                  colors: tuple[str, ...] = COLORS) -> Path:
     """Write scenes as PNGs plus `annotations.json` in the SPEC §11.2 schema (variant A)."""
     from pycocotools import mask as mask_utils
 
@@ -164,7 +168,7 @@ def write_dataset(out_dir: str | Path, num_scenes: int, seed: int = 0, rotated: 
     (out / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(num_scenes):
-        scene = make_scene(seed, i, rotated=rotated)
+        scene = make_scene(seed, i, rotated=rotated, colors=colors)
         name = f"images/{i:06d}.png"
         Image.fromarray(scene.image).save(out / name)
         rles = []
@@ -188,14 +192,25 @@ def fraction(text: str) -> float:
     return value
 
 
+def color_list(text: str) -> tuple[str, ...]:
+    """argparse type of --colors: comma-separated names from HUES."""
+    names = tuple(c.strip() for c in text.split(",") if c.strip())
+    unknown = [c for c in names if c not in HUES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"colours must be a comma-separated subset of {', '.join(HUES)}; got {text!r}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m train.synthetic", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--scenes", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rotated", type=fraction, default=0.0, help="fraction of squares and triangles at any angle")
+    ap.add_argument("--colors", type=color_list, default=COLORS,
+                    help=f"comma-separated colour names (default: {','.join(COLORS)}; also: purple)")
     args = ap.parse_args(argv)
-    print(write_dataset(args.out, args.scenes, args.seed, args.rotated))
+    print(write_dataset(args.out, args.scenes, args.seed, args.rotated, args.colors))
 
 
 if __name__ == "__main__":

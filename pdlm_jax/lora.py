@@ -1,0 +1,249 @@
+"""LoRA adapters with qwix: configuration, adapter parameters, the adapted forward, merging, adapter files.
+
+A LoRA adapter adds `kernel_lora_a` (in, r) and `kernel_lora_b` (r, out) next to the kernel of every
+`nnx.Linear` whose module path ('lm/layers/attn/q', as in our parameter paths) fully matches
+`LoraConfig.target`; the layer then computes x·W + (x·A)·B · alpha/rank. qwix computes that term
+(`qwix.LoraProvider` intercepts each matching layer's dot_general and reads the adapter it finds on the
+module). We create the adapter parameters ourselves rather than by qwix's create-on-first-call: our
+layers are stacked and run by one `lax.scan`, so each adapter needs the same leading layer axis as its
+kernel, which qwix would not see from inside one scanned layer.
+
+An adapter directory (written by `save_adapter`, read by `load_adapter` / `pdlm_jax.load(adapter=...)`):
+
+    adapter.json      LoraConfig fields and the base model's config (checked against the base on load)
+    params/           Orbax tree of the adapter parameters only (paths '<module>/kernel_lora_a|b')
+    sampler.json      optional generation defaults the adapter was trained for
+    tokenizer.json    optional: a tokenizer that replaces the base one (e.g. with a word added)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pdlm_jax.config import PDLMConfig
+from pdlm_jax.errors import PDLMError
+
+ADAPTER_FILE = "adapter.json"
+# LLaDA's attention and MLP projections (peft's usual choice for Llama blocks)
+DEFAULT_TARGET = r"lm/layers/(attn/[qkvo]|mlp/(gate|up|down))"
+SUFFIXES = ("kernel_lora_a", "kernel_lora_b")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 0  # 0: no LoRA (full fine-tuning, or model.freeze)
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    target: str = DEFAULT_TARGET  # regex, full match, over the module paths of nnx.Linear layers
+    # No dropout: qwix draws LoRA dropout masks from an nnx.Rngs stored on each module, which a layer stack
+    # run by lax.scan over split state cannot carry.
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def check(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise PDLMError(f"lora.rank must be a non-negative integer (0 = off), got {self.rank!r}")
+        if not self.alpha > 0:
+            raise PDLMError(f"lora.alpha must be positive, got {self.alpha!r}")
+        try:
+            re.compile(self.target)
+        except re.error as e:
+            raise PDLMError(f"lora.target {self.target!r} is not a valid regular expression: {e}") from None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+# ---- adapter parameters ----------------------------------------------------------------------------
+
+
+def _path(path: tuple) -> str:
+    return "/".join(map(str, path))
+
+
+def targets(model: nnx.Module, lora: LoraConfig) -> list[tuple[str, nnx.Linear]]:
+    """The nnx.Linear layers whose module path fully matches `lora.target` (PDLMError if none)."""
+    linears = [(_path(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)]
+    chosen = [(p, m) for p, m in linears if re.fullmatch(lora.target, p)]
+    if not chosen:
+        raise PDLMError(f"lora.target {lora.target!r} matches no linear layer; module paths are e.g. "
+                        + ", ".join(p for p, _ in linears[:12]))
+    return chosen
+
+
+def init_adapters(shapes: dict[str, tuple], lora: LoraConfig, seed: int = 0) -> dict:
+    """Initial adapters for {'<module>/kernel_lora_a' | '<module>/kernel_lora_b': shape} (leading axes =
+    stacked layers): A from qwix's LoraRule initializer (he-uniform), drawn per layer; B zeros, so the
+    adapted model starts equal to the base. Float32 (master weights). Returns a nested tree."""
+    from pdlm_jax.checkpoint import nest
+
+    a_init = rule(lora).lora_a_initializer
+    out = {}
+    for i, path in enumerate(sorted(shapes)):
+        *lead, rows, cols = shapes[path]
+        if path.endswith("/kernel_lora_b"):
+            out[path] = jnp.zeros(shapes[path], jnp.float32)
+            continue
+        init = functools.partial(a_init, shape=(rows, cols), dtype=jnp.float32)
+        for _ in lead:
+            init = jax.vmap(init)
+        keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), i), int(np.prod(lead, dtype=int)))
+        out[path] = init(keys.reshape(*lead))
+    return nest(out)
+
+
+def add_adapters(model: nnx.Module, lora: LoraConfig, seed: int = 0) -> nnx.Module:
+    """Give every targeted layer its LoRA pair (`init_adapters`) and tag every module with its path, which
+    qwix matches LoraRule.module_path against. Works on abstract models (nnx.eval_shape) too."""
+    chosen = targets(model, lora)
+    shapes = {}
+    for path, linear in chosen:
+        *lead, n_in, n_out = linear.kernel.shape
+        shapes[f"{path}/kernel_lora_a"] = (*lead, n_in, lora.rank)
+        shapes[f"{path}/kernel_lora_b"] = (*lead, lora.rank, n_out)
+    values = flat(init_adapters(shapes, lora, seed))
+    for path, linear in chosen:
+        for name in SUFFIXES:
+            setattr(linear, name, nnx.LoRAParam(values[f"{path}/{name}"]))
+    tag_paths(model)
+    return model
+
+
+def tag_paths(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+    """Set `qwix_path` on every module (qwix matches its rules' module_path against it; a module merged
+    from a graphdef keeps it); returns [(path, module)]."""
+    out = []
+    for path, module in nnx.iter_modules(model):
+        module.qwix_path = path
+        out.append((_path(path), module))
+    return out
+
+
+def adapter_shapes(model: nnx.Module) -> dict[str, tuple]:
+    """{'<module>/kernel_lora_a': shape, ...} of a model with adapters (concrete or abstract)."""
+    return {path: tuple(x.shape) for path, x in flat(nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))).items()}
+
+
+# ---- the adapted forward (qwix) --------------------------------------------------------------------
+
+
+def rule(lora: LoraConfig):
+    """The qwix rule: adapters on the dot_general of every module whose path matches `lora.target`."""
+    import qwix
+
+    return qwix.LoraRule(module_path=lora.target, op_names=("dot_general",), rank=lora.rank, alpha=float(lora.alpha))
+
+
+def provider(lora: LoraConfig):
+    import qwix
+
+    return qwix.LoraProvider([rule(lora)])
+
+
+class _Call(nnx.Module):
+    """A module whose call runs any function: qwix intercepts the ops of everything traced inside it."""
+
+    def __call__(self, fn: Callable, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+
+def under(qwix_provider) -> Callable[[Callable], Callable]:
+    """`under(p)(fn)` runs fn with qwix provider p active (p's rules apply to the modules fn calls; the
+    modules need a `qwix_path`, see `add_adapters`). Use it around tracing: the jitted code keeps the
+    intercepted ops."""
+    import qwix
+
+    runner = qwix.quantize_model(_Call(), qwix_provider, skip_nnx_init=True)
+    return lambda fn: functools.wraps(fn)(functools.partial(runner, fn))
+
+
+# ---- merging and files -------------------------------------------------------------------------------
+
+
+def flat(tree: Any) -> dict[str, Any]:
+    from pdlm_jax.checkpoint import flatten
+
+    return flatten(tree)
+
+
+def merge(params: dict, adapters: dict, lora: LoraConfig) -> dict:
+    """Base params with each targeted kernel replaced by W + A·B·alpha/rank (a plain parameter tree)."""
+    from pdlm_jax.checkpoint import nest
+
+    merged, pairs = flat(params), flat(adapters)
+    for path, a in pairs.items():
+        if not path.endswith("/kernel_lora_a"):
+            continue
+        module = path[: -len("/kernel_lora_a")]
+        b = pairs[f"{module}/kernel_lora_b"]
+        kernel = merged[f"{module}/kernel"]
+        delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32)) * lora.scale
+        merged[f"{module}/kernel"] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+    return nest(merged)
+
+
+def combine(params: dict, adapters: dict) -> dict:
+    """One nested tree holding base params and adapter params (the state of a model with adapters)."""
+    from pdlm_jax.checkpoint import nest
+
+    return nest({**flat(params), **flat(adapters)})
+
+
+def save_adapter(out_dir: str | Path, adapters: dict, lora: LoraConfig, base_cfg: PDLMConfig,
+                 extra_files: dict[str, str] | None = None) -> Path:
+    """Write an adapter directory (see the module docstring) atomically; `extra_files` {name: text}."""
+    import shutil
+
+    from pdlm_jax.checkpoint import PARAMS_DIR, ParamsWriter
+
+    out = Path(out_dir).absolute()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    writer = ParamsWriter(tmp / PARAMS_DIR)
+    for path, leaf in flat(adapters).items():
+        writer.add(path, np.asarray(jax.device_get(leaf), dtype=np.float32))
+    writer.close()
+    (tmp / ADAPTER_FILE).write_text(json.dumps({"lora": dataclasses.asdict(lora), "base_config": base_cfg.to_dict()},
+                                               indent=2) + "\n")
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load_adapter(adapter_dir: str | Path, base_cfg: PDLMConfig) -> tuple[LoraConfig, dict]:
+    """(LoraConfig, adapter tree as float32 jax arrays) of an adapter directory made for `base_cfg`."""
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    from pdlm_jax.checkpoint import PARAMS_DIR
+
+    adapter_dir = Path(adapter_dir).absolute()
+    meta_file = adapter_dir / ADAPTER_FILE
+    if not meta_file.exists() or not (adapter_dir / PARAMS_DIR).is_dir():
+        raise PDLMError(f"{adapter_dir} is not a LoRA adapter directory (needs {ADAPTER_FILE} and {PARAMS_DIR}/); "
+                        "pdlm-train writes one to run.output_dir/adapter when lora.rank > 0")
+    meta = json.loads(meta_file.read_text())
+    lora = LoraConfig(**meta["lora"])
+    if PDLMConfig.from_dict(meta["base_config"]) != base_cfg:
+        raise PDLMError(f"adapter {adapter_dir} was trained on a different base model (its {ADAPTER_FILE} "
+                        "base_config differs from the checkpoint's config.json); use the base it was trained on")
+    try:
+        tree = ocp.load(adapter_dir / PARAMS_DIR)
+    except Exception as e:  # Orbax raises assorted types for damaged checkpoints
+        raise PDLMError(f"cannot read the adapter parameters in {adapter_dir / PARAMS_DIR} ({e})") from e
+    return lora, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
