@@ -265,7 +265,7 @@ def _format_row(row: dict) -> str:
 
 
 def _write(path: Path, rows: list[dict]) -> None:
-    from infer.cli import write_json_atomic
+    from infer.files import write_json_atomic
 
     write_json_atomic(path, {"rows": rows})
 

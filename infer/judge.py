@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from infer.dataset import ResultsFile, atomic_write, decode_rle, load_annotations, load_image
+from infer.dataset import ResultsFile, decode_rle, load_annotations, load_image
+from infer.files import atomic_write
 from pdlm_jax.errors import PDLMError
 
 # The reference's judge prompt, verbatim: scores are only comparable with the same wording.

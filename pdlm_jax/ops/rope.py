@@ -17,7 +17,9 @@ def inverse_frequencies(head_dim: int, theta: float, *, float32: bool = True) ->
     Division is correctly rounded everywhere; `pow` is not: numpy's float32 `pow` takes a different SIMD
     path (and last bit) on AVX-512 CPUs. So the power is computed in float64 with scalar `math.pow` and
     rounded once to float32, which gives the correctly rounded float32 power on any CPU (see
-    `tests/test_llada_oracle.py`: every float64 result lies far from a float32 rounding boundary).
+    `tests/test_llada_oracle.py`: every float64 result lies far from a float32 rounding boundary). It equals
+    the torch buffer for the head sizes we use (16, 64, 128 at theta 5e5, tested); torch's own vectorised
+    `pow` is not correctly rounded everywhere (1 ulp off in one entry for head_dim 72 or 96).
     Computed on the host (a constant): under jit XLA constant-folds `pow` with a different rounding, which
     moves the phases at long positions by ~1e-4.
     `float32=False` reproduces training, where `model.to(bfloat16)` rounds the buffer (SPEC §4, quirk
