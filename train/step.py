@@ -144,12 +144,16 @@ class Trainer:
                    "tokens": jnp.sum(batch["valid"])}
         return new_state, metrics
 
-    def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
-        """One optimizer update on a global batch (dict of jax.Arrays from `put_batch`)."""
+    def jit_step(self):
+        """The jitted update (state donated, kept in its shardings); `step` runs it, `pdlm-aot` compiles it."""
         if self._step is None:
             self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, None),
                                  out_shardings=(self.state_shardings, shd.replicated(self.mesh)), donate_argnums=0)
-        return self._step(state, batch)
+        return self._step
+
+    def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        """One optimizer update on a global batch (dict of jax.Arrays from `put_batch`)."""
+        return self.jit_step()(state, batch)
 
     def put_batch(self, local_batch: dict) -> dict:
         """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
