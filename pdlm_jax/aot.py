@@ -116,7 +116,7 @@ def synthetic_image(tiles: int, region):
 
 
 def rectangle_masks(k: int, size: tuple[int, int]):
-    """k rectangular masks of distinct areas (the boxes of infer/bench_gpu.sh)."""
+    """k (≤ 6) rectangular masks of distinct areas (the boxes of infer/bench_gpu.sh)."""
     import numpy as np
 
     boxes = [(0.05, 0.05, 0.60, 0.70), (0.50, 0.30, 0.95, 0.95), (0.10, 0.60, 0.45, 0.95),
@@ -144,8 +144,8 @@ def _model_config(args):
     return preset(args.preset or "perceptiondlm-8b")
 
 
-def infer_program(args, devices) -> dict:
-    """Lower the captioning program of one bucket for `devices`; returns the pieces `report` needs."""
+def infer_program(args, target) -> dict:
+    """The captioning program of one bucket for `target`'s devices; returns the pieces `run` needs."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -179,9 +179,10 @@ def infer_program(args, devices) -> dict:
     row = pipeline.pass_inputs(prep, bucket, cfg, tokenizer.special.eot)
     inputs = pipeline.batch_inputs([row] * batch, [(k * G, S)] * batch, bucket, mode, args.temperature, 1.0)
 
+    devices = target.devices()
     mesh = sharding.make_mesh(args.mesh or "data:-1", devices)
     dtype = api.DTYPES[args.dtype]
-    gpu = devices[0].platform in ("gpu", "cuda")
+    gpu = target.platform == "cuda"
     attention = ("cudnn" if gpu and args.dtype == "bfloat16" else "xla") if args.attention == "auto" \
         else api.attention_implementation(args.attention, dtype)
     make = lambda attention: PerceptionDLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),  # noqa: E731
@@ -206,10 +207,20 @@ def infer_program(args, devices) -> dict:
                 xla_check=lambda: _xla_flops_once(
                     jax.jit(lambda s, x: pipeline._caption_pass(cpu_graphdef, s, x, cfg=cfg, mask_id=tokenizer.special.mask,
                                                                 bucket=bucket)), (abstract, inputs),
-                    flops.vision_flops(cfg, tiled.num_tiles) * batch
-                    + flops.lm_flops(cfg, bucket.length, bucket.length, bucket.slots) * batch
-                    + (flops.lm_flops(cfg, bucket.caption_rows, bucket.length, bucket.slots) * batch if bucket.prefix
-                       else 0)))
+                    batch * _loop_body_flops(cfg, tiled.num_tiles, bucket)))
+
+
+def _loop_body_flops(cfg, tiles: int, bucket) -> float:
+    """Analytic FLOPs as XLA's cost analysis counts them: every loop body once (one layer of each tower's layer
+    scan, one denoising step, both branches of the prefix mode's refresh `cond`)."""
+    from pdlm_jax import flops
+
+    one_layer = cfg.replace(lm=dataclasses.replace(cfg.lm, num_layers=1),
+                            vision=dataclasses.replace(cfg.vision, num_layers=cfg.vision.num_layers
+                                                       - cfg.num_vision_layers_used + 1))
+    full = flops.lm_flops(one_layer, bucket.length, bucket.length, bucket.slots)
+    rows = flops.lm_flops(one_layer, bucket.caption_rows, bucket.length, bucket.slots) if bucket.prefix else 0
+    return flops.vision_flops(one_layer, tiles) + full + rows
 
 
 def _forward_split(mode, steps: int) -> tuple[int, int]:
@@ -220,8 +231,8 @@ def _forward_split(mode, steps: int) -> tuple[int, int]:
     return steps, 0
 
 
-def train_program(args, devices) -> dict:
-    """Lower the real training update (train.step.Trainer) of a TrainConfig for `devices`."""
+def train_program(args, target) -> dict:
+    """The real training update (train.step.Trainer) of a TrainConfig for `target`'s devices."""
     import jax
     import numpy as np
 
@@ -268,14 +279,17 @@ def train_program(args, devices) -> dict:
     length = max(cfg.data.length_buckets)
     tiles = max(cfg.data.tile_buckets)
 
-    # One real sample from the data pipeline (synthetic task), padded to the buckets: the batch's shapes and
-    # dtypes are those of a real run; the global batch repeats its shape.
-    one = data.build_pipeline(dataclasses.replace(cfg.data, annotations=(), synthetic_scenes=1, batch_size=1,
-                                                  length_buckets=(length,), tile_buckets=(tiles,), group_divisor=6,
-                                                  threads=1, prefetch=0, workers=0), model_cfg, tokenizer)
-    sample = next(iter(one.dataset))
+    # One sample made and padded by the training data code (an image of exactly `tiles` tiles, the most masks a
+    # sample takes): the batch has a real run's shapes and dtypes; the global batch repeats its shape.
+    region = model_cfg.region
+    image = synthetic_image(tiles, region)
+    k = min(region.prompt_numbers, math.ceil(cfg.data.group_divisor))
+    record = data.Record(image, rectangle_masks(k, image.size), ["a region"] * k)
+    sample = data.build_sample(record, range(k), np.random.default_rng(0), model_cfg, tokenizer, cfg.data.question,
+                               cfg.data.random_prompt_ids)
+    sample = data.Collate((tiles,), (length,), region.prompt_numbers, tokenizer.special.eot)([sample])
     B = cfg.data.batch_size * cfg.optim.grad_accum
-    mesh = sharding.make_mesh(cfg.run.mesh, devices)
+    mesh = sharding.make_mesh(cfg.run.mesh, target.devices())
     trainer = step_lib.make_trainer(model_cfg, cfg.model.dtype, mesh, cfg.optim, 1000, tokenizer.special.mask,
                                     seed=cfg.run.seed, remat=cfg.model.remat)
     shapes = {p: jax.ShapeDtypeStruct(s, np.float32) for p, s in keymap.expected_shapes(model_cfg).items()}
@@ -324,8 +338,8 @@ def run(args) -> dict:
     target = hardware.target(args.target)  # PDLMError listing the known ones
     hardware.quiet_tpu_environment(target)
     build = infer_program if args.task == "infer" else train_program
+    program = build(args, target)  # checks the settings before asking JAX for devices
     devices = target.devices()
-    program = build(args, devices)
     log.info("compiling %s for %s (%d devices)...", args.task, target.name, len(devices))
     exe, seconds = program["compile"]()
     mem = exe.memory_analysis()
@@ -396,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     except PDLMError as e:
         print(f"pdlm-aot: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # XLA refused the program: one line, its own status
+        if type(e).__name__ not in ("JaxRuntimeError", "XlaRuntimeError"):
+            raise
+        print(f"pdlm-aot: compilation failed for {args.target}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 3
     print(format_table(result))
     if args.json:
         write_json(args.json, result)
