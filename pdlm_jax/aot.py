@@ -212,15 +212,13 @@ def infer_program(args, target) -> dict:
 
 def _loop_body_flops(cfg, tiles: int, bucket) -> float:
     """Analytic FLOPs as XLA's cost analysis counts them: every loop body once (one layer of each tower's layer
-    scan, one denoising step, both branches of the prefix mode's refresh `cond`)."""
+    scan, one denoising step) and, of the prefix mode's refresh `cond`, the costlier branch (the full forward)."""
     from pdlm_jax import flops
 
     one_layer = cfg.replace(lm=dataclasses.replace(cfg.lm, num_layers=1),
                             vision=dataclasses.replace(cfg.vision, num_layers=cfg.vision.num_layers
                                                        - cfg.num_vision_layers_used + 1))
-    full = flops.lm_flops(one_layer, bucket.length, bucket.length, bucket.slots)
-    rows = flops.lm_flops(one_layer, bucket.caption_rows, bucket.length, bucket.slots) if bucket.prefix else 0
-    return flops.vision_flops(one_layer, tiles) + full + rows
+    return flops.vision_flops(one_layer, tiles) + flops.lm_flops(one_layer, bucket.length, bucket.length, bucket.slots)
 
 
 def _forward_split(mode, steps: int) -> tuple[int, int]:
