@@ -411,7 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # XLA refused the program: one line, its own status
         if type(e).__name__ not in ("JaxRuntimeError", "XlaRuntimeError"):
             raise
-        print(f"pdlm-aot: compilation failed for {args.target}: {str(e).splitlines()[0]}", file=sys.stderr)
+        message = str(e).splitlines()[0]
+        if message.startswith("RESOURCE_EXHAUSTED"):  # the TPU compiler refuses what cannot fit in HBM
+            print(f"pdlm-aot: does not fit on {args.target}: {message}", file=sys.stderr)
+            return 1
+        print(f"pdlm-aot: compilation failed for {args.target}: {message}", file=sys.stderr)
         return 3
     print(format_table(result))
     if args.json:
