@@ -22,6 +22,7 @@ from pdlm_jax import sharding as shd
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.pdm import PerceptionDLM
+from pdlm_jax.modeling.projector import pixel_shuffle
 from pdlm_jax.ops.roi_replay import assemble_embeddings, roi_replay
 from pdlm_jax.ops.structured_mask import allowed_mask
 from train.config import VISION_POS_EMBED_INITS
@@ -67,8 +68,13 @@ def batch_embeddings(model: PerceptionDLM, batch: dict, cfg: PDLMConfig, mesh: M
     def split_batch(x):
         return x if mesh is None else jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.shape))
 
-    vision = split_batch(jax.vmap(model.encode_images)(batch["pixel_values"], batch["mask_patches"],
-                                                        batch["prompt_ids"]))
+    # The vision tower over all B·T tiles as one leading axis (a constraint under a vmap cannot name the batch).
+    pixels, (B, T) = batch["pixel_values"], batch["pixel_values"].shape[:2]
+    offsets = jax.vmap(model.mask_offsets)(batch["mask_patches"], batch["prompt_ids"])
+    features = model.vision(split_batch(pixels.reshape(B * T, *pixels.shape[2:]).astype(model.dtype)),
+                            split_batch(offsets.reshape(B * T, *offsets.shape[2:])))
+    vision = model.projector(pixel_shuffle(split_batch(features)))
+    vision = split_batch(vision.reshape(B, T, *vision.shape[1:]))
 
     def one(vision, boxes, grid, nt, ids, img_pos, roi_pos):
         rois = roi_replay(vision, grid, boxes, cfg.region, cfg.quirks, training=True, num_tiles=nt)
