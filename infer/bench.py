@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.flops import model_flops
 
 log = logging.getLogger("pdlm-bench")
 
@@ -92,31 +93,6 @@ def _ints(text: str, what: str) -> list[int]:
     if any(v < 1 for v in values):
         raise PDLMError(f"{what} must be positive, got {text!r}")
     return values
-
-
-def model_flops(cfg, tiles: int, lengths: list[int], regions: list[int], gen_length: int, full_forwards: int,
-                cached_forwards: int) -> float:
-    """Matmul FLOPs (2·m·n·k) of one image's passes: vision once per pass, `full_forwards` LM forwards over all
-    L rows and `cached_forwards` over the k·(G+2) caption rows only; lm_head at the k·G slots."""
-    v, lm = cfg.vision, cfg.lm
-    patches = v.num_patches
-    vision_layer = 2 * patches * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size) \
-        + 4 * patches**2 * v.hidden_size
-    projector_in = cfg.projector_input_size
-    vision = tiles * (cfg.num_vision_layers_used * vision_layer + 2 * patches * 3 * v.patch_size**2 * v.hidden_size
-                      + 2 * cfg.region.num_image_tokens * (projector_in + lm.hidden_size) * lm.hidden_size)
-    h, kv = lm.hidden_size, lm.num_kv_heads * lm.head_dim
-    dense = 2 * (2 * h * h + 2 * h * kv + 3 * h * lm.intermediate_size)  # per row: q, o, k, v, gate, up, down
-
-    def forward(rows: int, keys: int, slots: int) -> float:
-        return lm.num_layers * (rows * dense + 4 * rows * keys * h) + 2 * slots * h * lm.vocab_size
-
-    total = 0.0
-    for length, k in zip(lengths, regions):
-        slots = k * gen_length
-        total += vision + full_forwards * forward(length, length, slots) \
-            + cached_forwards * forward(k * (gen_length + 2), length, slots)
-    return total
 
 
 def _peak_flops(args, dtype: str) -> float | None:

@@ -284,12 +284,15 @@ class CaptionProgram:
         """The compiled programs so far, by bucket (e.g. for XLA's memory and cost analyses)."""
         return dict(self._compiled)
 
+    def input_sharding(self, value) -> jax.sharding.NamedSharding:
+        """An input's place on the mesh: leading batch axis over ('data', 'fsdp') where it divides, else replicated."""
+        return sharding.batch_sharding(self.mesh, value.shape) if np.ndim(value) else sharding.replicated(self.mesh)
+
     def place(self, inputs: dict) -> dict:
-        """Inputs on the mesh: leading batch axis over ('data', 'fsdp') where it divides, else replicated."""
+        """Inputs on the mesh (`input_sharding`)."""
         if self.mesh is None:
             return inputs
-        return {k: jax.device_put(v, sharding.batch_sharding(self.mesh, v.shape) if np.ndim(v)
-                                  else sharding.replicated(self.mesh)) for k, v in inputs.items()}
+        return {k: jax.device_put(v, self.input_sharding(v)) for k, v in inputs.items()}
 
     def compiled(self, bucket: Bucket, inputs: dict) -> tuple[jax.stages.Compiled, float]:
         """The executable for `bucket` and the seconds spent compiling it now (0 when cached)."""

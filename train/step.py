@@ -26,6 +26,7 @@ from pdlm_jax import sharding as shd
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.pdm import PerceptionDLM
+from pdlm_jax.modeling.projector import pixel_shuffle
 from pdlm_jax.ops.roi_replay import assemble_embeddings, roi_replay
 from pdlm_jax.ops.structured_mask import allowed_mask
 from train.config import VISION_POS_EMBED_INITS
@@ -65,22 +66,36 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
 # ---- forward ----------------------------------------------------------------------------------------
 
 
-def batch_embeddings(model: PerceptionDLM, batch: dict, cfg: PDLMConfig) -> jax.Array:
-    """Clean LM input embeddings (B, L, H): token embeddings + scattered vision rows + RoI vectors."""
+def batch_embeddings(model: PerceptionDLM, batch: dict, cfg: PDLMConfig, mesh: Mesh | None = None) -> jax.Array:
+    """Clean LM input embeddings (B, L, H): token embeddings + scattered vision rows + RoI vectors.
 
-    def one(px, mp, pid, boxes, grid, nt, ids, img_pos, roi_pos):
-        vision = model.encode_images(px, mp, pid)
+    With a mesh, the vision tower's output and the embeddings are kept split over the batch axes: left to
+    itself, XLA's propagation may follow the FSDP-sharded weights instead and compute every image's vision
+    activations and the (B, L, vocab) logits of the whole batch on every device (pdlm-aot: > 124 GiB per chip
+    for the 8B model at B = 64, L = 4096 on a v5p-64).
+    """
+    def split_batch(x):
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.shape))
+
+    # The vision tower over all B·T tiles as one leading axis (a constraint under a vmap cannot name the batch).
+    pixels, (B, T) = batch["pixel_values"], batch["pixel_values"].shape[:2]
+    offsets = jax.vmap(model.mask_offsets)(batch["mask_patches"], batch["prompt_ids"])
+    features = model.vision(split_batch(pixels.reshape(B * T, *pixels.shape[2:]).astype(model.dtype)),
+                            split_batch(offsets.reshape(B * T, *offsets.shape[2:])))
+    vision = model.projector(pixel_shuffle(split_batch(features)))
+    vision = split_batch(vision.reshape(B, T, *vision.shape[1:]))
+
+    def one(vision, boxes, grid, nt, ids, img_pos, roi_pos):
         rois = roi_replay(vision, grid, boxes, cfg.region, cfg.quirks, training=True, num_tiles=nt)
         return assemble_embeddings(model.lm.embed(ids), vision, rois, img_pos, roi_pos)
 
-    keys = ("pixel_values", "mask_patches", "prompt_ids", "roi_boxes", "grid", "num_tiles", "input_ids",
-            "image_positions", "roi_positions")
-    return jax.vmap(one)(*(batch[k] for k in keys))
+    keys = ("roi_boxes", "grid", "num_tiles", "input_ids", "image_positions", "roi_positions")
+    return split_batch(jax.vmap(one)(vision, *(batch[k] for k in keys)))
 
 
 def batch_loss(model: PerceptionDLM, batch: dict, key: jax.Array, cfg: PDLMConfig, mask_id: int,
-               noise_t_min: float = 0.0):
-    embeds = batch_embeddings(model, batch, cfg)
+               noise_t_min: float = 0.0, mesh: Mesh | None = None):
+    embeds = batch_embeddings(model, batch, cfg, mesh)
     allowed = jax.vmap(allowed_mask)(batch["block_id"], batch["roi_owner"], batch["prefix_visible"], batch["valid"])
     t, u = draw_noise(key, batch["labels"].shape, noise_t_min)
     return lm_diffusion_loss(model.lm, embeds, batch["labels"], allowed, t, u, mask_id)
@@ -148,9 +163,10 @@ class Trainer:
             if self.lora.enabled:  # adapters in the compute dtype (their layers' outputs keep it)
                 p = jax.tree.map(lambda x: x.astype(self.compute_dtype), p)
                 model = nnx.merge(self.graphdef, lora_lib.combine(frozen, p))
-                return self._adapted(batch_loss)(model, batch, key, self.cfg, self.mask_id, self.noise_t_min)
+                return self._adapted(batch_loss)(model, batch, key, self.cfg, self.mask_id, self.noise_t_min,
+                                                 self.mesh)
             model = nnx.merge(self.graphdef, {**p, **frozen})
-            return batch_loss(model, batch, key, self.cfg, self.mask_id, self.noise_t_min)
+            return batch_loss(model, batch, key, self.cfg, self.mask_id, self.noise_t_min, self.mesh)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -180,9 +196,8 @@ class Trainer:
                    "tokens": jnp.sum(batch["valid"])}
         return new_state, metrics
 
-    def jitted_step(self) -> Callable:
-        """The jitted update (state, batch) -> (state, metrics), state donated; call `abstract_state` or
-        `init_state` first. Ahead of time: `.lower(abstract_state, batch ShapeDtypeStructs).compile()`."""
+    def jit_step(self):
+        """The jitted update (state donated, kept in its shardings); `step` runs it, `pdlm-aot` compiles it."""
         if self._step is None:
             self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, None),
                                  out_shardings=(self.state_shardings, shd.replicated(self.mesh)), donate_argnums=0)
@@ -190,7 +205,7 @@ class Trainer:
 
     def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
         """One optimizer update on a global batch (dict of jax.Arrays from `put_batch`)."""
-        return self.jitted_step()(state, batch)
+        return self.jit_step()(state, batch)
 
     def put_batch(self, local_batch: dict) -> dict:
         """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""

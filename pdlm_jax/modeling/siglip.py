@@ -44,7 +44,12 @@ class SiglipAttention(nnx.Module):
         split = lambda t: t.reshape(B, L, self.num_heads, self.head_dim)
         out = dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
                                     scale=self.head_dim**-0.5)
-        return self.o(out.reshape(B, L, -1))
+        # The output projection contracts (heads, head_dim) as they come instead of after a reshape to one dim:
+        # with the reshape, XLA:GPU fuses the heads transpose into a Triton GEMM whose tiling it cannot solve for
+        # head_dim 72 once a batch of images reaches the tower ("Couldn't find output tile sizes", H100).
+        dtype = self.o.dtype or out.dtype
+        kernel = self.o.kernel[...].astype(dtype).reshape(self.num_heads, self.head_dim, -1)
+        return jnp.einsum("blhd,hde->ble", out.astype(dtype), kernel) + self.o.bias[...].astype(dtype)
 
 
 class SiglipMLP(nnx.Module):

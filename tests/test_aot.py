@@ -1,0 +1,90 @@
+"""pdlm-aot: argument errors (no extra needed), target names, and tiny compiles for a TPU and a GPU target when
+the `aot` extra (libtpu, the CUDA plugin) is installed."""
+
+import importlib.util
+import json
+
+import pytest
+
+from pdlm_jax import PDLMError, aot, hardware
+from train import config as train_config
+
+HAS_TPU = importlib.util.find_spec("libtpu") is not None
+HAS_CUDA = importlib.util.find_spec("jax_cuda13_plugin") is not None or \
+    importlib.util.find_spec("jax_cuda12_plugin") is not None
+
+
+def run_cli(capsys, *argv):
+    code = aot.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_target_names():
+    assert hardware.target("h100").num_devices == 1 and hardware.target("h100x8").num_devices == 8
+    v5p = hardware.target("v5p:4x4x4")
+    assert (v5p.platform, v5p.num_devices, v5p.chip.kind) == ("tpu", 64, "TPU v5p")
+    assert hardware.target("v5e:2x4").chip.device_memory_bytes == 16 * 2**30
+    assert hardware.target("h200").gpu_spec.read_text().count("device_memory_size: 141000000000") == 1
+    with pytest.raises(PDLMError, match="known: h100, h200, h100x8"):
+        hardware.target("a100")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target", "k80", "--task", "infer"], "unknown target 'k80'; known: h100"),
+    (["--target", "h100", "--task", "infer", "--preset", "tiny", "--masks", "7"], "--masks must be in 1..6"),
+    (["--target", "h100", "--task", "infer", "--preset", "tiny", "--mode", "fast"], "--mode 'fast'"),
+    (["--target", "h100", "--task", "infer", "--preset", "tiny", "--tiles", "2"], "--tiles 2: this model tiles"),
+    (["--target", "h100", "--task", "infer", "--preset", "tiny", "--steps", "99", "--masks", "1",
+      "--gen-length", "4"], "steps=99 exceeds"),
+    (["--target", "h100", "--task", "infer", "--preset", "nope"], "unknown preset 'nope'"),
+    (["--target", "v5p:2x2x1", "--task", "train", "--preset", "tiny", "--set", "optim.nope=1"],
+     "unknown keys ['nope']"),
+    (["--target", "v5p:2x2x1", "--task", "train", "--preset", "tiny", "--set", "optim.lr"], "expected section.key"),
+])
+def test_bad_arguments_exit_2_with_one_line(capsys, argv, message):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("pdlm-aot: error: ") and err.count("\n") == 1 and message in err
+
+
+def test_lora_rank_needs_a_lora_section(capsys):
+    if "lora" in train_config.SECTIONS:
+        pytest.skip("TrainConfig has a lora section: --lora-rank maps onto it")
+    code, _, err = run_cli(capsys, "--target", "v5p:2x2x1", "--task", "train", "--preset", "tiny",
+                           "--lora-rank", "8")
+    assert code == 2 and "no LoRA training yet" in err
+
+
+def check_schema(result: dict, unit: str):
+    assert set(aot.SCHEMA_KEYS) <= set(result)
+    assert set(result["memory_per_device_bytes"]) >= {"arguments", "outputs", "temporaries", "total"}
+    mem = result["memory_per_device_bytes"]
+    assert mem["total"] == mem["arguments"] + mem["outputs"] + mem["temporaries"] - mem["aliased"] > 0
+    assert result["fits"] == (mem["total"] <= result["device_memory_bytes"])
+    assert result[f"model_flops_per_{unit}"] > 0 and result[f"roofline_seconds_per_{unit}"] > 0
+    assert result["peak_flops"] > 0 and result["memory_bandwidth"] > 0 and result["compile_seconds"] > 0
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the aot extra's CUDA plugin is not installed (pip install '.[aot]')")
+def test_tiny_infer_compiles_for_h100(capsys, tmp_path):
+    out = tmp_path / "h100.json"
+    code, table, _ = run_cli(capsys, "--target", "h100", "--task", "infer", "--preset", "tiny", "--masks", "2",
+                             "--batch", "2", "--gen-length", "4", "--steps", "4", "--tiles", "3", "--json", str(out))
+    assert code == 0 and "fits" in table
+    result = json.loads(out.read_text())
+    check_schema(result, "image")
+    assert result["device_kind"].startswith("NVIDIA H100") and result["settings"]["attention"] == "cudnn"
+    # The analytic count of one loop iteration agrees with XLA's count of the same program on the CPU.
+    assert 0.5 < result["flops_check"]["ratio"] < 1.5
+
+
+@pytest.mark.skipif(not HAS_TPU, reason="the aot extra's libtpu is not installed (pip install '.[aot]')")
+def test_tiny_train_compiles_for_a_tpu_slice(capsys, tmp_path):
+    out = tmp_path / "v5e.json"
+    code, _, _ = run_cli(capsys, "--target", "v5e:2x2", "--task", "train", "--preset", "tiny", "--batch", "4",
+                         "--length", "256", "--tiles", "3", "--json", str(out))
+    assert code == 0
+    result = json.loads(out.read_text())
+    check_schema(result, "step")
+    assert result["devices"] == 4 and result["settings"]["mesh"]["fsdp"] == 4 and result["fits"]
