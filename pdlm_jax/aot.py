@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     inf.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
                      help="auto: cuDNN's fused kernel on GPU in bf16, else XLA's")
+    inf.add_argument("--quantize", choices=("int8",), help="int8 weight-only (pdlm-infer --quantize)")
     inf.add_argument("--tokenizer", default=str(DEMO_TOKENIZER),
                      help="tokenizer directory (prompt length; any tokenizer with the special tokens)")
     tr = p.add_argument_group("train")
@@ -147,7 +148,6 @@ def _model_config(args):
 def infer_program(args, target) -> dict:
     """The captioning program of one bucket for `target`'s devices; returns the pieces `run` needs."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
@@ -187,10 +187,18 @@ def infer_program(args, target) -> dict:
         else api.attention_implementation(args.attention, dtype)
     make = lambda attention: PerceptionDLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),  # noqa: E731
                                            attention_implementation=attention)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(attention)))
-    cpu_graphdef = nnx.split(nnx.eval_shape(lambda: make("xla")))[0]  # the CPU has no cuDNN kernel
+    cpu_graphdef, cpu_abstract = nnx.split(nnx.eval_shape(lambda: make("xla")))  # the CPU has no cuDNN kernel
+    trace = None
+    if args.quantize:  # the int8 model pdlm-infer --quantize runs (qwix), still without allocating it
+        from pdlm_jax import quantize
+
+        graphdef, abstract, trace = quantize.abstract(lambda: make(attention), args.quantize)
+    else:
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(attention)))
     state = _abstract(abstract, sharding.param_shardings(abstract, mesh))
-    program = pipeline.CaptionProgram(nnx.merge(graphdef, state), cfg, tokenizer.special.mask, mesh)
+    program = pipeline.CaptionProgram(nnx.merge(graphdef, state), cfg, tokenizer.special.mask, mesh, trace)
+    # the program's own split of an abstract int8 model would drop qwix's weight containers (quantize.abstract)
+    program.graphdef, program.state = graphdef, state
     placed = {key: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=program.input_sharding(v))
               for key, v in inputs.items()}
 
@@ -201,12 +209,12 @@ def infer_program(args, target) -> dict:
     bytes_per_image = param_bytes * (full + cached) / batch
     settings = dict(preset=args.preset, config=args.config, masks=k, batch=batch, mode=mode.name, gen_length=G,
                     steps=S, temperature=args.temperature, tiles=tiled.num_tiles, length=bucket.length,
-                    dtype=args.dtype, attention=attention, mesh=dict(mesh.shape))
+                    dtype=args.dtype, quantize=args.quantize, attention=attention, mesh=dict(mesh.shape))
     return dict(settings=settings, compile=lambda: program.compiled(bucket, placed),
                 flops=per_image, bytes=bytes_per_image, unit="image",
                 xla_check=lambda: _xla_flops_once(
                     jax.jit(lambda s, x: pipeline._caption_pass(cpu_graphdef, s, x, cfg=cfg, mask_id=tokenizer.special.mask,
-                                                                bucket=bucket)), (abstract, inputs),
+                                                                bucket=bucket)), (cpu_abstract, inputs),
                     batch * _loop_body_flops(cfg, tiled.num_tiles, bucket)))
 
 
@@ -260,8 +268,6 @@ def train_program(args, target) -> dict:
     if args.mesh:
         overrides.append(f"run.mesh={args.mesh}")
     if args.lora_rank is not None:
-        if "lora" not in train_config.SECTIONS:
-            raise PDLMError("--lora-rank: this pdlm-jax has no LoRA training yet (TrainConfig has no lora section)")
         overrides.append(f"lora.rank={args.lora_rank}")
     base = {}
     if args.config is None and args.batch is None:
@@ -288,8 +294,7 @@ def train_program(args, target) -> dict:
     sample = data.Collate((tiles,), (length,), region.prompt_numbers, tokenizer.special.eot)([sample])
     B = cfg.data.batch_size * cfg.optim.grad_accum
     mesh = sharding.make_mesh(cfg.run.mesh, target.devices())
-    trainer = step_lib.make_trainer(model_cfg, cfg.model.dtype, mesh, cfg.optim, 1000, tokenizer.special.mask,
-                                    seed=cfg.run.seed, remat=cfg.model.remat)
+    trainer = step_lib.trainer_for(cfg, model_cfg, mesh, 1000, tokenizer.special.mask)
     shapes = {p: jax.ShapeDtypeStruct(s, np.float32) for p, s in keymap.expected_shapes(model_cfg).items()}
     state = trainer.abstract_state(nest(shapes), cfg.model.freeze)
     batch = {k: jax.ShapeDtypeStruct((B, *v.shape[1:]), v.dtype,
@@ -303,7 +308,7 @@ def train_program(args, target) -> dict:
     step_bytes = n_params * (7 * 4 + 2 * compute_bytes)
     settings = dict(preset=cfg.model.preset, config=args.config, batch=B, micro_batch=cfg.data.batch_size,
                     grad_accum=cfg.optim.grad_accum, length=length, tiles=tiles, dtype=cfg.model.dtype,
-                    remat=cfg.model.remat, freeze=list(cfg.model.freeze), mesh=dict(mesh.shape),
+                    remat=cfg.model.remat, freeze=list(cfg.model.freeze), lora_rank=cfg.lora.rank, mesh=dict(mesh.shape),
                     optimizer="adamw (float32 master weights and moments)", overrides=overrides + list(args.set))
     return dict(settings=settings, compile=lambda: _timed_compile(trainer.jit_step(), state, batch),
                 flops=flops.train_step_flops(model_cfg, B, tiles, length), bytes=step_bytes, unit="step",

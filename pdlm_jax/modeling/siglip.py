@@ -38,6 +38,7 @@ class SiglipAttention(nnx.Module):
         self.k = _linear(D, D, ("embed", "heads"), **kw)
         self.v = _linear(D, D, ("embed", "heads"), **kw)
         self.o = _linear(D, D, ("heads", "embed"), **kw)
+        self.o.called_as_linear = False  # __call__ reads its kernel itself: wrappers of Linear.__call__ miss it
 
     def __call__(self, x: jax.Array) -> jax.Array:
         B, L, _ = x.shape
