@@ -74,14 +74,12 @@ def _path(path: tuple) -> str:
 
 
 def targets(model: nnx.Module, lora: LoraConfig) -> list[tuple[str, nnx.Linear]]:
-    """The nnx.Linear layers whose module path fully matches `lora.target` (PDLMError if none)."""
-    linears = [(_path(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)]
+    """The adaptable nnx.Linear layers whose module path fully matches `lora.target` (PDLMError if none)."""
+    # qwix adds the adapter inside Linear.__call__: a layer whose kernel the model reads itself (SigLIP's
+    # attention output, modeling/siglip.py) cannot be adapted and is not a candidate
+    linears = [(_path(p), m) for p, m in nnx.iter_modules(model)
+               if isinstance(m, nnx.Linear) and getattr(m, "called_as_linear", True)]
     chosen = [(p, m) for p, m in linears if re.fullmatch(lora.target, p)]
-    direct = [p for p, m in chosen if not getattr(m, "called_as_linear", True)]
-    if direct:  # qwix adds the adapter inside Linear.__call__, which these layers never run
-        raise PDLMError(f"lora.target {lora.target!r} matches {', '.join(direct)}, whose kernel the model reads "
-                        "without calling the layer (SigLIP's attention output): LoRA cannot adapt it; "
-                        "leave it out of the regex")
     if not chosen:
         raise PDLMError(f"lora.target {lora.target!r} matches no linear layer; module paths are e.g. "
                         + ", ".join(p for p, _ in linears[:12]))

@@ -85,7 +85,6 @@ def _losses(out):
 
 
 def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(tmp_path):
-    import shutil
 
     from train import step as step_lib
     from pdlm_jax import sharding as shd
@@ -154,4 +153,12 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(tmp_path):
     other = preset("tiny-roi4")
     with pytest.raises(PDLMError, match="different base model"):
         lora.load_adapter(adapter, other)
-    shutil.rmtree(cache)
+
+
+def test_layers_read_without_their_call_are_no_lora_targets():
+    # SigLIP's attention output kernel is read by the attention itself (modeling/siglip.py), so qwix, which
+    # adapts Linear.__call__, would train nothing there while the export merged a delta into it.
+    model = PerceptionDLM(preset("tiny"), rngs=nnx.Rngs(0))
+    paths = [p for p, _ in lora.targets(model, lora.LoraConfig(rank=2, target=".*"))]
+    assert "vision/layers/attn/o" not in paths
+    assert {"lm/layers/attn/o", "vision/layers/attn/q", "lm/lm_head"} <= set(paths)
