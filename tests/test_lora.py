@@ -85,7 +85,6 @@ def _losses(out):
 
 
 def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(tmp_path):
-
     from train import step as step_lib
     from pdlm_jax import sharding as shd
 
