@@ -237,6 +237,13 @@ def _forward_split(mode, steps: int) -> tuple[int, int]:
     return steps, 0
 
 
+# pdlm-aot's training flags as the pdlm-train overrides they stand for
+TRAIN_FLAG_OVERRIDES = (("batch", "data.batch_size={}"), ("length", "data.length_buckets=[{}]"),
+                        ("tiles", "data.tile_buckets=[{}]"), ("grad_accum", "optim.grad_accum={}"),
+                        ("remat", "model.remat={}"), ("freeze", "model.freeze=[{}]"),
+                        ("compute_dtype", "model.dtype={}"), ("mesh", "run.mesh={}"), ("lora_rank", "lora.rank={}"))
+
+
 def train_program(args, target) -> dict:
     """The real training update (train.step.Trainer) of a TrainConfig for `target`'s devices."""
     import jax
@@ -251,24 +258,10 @@ def train_program(args, target) -> dict:
     overrides = []
     if args.preset or not args.config:
         overrides.append(f"model.preset={args.preset or 'perceptiondlm-8b'}")
-    if args.batch is not None:
-        overrides.append(f"data.batch_size={args.batch}")
-    if args.length is not None:
-        overrides.append(f"data.length_buckets=[{args.length}]")
-    if args.tiles is not None:
-        overrides.append(f"data.tile_buckets=[{args.tiles}]")
-    if args.grad_accum is not None:
-        overrides.append(f"optim.grad_accum={args.grad_accum}")
-    if args.remat is not None:
-        overrides.append(f"model.remat={str(args.remat).lower()}")
-    if args.freeze is not None:
-        overrides.append(f"model.freeze=[{args.freeze}]")
-    if args.compute_dtype:
-        overrides.append(f"model.dtype={args.compute_dtype}")
-    if args.mesh:
-        overrides.append(f"run.mesh={args.mesh}")
-    if args.lora_rank is not None:
-        overrides.append(f"lora.rank={args.lora_rank}")
+    for flag, template in TRAIN_FLAG_OVERRIDES:
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(template.format(str(value).lower() if isinstance(value, bool) else value))
     base = {}
     if args.config is None and args.batch is None:
         base["data"] = {"batch_size": 8}
@@ -344,7 +337,13 @@ def run(args) -> dict:
     program = build(args, target)  # checks the settings before asking JAX for devices
     devices = target.devices()
     log.info("compiling %s for %s (%d devices)...", args.task, target.name, len(devices))
-    exe, seconds = program["compile"]()
+    try:
+        exe, seconds = program["compile"]()
+    except RuntimeError as e:
+        if "cuDNN not found" not in str(e):
+            raise
+        raise PDLMError("compiling cuDNN attention for a GPU target needs cuDNN's library: pip install "
+                        "'pdlm-jax[aot]' (nvidia-cudnn-cu13), or plan with --attention xla") from None
     mem = exe.memory_analysis()
     arguments, outputs = mem.argument_size_in_bytes, mem.output_size_in_bytes
     temporaries, aliased = mem.temp_size_in_bytes, mem.alias_size_in_bytes
