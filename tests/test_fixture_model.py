@@ -15,6 +15,7 @@ from pdlm_jax import keymap
 from pdlm_jax.config import preset
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling import PerceptionDLM, from_tree, pixel_shuffle
+from pdlm_jax.trees import nest
 
 TENSOR_KEYS = ("pixel_values", "mask_values", "vit_mask_embeddings", "vit_hidden_states", "projector_input",
                "vision_embeds", "inputs_embeds", "attention_allowed", "first_logits")
@@ -126,13 +127,7 @@ def test_from_tree_rejects_mismatches():
     cfg = preset("tiny")
     tree = jax.tree.map(lambda s: np.zeros(s, np.float32), keymap.expected_shapes(cfg),
                         is_leaf=lambda x: isinstance(x, tuple))
-    nested: dict = {}
-    for path, value in tree.items():
-        *parents, leaf = path.split("/")
-        node = nested
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+    nested = nest(tree)
     model = from_tree(cfg, nested, dtype=jnp.bfloat16)
     assert model.lm.lm_head.kernel.dtype == jnp.bfloat16  # cast to param_dtype (defaults to dtype)
 
