@@ -196,9 +196,7 @@ def infer_program(args, target) -> dict:
     else:
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(attention)))
     state = _abstract(abstract, sharding.param_shardings(abstract, mesh))
-    program = pipeline.CaptionProgram(nnx.merge(graphdef, state), cfg, tokenizer.special.mask, mesh, trace)
-    # the program's own split of an abstract int8 model would drop qwix's weight containers (quantize.abstract)
-    program.graphdef, program.state = graphdef, state
+    program = pipeline.CaptionProgram((graphdef, state), cfg, tokenizer.special.mask, mesh, trace)
     placed = {key: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=program.input_sharding(v))
               for key, v in inputs.items()}
 

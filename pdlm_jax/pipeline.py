@@ -268,9 +268,10 @@ class CaptionProgram:
     With a `mesh`, the model's parameters must already be placed in their shardings (`api.load(mesh=...)`).
     """
 
-    def __init__(self, model: nnx.Module, cfg: PDLMConfig, mask_id: int, mesh: Mesh | None = None,
+    def __init__(self, model: nnx.Module | tuple, cfg: PDLMConfig, mask_id: int, mesh: Mesh | None = None,
                  trace: Callable[[Callable], Callable] | None = None):
-        self.graphdef, self.state = nnx.split(model)
+        # or an already split (graphdef, state): pdlm-aot's abstract int8 model would not survive a merge + split
+        self.graphdef, self.state = model if isinstance(model, tuple) else nnx.split(model)
         self.cfg, self.mask_id, self.mesh = cfg, mask_id, mesh
         self.trace = trace  # wraps the tracing of each program (qwix interception for a quantized model)
         self._compiled: dict[Bucket, jax.stages.Compiled] = {}

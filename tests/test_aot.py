@@ -73,6 +73,12 @@ def test_tiny_infer_compiles_for_h100(capsys, tmp_path):
     check_schema(result, "image")
     assert result["device_kind"].startswith("NVIDIA H100")
     assert result["settings"]["attention"] == ("cudnn" if HAS_CUDNN else "xla")
+    # --quantize int8: the program pdlm-infer --quantize runs, its linear kernels held as int8
+    int8_out = tmp_path / "h100_int8.json"
+    code, _, _ = run_cli(capsys, *[str(int8_out) if a == str(out) else a for a in argv], "--quantize", "int8")
+    int8 = json.loads(int8_out.read_text())
+    assert code == 0 and int8["settings"]["quantize"] == "int8"
+    assert int8["memory_per_device_bytes"]["arguments"] < result["memory_per_device_bytes"]["arguments"]
     # The analytic count of one loop iteration agrees with XLA's count of the same program on the CPU.
     assert 0.5 < result["flops_check"]["ratio"] < 1.5
 
