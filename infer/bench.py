@@ -69,20 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_mode(name: str) -> dict:
-    """'exact' | 'sequential' | parts joined by '+': 'prefix[:R]', 'threshold[:TAU]' -> caption_regions kwargs."""
-    if name in ("exact", "sequential"):
-        return {}
-    kwargs = {}
-    for part in name.split("+"):
-        kind, _, value = part.partition(":")
-        if kind == "prefix":
-            kwargs["cache"] = part
-        elif kind == "threshold":
-            kwargs["unmask"] = f"threshold:{value or 0.9}"
-        else:
-            raise PDLMError(f"unknown benchmark mode {part!r}; use exact, prefix[:R], threshold[:TAU], sequential")
-    return kwargs
+def parse_mode(name: str):
+    """'sequential' (None: the one-region-per-pass baseline) or a sampler mode (`pipeline.Mode.from_name`)."""
+    from pdlm_jax.pipeline import Mode
+
+    if name == "sequential":
+        return None
+    try:
+        return Mode.from_name(name)
+    except PDLMError as e:
+        raise PDLMError(f"--modes: {e}; or sequential") from None
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -145,7 +141,7 @@ def run(args) -> list[dict]:
     from pdlm_jax.regions.tiling import tile_image
 
     modes = args.modes.split(",") + ([] if args.no_sequential or "sequential" in args.modes else ["sequential"])
-    kwargs = {m: parse_mode(m) for m in modes}
+    samplers = {m: parse_mode(m) for m in modes}
     batches = _ints(args.batch, "--batch")
     ks = _ints(args.num_masks, "--num-masks") if args.num_masks else [len(args.masks)]
     if max(ks) > len(args.masks):
@@ -165,8 +161,9 @@ def run(args) -> list[dict]:
                 if args.time_budget and time.perf_counter() - start > args.time_budget:
                     log.warning("time budget of %.0f s spent: skipping the remaining rows", args.time_budget)
                     return rows
-                row = _time_row(handle, args.image, args.masks[:k], mode, kwargs[mode], batch, args)
-                full, cached = _forward_split(mode, kwargs[mode], row["forwards"], k, args.steps)
+                sampler = samplers[mode]
+                row = _time_row(handle, args.image, args.masks[:k], mode, sampler, batch, args)
+                full, cached = sampler.forward_split(row["forwards"]) if sampler else (row["forwards"], 0)
                 flops = model_flops(cfg, tiled.num_tiles, single if mode == "sequential" else [length],
                                     [1] * k if mode == "sequential" else [k], G, full, cached)
                 row["mfu"] = flops / row["seconds_per_image"] / peak if peak else None
@@ -185,30 +182,21 @@ def run(args) -> list[dict]:
     return rows
 
 
-def _forward_split(mode: str, kwargs: dict, forwards: int, k: int, steps: int) -> tuple[int, int]:
-    """(full forwards, caption-rows-only forwards) per image."""
-    cache = kwargs.get("cache")
-    if not cache:
-        return forwards, 0
-    refresh = int(cache.partition(":")[2] or 0)
-    full = -(-forwards // refresh) if refresh else 1
-    return full, forwards - full
-
-
-def _time_row(handle, image, masks, mode: str, kwargs: dict, batch: int, args) -> dict:
+def _time_row(handle, image, masks, mode: str, sampler, batch: int, args) -> dict:
     """One warm-up (compiling) call, then `repeats` timed calls from the files (preprocessing included)."""
     G, steps = args.gen_length, args.steps
     before = set(handle.program.executables)
 
     def call():
         t0 = time.perf_counter()
-        if mode == "sequential":  # one region per denoising pass, one pass after another
+        if sampler is None:  # sequential: one region per denoising pass, one pass after another
             results = [handle.caption_regions(image, [m], gen_length=G, steps=min(steps, G)) for m in masks]
             compile_s = sum(r["compile_seconds"] for r in results)
             forwards = sum(r["forwards"] for r in results)
             tokens = [r["regions"][0]["token_ids"] for r in results]
         else:
-            results = handle.caption_regions([(image, masks)] * batch, gen_length=G, steps=steps, **kwargs)
+            results = handle.caption_regions([(image, masks)] * batch, gen_length=G, steps=steps,
+                                           **sampler.arguments)
             compile_s, forwards = results[0]["compile_seconds"], results[0]["forwards"]
             tokens = [[r["token_ids"] for r in res["regions"]] for res in results]
         return time.perf_counter() - t0, compile_s, forwards, tokens

@@ -85,18 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_mode(text: str):
     from pdlm_jax import pipeline
 
-    cache, unmask = "none", "remask"
-    for part in text.split("+"):
-        kind = part.partition(":")[0]
-        if kind == "exact" and text == "exact":
-            continue
-        if kind == "prefix":
-            cache = part
-        elif kind == "threshold":
-            unmask = part if ":" in part else "threshold:0.9"
-        else:
-            raise PDLMError(f"--mode {text!r}: use exact, prefix[:R], threshold:TAU or prefix[:R]+threshold:TAU")
-    return pipeline.Mode.parse(cache, unmask)
+    try:
+        return pipeline.Mode.from_name(text)
+    except PDLMError as e:
+        raise PDLMError(f"--mode: {e}") from None
 
 
 def synthetic_image(tiles: int, region):
@@ -197,10 +189,10 @@ def infer_program(args, target) -> dict:
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(attention)))
     state = _abstract(abstract, sharding.param_shardings(abstract, mesh))
     program = pipeline.CaptionProgram((graphdef, state), cfg, tokenizer.special.mask, mesh, trace)
-    placed = {key: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=program.input_sharding(v))
-              for key, v in inputs.items()}
+    placed = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
+                                                         sharding=program.input_sharding(v)), inputs)
 
-    full, cached = _forward_split(mode, S)
+    full, cached = mode.forward_split(S)
     per_image = flops.model_flops(cfg, tiled.num_tiles, [bucket.length], [k], G, full, cached)
     param_bytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(abstract))
     # Lower bound on HBM traffic per image: the weights are read once per forward, shared by the batch.
@@ -225,14 +217,6 @@ def _loop_body_flops(cfg, tiles: int, bucket) -> float:
                             vision=dataclasses.replace(cfg.vision, num_layers=cfg.vision.num_layers
                                                        - cfg.num_vision_layers_used + 1))
     return flops.vision_flops(one_layer, tiles) + flops.lm_flops(one_layer, bucket.length, bucket.length, bucket.slots)
-
-
-def _forward_split(mode, steps: int) -> tuple[int, int]:
-    """(full forwards, caption-rows-only forwards) of one pass; threshold mode: at most `steps` in all."""
-    if mode.cache == "prefix":
-        full = -(-steps // mode.refresh) if mode.refresh else 1
-        return full, steps - full
-    return steps, 0
 
 
 # pdlm-aot's training flags as the pdlm-train overrides they stand for
@@ -288,9 +272,9 @@ def train_program(args, target) -> dict:
     trainer = step_lib.trainer_for(cfg, model_cfg, mesh, 1000, tokenizer.special.mask)
     shapes = {p: jax.ShapeDtypeStruct(s, np.float32) for p, s in keymap.expected_shapes(model_cfg).items()}
     state = trainer.abstract_state(nest(shapes), cfg.model.freeze)
-    batch = {k: jax.ShapeDtypeStruct((B, *v.shape[1:]), v.dtype,
-                                     sharding=sharding.batch_sharding(mesh, (B, *v.shape[1:])))
-             for k, v in sample.items()}
+    batch = jax.tree.map(lambda v: jax.ShapeDtypeStruct((B, *v.shape[1:]), v.dtype,
+                                                        sharding=sharding.batch_sharding(mesh, (B, *v.shape[1:]))),
+                         sample)
 
     n_params = sum(math.prod(s) for s in keymap.expected_shapes(model_cfg).values())
     compute_bytes = 2 if cfg.model.dtype == "bfloat16" else 4

@@ -33,15 +33,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 from jax.sharding import Mesh
 
 from pdlm_jax import sampling, sharding
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.llada import put_rows, take_rows
-from pdlm_jax.ops.roi_replay import assemble_embeddings, roi_boxes, roi_replay
-from pdlm_jax.ops.structured_mask import allowed_mask
+from pdlm_jax.region_batch import RegionBatch, stack
 from pdlm_jax.regions.prepare import PreparedRegions
 
 log = logging.getLogger(__name__)
@@ -88,9 +87,43 @@ class Mode:
             raise PDLMError(f"cannot parse cache {cache!r} / unmask {unmask!r}; use e.g. 'prefix:4' and "
                             "'threshold:0.9'") from None
 
+    @classmethod
+    def from_name(cls, name: str) -> "Mode":
+        """The inverse of `name`: 'exact', or 'prefix[:R]' and/or 'threshold[:TAU]' joined by '+'."""
+        cache, unmask = "none", "remask"
+        for part in ([] if name == "exact" else str(name).split("+")):
+            kind = part.partition(":")[0]
+            if kind == "prefix" and cache == "none":
+                cache = part
+            elif kind == "threshold" and unmask == "remask":
+                unmask = part
+            else:
+                raise PDLMError(f"unknown sampler mode {name!r}: use exact, prefix[:R], threshold[:TAU] or "
+                                "prefix[:R]+threshold[:TAU]")
+        return cls.parse(cache, unmask)
+
+    @property
+    def arguments(self) -> dict[str, str]:
+        """The `cache` and `unmask` spellings of this mode (`caption_regions` arguments; `parse` reads them)."""
+        return {"cache": "none" if self.cache == "none" else "prefix" + (f":{self.refresh}" if self.refresh else ""),
+                "unmask": "remask" if self.unmask == "remask" else f"threshold:{self.threshold!r}"}
+
+    @property
+    def static(self) -> "Mode":
+        """What a compiled program depends on: the kinds of cache and unmasking. The refresh period and the
+        threshold are runtime inputs (`batch_inputs`), so they are left at their defaults."""
+        return Mode(cache=self.cache, unmask=self.unmask)
+
     @property
     def exact(self) -> bool:
         return self.cache == "none" and self.unmask == "remask"
+
+    def forward_split(self, forwards: int) -> tuple[int, int]:
+        """(full forwards, caption-rows-only forwards) of a pass that ran `forwards` forwards."""
+        if self.cache != "prefix":
+            return forwards, 0
+        full = -(-forwards // self.refresh) if self.refresh else 1
+        return full, forwards - full
 
     @property
     def name(self) -> str:
@@ -116,9 +149,18 @@ class Bucket:
     sample: bool  # temperature > 0
     nucleus: bool  # top_p < 1 while sampling
     batch: int = 1  # rows (passes) per call
-    prefix: bool = False  # prefix K/V cache mode
-    threshold: bool = False  # confidence-threshold unmasking
+    mode: Mode = EXACT  # the sampler (`Mode.static`: its runtime knobs are inputs)
     history: bool = False  # also return the slot tokens after every step
+
+    @property
+    def prefix(self) -> bool:
+        """Prefix K/V cache mode."""
+        return self.mode.cache == "prefix"
+
+    @property
+    def threshold(self) -> bool:
+        """Confidence-threshold unmasking."""
+        return self.mode.unmask == "threshold"
 
     @property
     def slots(self) -> int:
@@ -137,50 +179,57 @@ def choose_bucket(num_tiles: int, num_regions: int, gen_length: int, length: int
     sample = temperature > 0
     return Bucket(tiles=num_tiles, regions=regions, gen_length=gen_length,
                   length=-(-length // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, sample=sample,
-                  nucleus=sample and top_p < 1.0, prefix=mode.cache == "prefix", threshold=mode.unmask == "threshold")
+                  nucleus=sample and top_p < 1.0, mode=mode.static)
 
 
-def pass_inputs(prep: PreparedRegions, bucket: Bucket, cfg: PDLMConfig, pad_id: int, seed: int = 0
-                ) -> dict[str, np.ndarray]:
+@struct.dataclass
+class PassInputs:
+    """The device inputs of one pass (a row; `batch_inputs` stacks rows): the model's inputs and the caption
+    slots. Padded regions/slots/rows point past the end of the sequence: scatters drop them, gathers are ignored."""
+
+    regions: RegionBatch
+    gen_positions: np.ndarray  # (P·G,) int32 position of each slot, region by region (L when padded)
+    slot_valid: np.ndarray  # (P·G,) bool
+    caption_positions: np.ndarray  # (caption_rows,) int32 positions of the caption blocks (prefix cache rows)
+    slot_rows: np.ndarray  # (P·G,) int32 each slot's row in the caption window (padded slots: row 0, ignored)
+    seed: np.ndarray  # () uint32
+
+
+@struct.dataclass
+class ProgramInputs:
+    """What one call of a compiled program takes: `bucket.batch` stacked rows and the runtime sampler settings."""
+
+    rows: PassInputs
+    counts: np.ndarray  # (B, slots) int32 re-mask counts per step (`sampling.schedule_array`)
+    num_forwards: np.ndarray  # () int32
+    temperature: np.ndarray  # () float32
+    top_p: np.ndarray  # () float32
+    refresh: np.ndarray  # () int32 prefix refresh period
+    threshold: np.ndarray  # () float32 unmask threshold
+
+
+def pass_inputs(prep: PreparedRegions, bucket: Bucket, cfg: PDLMConfig, pad_id: int, seed: int = 0) -> PassInputs:
     """The padded device inputs of one pass (one batch row; `batch_inputs` stacks rows)."""
-    k, L = prep.layout.num_regions, bucket.length
-    layout = prep.layout.padded(L, pad_id)
-    extra = bucket.regions - k
-
-    def pad_regions(a: np.ndarray, value) -> np.ndarray:
-        return np.concatenate([a, np.full((extra, *a.shape[1:]), value, a.dtype)])
-
-    # Padded regions/slots/rows point past the end of the sequence: scatters drop them, gathers are ignored.
-    gen_positions = pad_regions(layout.gen_positions, L).reshape(-1)
+    L = bucket.length
+    layout = prep.layout
+    gen_positions = np.concatenate([layout.gen_positions.reshape(-1),
+                                    np.full(bucket.slots - layout.gen_positions.size, L, np.int32)])
     caption = np.flatnonzero(layout.block_id >= 0).astype(np.int32)
     if len(caption) > bucket.caption_rows:
         raise PDLMError(f"the caption blocks span {len(caption)} tokens, more than the {bucket.caption_rows} the "
                         "prefix cache expects; check the tokenizer's <|Mask_Cap_i|> separators")
-    caption_positions = np.concatenate([caption, np.full(bucket.caption_rows - len(caption), L, np.int32)])
-    return dict(
-        pixel_values=prep.pixel_values.astype(np.float32),
-        mask_patches=pad_regions(prep.mask_patches, False),
-        prompt_ids=pad_regions(prep.prompt_ids, 0),
-        grid=np.asarray(prep.grid, np.int32),
-        roi_boxes=pad_regions(roi_boxes(prep.boxes, prep.grid, cfg.region, cfg.quirks), 0.0),
-        input_ids=layout.input_ids,
-        image_positions=layout.image_positions,
-        roi_positions=pad_regions(layout.roi_positions, L),
+    return PassInputs(
+        regions=prep.inputs().padded(bucket.tiles, bucket.regions, L, pad_id),
         gen_positions=gen_positions,
         slot_valid=gen_positions < L,
-        caption_positions=caption_positions,
-        # each slot's row in the caption window (padded slots: row 0, ignored)
+        caption_positions=np.concatenate([caption, np.full(bucket.caption_rows - len(caption), L, np.int32)]),
         slot_rows=np.searchsorted(caption, gen_positions).clip(max=bucket.caption_rows - 1).astype(np.int32),
-        block_id=layout.block_id,
-        roi_owner=layout.roi_owner,
-        prefix_visible=layout.prefix_visible,
-        valid=layout.valid,
         seed=np.uint32(seed),
     )
 
 
-def batch_inputs(rows: list[dict], schedules: list[tuple[int, int]], bucket: Bucket, mode: Mode,
-                 temperature: float, top_p: float) -> dict[str, np.ndarray]:
+def batch_inputs(rows: list[PassInputs], schedules: list[tuple[int, int]], bucket: Bucket, mode: Mode,
+                 temperature: float, top_p: float) -> ProgramInputs:
     """Stack `rows` (from `pass_inputs`, one (N, S) schedule each) into the `bucket.batch` rows of one call.
 
     Missing rows repeat the last one with no valid slot (and a zero schedule), so they change nothing.
@@ -188,11 +237,10 @@ def batch_inputs(rows: list[dict], schedules: list[tuple[int, int]], bucket: Buc
     padding = bucket.batch - len(rows)
     if padding < 0:
         raise ValueError(f"{len(rows)} rows do not fit a batch of {bucket.batch}")
-    filler = dict(rows[-1], slot_valid=np.zeros_like(rows[-1]["slot_valid"]))
-    rows = list(rows) + [filler] * padding
+    filler = rows[-1].replace(slot_valid=np.zeros_like(rows[-1].slot_valid))
     counts, forwards = sampling.schedule_array(list(schedules) + [(0, 1)] * padding, bucket.slots)
-    batch = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
-    return batch | dict(
+    return ProgramInputs(
+        rows=stack(list(rows) + [filler] * padding),
         counts=counts,
         num_forwards=np.int32(forwards),
         temperature=np.float32(temperature),
@@ -202,24 +250,15 @@ def batch_inputs(rows: list[dict], schedules: list[tuple[int, int]], bucket: Buc
     )
 
 
-def _row_embeddings(model, x: dict, cfg: PDLMConfig) -> jax.Array:
-    """One row's LM input embeddings (L, H): vision once, RoI replay, token embeddings, all spliced."""
-    vision = model.encode_images(x["pixel_values"].astype(model.dtype), x["mask_patches"], x["prompt_ids"])
-    rois = roi_replay(vision, x["grid"], x["roi_boxes"], cfg.region, cfg.quirks)
-    return assemble_embeddings(model.lm.embed(x["input_ids"]), vision, rois, x["image_positions"],
-                               x["roi_positions"])
-
-
-def _caption_pass(graphdef, state, x: dict, *, cfg: PDLMConfig, mask_id: int, bucket: Bucket):
+def _caption_pass(graphdef, state, x: ProgramInputs, *, cfg: PDLMConfig, mask_id: int, bucket: Bucket):
     """The whole pass for a batch of rows; returns the slot tokens (B, regions·G) and the forwards run (and with
     `bucket.history`, the slot tokens after every step)."""
     model = nnx.merge(graphdef, state)
     lm = model.lm
-    row_keys = ("pixel_values", "mask_patches", "prompt_ids", "grid", "roi_boxes", "input_ids", "image_positions",
-                "roi_positions")
-    embeds = jax.vmap(lambda row: _row_embeddings(model, row, cfg))({k: x[k] for k in row_keys})
-    allowed = jax.vmap(allowed_mask)(x["block_id"], x["roi_owner"], x["prefix_visible"], x["valid"])  # (B, L, L)
-    gen_positions = x["gen_positions"]
+    rows = x.rows
+    embeds = model.embed_inputs(rows.regions)
+    allowed = rows.regions.attention_mask()  # (B, L, L)
+    gen_positions = rows.gen_positions
 
     def with_slots(embeds, tokens):
         return put_rows(embeds, gen_positions, lm.embed(tokens))
@@ -229,17 +268,17 @@ def _caption_pass(graphdef, state, x: dict, *, cfg: PDLMConfig, mask_id: int, bu
         return lm.logits(take_rows(hidden, gen_positions)), cache  # never the full L × V matrix
 
     if bucket.prefix:
-        rows = x["caption_positions"]
-        row_mask = take_rows(allowed, rows)[:, None]  # (B, 1, C, L)
+        caption = rows.caption_positions
+        row_mask = take_rows(allowed, caption)[:, None]  # (B, 1, C, L)
 
         def logits_fn(tokens, step, carry):
             embeds, cache = with_slots(carry[0], tokens), carry[1]
 
             def from_cache(embeds, cache):
-                hidden = lm.forward_rows(take_rows(embeds, rows), rows, row_mask, cache)
-                return lm.logits(take_rows(hidden, x["slot_rows"])), cache
+                hidden = lm.forward_rows(take_rows(embeds, caption), caption, row_mask, cache)
+                return lm.logits(take_rows(hidden, rows.slot_rows)), cache
 
-            logits, cache = jax.lax.cond(step % x["refresh"] == 0, lambda e, c: full_forward(e), from_cache,
+            logits, cache = jax.lax.cond(step % x.refresh == 0, lambda e, c: full_forward(e), from_cache,
                                          embeds, cache)
             return logits, (embeds, cache)
 
@@ -253,13 +292,13 @@ def _caption_pass(graphdef, state, x: dict, *, cfg: PDLMConfig, mask_id: int, bu
 
         carry = embeds
 
-    sampler = sampling.Sampler(mask_id=mask_id, temperature=x["temperature"], top_p=x["top_p"],
-                               key=jax.vmap(jax.random.key)(x["seed"]), sample=bucket.sample, nucleus=bucket.nucleus,
+    sampler = sampling.Sampler(mask_id=mask_id, temperature=x.temperature, top_p=x.top_p,
+                               key=jax.vmap(jax.random.key)(rows.seed), sample=bucket.sample, nucleus=bucket.nucleus,
                                history=bucket.history)
     if bucket.threshold:
-        return sampling.denoise_threshold(logits_fn, x["slot_valid"], x["threshold"], bucket.gen_length, sampler,
+        return sampling.denoise_threshold(logits_fn, rows.slot_valid, x.threshold, bucket.gen_length, sampler,
                                           carry)
-    return sampling.denoise(logits_fn, x["slot_valid"], x["counts"], x["num_forwards"], sampler, carry)
+    return sampling.denoise(logits_fn, rows.slot_valid, x.counts, x.num_forwards, sampler, carry)
 
 
 class CaptionProgram:
@@ -289,13 +328,13 @@ class CaptionProgram:
         """An input's place on the mesh: leading batch axis over ('data', 'fsdp') where it divides, else replicated."""
         return sharding.batch_sharding(self.mesh, value.shape) if np.ndim(value) else sharding.replicated(self.mesh)
 
-    def place(self, inputs: dict) -> dict:
+    def place(self, inputs: ProgramInputs) -> ProgramInputs:
         """Inputs on the mesh (`input_sharding`)."""
         if self.mesh is None:
             return inputs
-        return {k: jax.device_put(v, self.input_sharding(v)) for k, v in inputs.items()}
+        return jax.tree.map(lambda v: jax.device_put(v, self.input_sharding(v)), inputs)
 
-    def compiled(self, bucket: Bucket, inputs: dict) -> tuple[jax.stages.Compiled, float]:
+    def compiled(self, bucket: Bucket, inputs: ProgramInputs) -> tuple[jax.stages.Compiled, float]:
         """The executable for `bucket` and the seconds spent compiling it now (0 when cached)."""
         if bucket in self._compiled:
             return self._compiled[bucket], 0.0
@@ -308,7 +347,7 @@ class CaptionProgram:
         self._compiled[bucket] = self.trace(lower)() if self.trace else lower()
         return self._compiled[bucket], time.perf_counter() - start
 
-    def run(self, bucket: Bucket, inputs: dict) -> tuple[np.ndarray, int, float]:
+    def run(self, bucket: Bucket, inputs: ProgramInputs) -> tuple[np.ndarray, int, float]:
         """Slot tokens (batch, regions, G) int32, forwards run, compile seconds.
 
         With `bucket.history` a fourth result: the slot tokens after each forward, (forwards, batch, regions, G).

@@ -110,7 +110,7 @@ def test_longest_sample_estimate_is_the_real_length(tokenizer):
     limits = data.Limits(CFG.region, tokenizer, data.DEFAULT_QUESTION, 6, 7, 512)  # one group of 4 masks
     tiles, length = limits.longest_sample(record.image.size, captions)
     s = data.build_sample(record, [0, 1, 2, 3], np.random.default_rng(0), CFG, tokenizer)
-    assert (tiles, length) == (len(s["pixel_values"]), len(s["input_ids"]))
+    assert (tiles, length) == (len(s.inputs.pixel_values), len(s.inputs.input_ids))
 
 
 def test_mask_groups_partition_like_the_reference():
@@ -128,18 +128,18 @@ def test_sample_labels_cover_exactly_the_answer(tokenizer):
     scene = synthetic.make_scene(3, 1, num_shapes=3)
     record = data.Record(Image.fromarray(scene.image), scene.masks, scene.captions)
     s = data.build_sample(record, [0, 1, 2], np.random.default_rng(0), CFG, tokenizer)
-    labelled = np.flatnonzero(s["labels"] != data.IGNORE)
+    labelled = np.flatnonzero(s.labels != data.IGNORE)
     assert np.array_equal(labelled, np.arange(labelled[0], labelled[-1] + 1))  # one contiguous span
-    answer = tokenizer.decode(s["labels"][labelled])
+    answer = tokenizer.decode(s.labels[labelled])
     areas = [m.sum() for m in scene.masks]
     by_area = [scene.captions[i] for i in np.argsort(areas)[::-1]]
     assert answer == "\n".join(f"<|Mask_Cap_{i}|>{c}" for i, c in enumerate(by_area)) + "<|eot_id|>"
-    before = tokenizer.decode(s["input_ids"][:labelled[0]])
+    before = tokenizer.decode(s.inputs.input_ids[:labelled[0]])
     assert before.endswith("<|start_header_id|>assistant<|end_header_id|>\n")
-    assert labelled[-1] == len(s["input_ids"]) - 1  # the first <|eot_id|> after the header ends the sequence
-    assert len(set(s["prompt_ids"].tolist())) == 3 and s["prompt_ids"].max() < CFG.region.prompt_numbers
-    assert np.all(s["input_ids"][s["image_positions"]] == tokenizer.special.image_context)
-    assert np.all(s["input_ids"][s["roi_positions"][1]] == tokenizer.special.reserved[1])
+    assert labelled[-1] == len(s.inputs.input_ids) - 1  # the first <|eot_id|> after the header ends the sequence
+    assert len(set(s.inputs.prompt_ids.tolist())) == 3 and s.inputs.prompt_ids.max() < CFG.region.prompt_numbers
+    assert np.all(s.inputs.input_ids[s.inputs.image_positions] == tokenizer.special.image_context)
+    assert np.all(s.inputs.input_ids[s.inputs.roi_positions[1]] == tokenizer.special.reserved[1])
 
 
 def test_collate_pads_to_buckets(tokenizer):
@@ -148,12 +148,12 @@ def test_collate_pads_to_buckets(tokenizer):
                                  tokenizer) for i in range(2)]
     collate = data.Collate((1, 7), (300, 400), CFG.region.prompt_numbers, tokenizer.special.eot)
     batch = collate(samples)
-    assert batch["input_ids"].shape == (2, 300) and batch["pixel_values"].shape[1] in (1, 7)
-    assert batch["mask_patches"].shape[1] == CFG.region.prompt_numbers
+    assert batch.inputs.input_ids.shape == (2, 300) and batch.inputs.pixel_values.shape[1] in (1, 7)
+    assert batch.inputs.mask_patches.shape[1] == CFG.region.prompt_numbers
     for i, s in enumerate(samples):
-        n = len(s["input_ids"])
-        assert not batch["valid"][i, n:].any() and np.all(batch["labels"][i, n:] == data.IGNORE)
-        assert np.all(batch["image_positions"][i, len(s["image_positions"]):] == 300)  # dropped on device
+        n = len(s.inputs.input_ids)
+        assert not batch.inputs.valid[i, n:].any() and np.all(batch.labels[i, n:] == data.IGNORE)
+        assert np.all(batch.inputs.image_positions[i, len(s.inputs.image_positions):] == 300)  # dropped on device
     with pytest.raises(PDLMError, match="length_buckets"):
         data.Collate((7,), (16,), 6, tokenizer.special.eot)(samples)
 
@@ -166,11 +166,11 @@ def test_pipeline_is_deterministic_and_resumable(tokenizer):
     it = iter(first.dataset)
     next(it)
     state = it.get_state()
-    expected = [next(it)["input_ids"] for _ in range(2)]
+    expected = [next(it).inputs.input_ids for _ in range(2)]
     again = iter(data.build_pipeline(cfg, CFG, tokenizer).dataset)
     again.set_state(state)
     for want in expected:
-        np.testing.assert_array_equal(next(again)["input_ids"], want)
+        np.testing.assert_array_equal(next(again).inputs.input_ids, want)
 
 
 def test_config_errors_are_clear(tmp_path):

@@ -133,7 +133,7 @@ def test_loop_repeats_the_data():
     assert pipe.steps_available is None and pipe.steps_per_epoch == 2
     it = iter(pipe.dataset)
     # three passes over the two batches of data, no StopIteration; every pass holds the 4 scenes once
-    passes = [sorted(tuple(row) for _ in range(2) for row in next(it)["input_ids"]) for _ in range(3)]
+    passes = [sorted(tuple(row) for _ in range(2) for row in next(it).inputs.input_ids) for _ in range(3)]
     assert passes[0] == passes[1] == passes[2] and len(set(passes[0])) == 4
 
 
@@ -147,7 +147,7 @@ def test_mixing_annotation_files_with_the_synthetic_task_by_weight(tmp_path):
     pipe = data.build_pipeline(cfg.data, cfg.model_config(), tokenizer)
     assert pipe.steps_available == 80  # 20 annotation items at weight 1/4: the first source to run out
     it = iter(pipe.dataset)
-    answers = [tokenizer.decode(b["labels"][0][b["labels"][0] >= 0]) for b in (next(it) for _ in range(40))]
+    answers = [tokenizer.decode(b.labels[0][b.labels[0] >= 0]) for b in (next(it) for _ in range(40))]
     assert sum("zebra" in a for a in answers) == 10  # exactly 1 in 4
     with pytest.raises(PDLMError, match="data.weights: give one weight per annotation file plus one"):
         data.make_sources(data.DataConfig(annotations=(str(tmp_path / "ann.json"),), synthetic_scenes=5))

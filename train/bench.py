@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     row = {"config": name, "overrides": args.overrides, "mesh": dict(mesh.shape), "devices": jax.device_count(),
            "device_kind": jax.devices()[0].device_kind, "batch": args.batch, "length": args.length,
            "dtype": args.dtype, "first_step_s": compile_s, "median_step_s": times[len(times) // 2],
-           "tokens_per_s": float(batch["valid"].sum()) / times[len(times) // 2],
+           "tokens_per_s": float(batch.inputs.valid.sum()) / times[len(times) // 2],
            "median_data_s": statistics.median(data_times)}
     print(json.dumps(row))
     if args.json:

@@ -22,11 +22,13 @@ from typing import Any, Sequence
 
 import grain
 import numpy as np
+from flax import struct
 from PIL import Image
 
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.ops.roi_replay import roi_boxes
+from pdlm_jax.region_batch import RegionBatch, stack
 from pdlm_jax.regions.masks import area_order, check_rle, decode_rle, mask_box, patch_activity, visual_prompt_tiles
 from pdlm_jax.regions.prompt import DEFAULT_QUESTION, build_layout, build_prompt_text
 from pdlm_jax.regions.tiling import select_grid, tile_image
@@ -325,9 +327,18 @@ def training_text(num_tiles: int, num_image_tokens: int, captions: Sequence[str]
     return prefix, answer
 
 
+@struct.dataclass
+class TrainBatch:
+    """A training sample (unbatched) or batch (leading axis B): the model's inputs and the training targets.
+    A new per-token target is a field here and one line in `build_sample` / `Collate`."""
+
+    inputs: RegionBatch  # roi_boxes converted for training (`roi_boxes(..., training=True)`)
+    labels: np.ndarray  # (L,) int32 target token per position, IGNORE where there is none
+
+
 def build_sample(record: Record, mask_indices: Sequence[int], rng: np.random.Generator, cfg: PDLMConfig,
                  tokenizer: Tokenizer, question: str = DEFAULT_QUESTION,
-                 random_prompt_ids: bool = True) -> dict[str, np.ndarray]:
+                 random_prompt_ids: bool = True) -> TrainBatch:
     """One unpadded training sample for the masks `mask_indices` of `record`."""
     region = cfg.region
     tiled = tile_image(record.image, region)
@@ -355,22 +366,22 @@ def build_sample(record: Record, mask_indices: Sequence[int], rng: np.random.Gen
     labels = np.full(layout.length, IGNORE, np.int32)
     end = start + int(eots[0]) + 1
     labels[start:end] = layout.input_ids[start:end]
-    return {
-        "pixel_values": tiled.pixel_values,
-        "mask_patches": mask_patches,
-        "prompt_ids": prompt_ids,
-        "roi_boxes": roi_boxes(np.array([_box(m) for m in masks]), tiled.grid, region, cfg.quirks, training=True),
-        "grid": np.asarray(tiled.grid, np.int32),
-        "num_tiles": np.int32(tiled.num_tiles),
-        "input_ids": layout.input_ids,
-        "labels": labels,
-        "image_positions": layout.image_positions,
-        "roi_positions": layout.roi_positions,
-        "block_id": layout.block_id,
-        "roi_owner": layout.roi_owner,
-        "prefix_visible": layout.prefix_visible,
-        "valid": layout.valid,
-    }
+    inputs = RegionBatch(
+        pixel_values=tiled.pixel_values,
+        mask_patches=mask_patches,
+        prompt_ids=prompt_ids,
+        grid=np.asarray(tiled.grid, np.int32),
+        num_tiles=np.int32(tiled.num_tiles),
+        roi_boxes=roi_boxes(np.array([_box(m) for m in masks]), tiled.grid, region, cfg.quirks, training=True),
+        input_ids=layout.input_ids,
+        image_positions=layout.image_positions,
+        roi_positions=layout.roi_positions,
+        block_id=layout.block_id,
+        roi_owner=layout.roi_owner,
+        prefix_visible=layout.prefix_visible,
+        valid=layout.valid,
+    )
+    return TrainBatch(inputs=inputs, labels=labels)
 
 
 # ---- padding into buckets ---------------------------------------------------------------------------
@@ -399,32 +410,11 @@ class Collate:
     max_regions: int
     pad_id: int
 
-    def __call__(self, samples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        T = _bucket(max(s["pixel_values"].shape[0] for s in samples), self.tile_buckets, "tile")
-        L = _bucket(max(s["input_ids"].shape[0] for s in samples), self.length_buckets, "length")
-        P = self.max_regions
-        batch = []
-        for s in samples:
-            n_img = s["image_positions"].shape[0] // s["pixel_values"].shape[0]
-            k, t = s["mask_patches"].shape[:2]
-            batch.append({
-                "pixel_values": _pad(s["pixel_values"], (T,) + s["pixel_values"].shape[1:], 0),
-                "mask_patches": _pad(s["mask_patches"], (P, T) + s["mask_patches"].shape[2:], False),
-                "prompt_ids": _pad(s["prompt_ids"], (P,), 0),
-                "roi_boxes": _pad(s["roi_boxes"], (P, 4), 0),
-                "grid": s["grid"],
-                "num_tiles": s["num_tiles"],
-                "input_ids": _pad(s["input_ids"], (L,), self.pad_id),
-                "labels": _pad(s["labels"], (L,), IGNORE),
-                # positions >= L are dropped by the on-device scatter
-                "image_positions": _pad(s["image_positions"], (T * n_img,), L),
-                "roi_positions": _pad(s["roi_positions"], (P, s["roi_positions"].shape[1]), L),
-                "block_id": _pad(s["block_id"], (L,), -1),
-                "roi_owner": _pad(s["roi_owner"], (L,), -1),
-                "prefix_visible": _pad(s["prefix_visible"], (L,), False),
-                "valid": _pad(s["valid"], (L,), False),
-            })
-        return {key: np.stack([b[key] for b in batch]) for key in batch[0]}
+    def __call__(self, samples: Sequence[TrainBatch]) -> TrainBatch:
+        T = _bucket(max(s.inputs.pixel_values.shape[0] for s in samples), self.tile_buckets, "tile")
+        L = _bucket(max(s.inputs.input_ids.shape[0] for s in samples), self.length_buckets, "length")
+        return stack([TrainBatch(inputs=s.inputs.padded(T, self.max_regions, L, self.pad_id),
+                                 labels=_pad(s.labels, (L,), IGNORE)) for s in samples])
 
 
 # ---- the grain pipeline ------------------------------------------------------------------------------
@@ -441,7 +431,7 @@ class SampleBuilder:
     def __getstate__(self):
         return {**self.__dict__, "_tokenizer": None}
 
-    def __call__(self, index: int, item: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, index: int, item: np.ndarray) -> TrainBatch:
         if self._tokenizer is None:
             self._tokenizer = Tokenizer(self.tokenizer_path)
         record_index, group, num_groups = (int(v) for v in item)
@@ -454,8 +444,8 @@ class SampleBuilder:
                                   self.data.random_prompt_ids)
         except PDLMError as e:
             raise PDLMError(f"{self.source.label(record_index)}: {e}") from e
-        if len(sample["input_ids"]) > max(self.data.length_buckets):
-            raise PDLMError(f"{self.source.label(record_index)}: a sample of {len(sample['input_ids'])} tokens "
+        if len(sample.labels) > max(self.data.length_buckets):
+            raise PDLMError(f"{self.source.label(record_index)}: a sample of {len(sample.labels)} tokens "
                             f"exceeds the largest of data.length_buckets ({max(self.data.length_buckets)})")
         return sample
 

@@ -26,10 +26,8 @@ from pdlm_jax import sharding as shd
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.pdm import PerceptionDLM
-from pdlm_jax.modeling.projector import pixel_shuffle
-from pdlm_jax.ops.roi_replay import assemble_embeddings, roi_replay
-from pdlm_jax.ops.structured_mask import allowed_mask
 from train.config import VISION_POS_EMBED_INITS
+from train.data import TrainBatch
 from train.loss import IGNORE, draw_noise, lm_diffusion_loss
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -66,39 +64,12 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
 # ---- forward ----------------------------------------------------------------------------------------
 
 
-def batch_embeddings(model: PerceptionDLM, batch: dict, cfg: PDLMConfig, mesh: Mesh | None = None) -> jax.Array:
-    """Clean LM input embeddings (B, L, H): token embeddings + scattered vision rows + RoI vectors.
-
-    With a mesh, the vision tower's output and the embeddings are kept split over the batch axes: left to
-    itself, XLA's propagation may follow the FSDP-sharded weights instead and compute every image's vision
-    activations and the (B, L, vocab) logits of the whole batch on every device (pdlm-aot: > 124 GiB per chip
-    for the 8B model at B = 64, L = 4096 on a v5p-64).
-    """
-    def split_batch(x):
-        return x if mesh is None else jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.shape))
-
-    # The vision tower over all B·T tiles as one leading axis (a constraint under a vmap cannot name the batch).
-    pixels, (B, T) = batch["pixel_values"], batch["pixel_values"].shape[:2]
-    offsets = jax.vmap(model.mask_offsets)(batch["mask_patches"], batch["prompt_ids"])
-    features = model.vision(split_batch(pixels.reshape(B * T, *pixels.shape[2:]).astype(model.dtype)),
-                            split_batch(offsets.reshape(B * T, *offsets.shape[2:])))
-    vision = model.projector(pixel_shuffle(split_batch(features)))
-    vision = split_batch(vision.reshape(B, T, *vision.shape[1:]))
-
-    def one(vision, boxes, grid, nt, ids, img_pos, roi_pos):
-        rois = roi_replay(vision, grid, boxes, cfg.region, cfg.quirks, training=True, num_tiles=nt)
-        return assemble_embeddings(model.lm.embed(ids), vision, rois, img_pos, roi_pos)
-
-    keys = ("roi_boxes", "grid", "num_tiles", "input_ids", "image_positions", "roi_positions")
-    return split_batch(jax.vmap(one)(vision, *(batch[k] for k in keys)))
-
-
-def batch_loss(model: PerceptionDLM, batch: dict, key: jax.Array, cfg: PDLMConfig, mask_id: int,
+def batch_loss(model: PerceptionDLM, batch: TrainBatch, key: jax.Array, cfg: PDLMConfig, mask_id: int,
                noise_t_min: float = 0.0, mesh: Mesh | None = None):
-    embeds = batch_embeddings(model, batch, cfg, mesh)
-    allowed = jax.vmap(allowed_mask)(batch["block_id"], batch["roi_owner"], batch["prefix_visible"], batch["valid"])
-    t, u = draw_noise(key, batch["labels"].shape, noise_t_min)
-    return lm_diffusion_loss(model.lm, embeds, batch["labels"], allowed, t, u, mask_id)
+    embeds = model.embed_inputs(batch.inputs, training=True, mesh=mesh)
+    allowed = batch.inputs.attention_mask()
+    t, u = draw_noise(key, batch.labels.shape, noise_t_min)
+    return lm_diffusion_loss(model.lm, embeds, batch.labels, allowed, t, u, mask_id)
 
 
 # ---- the step -----------------------------------------------------------------------------------------
@@ -170,7 +141,7 @@ class Trainer:
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    def _train_step(self, state: dict, batch: dict):
+    def _train_step(self, state: dict, batch: TrainBatch):
         params, frozen = state["params"], state["frozen"]
         key = jax.random.fold_in(jax.random.key(self.seed), state["step"])
         n = self.grad_accum
@@ -192,8 +163,8 @@ class Trainer:
         new_state = {"params": optax.apply_updates(params, updates), "frozen": frozen, "opt": opt,
                      "step": state["step"] + 1}
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": self.schedule(state["step"]),
-                   "masked_tokens": masked, "answer_tokens": jnp.sum(batch["labels"] != IGNORE),
-                   "tokens": jnp.sum(batch["valid"])}
+                   "masked_tokens": masked, "answer_tokens": jnp.sum(batch.labels != IGNORE),
+                   "tokens": jnp.sum(batch.inputs.valid)}
         return new_state, metrics
 
     def jit_step(self):
@@ -203,17 +174,17 @@ class Trainer:
                                  out_shardings=(self.state_shardings, shd.replicated(self.mesh)), donate_argnums=0)
         return self._step
 
-    def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
-        """One optimizer update on a global batch (dict of jax.Arrays from `put_batch`)."""
+    def step(self, state: dict, batch: TrainBatch) -> tuple[dict, dict]:
+        """One optimizer update on a global batch (jax.Arrays from `put_batch`)."""
         return self.jit_step()(state, batch)
 
-    def put_batch(self, local_batch: dict) -> dict:
+    def put_batch(self, local_batch: TrainBatch) -> TrainBatch:
         """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
         def put(v: np.ndarray) -> jax.Array:
             global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
             return jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, global_shape), v)
 
-        return {k: put(v) for k, v in local_batch.items()}
+        return jax.tree.map(put, local_batch)
 
 
 def make_trainer(cfg: PDLMConfig, dtype: str, mesh: Mesh, optim, total_steps: int, mask_id: int,

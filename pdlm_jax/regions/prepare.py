@@ -10,6 +10,7 @@ import numpy as np
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.ops.roi_replay import roi_boxes
+from pdlm_jax.region_batch import RegionBatch
 from pdlm_jax.regions.masks import (MaskInput, area_order, load_masks, mask_box, patch_activity,
                                     visual_prompt_tiles)
 from pdlm_jax.regions.prompt import DEFAULT_QUESTION, PromptLayout, build_layout, build_prompt_text
@@ -31,6 +32,16 @@ class PreparedRegions:
     grid: tuple[int, int]  # (columns, rows)
     layout: PromptLayout
     prompt_text: str
+
+    def inputs(self) -> RegionBatch:
+        """The model's inputs for this pass: an unpadded row (pad it to a bucket with `RegionBatch.padded`)."""
+        lay = self.layout
+        return RegionBatch(pixel_values=self.pixel_values.astype(np.float32), mask_patches=self.mask_patches,
+                           prompt_ids=self.prompt_ids, grid=np.asarray(self.grid, np.int32),
+                           num_tiles=np.int32(self.pixel_values.shape[0]), roi_boxes=self.roi_boxes,
+                           input_ids=lay.input_ids, image_positions=lay.image_positions,
+                           roi_positions=lay.roi_positions, block_id=lay.block_id, roi_owner=lay.roi_owner,
+                           prefix_visible=lay.prefix_visible, valid=lay.valid)
 
 
 def prepare_regions(tiled: TiledImage, masks: Sequence[MaskInput], tokenizer: Tokenizer, cfg: PDLMConfig,
