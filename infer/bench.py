@@ -78,7 +78,7 @@ def parse_mode(name: str):
     try:
         return Mode.from_name(name)
     except PDLMError as e:
-        raise PDLMError(f"--modes: {e}; or sequential") from None
+        raise PDLMError(f"--modes {name!r}: {e} (or sequential)") from None
 
 
 def _ints(text: str, what: str) -> list[int]:

@@ -88,7 +88,7 @@ def parse_mode(text: str):
     try:
         return pipeline.Mode.from_name(text)
     except PDLMError as e:
-        raise PDLMError(f"--mode: {e}") from None
+        raise PDLMError(f"--mode {text!r}: {e}") from None
 
 
 def synthetic_image(tiles: int, region):

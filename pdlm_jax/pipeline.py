@@ -90,17 +90,14 @@ class Mode:
     @classmethod
     def from_name(cls, name: str) -> "Mode":
         """The inverse of `name`: 'exact', or 'prefix[:R]' and/or 'threshold[:TAU]' joined by '+'."""
-        cache, unmask = "none", "remask"
+        parts = {}
         for part in ([] if name == "exact" else str(name).split("+")):
             kind = part.partition(":")[0]
-            if kind == "prefix" and cache == "none":
-                cache = part
-            elif kind == "threshold" and unmask == "remask":
-                unmask = part
-            else:
-                raise PDLMError(f"unknown sampler mode {name!r}: use exact, prefix[:R], threshold[:TAU] or "
+            if kind not in ("prefix", "threshold") or kind in parts:
+                raise PDLMError(f"{name!r} is not a sampler mode: use exact, prefix[:R], threshold[:TAU] or "
                                 "prefix[:R]+threshold[:TAU]")
-        return cls.parse(cache, unmask)
+            parts[kind] = part
+        return cls.parse(parts.get("prefix", "none"), parts.get("threshold", "remask"))
 
     @property
     def arguments(self) -> dict[str, str]:
@@ -219,7 +216,7 @@ def pass_inputs(prep: PreparedRegions, bucket: Bucket, cfg: PDLMConfig, pad_id: 
         raise PDLMError(f"the caption blocks span {len(caption)} tokens, more than the {bucket.caption_rows} the "
                         "prefix cache expects; check the tokenizer's <|Mask_Cap_i|> separators")
     return PassInputs(
-        regions=prep.inputs().padded(bucket.tiles, bucket.regions, L, pad_id),
+        regions=prep.inputs().padded(bucket.tiles, bucket.regions, L, pad_id).check(cfg, batched=False),
         gen_positions=gen_positions,
         slot_valid=gen_positions < L,
         caption_positions=np.concatenate([caption, np.full(bucket.caption_rows - len(caption), L, np.int32)]),

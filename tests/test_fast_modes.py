@@ -139,6 +139,27 @@ def test_mode_names():
     assert Mode.parse("prefix:4", "threshold:0.5").name == "prefix:4+threshold:0.5"
 
 
+@pytest.mark.parametrize("name, split", [("exact", (7, 0)), ("prefix", (1, 6)), ("prefix:3", (3, 4)),
+                                         ("threshold:0.5", (7, 0)), ("prefix:2+threshold:0.75", (4, 3))])
+def test_one_mode_description(name, split):
+    """A mode's name, its CLI spellings and its bucket are one description: they round-trip, and a bucket keeps
+    only what its compiled program depends on (refresh and threshold are runtime inputs)."""
+    from infer.bench import parse_mode
+    from pdlm_jax.pipeline import choose_bucket
+
+    mode = Mode.from_name(name)
+    assert mode.name == name and Mode.parse(**mode.arguments) == mode and parse_mode(name) == mode
+    bucket = choose_bucket(7, 2, 8, 100, 6, 0.0, 1.0, mode)
+    assert (bucket.prefix, bucket.threshold) == (mode.cache == "prefix", mode.unmask == "threshold")
+    assert bucket == choose_bucket(7, 2, 8, 100, 6, 0.0, 1.0, Mode(mode.cache, None, mode.unmask))
+    assert mode.forward_split(7) == split  # steps 0, R, 2R, ... are full forwards
+    assert Mode.from_name("threshold") == Mode(unmask="threshold", threshold=0.9)
+    with pytest.raises(PDLMError, match=r"'prefix\+prefix' is not a sampler mode"):
+        Mode.from_name("prefix+prefix")
+    with pytest.raises(PDLMError, match=r"--modes 'fast': 'fast' is not a sampler mode: .* \(or sequential\)"):
+        parse_mode("fast")
+
+
 def test_threshold_history_shows_each_commit():
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(4, 1, 8, 7)).astype(np.float32))
