@@ -16,6 +16,7 @@ it to a static bucket with `padded` and stacks rows with `stack`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import jax
@@ -28,30 +29,32 @@ from pdlm_jax.errors import PDLMError
 from pdlm_jax.ops.structured_mask import allowed_mask
 
 
-_KINDS = {"f": jnp.floating, "i": jnp.integer, "b": jnp.bool_}
-
-
-def _field(shape: str, kind: str, pad):
-    """A field of `shape` (space-separated dims: symbols, ints, or products like T*n), dtype kind ('f' float,
-    'i' integer, 'b' bool) and the value `padded` fills in."""
+def _field(shape: str, kind, pad):
+    """A field of `shape` (space-separated dims: symbols, ints, or products like T*n), dtype `kind` (a jnp
+    abstract type) and the value `padded` fills in (None: the pad id, "L": the padded length)."""
     return struct.field(metadata={"shape": tuple(shape.split()), "kind": kind, "pad": pad})
+
+
+_FLOAT, _INT, _BOOL = jnp.floating, jnp.integer, jnp.bool_
 
 
 @struct.dataclass
 class RegionBatch:
-    pixel_values: jax.Array = _field("T S S 3", "f", 0)  # NHWC tiles, normalised, float32
-    mask_patches: jax.Array = _field("P T g g", "b", False)  # region c's mask-id embedding is added at these patches
-    prompt_ids: jax.Array = _field("P", "i", 0)  # region c uses mask_id_embedding[prompt_ids[c]]
-    grid: jax.Array = _field("2", "i", 0)  # (columns, rows) of the tile grid
-    num_tiles: jax.Array = _field("", "i", 0)  # real tiles (≤ T)
-    roi_boxes: jax.Array = _field("P 4", "f", 0)  # `ops.roi_replay.roi_boxes`, converted for inference or training
-    input_ids: jax.Array = _field("L", "i", None)  # RoI-expanded token ids; padded with the tokenizer's pad id
-    image_positions: jax.Array = _field("T*n", "i", "L")  # where the image tokens go, tile by tile
-    roi_positions: jax.Array = _field("P R", "i", "L")  # region c's RoI span
-    block_id: jax.Array = _field("L", "i", -1)  # caption block of each position, -1 outside (SPEC §8)
-    roi_owner: jax.Array = _field("L", "i", -1)  # region whose RoI span holds the position, else -1
-    prefix_visible: jax.Array = _field("L", "b", False)  # the "fix prompt" every caption row sees
-    valid: jax.Array = _field("L", "b", False)  # False for right padding
+    """The model's input (see the module docstring); shapes of a row, a batch has a leading B."""
+
+    pixel_values: jax.Array = _field("T S S 3", _FLOAT, 0)  # NHWC tiles, normalised, float32
+    mask_patches: jax.Array = _field("P T g g", _BOOL, False)  # patches that get region c's mask-id embedding
+    prompt_ids: jax.Array = _field("P", _INT, 0)  # region c uses mask_id_embedding[prompt_ids[c]]
+    grid: jax.Array = _field("2", _INT, 0)  # (columns, rows) of the tile grid
+    num_tiles: jax.Array = _field("", _INT, 0)  # real tiles (≤ T)
+    roi_boxes: jax.Array = _field("P 4", _FLOAT, 0)  # `ops.roi_replay.roi_boxes` (for inference or training)
+    input_ids: jax.Array = _field("L", _INT, None)  # RoI-expanded token ids
+    image_positions: jax.Array = _field("T*n", _INT, "L")  # where the image tokens go, tile by tile
+    roi_positions: jax.Array = _field("P R", _INT, "L")  # region c's RoI span
+    block_id: jax.Array = _field("L", _INT, -1)  # caption block of each position, -1 outside (SPEC §8)
+    roi_owner: jax.Array = _field("L", _INT, -1)  # region whose RoI span holds the position, else -1
+    prefix_visible: jax.Array = _field("L", _BOOL, False)  # the "fix prompt" every caption row sees
+    valid: jax.Array = _field("L", _BOOL, False)  # False for right padding
 
     def attention_mask(self) -> jax.Array:
         """The structured attention mask (B, L, L) of a batch, True = query row may attend to key column."""
@@ -67,12 +70,13 @@ class RegionBatch:
             value, spec = getattr(self, f.name), lead + f.metadata["shape"]
             if value is None or not hasattr(value, "shape"):
                 raise PDLMError(f"RegionBatch.{f.name} is missing: expected an array of shape ({', '.join(spec)})")
-            want = _bind(spec, tuple(value.shape), dims)
-            if want is None or not jnp.issubdtype(value.dtype, _KINDS[f.metadata["kind"]]):
-                expected = tuple(dims.get(s, s) for s in spec)
+            if len(spec) == len(value.shape):  # the first field naming a symbol fixes it
+                dims.update({s: d for s, d in zip(spec, value.shape) if s.isalpha() and s not in dims})
+            expected = tuple(_size(s, dims) for s in spec)
+            if tuple(value.shape) != expected or not jnp.issubdtype(value.dtype, f.metadata["kind"]):
                 raise PDLMError(f"RegionBatch.{f.name} has shape {tuple(value.shape)} and dtype {value.dtype}; "
-                                f"expected {expected} of kind {f.metadata['kind']!r} (given the other fields and "
-                                f"the model config) — build inputs with pdlm_jax.regions / train.data")
+                                f"expected {expected} of {f.metadata['kind'].__name__} (given the other fields and "
+                                "the model config): build inputs with pdlm_jax.regions / train.data")
         if dims["P"] > cfg.region.prompt_numbers:
             raise PDLMError(f"RegionBatch has {dims['P']} regions; the model has {cfg.region.prompt_numbers} "
                             "prompt ids")
@@ -96,20 +100,12 @@ class RegionBatch:
         return RegionBatch(**out)
 
 
-def _bind(spec: Sequence[str], shape: tuple, dims: dict) -> tuple | None:
-    """Match `shape` against the symbolic `spec`, binding unknown symbols in `dims`; None on a mismatch."""
-    if len(spec) != len(shape):
-        return None
-    for s, d in zip(spec, shape):
-        if s.isdigit():
-            want = int(s)
-        elif "*" in s:
-            want = int(np.prod([dims[p] for p in s.split("*")]))
-        else:
-            want = dims.setdefault(s, d)
-        if want != d:
-            return None
-    return shape
+def _size(symbol: str, dims: dict) -> int | str:
+    """A dim's size given the bound symbols (the symbol itself while unbound)."""
+    if symbol.isdigit():
+        return int(symbol)
+    parts = symbol.split("*")
+    return math.prod(dims[p] for p in parts) if all(p in dims for p in parts) else symbol
 
 
 def stack(rows: Sequence):
