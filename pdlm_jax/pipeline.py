@@ -1,11 +1,11 @@
 """Region-captioning passes as one jitted program per static bucket (SPEC §0 steps 3–7).
 
-Host code (`pdlm_jax.regions`) turns an image and ≤ prompt_numbers masks into fixed-shape arrays (one *row*);
-this module pads rows to a `Bucket`, stacks the rows of one bucket into a batch, compiles the program once
-per bucket and runs it:
+Host code (`pdlm_jax.regions`) turns an image and ≤ prompt_numbers masks into fixed-shape arrays (one *row*:
+the model's `RegionBatch` and the caption slots, `PassInputs`); this module pads rows to a `Bucket`, stacks the
+rows of one bucket into a batch, compiles the program once per bucket and runs it:
 
-    per row: vision tower + projector (once per image) → RoI replay → embedding assembly → structured mask
-    (from the per-token segment arrays); then the denoising loop over the whole batch (`sampling`), each step
+    per row: vision tower + projector (once per image) → RoI replay → embedding assembly
+    (`PerceptionDLM.embed_inputs`, as in training) → structured mask; then the denoising loop over the whole batch (`sampling`), each step
     re-embedding only the generation slots and computing logits only at those slots.
 
 Buckets: the tile count T is exact (it fixes the vision work); the region count is padded up to
