@@ -18,8 +18,10 @@ import pycocotools.mask
 import pytest
 from PIL import Image
 
-from infer.dataset import add_annotation_args, decode_rle, load_annotations, run_annotations
+from infer.dataset import DatasetSettings, add_annotation_args, load_annotations, run_annotations
+from pdlm_jax.annotation_files import decode_mask
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.regions.masks import area_order
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -27,31 +29,42 @@ H, W = 24, 32
 
 
 class FakeCaptioner:
-    """Follows the caption_regions contract; the caption names the region's area and its whole chunk, so tests
-    can see how regions were grouped."""
+    """Follows the caption_batch contract (per image, passes of <= 6 masks in area order, pass c seeded with
+    seed + c); the caption names the region's area and its whole pass, so tests can see how regions were grouped."""
 
     def __init__(self, delay: float = 0.0):
         self.delay = delay
-        self.calls: list[tuple[int, list[int]]] = []  # (id of the image object, areas of the masks given)
+        self.calls: list[tuple[int, list[int]]] = []  # per pass: (id of the image object, areas in area order)
         self.seeds: list[int] = []
-        self.modes: list[tuple[str, str]] = []  # (cache, unmask) of each call
+        self.modes: list[tuple[str, str]] = []  # (cache, unmask) of each pass
+        self.batches: list[tuple[int, int | None]] = []  # (images, batch_size) of each caption_batch call
 
-    def caption_regions(self, image, masks, gen_length=32, steps=32, temperature=0.0, top_p=1.0,
-                        question="Describe each masked region in detail.", seed=0, reference_parser=False,
-                        cache="none", unmask="remask"):
-        if not 1 <= len(masks) <= 6:
-            raise PDLMError(f"{len(masks)} masks; give 1 to 6")
-        areas = [int(np.asarray(m).sum()) for m in masks]
-        self.calls.append((id(image), areas))
-        self.seeds.append(seed)
-        self.modes.append((cache, unmask))
+    def caption_batch(self, items, gen_length=32, steps=32, temperature=0.0, top_p=1.0,
+                      question="Describe each masked region in detail.", seed=0, reference_parser=False,
+                      cache="none", unmask="remask", batch_size=None):
+        self.batches.append((len(items), batch_size))
         time.sleep(self.delay)
-        return {
-            "regions": [{"caption": f"area {a} in chunk {areas}", "token_ids": [a % 400, len(masks)] * (gen_length // 2),
-                         "bbox": [0, 0, 1, 1], "prompt_id": i} for i, a in enumerate(areas)],
-            "seconds": 0.75, "compile_seconds": 0.25, "forwards": steps,
-            "tokens_per_forward": len(masks) * gen_length / steps,
-        }
+        results, passes = [], 0
+        for image, masks in items:
+            if not masks:
+                raise PDLMError("no masks given")
+            areas = [int(np.asarray(m).sum()) for m in masks]
+            order = area_order(areas)
+            regions = [None] * len(masks)
+            chunks = [order[c:c + 6] for c in range(0, len(order), 6)]
+            for c, chunk in enumerate(chunks):
+                chunk_areas = [areas[j] for j in chunk]
+                self.calls.append((id(image), chunk_areas))
+                self.seeds.append(seed + c)
+                self.modes.append((cache, unmask))
+                for rank, j in enumerate(chunk):
+                    regions[j] = {"caption": f"area {areas[j]} in chunk {chunk_areas}", "prompt_id": rank,
+                                  "chunk": c, "token_ids": [areas[j] % 400, len(chunk)] * (gen_length // 2)}
+            results.append({"regions": regions, "forwards": steps * len(chunks)})
+            passes += len(chunks)
+        for result in results:  # a call's time grows with its passes
+            result.update(seconds=0.75 * passes, compile_seconds=0.25 * passes)
+        return results
 
 
 def rle(mask: np.ndarray) -> dict:
@@ -112,6 +125,8 @@ def parse(*argv) -> argparse.Namespace:
     parser.add_argument("--prompt", default="Describe each masked region in detail.")
     parser.add_argument("--cache", default="none")
     parser.add_argument("--unmask", default="remask")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reference-parser", action="store_true")
     add_annotation_args(parser)
     return parser.parse_args([str(a) for a in argv])
 
@@ -119,7 +134,7 @@ def parse(*argv) -> argparse.Namespace:
 def run(tmp_path: Path, *extra, captioner=None, output="out/results.jsonl") -> tuple[int, list[dict]]:
     args = parse("--annotations", tmp_path / "annotations.json", "--image-root", tmp_path / "images",
                  "--output", tmp_path / output, *extra)
-    code = run_annotations(args, captioner or FakeCaptioner())
+    code = run_annotations(DatasetSettings.from_args(args), captioner or FakeCaptioner())
     return code, read_jsonl(tmp_path / output)
 
 
@@ -151,15 +166,15 @@ def test_decode_rle_matches_pycocotools_on_every_reference_mask():
         for region in entry.regions:
             h, w = region.rle["size"]
             expected = pycocotools.mask.decode({"size": [h, w], "counts": region.rle["counts"].encode()})
-            np.testing.assert_array_equal(decode_rle(region.rle, (h, w)), expected.astype(bool))
+            np.testing.assert_array_equal(decode_mask(region.rle, (h, w)), expected.astype(bool))
 
 
 @pytest.mark.parametrize("counts", ["", "garbage!!", "0000", ";23000", ";2300091"])
 def test_corrupt_rle_raises_instead_of_decoding_garbage(counts):
     # pycocotools.mask.decode returns uninitialised memory for most of these
     with pytest.raises(PDLMError, match="corrupt mask RLE"):
-        decode_rle({"size": [5, 7], "counts": counts}, (5, 7))
-    assert decode_rle({"size": [5, 7], "counts": ";230009"}, (5, 7)).sum() == 6  # the valid original
+        decode_mask({"size": [5, 7], "counts": counts}, (5, 7))
+    assert decode_mask({"size": [5, 7], "counts": ";230009"}, (5, 7)).sum() == 6  # the valid original
 
 
 def test_training_schema_variants(tmp_path):
@@ -215,7 +230,7 @@ def test_run_chunks_records_errors_and_summary(tmp_path):
     assert "file not found" in errors["404_0"] and "corrupt mask RLE" in errors["9_1"]
     assert "does not match the image size" in errors["9_2"]
 
-    # 8 regions: two calls on the same (once-loaded) image, 6 largest first, area-sorted
+    # 8 regions: two passes of the same (once-loaded) image, 6 largest first, area-sorted
     calls = [areas for _, areas in fake.calls]
     assert calls == [[25], [36, 9], [32, 28, 24, 20, 16, 12], [8, 4], [16]]
     assert fake.calls[2][0] == fake.calls[3][0]
@@ -223,7 +238,7 @@ def test_run_chunks_records_errors_and_summary(tmp_path):
     by_id = {r["ann_id"]: r for r in out}
     assert by_id["8_1"]["caption"] == "area 32 in chunk [32, 28, 24, 20, 16, 12]"  # index 1 has k = 7
     assert by_id["8_2"]["caption"] == "area 4 in chunk [8, 4]"
-    assert by_id["8_2"]["token_ids"][:2] == [4, 2] and by_id["8_2"]["forwards"] == 32
+    assert by_id["8_2"]["token_ids"][:2] == [4, 2] and by_id["8_2"]["forwards"] == 64  # the image's two passes
     assert by_id["1_0"]["image_id"] == "1"
 
     summary = json.loads((tmp_path / "out/summary.json").read_text())
@@ -297,8 +312,8 @@ _KILLED_RUN = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_dataset_runner import FakeCaptioner, parse
-from infer.dataset import run_annotations
-sys.exit(run_annotations(parse(*sys.argv[1:]), FakeCaptioner(delay=0.4)))
+from infer.dataset import DatasetSettings, run_annotations
+sys.exit(run_annotations(DatasetSettings.from_args(parse(*sys.argv[1:])), FakeCaptioner(delay={delay})))
 """
 
 
@@ -307,7 +322,7 @@ def test_hard_kill_then_two_reruns_gives_one_record_per_region(tmp_path):
     _, uninterrupted = run(tmp_path, output="reference.jsonl")
     output = tmp_path / "out/results.jsonl"
     proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_RUN.format(tests=str(Path(__file__).parent)),
+        [sys.executable, "-c", _KILLED_RUN.format(tests=str(Path(__file__).parent), delay=0.4),
          "--annotations", tmp_path / "annotations.json", "--image-root", tmp_path / "images", "--output", output],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -332,8 +347,8 @@ def test_second_run_on_a_busy_output_exits_2_and_writes_nothing(tmp_path, capsys
 
     make_dataset(tmp_path)
     output = tmp_path / "out/results.jsonl"
-    first = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_RUN.format(tests=str(Path(__file__).parent)),
+    first = subprocess.Popen(  # slow calls: it still holds the lock when the second run starts (it is killed)
+        [sys.executable, "-c", _KILLED_RUN.format(tests=str(Path(__file__).parent), delay=3),
          "--annotations", tmp_path / "annotations.json", "--image-root", tmp_path / "images", "--output", output],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -382,7 +397,7 @@ def test_real_model_captions_match_reference_and_direct_call(tmp_path, tiny_chec
         tmp_path / "images", "--output", tmp_path / "results.jsonl", "--gen-length", 8, "--steps", 8)])
     handle = pdlm_jax.load(tiny_checkpoint, dtype="float32")
 
-    assert run_annotations(args, handle) == 0
+    assert run_annotations(DatasetSettings.from_args(args), handle) == 0
     out = {r["ann_id"]: r for r in read_jsonl(tmp_path / "results.jsonl")}
     # the reference's caption slot s belongs to mask file sort_idx_desc_area[s]
     expected = {f"5_{m}": c["token_ids"] for m, c in zip(oracle["masks"]["sort_idx_desc_area"],

@@ -60,7 +60,7 @@ def test_both_schema_variants_decode(tmp_path):
 
 
 @pytest.mark.parametrize("record, message", [
-    ({"mask_rles": [{"size": [2, 2], "counts": "04"}], "captions": ["x"]}, "needs an image"),
+    ({"mask_rles": [{"size": [2, 2], "counts": "04"}], "captions": ["x"]}, "names no image"),
     ({"image_file": "a.png"}, "no masks"),
     ({"image_file": "a.png", "mask_rles": [{"size": [2, 2], "counts": "04"}], "captions": []}, "one caption per"),
 ])
