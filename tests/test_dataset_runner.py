@@ -32,8 +32,9 @@ class FakeCaptioner:
     """Follows the caption_batch contract (per image, passes of <= 6 masks in area order, pass c seeded with
     seed + c); the caption names the region's area and its whole pass, so tests can see how regions were grouped."""
 
-    def __init__(self, delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, fail_area: int | None = None):
         self.delay = delay
+        self.fail_area = fail_area  # a call with a mask of this area raises, as a bad model input would
         self.calls: list[tuple[int, list[int]]] = []  # per pass: (id of the image object, areas in area order)
         self.seeds: list[int] = []
         self.modes: list[tuple[str, str]] = []  # (cache, unmask) of each pass
@@ -46,9 +47,9 @@ class FakeCaptioner:
         time.sleep(self.delay)
         results, passes = [], 0
         for image, masks in items:
-            if not masks:
-                raise PDLMError("no masks given")
             areas = [int(np.asarray(m).sum()) for m in masks]
+            if not masks or self.fail_area in areas:
+                raise PDLMError("unusable model input")
             order = area_order(areas)
             regions = [None] * len(masks)
             chunks = [order[c:c + 6] for c in range(0, len(order), 6)]
@@ -177,6 +178,21 @@ def test_corrupt_rle_raises_instead_of_decoding_garbage(counts):
     assert decode_mask({"size": [5, 7], "counts": ";230009"}, (5, 7)).sum() == 6  # the valid original
 
 
+CORRUPT_RLE = {"size": [4, 4], "counts": "12"}  # runs 1 + 2 of 16 pixels: pycocotools decodes uninitialised memory
+
+
+def test_corrupt_rle_fails_its_region_naming_file_record_and_mask(tmp_path):
+    (tmp_path / "images").mkdir()
+    write_image(tmp_path / "images" / "a.png")
+    (tmp_path / "annotations.json").write_text(json.dumps([{"image_file": "a.png", "image_id": "cat-7",
+        "mask_rles": [rle(box_mask(0, 0, 2, 2)), CORRUPT_RLE], "captions": ["x", "y"]}]))
+    code, out = run(tmp_path)
+    by_id = {r["ann_id"]: r for r in out}
+    assert code == 1 and by_id["cat-7_0"]["caption"] == "area 4 in chunk [4]"
+    assert by_id["cat-7_1"]["error"].startswith(f"{tmp_path / 'annotations.json'} record 0 (image_id 'cat-7'): "
+                                                 "mask 1: corrupt mask RLE")
+
+
 def test_training_schema_variants(tmp_path):
     (tmp_path / "images").mkdir()
     write_image(tmp_path / "images" / "a.png")
@@ -248,6 +264,41 @@ def test_run_chunks_records_errors_and_summary(tmp_path):
     assert summary["call_seconds"] == pytest.approx(3.75) and summary["compile_seconds"] == pytest.approx(1.25)
     assert summary["tokens_per_forward"] == pytest.approx(12 * 32 / (5 * 32))
     assert summary["regions_per_second"] == pytest.approx(12 / 2.5)
+
+
+def test_batch_size_batches_across_images_with_the_same_records(tmp_path):
+    make_dataset(tmp_path)
+    _, one_by_one = run(tmp_path, output="single.jsonl")
+    fake = FakeCaptioner()
+    code, batched = run(tmp_path, "--batch-size", 4, output="batched.jsonl", captioner=fake)
+    assert code == 1 and fake.batches == [(3, 4), (1, 4)]  # images 1, 2, 8 (404 is missing), then image 9
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in batched] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in one_by_one]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["calls"] == 2 and summary["settings"]["batch_size"] == 4
+
+
+def test_a_failing_call_is_retried_image_by_image(tmp_path):
+    make_dataset(tmp_path)
+    fake = FakeCaptioner(fail_area=36)  # region 2_1
+    code, out = run(tmp_path, "--images-per-call", 5, captioner=fake)
+    errors = {r["ann_id"]: r["error"] for r in out if "error" in r}
+    assert code == 1 and set(errors) == ERROR_IDS | {"2_0", "2_1"}
+    assert errors["2_0"].endswith("record 1 (image_id '2'): unusable model input")
+    assert fake.batches == [(4, 1)] + [(1, 1)] * 4  # images 1, 2, 8 and 9 together, then one by one
+
+
+def test_a_broken_dataset_module_breaks_the_cli_import(monkeypatch):
+    """pdlm-infer used to swallow an ImportError of infer.dataset and silently lose --annotations."""
+    import importlib
+
+    import infer
+
+    monkeypatch.setitem(sys.modules, "infer.dataset", None)  # importing infer.dataset raises ImportError
+    monkeypatch.delattr(infer, "dataset")
+    monkeypatch.delitem(sys.modules, "infer.cli", raising=False)
+    with pytest.raises(ImportError):
+        importlib.import_module("infer.cli")
 
 
 def test_fast_modes_reach_every_call(tmp_path):
@@ -381,29 +432,35 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_real_model_captions_match_reference_and_direct_call(tmp_path, tiny_checkpoint):
+    """Two images batched as the rows of one program (--batch-size 2) give the reference's tokens."""
     import pdlm_jax
     from infer.cli import build_parser
 
     fixture = FIXTURES / "tiny_v1"
     oracle = json.loads((fixture / "oracle.json").read_text())
     (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "image.png").write_bytes((fixture / "image.png").read_bytes())
+    for name in ("image.png", "copy.png"):
+        (tmp_path / "images" / name).write_bytes((fixture / "image.png").read_bytes())
     masks = [np.asarray(Image.open(fixture / f"mask_{i}.png").convert("L")) > 0 for i in range(3)]
-    (tmp_path / "annotations.json").write_text(json.dumps([{"file_name": "x/image.png", "image_id": "5",
-        "annotations": [{"index": i, "category_name": "c", "bbox": [0, 0, 1, 1], "mask_rle": rle(m)}
-                        for i, m in enumerate(masks)]}]))
+    anns = [{"index": i, "category_name": "c", "bbox": [0, 0, 1, 1], "mask_rle": rle(m)} for i, m in enumerate(masks)]
+    (tmp_path / "annotations.json").write_text(json.dumps([
+        {"file_name": "x/image.png", "image_id": "5", "annotations": anns},
+        {"file_name": "copy.png", "image_id": "6", "annotations": anns}]))
     args = build_parser().parse_args([str(a) for a in (
         "--checkpoint", tiny_checkpoint, "--annotations", tmp_path / "annotations.json", "--image-root",
-        tmp_path / "images", "--output", tmp_path / "results.jsonl", "--gen-length", 8, "--steps", 8)])
+        tmp_path / "images", "--output", tmp_path / "results.jsonl", "--gen-length", 8, "--steps", 8,
+        "--batch-size", 2)])
     handle = pdlm_jax.load(tiny_checkpoint, dtype="float32")
 
     assert run_annotations(DatasetSettings.from_args(args), handle) == 0
     out = {r["ann_id"]: r for r in read_jsonl(tmp_path / "results.jsonl")}
     # the reference's caption slot s belongs to mask file sort_idx_desc_area[s]
-    expected = {f"5_{m}": c["token_ids"] for m, c in zip(oracle["masks"]["sort_idx_desc_area"],
-                                                          oracle["outputs"]["caption_tokens"])}
-    assert {a: r["token_ids"] for a, r in out.items()} == expected
+    for image_id in ("5", "6"):
+        expected = {f"{image_id}_{m}": c["token_ids"] for m, c in zip(oracle["masks"]["sort_idx_desc_area"],
+                                                                       oracle["outputs"]["caption_tokens"])}
+        assert {a: out[a]["token_ids"] for a in expected} == expected
     direct = handle.caption_regions(tmp_path / "images" / "image.png", masks, gen_length=8, steps=8)
     assert [out[f"5_{i}"]["token_ids"] for i in range(3)] == [r["token_ids"] for r in direct["regions"]]
     assert [out[f"5_{i}"]["caption"] for i in range(3)] == [r["caption"] for r in direct["regions"]]
-    assert json.loads((tmp_path / "summary.json").read_text())["tokens_per_forward"] == pytest.approx(3 * 8 / 8)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["calls"] == 1 and summary["tokens_per_forward"] == pytest.approx(3 * 8 / 8)
