@@ -107,7 +107,7 @@ class Limits:
 
 
 class AnnotationSource:
-    """Records of one or more annotation files (`pdlm_jax.annotations`), every one validated when loaded:
+    """Records of one or more annotation files (`pdlm_jax.annotation_files`), every one validated when loaded:
     image readable and large enough, RLEs well-formed and non-empty, one non-empty caption per mask, and (given
     `limits`) the longest sample within the largest buckets. A bad record raises a PDLMError naming its file
     and record, or with on_bad_record="skip" is left out and counted in `skipped`."""
