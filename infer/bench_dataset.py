@@ -114,43 +114,45 @@ def _timed(call, repeats: int) -> tuple[float, dict]:
 def run(args) -> tuple[list[dict], dict]:
     import dataclasses
 
+    import jax
+
     import pdlm_jax
     from infer.dataset import DatasetSettings, load_annotations
 
-    sizes = [int(v) for v in args.batch_sizes.split(",")]
+    try:
+        sizes = [int(v) for v in args.batch_sizes.split(",")]
+    except ValueError:
+        sizes = [0]
     if args.images < 1 or args.repeats < 1 or min(sizes) < 1:
-        raise PDLMError("--images, --repeats and every --batch-sizes value must be positive")
+        raise PDLMError("--images, --repeats and every --batch-sizes value must be positive integers")
     handle = pdlm_jax.load(args.checkpoint)
     gen_length = args.gen_length or handle.sampler["gen_length"]
     steps = args.steps or handle.sampler["steps"]
-    work = Path(tempfile.mkdtemp(prefix="bench_dataset_"))
-    path = write_scenes(work, args.images, args.seed, args.shapes)
-    entries = load_annotations(path, work)
-    regions = sum(len(e.regions) for e in entries)
-    base = DatasetSettings(annotations=path, output=work / "results.jsonl", image_root=work,
-                           summary=work / "summary.json", gen_length=gen_length, steps=steps)
-
     rows = []
 
     def add(name, batch_size, images_per_call, seconds, tokens):
         reference = rows[0]["tokens"] if rows else tokens
-        agree = sum(tokens.get(a) == t for a, t in reference.items()) / len(reference)
-        rows.append(dict(path=name, batch_size=batch_size, images_per_call=images_per_call, images=len(entries),
-                         regions=regions, seconds=seconds, images_per_second=len(entries) / seconds,
-                         ratio=len(entries) / seconds / rows[0]["images_per_second"] if rows else 1.0,
-                         agreement=agree, tokens=tokens))
+        rows.append(dict(path=name, batch_size=batch_size, images_per_call=images_per_call, images=args.images,
+                         regions=len(reference), seconds=seconds, images_per_second=args.images / seconds,
+                         ratio=args.images / seconds / rows[0]["images_per_second"] if rows else 1.0,
+                         agreement=sum(tokens.get(a) == t for a, t in reference.items()) / len(reference),
+                         tokens=tokens))
         print(_format(rows[-1]), flush=True)
 
-    print("  ".join(f"{c:>{_width(c)}}" for c in COLUMNS), flush=True)
-    add("per-image", 1, 1, *_timed(lambda: per_image(handle, entries, base), args.repeats))
-    for size in sizes:
-        for per_call in dict.fromkeys([size, len(entries)]):  # N = B, then all images in one call
-            settings = dataclasses.replace(base, batch_size=size, images_per_call=per_call)
-            add("batched", size, per_call, *_timed(lambda: batched(handle, settings), args.repeats))
+    with tempfile.TemporaryDirectory(prefix="bench_dataset_") as tmp:
+        work = Path(tmp)
+        path = write_scenes(work, args.images, args.seed, args.shapes)
+        entries = load_annotations(path, work)
+        base = DatasetSettings(annotations=path, output=work / "results.jsonl", image_root=work,
+                               summary=work / "summary.json", gen_length=gen_length, steps=steps)
+        print("  ".join(f"{c:>{_width(c)}}" for c in COLUMNS), flush=True)
+        add("per-image", 1, 1, *_timed(lambda: per_image(handle, entries, base), args.repeats))
+        for size in sizes:
+            for per_call in dict.fromkeys([size, args.images]):  # N = B, then all images in one call
+                settings = dataclasses.replace(base, batch_size=size, images_per_call=per_call)
+                add("batched", size, per_call, *_timed(lambda: batched(handle, settings), args.repeats))
     for row in rows:
         del row["tokens"]
-    import jax
-
     meta = dict(checkpoint=str(args.checkpoint), device=jax.devices()[0].device_kind, cpus=os.cpu_count(),
                 gen_length=gen_length, steps=steps, repeats=args.repeats, seed=args.seed,
                 regions_per_image=[len(e.regions) for e in entries])

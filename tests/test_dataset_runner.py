@@ -464,3 +464,16 @@ def test_real_model_captions_match_reference_and_direct_call(tmp_path, tiny_chec
     assert [out[f"5_{i}"]["caption"] for i in range(3)] == [r["caption"] for r in direct["regions"]]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["calls"] == 1 and summary["tokens_per_forward"] == pytest.approx(3 * 8 / 8)
+
+
+def test_dataset_bench_runs(tmp_path):
+    """infer.bench_dataset on the demo model: every row captions every region with the per-image tokens."""
+    from infer import bench_dataset
+
+    out = tmp_path / "bench.json"
+    assert bench_dataset.main(["--images", "2", "--shapes", "2", "--batch-sizes", "2", "--repeats", "1",
+                               "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["path"], r["batch_size"], r["images_per_call"]) for r in rows] == [("per-image", 1, 1),
+                                                                                  ("batched", 2, 2)]
+    assert all(r["regions"] == 4 and r["agreement"] == 1.0 and r["images_per_second"] > 0 for r in rows)
