@@ -17,11 +17,7 @@ log = logging.getLogger("pdlm-infer")
 
 
 from infer import answer as _answer  # PerceptionDLM-Base checkpoints: --question
-
-try:  # the dataset mode (--annotations) lives in its own module
-    from infer import dataset as _dataset
-except ImportError:
-    _dataset = None
+from infer import dataset as _dataset  # the dataset mode: --annotations
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", action="store_true",
                    help="add \"history\" to the result: every region's slot tokens after each denoising step")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
-    if _dataset is not None:
-        _dataset.add_annotation_args(p)
+    _dataset.add_annotation_args(p)
     _answer.add_question_args(p)
     return p
 
@@ -129,8 +124,8 @@ def _run(args: argparse.Namespace) -> int:
     if _answer.wants_answer(args):
         return _answer.run_question(args, load)
     _fill_defaults(args)
-    if getattr(args, "annotations", None):  # dataset mode checks its own arguments, then calls load()
-        return _dataset.run_annotations(args, load)
+    if args.annotations:  # dataset mode checks its own arguments, then calls load()
+        return _dataset.run_annotations(_dataset.DatasetSettings.from_args(args), load)
     _check_single_image_args(args)
     handle = load()
 

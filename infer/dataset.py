@@ -6,31 +6,33 @@ appends one JSON line per region to the output:
     {"ann_id", "image_id", "caption", "token_ids", "seconds", "forwards"}     (success)
     {"ann_id", "image_id", "error"}                                          (bad image / RLE / model input)
 
-`seconds` and `forwards` are those of the `caption_regions` call that captioned the region (one call serves up to
-`prompt_numbers` = 6 regions of one image, so they are shared by the regions of a chunk).
+Batching: images go to the model `--images-per-call` at a time (default: `--batch-size`), as one
+`caption_batch` call. It cuts each image's regions into passes of <= prompt_numbers (6) and runs the passes of
+one input bucket together, `--batch-size` rows per compiled program, so the rows fill across images. `seconds`
+is the wall time of that call (shared by its images) and `forwards` the denoising forwards of the image's passes.
 
-Determinism: images are processed in file order; the regions of an image are sorted by mask area (descending;
-ties put the higher annotation index first, the reference's reversed argsort, SPEC §6.4) and cut into chunks of
-<= 6, exactly as `caption_regions` chunks the masks of one call. Chunks are always formed from *all* decodable regions of
-the image, whatever is already done or selected, so a region gets the same caption whether the run was
-interrupted, limited or sharded (captions of a chunk depend on each other).
+Determinism: an image's captions are those of `caption_regions(image, masks)` on all its decodable regions in
+annotation-index order, whatever the batching: passes in descending-area order (ties: the higher annotation
+index first, the reference's reversed argsort, SPEC §6.4), pass c seeded with seed + c. The passes are always
+formed from *all* decodable regions of the image, whatever is already done or selected, so a region gets the
+same caption whether the run was interrupted, limited or sharded (captions of a pass depend on each other).
 
-Resume: records are written and fsync'd per chunk, so a killed run loses at most the chunk in flight. A rerun
-with the same output keeps the successful records, skips their ids, drops a torn tail (a partial last line left
-by a kill) and *retries error records*: errors are usually fixable input (a missing image copied in later), so
-the old error lines of the selected ids are removed before the run and re-recorded only if they fail again. The
-file therefore ends with at most one line per region.
+Resume: the records of a call are written and fsync'd together, so a killed run loses at most the call in
+flight. A rerun with the same output keeps the successful records, skips their ids, drops a torn tail (a
+partial last line left by a kill) and *retries error records*: errors are usually fixable input (a missing
+image copied in later), so the old error lines of the selected ids are removed before the run and re-recorded
+only if they fail again. The file therefore ends with at most one line per region.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import io
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,103 +40,43 @@ from PIL import Image
 from tqdm import tqdm
 
 from infer.files import atomic_write, exclusive_lock
+from pdlm_jax.annotation_files import ImageRecord, Region, parse_record, read_records, region_mask
+from pdlm_jax.api import check_settings
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.regions.masks import decode_rle as strict_decode_rle
-from pdlm_jax.regions.tiling import tile_image
-
-REGIONS_PER_CALL = 6  # prompt_numbers of PerceptionDLM (used when the handle does not expose its config)
-_TRAINING_IMAGE_KEYS = ("image_file", "image", "image_path")  # SPEC §11.2, in the loader's order
-_TRAINING_ID_KEYS = ("image_id", "image_name", "image_key")
-
+from pdlm_jax.pipeline import Mode
+from pdlm_jax.regions.prompt import DEFAULT_QUESTION
 
 # ----------------------------------------------------------------------------------------------- annotations
 
 
-@dataclass(frozen=True)
-class Region:
-    ann_id: str
-    index: int  # tie-break of the area sort
-    rle: dict | None  # COCO compressed RLE; None = the whole image (training schema, null segmentation)
-
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ImageEntry:
-    image_id: str
+    record: ImageRecord
     source: str  # a file path or a `data:...;base64,` URL
-    regions: tuple[Region, ...]
+
+    @property
+    def image_id(self) -> str:
+        return self.record.image_id
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        return self.record.regions
 
 
 def load_annotations(path: str | os.PathLike, image_root: str | os.PathLike) -> list[ImageEntry]:
-    """Read a ParaDLC-Bench or training-schema annotation file; raises PDLMError if it is unusable."""
+    """Read a ParaDLC-Bench or training-schema annotation file (`pdlm_jax.annotation_files`); PDLMError if the
+    file or one of its records is malformed. RLEs are checked when they are decoded, region by region."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise PDLMError(f"--annotations {path}: cannot read the file ({e.strerror}).") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PDLMError(f"--annotations {path}: not a JSON file ({e}).") from e
-    if not isinstance(data, list):
-        raise PDLMError(f"--annotations {path}: expected a JSON list of image records, got {type(data).__name__}.")
-    entries = [_parse_record(rec, i, Path(image_root), path) for i, rec in enumerate(data)]
+    records = [parse_record(raw, i, path) for i, raw in enumerate(read_records(path))]
     seen: set[str] = set()
-    for entry in entries:
-        for region in entry.regions:
+    for record in records:
+        for region in record.regions:
             if region.ann_id in seen:
-                raise PDLMError(f"--annotations {path}: region id {region.ann_id!r} occurs twice; ids "
+                raise PDLMError(f"{record.where}: region id {region.ann_id!r} occurs twice; ids "
                                 "(image_id + '_' + index) must be unique for results to be resumable.")
             seen.add(region.ann_id)
-    return entries
-
-
-def _parse_record(rec, position: int, image_root: Path, path: Path) -> ImageEntry:
-    where = f"--annotations {path}: record {position}"
-    if not isinstance(rec, dict):
-        raise PDLMError(f"{where} is not a JSON object.")
-    if "file_name" in rec:  # ParaDLC-Bench (SPEC §13.1); the script opens image_root/basename(file_name)
-        anns = rec.get("annotations", [])
-        if not isinstance(anns, list) or not all(isinstance(a, dict) for a in anns):
-            raise PDLMError(f"{where}: 'annotations' must be a list of objects.")
-        image_id = str(rec.get("image_id", Path(rec["file_name"]).stem))
-        regions = []
-        for i, ann in enumerate(anns):
-            index = ann.get("index", i)
-            if not isinstance(index, int):
-                raise PDLMError(f"{where}: annotation {i} has a non-integer 'index' {index!r}.")
-            regions.append(Region(f"{image_id}_{index}", index, ann.get("mask_rle")))
-        return ImageEntry(image_id, str(image_root / os.path.basename(rec["file_name"])), tuple(regions))
-
-    key = next((k for k in _TRAINING_IMAGE_KEYS if k in rec), None)
-    if key is None:
-        raise PDLMError(f"{where} names no image: expected 'file_name' (ParaDLC-Bench) or one of "
-                        f"{', '.join(_TRAINING_IMAGE_KEYS)} (training schema).")
-    source = rec[key]
-    if not isinstance(source, str):
-        raise PDLMError(f"{where}: '{key}' must be a path or a data URL string.")
-    if not source.startswith("data:"):
-        source = str(image_root / source)  # an absolute path stays as it is
-    id_key = next((k for k in _TRAINING_ID_KEYS if rec.get(k) is not None), None)
-    image_id = str(rec[id_key]) if id_key else str(position)
-    if "mask_rles" in rec:  # variant A: a list of RLEs (or a single one) aligned with 'captions'
-        rles = rec["mask_rles"] if isinstance(rec["mask_rles"], list) else [rec["mask_rles"]]
-    else:  # variant B: annotations [{caption, segmentation}], null segmentation = whole image
-        anns = rec.get("annotations", [])
-        if not isinstance(anns, list) or not all(isinstance(a, dict) for a in anns):
-            raise PDLMError(f"{where}: 'annotations' must be a list of objects.")
-        rles = [ann.get("segmentation") for ann in anns]
-    return ImageEntry(image_id, source, tuple(Region(f"{image_id}_{i}", i, r) for i, r in enumerate(rles)))
-
-
-def decode_rle(rle: dict | None, image_hw: tuple[int, int]) -> np.ndarray:
-    """A region's (H, W) bool mask; None means the whole image. Raises PDLMError for a corrupt or unusable RLE."""
-    if rle is None:
-        return np.ones(image_hw, bool)
-    mask = strict_decode_rle(rle)
-    if mask.shape != tuple(image_hw):
-        raise PDLMError(f"mask size {mask.shape[0]}x{mask.shape[1]} does not match the image size "
-                        f"{image_hw[0]}x{image_hw[1]}.")
-    if not mask.any():
-        raise PDLMError("empty mask: a region needs at least one pixel.")
-    return mask
+    root = Path(image_root)  # an absolute path or a data URL stays as it is
+    return [ImageEntry(r, r.image if r.image.startswith("data:") else str(root / r.image)) for r in records]
 
 
 def load_image(source: str) -> Image.Image:
@@ -156,7 +98,7 @@ def load_image(source: str) -> Image.Image:
 
 
 class ResultsFile:
-    """The JSONL output: recovers from a torn tail, drops error lines to retry, appends whole chunks durably."""
+    """The JSONL output: recovers from a torn tail, drops error lines to retry, appends whole calls durably."""
 
     def __init__(self, path: Path, retry_ids: set[str]):
         self.path = path
@@ -222,6 +164,11 @@ def add_annotation_args(parser: argparse.ArgumentParser) -> None:
                        help="process images I, I+N, I+2N, ... of the file (0 <= I < N)")
     group.add_argument("--summary", type=Path, metavar="FILE",
                        help="summary JSON (default: summary.json next to --output)")
+    group.add_argument("--batch-size", type=int, default=1, metavar="B",
+                       help="denoising passes per compiled program call, filled across images (default: 1)")
+    group.add_argument("--images-per-call", type=int, metavar="N",
+                       help="images per model call and per durable write (default: --batch-size); raise it when "
+                            "images differ in size or region count, so each input bucket fills its B rows")
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -232,6 +179,64 @@ def _parse_shard(text: str) -> tuple[int, int]:
     if not 0 <= i < n:
         raise PDLMError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. --shard 0/4.")
     return i, n
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSettings:
+    """Everything a dataset run uses, checked when built (PDLMError), so mistakes show before a model loads."""
+
+    annotations: Path
+    output: Path  # results JSONL
+    image_root: Path
+    summary: Path
+    shard: tuple[int, int] = (0, 1)  # (I, N): images I, I+N, ...
+    limit: int | None = None  # only the first N regions of the shard
+    batch_size: int = 1  # rows per compiled program call
+    images_per_call: int = 1
+    gen_length: int | None = None  # None: the checkpoint's sampler.json
+    steps: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    question: str = DEFAULT_QUESTION
+    seed: int = 0
+    reference_parser: bool = False
+    cache: str = "none"
+    unmask: str = "remask"
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise PDLMError(f"--limit {self.limit}: expected a positive number of regions.")
+        for flag, value in (("--batch-size", self.batch_size), ("--images-per-call", self.images_per_call)):
+            if not isinstance(value, int) or value < 1:
+                raise PDLMError(f"{flag} {value}: expected a positive integer.")
+        if not self.image_root.is_dir():
+            raise PDLMError(f"--image-root {self.image_root}: not a folder.")
+        if self.gen_length is not None and self.steps is not None:
+            check_settings(self.gen_length, self.steps, self.temperature, self.top_p)
+        Mode.parse(self.cache, self.unmask)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DatasetSettings:
+        """From pdlm-infer's flags (the dataset-mode ones of `add_annotation_args` and the generation ones)."""
+        if args.annotations is None:
+            raise PDLMError("dataset mode needs --annotations FILE.")
+        if args.output is None:
+            raise PDLMError("--annotations needs --output results.jsonl (the file is resumed if it exists).")
+        return cls(
+            annotations=args.annotations, output=args.output,
+            image_root=args.image_root if args.image_root is not None else args.annotations.parent,
+            summary=args.summary if args.summary is not None else args.output.parent / "summary.json",
+            shard=_parse_shard(args.shard), limit=args.limit, batch_size=args.batch_size,
+            images_per_call=args.images_per_call if args.images_per_call is not None else args.batch_size,
+            gen_length=args.gen_length, steps=args.steps, temperature=args.temperature, top_p=args.top_p,
+            question=args.prompt, seed=args.seed, reference_parser=args.reference_parser, cache=args.cache,
+            unmask=args.unmask)
+
+    def caption_kwargs(self) -> dict:
+        """The keywords of `caption_batch`."""
+        return dict(gen_length=self.gen_length, steps=self.steps, temperature=self.temperature, top_p=self.top_p,
+                    question=self.question, seed=self.seed, reference_parser=self.reference_parser,
+                    cache=self.cache, unmask=self.unmask, batch_size=self.batch_size)
 
 
 def select_regions(entries: list[ImageEntry], shard: tuple[int, int],
@@ -249,75 +254,72 @@ def select_regions(entries: list[ImageEntry], shard: tuple[int, int],
     return selected
 
 
-def run_annotations(args: argparse.Namespace, handle) -> int:
-    """Caption every selected region of args.annotations into args.output. Returns 0, or 1 if some regions
-    failed (listed in the summary). Raises PDLMError for unusable arguments or annotation files (exit code 2).
+def run_annotations(settings: DatasetSettings, handle) -> int:
+    """Caption every selected region of settings.annotations into settings.output. Returns 0, or 1 if some
+    regions failed (listed in the summary). Raises PDLMError for an unusable annotation file (exit code 2).
 
     `handle` is a model handle (`pdlm_jax.load(...)`) or a function returning one, called only after the
-    arguments and the annotation file have been checked (so mistakes show before a large model loads)."""
+    annotation file has been checked and only if there is work (so mistakes show before a large model loads)."""
     started = time.perf_counter()
-    if args.annotations is None:
-        raise PDLMError("dataset mode needs --annotations FILE.")
-    if args.output is None:
-        raise PDLMError("--annotations needs --output results.jsonl (the file is resumed if it exists).")
-    if args.limit is not None and args.limit < 1:
-        raise PDLMError(f"--limit {args.limit}: expected a positive number of regions.")
-    shard = _parse_shard(args.shard)
-    image_root = args.image_root if args.image_root is not None else args.annotations.parent
-    if not image_root.is_dir():
-        raise PDLMError(f"--image-root {image_root}: not a folder.")
-    summary_path = args.summary if args.summary is not None else args.output.parent / "summary.json"
-
-    selection = select_regions(load_annotations(args.annotations, image_root), shard, args.limit)
-    with exclusive_lock(Path(args.output)):  # two runs appending to one file would duplicate records
-        return _run_selection(args, handle, selection, shard, summary_path, started)
+    selection = select_regions(load_annotations(settings.annotations, settings.image_root), settings.shard,
+                               settings.limit)
+    with exclusive_lock(settings.output):  # two runs appending to one file would duplicate records
+        return _run_selection(settings, handle, selection, started)
 
 
-def _run_selection(args: argparse.Namespace, handle, selection, shard, summary_path: Path, started: float) -> int:
+def _run_selection(settings: DatasetSettings, handle, selection, started: float) -> int:
     selected_ids = {a for _, ids in selection for a in ids}
-    results = ResultsFile(Path(args.output), retry_ids=selected_ids)
+    results = ResultsFile(settings.output, retry_ids=selected_ids)
     skipped = len(selected_ids & results.done.keys())
     pending = [(entry, todo) for entry, ids in selection if (todo := set(ids) - results.done.keys())]
-    if pending and not hasattr(handle, "caption_regions") and callable(handle):
+    if pending and not hasattr(handle, "caption_batch") and callable(handle):
         handle = handle()  # load the model only when there is work
 
     stats = _Stats()
     bar = tqdm(total=len(selected_ids), initial=skipped, unit="region", desc="captioning", dynamic_ncols=True)
     try:
-        for entry, todo in pending:
-            _caption_image(entry, todo, handle, args, results, stats, bar)
+        for start in range(0, len(pending), settings.images_per_call):
+            records = _caption_images(pending[start:start + settings.images_per_call], handle, settings, stats)
+            results.append(records)
+            results.done.update((r["ann_id"], r) for r in records if "error" not in r)
+            stats.errors.extend(r for r in records if "error" in r)
+            bar.update(len(records))
     finally:
         bar.close()
         results.close()
 
     generation_seconds = stats.seconds - stats.compile_seconds
     summary = {
-        "annotations": str(args.annotations), "output": str(args.output), "shard": f"{shard[0]}/{shard[1]}",
-        "limit": args.limit,
+        "annotations": str(settings.annotations), "output": str(settings.output),
+        "shard": f"{settings.shard[0]}/{settings.shard[1]}", "limit": settings.limit,
         "images": len(selection),
         "regions": len(selected_ids),
         "captioned": len(selected_ids & results.done.keys()),
         "resumed": skipped,
         "captioned_this_run": stats.captioned,
         "errors": len(stats.errors),
-        "call_seconds": stats.seconds,  # wall time of the caption_regions calls, compilation included
+        "calls": stats.calls,
+        "call_seconds": stats.seconds,  # wall time of the caption_batch calls, compilation included
         "compile_seconds": stats.compile_seconds,
         "generation_seconds": generation_seconds,
-        "forwards": stats.forwards,
+        "forwards": stats.forwards,  # denoising forwards of every pass (a batch of passes shares them)
         "tokens_per_forward": stats.tokens / stats.forwards if stats.forwards else None,
         "regions_per_second": stats.captioned / generation_seconds if generation_seconds > 0 else None,
         "wall_seconds": time.perf_counter() - started,
-        "settings": {k: getattr(args, k, None)
-                     for k in ("gen_length", "steps", "temperature", "top_p", "prompt", "cache", "unmask")},
+        "settings": {"gen_length": settings.gen_length, "steps": settings.steps,
+                     "temperature": settings.temperature, "top_p": settings.top_p, "prompt": settings.question,
+                     "seed": settings.seed, "cache": settings.cache, "unmask": settings.unmask,
+                     "batch_size": settings.batch_size, "images_per_call": settings.images_per_call},
         "error_list": stats.errors,
     }
-    atomic_write(Path(summary_path), (json.dumps(summary, indent=2) + "\n").encode())
-    _print_summary(summary, summary_path)
+    atomic_write(settings.summary, (json.dumps(summary, indent=2) + "\n").encode())
+    _print_summary(summary, settings.summary)
     return 1 if stats.errors else 0
 
 
 class _Stats:
     def __init__(self):
+        self.calls = 0
         self.captioned = 0
         self.seconds = 0.0
         self.compile_seconds = 0.0
@@ -326,71 +328,73 @@ class _Stats:
         self.errors: list[dict] = []
 
 
-def _caption_image(entry: ImageEntry, todo: set[str], handle, args, results: ResultsFile, stats: _Stats,
-                   bar: tqdm) -> None:
-    """Caption the `todo` regions of one image: load and tile it once, then one call per chunk."""
+@dataclasses.dataclass
+class _Job:
+    """One image of a call: its decodable regions (annotation-index order), their masks, its records so far."""
 
-    def fail(ids, error: PDLMError):
-        records = [{"ann_id": a, "image_id": entry.image_id, "error": str(error)} for a in ids]
-        results.append(records)
-        stats.errors.extend(records)
-        bar.update(len(records))
+    entry: ImageEntry
+    todo: set[str]
+    image: Image.Image | None = None
+    regions: list[Region] = dataclasses.field(default_factory=list)
+    masks: list[np.ndarray] = dataclasses.field(default_factory=list)
+    records: list[dict] = dataclasses.field(default_factory=list)
 
+    def fail(self, regions, message: str) -> None:
+        self.records += [{"ann_id": r.ann_id, "image_id": self.entry.image_id, "error": message}
+                         for r in regions if r.ann_id in self.todo]
+
+
+def _caption_images(window: list[tuple[ImageEntry, set[str]]], handle, settings: DatasetSettings,
+                    stats: _Stats) -> list[dict]:
+    """Caption the `todo` regions of a few images in one caption_batch call; their records, in file order."""
+    jobs = [_prepare(entry, todo) for entry, todo in window]
+    _caption([j for j in jobs if any(r.ann_id in j.todo for r in j.regions)], handle, settings, stats)
+    return [record for job in jobs for record in job.records]
+
+
+def _prepare(entry: ImageEntry, todo: set[str]) -> _Job:
+    """Load the image and decode *every* region (the passes must not depend on what is already done)."""
+    job = _Job(entry, todo)
     try:
-        image = load_image(entry.source)
+        job.image = load_image(entry.source)
     except PDLMError as e:
-        fail([r.ann_id for r in entry.regions if r.ann_id in todo], e)
-        return
-    hw = (image.height, image.width)
-    masks, areas = {}, {}
-    for region in entry.regions:  # every region, so that chunks do not depend on what is already done
+        job.fail(entry.regions, f"{entry.record.where}: {e}")
+        return job
+    for region in sorted(entry.regions, key=lambda r: r.index):  # area ties: the higher index first
         try:
-            masks[region.ann_id] = decode_rle(region.rle, hw)
-            areas[region.ann_id] = int(masks[region.ann_id].sum())
-        except PDLMError as e:
-            if region.ann_id in todo:
-                fail([region.ann_id], e)
-    ordered = sorted((r for r in entry.regions if r.ann_id in masks), key=lambda r: (-areas[r.ann_id], -r.index))
+            job.masks.append(region_mask(entry.record, region, (job.image.height, job.image.width)))
+            job.regions.append(region)
+        except PDLMError as e:  # the message names file, record and mask
+            job.fail([region], str(e))
+    return job
+
+
+def _caption(jobs: list[_Job], handle, settings: DatasetSettings, stats: _Stats) -> None:
+    """One caption_batch call for `jobs`; if it fails, each image alone, so that only the bad ones fail."""
+    if not jobs:
+        return
     try:
-        tiled = _tile_once(handle, image)
+        outs = handle.caption_batch([(job.image, job.masks) for job in jobs], **settings.caption_kwargs())
     except PDLMError as e:
-        fail([r.ann_id for r in ordered if r.ann_id in todo], e)
+        if len(jobs) == 1:
+            jobs[0].fail(jobs[0].regions, f"{jobs[0].entry.record.where}: {e}")
+        else:
+            for job in jobs:
+                _caption([job], handle, settings, stats)
         return
-    cfg = getattr(handle, "cfg", None)
-    per_call = cfg.region.prompt_numbers if cfg is not None else REGIONS_PER_CALL
-    for number, start in enumerate(range(0, len(ordered), per_call)):
-        chunk = ordered[start:start + per_call]
-        if not any(r.ann_id in todo for r in chunk):
-            continue
-        try:
-            out = handle.caption_regions(
-                tiled, [masks[r.ann_id] for r in chunk], gen_length=args.gen_length, steps=args.steps,
-                temperature=args.temperature, top_p=args.top_p, question=args.prompt,
-                seed=getattr(args, "seed", 0) + number,  # as caption_regions seeds its own chunks
-                reference_parser=getattr(args, "reference_parser", False),
-                cache=getattr(args, "cache", "none"), unmask=getattr(args, "unmask", "remask"))
-        except PDLMError as e:
-            fail([r.ann_id for r in chunk if r.ann_id in todo], e)
-            continue
-        records = [
-            {"ann_id": r.ann_id, "image_id": entry.image_id, "caption": res["caption"],
-             "token_ids": [int(t) for t in res["token_ids"]], "seconds": out["seconds"], "forwards": out["forwards"]}
-            for r, res in zip(chunk, out["regions"]) if r.ann_id in todo
-        ]
-        results.append(records)
-        results.done.update((r["ann_id"], r) for r in records)
-        stats.captioned += len(records)
-        stats.seconds += out["seconds"]
-        stats.compile_seconds += out["compile_seconds"]
+    stats.calls += 1
+    stats.seconds += outs[0]["seconds"]  # every result carries the call's seconds
+    stats.compile_seconds += outs[0]["compile_seconds"]
+    for job, out in zip(jobs, outs):
         stats.forwards += out["forwards"]
         stats.tokens += sum(len(res["token_ids"]) for res in out["regions"])
-        bar.update(len(records))
-
-
-def _tile_once(handle, image: Image.Image):
-    """The image tiled once for all its chunks when the handle exposes its config (the real model does)."""
-    cfg = getattr(handle, "cfg", None)
-    return image if cfg is None else tile_image(image, cfg.region)
+        # in pass order: chunk, then prompt id (= area rank within the pass)
+        for region, res in sorted(zip(job.regions, out["regions"]), key=lambda p: (p[1]["chunk"], p[1]["prompt_id"])):
+            if region.ann_id in job.todo:
+                job.records.append({"ann_id": region.ann_id, "image_id": job.entry.image_id,
+                                    "caption": res["caption"], "token_ids": [int(t) for t in res["token_ids"]],
+                                    "seconds": out["seconds"], "forwards": out["forwards"]})
+                stats.captioned += 1
 
 
 def _print_summary(summary: dict, summary_path) -> None:

@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from infer.dataset import ResultsFile, decode_rle, load_annotations, load_image
+from infer.dataset import ResultsFile, load_annotations, load_image
 from infer.files import atomic_write
+from pdlm_jax.annotation_files import region_mask
 from pdlm_jax.errors import PDLMError
 
 # The reference's judge prompt, verbatim: scores are only comparable with the same wording.
@@ -227,7 +228,7 @@ def run_judge(args: argparse.Namespace) -> int:
                         image_cache.clear()  # annotations are grouped by image: keep only the current one
                         image_cache[entry.source] = np.asarray(load_image(entry.source))
                     image = image_cache[entry.source]
-                    crop, crop_mask = focal_crop(image, decode_rle(region.rle, image.shape[:2]))
+                    crop, crop_mask = focal_crop(image, region_mask(entry.record, region, image.shape[:2]))
                     ask = judge.asker(_png_base64(crop), _png_base64(crop_mask.astype(np.uint8) * 255))
                     record = {"ann_id": ann_id, "caption": captions[ann_id],
                               **score_region(captions[ann_id], class_names[ann_id], qa[ann_id], ask, pool)}

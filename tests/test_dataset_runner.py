@@ -18,8 +18,10 @@ import pycocotools.mask
 import pytest
 from PIL import Image
 
-from infer.dataset import add_annotation_args, decode_rle, load_annotations, run_annotations
+from infer.dataset import DatasetSettings, add_annotation_args, load_annotations, run_annotations
+from pdlm_jax.annotation_files import decode_mask
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.regions.masks import area_order
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -27,31 +29,43 @@ H, W = 24, 32
 
 
 class FakeCaptioner:
-    """Follows the caption_regions contract; the caption names the region's area and its whole chunk, so tests
-    can see how regions were grouped."""
+    """Follows the caption_batch contract (per image, passes of <= 6 masks in area order, pass c seeded with
+    seed + c); the caption names the region's area and its whole pass, so tests can see how regions were grouped."""
 
-    def __init__(self, delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, fail_area: int | None = None):
         self.delay = delay
-        self.calls: list[tuple[int, list[int]]] = []  # (id of the image object, areas of the masks given)
+        self.fail_area = fail_area  # a call with a mask of this area raises, as a bad model input would
+        self.calls: list[tuple[int, list[int]]] = []  # per pass: (id of the image object, areas in area order)
         self.seeds: list[int] = []
-        self.modes: list[tuple[str, str]] = []  # (cache, unmask) of each call
+        self.modes: list[tuple[str, str]] = []  # (cache, unmask) of each pass
+        self.batches: list[tuple[int, int | None]] = []  # (images, batch_size) of each caption_batch call
 
-    def caption_regions(self, image, masks, gen_length=32, steps=32, temperature=0.0, top_p=1.0,
-                        question="Describe each masked region in detail.", seed=0, reference_parser=False,
-                        cache="none", unmask="remask"):
-        if not 1 <= len(masks) <= 6:
-            raise PDLMError(f"{len(masks)} masks; give 1 to 6")
-        areas = [int(np.asarray(m).sum()) for m in masks]
-        self.calls.append((id(image), areas))
-        self.seeds.append(seed)
-        self.modes.append((cache, unmask))
+    def caption_batch(self, items, gen_length=32, steps=32, temperature=0.0, top_p=1.0,
+                      question="Describe each masked region in detail.", seed=0, reference_parser=False,
+                      cache="none", unmask="remask", batch_size=None):
+        self.batches.append((len(items), batch_size))
         time.sleep(self.delay)
-        return {
-            "regions": [{"caption": f"area {a} in chunk {areas}", "token_ids": [a % 400, len(masks)] * (gen_length // 2),
-                         "bbox": [0, 0, 1, 1], "prompt_id": i} for i, a in enumerate(areas)],
-            "seconds": 0.75, "compile_seconds": 0.25, "forwards": steps,
-            "tokens_per_forward": len(masks) * gen_length / steps,
-        }
+        results, passes = [], 0
+        for image, masks in items:
+            areas = [int(np.asarray(m).sum()) for m in masks]
+            if not masks or self.fail_area in areas:
+                raise PDLMError("unusable model input")
+            order = area_order(areas)
+            regions = [None] * len(masks)
+            chunks = [order[c:c + 6] for c in range(0, len(order), 6)]
+            for c, chunk in enumerate(chunks):
+                chunk_areas = [areas[j] for j in chunk]
+                self.calls.append((id(image), chunk_areas))
+                self.seeds.append(seed + c)
+                self.modes.append((cache, unmask))
+                for rank, j in enumerate(chunk):
+                    regions[j] = {"caption": f"area {areas[j]} in chunk {chunk_areas}", "prompt_id": rank,
+                                  "chunk": c, "token_ids": [areas[j] % 400, len(chunk)] * (gen_length // 2)}
+            results.append({"regions": regions, "forwards": steps * len(chunks)})
+            passes += len(chunks)
+        for result in results:  # a call's time grows with its passes
+            result.update(seconds=0.75 * passes, compile_seconds=0.25 * passes)
+        return results
 
 
 def rle(mask: np.ndarray) -> dict:
@@ -112,6 +126,8 @@ def parse(*argv) -> argparse.Namespace:
     parser.add_argument("--prompt", default="Describe each masked region in detail.")
     parser.add_argument("--cache", default="none")
     parser.add_argument("--unmask", default="remask")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reference-parser", action="store_true")
     add_annotation_args(parser)
     return parser.parse_args([str(a) for a in argv])
 
@@ -119,7 +135,7 @@ def parse(*argv) -> argparse.Namespace:
 def run(tmp_path: Path, *extra, captioner=None, output="out/results.jsonl") -> tuple[int, list[dict]]:
     args = parse("--annotations", tmp_path / "annotations.json", "--image-root", tmp_path / "images",
                  "--output", tmp_path / output, *extra)
-    code = run_annotations(args, captioner or FakeCaptioner())
+    code = run_annotations(DatasetSettings.from_args(args), captioner or FakeCaptioner())
     return code, read_jsonl(tmp_path / output)
 
 
@@ -151,15 +167,30 @@ def test_decode_rle_matches_pycocotools_on_every_reference_mask():
         for region in entry.regions:
             h, w = region.rle["size"]
             expected = pycocotools.mask.decode({"size": [h, w], "counts": region.rle["counts"].encode()})
-            np.testing.assert_array_equal(decode_rle(region.rle, (h, w)), expected.astype(bool))
+            np.testing.assert_array_equal(decode_mask(region.rle, (h, w)), expected.astype(bool))
 
 
 @pytest.mark.parametrize("counts", ["", "garbage!!", "0000", ";23000", ";2300091"])
 def test_corrupt_rle_raises_instead_of_decoding_garbage(counts):
     # pycocotools.mask.decode returns uninitialised memory for most of these
     with pytest.raises(PDLMError, match="corrupt mask RLE"):
-        decode_rle({"size": [5, 7], "counts": counts}, (5, 7))
-    assert decode_rle({"size": [5, 7], "counts": ";230009"}, (5, 7)).sum() == 6  # the valid original
+        decode_mask({"size": [5, 7], "counts": counts}, (5, 7))
+    assert decode_mask({"size": [5, 7], "counts": ";230009"}, (5, 7)).sum() == 6  # the valid original
+
+
+CORRUPT_RLE = {"size": [4, 4], "counts": "12"}  # runs 1 + 2 of 16 pixels: pycocotools decodes uninitialised memory
+
+
+def test_corrupt_rle_fails_its_region_naming_file_record_and_mask(tmp_path):
+    (tmp_path / "images").mkdir()
+    write_image(tmp_path / "images" / "a.png")
+    (tmp_path / "annotations.json").write_text(json.dumps([{"image_file": "a.png", "image_id": "cat-7",
+        "mask_rles": [rle(box_mask(0, 0, 2, 2)), CORRUPT_RLE], "captions": ["x", "y"]}]))
+    code, out = run(tmp_path)
+    by_id = {r["ann_id"]: r for r in out}
+    assert code == 1 and by_id["cat-7_0"]["caption"] == "area 4 in chunk [4]"
+    assert by_id["cat-7_1"]["error"].startswith(f"{tmp_path / 'annotations.json'} record 0 (image_id 'cat-7'): "
+                                                 "mask 1: corrupt mask RLE")
 
 
 def test_training_schema_variants(tmp_path):
@@ -215,7 +246,7 @@ def test_run_chunks_records_errors_and_summary(tmp_path):
     assert "file not found" in errors["404_0"] and "corrupt mask RLE" in errors["9_1"]
     assert "does not match the image size" in errors["9_2"]
 
-    # 8 regions: two calls on the same (once-loaded) image, 6 largest first, area-sorted
+    # 8 regions: two passes of the same (once-loaded) image, 6 largest first, area-sorted
     calls = [areas for _, areas in fake.calls]
     assert calls == [[25], [36, 9], [32, 28, 24, 20, 16, 12], [8, 4], [16]]
     assert fake.calls[2][0] == fake.calls[3][0]
@@ -223,7 +254,7 @@ def test_run_chunks_records_errors_and_summary(tmp_path):
     by_id = {r["ann_id"]: r for r in out}
     assert by_id["8_1"]["caption"] == "area 32 in chunk [32, 28, 24, 20, 16, 12]"  # index 1 has k = 7
     assert by_id["8_2"]["caption"] == "area 4 in chunk [8, 4]"
-    assert by_id["8_2"]["token_ids"][:2] == [4, 2] and by_id["8_2"]["forwards"] == 32
+    assert by_id["8_2"]["token_ids"][:2] == [4, 2] and by_id["8_2"]["forwards"] == 64  # the image's two passes
     assert by_id["1_0"]["image_id"] == "1"
 
     summary = json.loads((tmp_path / "out/summary.json").read_text())
@@ -233,6 +264,41 @@ def test_run_chunks_records_errors_and_summary(tmp_path):
     assert summary["call_seconds"] == pytest.approx(3.75) and summary["compile_seconds"] == pytest.approx(1.25)
     assert summary["tokens_per_forward"] == pytest.approx(12 * 32 / (5 * 32))
     assert summary["regions_per_second"] == pytest.approx(12 / 2.5)
+
+
+def test_batch_size_batches_across_images_with_the_same_records(tmp_path):
+    make_dataset(tmp_path)
+    _, one_by_one = run(tmp_path, output="single.jsonl")
+    fake = FakeCaptioner()
+    code, batched = run(tmp_path, "--batch-size", 4, output="batched.jsonl", captioner=fake)
+    assert code == 1 and fake.batches == [(3, 4), (1, 4)]  # images 1, 2, 8 (404 is missing), then image 9
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in batched] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in one_by_one]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["calls"] == 2 and summary["settings"]["batch_size"] == 4
+
+
+def test_a_failing_call_is_retried_image_by_image(tmp_path):
+    make_dataset(tmp_path)
+    fake = FakeCaptioner(fail_area=36)  # region 2_1
+    code, out = run(tmp_path, "--images-per-call", 5, captioner=fake)
+    errors = {r["ann_id"]: r["error"] for r in out if "error" in r}
+    assert code == 1 and set(errors) == ERROR_IDS | {"2_0", "2_1"}
+    assert errors["2_0"].endswith("record 1 (image_id '2'): unusable model input")
+    assert fake.batches == [(4, 1)] + [(1, 1)] * 4  # images 1, 2, 8 and 9 together, then one by one
+
+
+def test_a_broken_dataset_module_breaks_the_cli_import(monkeypatch):
+    """pdlm-infer used to swallow an ImportError of infer.dataset and silently lose --annotations."""
+    import importlib
+
+    import infer
+
+    monkeypatch.setitem(sys.modules, "infer.dataset", None)  # importing infer.dataset raises ImportError
+    monkeypatch.delattr(infer, "dataset")
+    monkeypatch.delitem(sys.modules, "infer.cli", raising=False)
+    with pytest.raises(ImportError):
+        importlib.import_module("infer.cli")
 
 
 def test_fast_modes_reach_every_call(tmp_path):
@@ -297,8 +363,8 @@ _KILLED_RUN = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_dataset_runner import FakeCaptioner, parse
-from infer.dataset import run_annotations
-sys.exit(run_annotations(parse(*sys.argv[1:]), FakeCaptioner(delay=0.4)))
+from infer.dataset import DatasetSettings, run_annotations
+sys.exit(run_annotations(DatasetSettings.from_args(parse(*sys.argv[1:])), FakeCaptioner(delay={delay})))
 """
 
 
@@ -307,7 +373,7 @@ def test_hard_kill_then_two_reruns_gives_one_record_per_region(tmp_path):
     _, uninterrupted = run(tmp_path, output="reference.jsonl")
     output = tmp_path / "out/results.jsonl"
     proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_RUN.format(tests=str(Path(__file__).parent)),
+        [sys.executable, "-c", _KILLED_RUN.format(tests=str(Path(__file__).parent), delay=0.4),
          "--annotations", tmp_path / "annotations.json", "--image-root", tmp_path / "images", "--output", output],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -332,8 +398,8 @@ def test_second_run_on_a_busy_output_exits_2_and_writes_nothing(tmp_path, capsys
 
     make_dataset(tmp_path)
     output = tmp_path / "out/results.jsonl"
-    first = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_RUN.format(tests=str(Path(__file__).parent)),
+    first = subprocess.Popen(  # slow calls: it still holds the lock when the second run starts (it is killed)
+        [sys.executable, "-c", _KILLED_RUN.format(tests=str(Path(__file__).parent), delay=3),
          "--annotations", tmp_path / "annotations.json", "--image-root", tmp_path / "images", "--output", output],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -366,29 +432,48 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_real_model_captions_match_reference_and_direct_call(tmp_path, tiny_checkpoint):
+    """Two images batched as the rows of one program (--batch-size 2) give the reference's tokens."""
     import pdlm_jax
     from infer.cli import build_parser
 
     fixture = FIXTURES / "tiny_v1"
     oracle = json.loads((fixture / "oracle.json").read_text())
     (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "image.png").write_bytes((fixture / "image.png").read_bytes())
+    for name in ("image.png", "copy.png"):
+        (tmp_path / "images" / name).write_bytes((fixture / "image.png").read_bytes())
     masks = [np.asarray(Image.open(fixture / f"mask_{i}.png").convert("L")) > 0 for i in range(3)]
-    (tmp_path / "annotations.json").write_text(json.dumps([{"file_name": "x/image.png", "image_id": "5",
-        "annotations": [{"index": i, "category_name": "c", "bbox": [0, 0, 1, 1], "mask_rle": rle(m)}
-                        for i, m in enumerate(masks)]}]))
+    anns = [{"index": i, "category_name": "c", "bbox": [0, 0, 1, 1], "mask_rle": rle(m)} for i, m in enumerate(masks)]
+    (tmp_path / "annotations.json").write_text(json.dumps([
+        {"file_name": "x/image.png", "image_id": "5", "annotations": anns},
+        {"file_name": "copy.png", "image_id": "6", "annotations": anns}]))
     args = build_parser().parse_args([str(a) for a in (
         "--checkpoint", tiny_checkpoint, "--annotations", tmp_path / "annotations.json", "--image-root",
-        tmp_path / "images", "--output", tmp_path / "results.jsonl", "--gen-length", 8, "--steps", 8)])
+        tmp_path / "images", "--output", tmp_path / "results.jsonl", "--gen-length", 8, "--steps", 8,
+        "--batch-size", 2)])
     handle = pdlm_jax.load(tiny_checkpoint, dtype="float32")
 
-    assert run_annotations(args, handle) == 0
+    assert run_annotations(DatasetSettings.from_args(args), handle) == 0
     out = {r["ann_id"]: r for r in read_jsonl(tmp_path / "results.jsonl")}
     # the reference's caption slot s belongs to mask file sort_idx_desc_area[s]
-    expected = {f"5_{m}": c["token_ids"] for m, c in zip(oracle["masks"]["sort_idx_desc_area"],
-                                                          oracle["outputs"]["caption_tokens"])}
-    assert {a: r["token_ids"] for a, r in out.items()} == expected
+    for image_id in ("5", "6"):
+        expected = {f"{image_id}_{m}": c["token_ids"] for m, c in zip(oracle["masks"]["sort_idx_desc_area"],
+                                                                       oracle["outputs"]["caption_tokens"])}
+        assert {a: out[a]["token_ids"] for a in expected} == expected
     direct = handle.caption_regions(tmp_path / "images" / "image.png", masks, gen_length=8, steps=8)
     assert [out[f"5_{i}"]["token_ids"] for i in range(3)] == [r["token_ids"] for r in direct["regions"]]
     assert [out[f"5_{i}"]["caption"] for i in range(3)] == [r["caption"] for r in direct["regions"]]
-    assert json.loads((tmp_path / "summary.json").read_text())["tokens_per_forward"] == pytest.approx(3 * 8 / 8)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["calls"] == 1 and summary["tokens_per_forward"] == pytest.approx(3 * 8 / 8)
+
+
+def test_dataset_bench_runs(tmp_path):
+    """infer.bench_dataset on the demo model: every row captions every region with the per-image tokens."""
+    from infer import bench_dataset
+
+    out = tmp_path / "bench.json"
+    assert bench_dataset.main(["--images", "2", "--shapes", "2", "--batch-sizes", "2", "--repeats", "1",
+                               "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["path"], r["batch_size"], r["images_per_call"]) for r in rows] == [("per-image", 1, 1),
+                                                                                  ("batched", 2, 2)]
+    assert all(r["regions"] == 4 and r["agreement"] == 1.0 and r["images_per_second"] > 0 for r in rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def test_both_schema_variants_decode(tmp_path):
 
 
 @pytest.mark.parametrize("record, message", [
-    ({"mask_rles": [{"size": [2, 2], "counts": "04"}], "captions": ["x"]}, "needs an image"),
+    ({"mask_rles": [{"size": [2, 2], "counts": "04"}], "captions": ["x"]}, "names no image"),
     ({"image_file": "a.png"}, "no masks"),
     ({"image_file": "a.png", "mask_rles": [{"size": [2, 2], "counts": "04"}], "captions": []}, "one caption per"),
 ])
@@ -100,6 +101,20 @@ def test_every_record_is_checked_when_the_files_load(tmp_path, tokenizer):
     source = data.AnnotationSource([path, second], limits=limits, on_bad_record="skip")
     assert len(source) == 3 and len(source.skipped) == len(bad)
     assert source.label(2) == f"{second} record 0" and "second.json record 1: image" in source.skipped[0]
+
+
+def test_corrupt_rle_is_rejected_naming_file_and_record(tmp_path):
+    """The RLE pycocotools would decode from uninitialised memory stops the load (or, with on_bad_record=skip,
+    leaves its record out); the message names the file, the record's position and id, and the mask."""
+    path, _ = _write_annotations(tmp_path)
+    good = json.loads(path.read_text())[0]
+    bad = {**good, "image_id": "cat-7", "mask_rles": [{"size": [4, 4], "counts": "12"}] + good["mask_rles"][1:]}
+    path.write_text(json.dumps([good, bad]))
+    where = f"{path} record 1 (image_id 'cat-7'): mask 0: corrupt mask RLE"
+    with pytest.raises(PDLMError, match=re.escape(where)):
+        data.AnnotationSource([path])
+    source = data.AnnotationSource([path], on_bad_record="skip")
+    assert len(source) == 1 and source.skipped[0].startswith(where)
 
 
 def test_longest_sample_estimate_is_the_real_length(tokenizer):

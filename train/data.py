@@ -14,7 +14,6 @@ import binascii
 import contextlib
 import dataclasses
 import io
-import json
 import math
 import random
 from pathlib import Path
@@ -25,11 +24,12 @@ import numpy as np
 from flax import struct
 from PIL import Image
 
+from pdlm_jax import annotation_files
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.ops.roi_replay import roi_boxes
 from pdlm_jax.region_batch import RegionBatch, stack
-from pdlm_jax.regions.masks import area_order, check_rle, decode_rle, mask_box, patch_activity, visual_prompt_tiles
+from pdlm_jax.regions.masks import area_order, mask_box, patch_activity, visual_prompt_tiles
 from pdlm_jax.regions.prompt import DEFAULT_QUESTION, build_layout, build_prompt_text
 from pdlm_jax.regions.tiling import select_grid, tile_image
 from pdlm_jax.regions.tokenizer import Tokenizer
@@ -86,31 +86,6 @@ class Record:
 BAD_RECORD_POLICIES = ("error", "skip")
 
 
-def _image_field(raw: dict) -> Any:
-    for key in ("image_file", "image", "image_path"):
-        if key in raw:
-            return raw[key]
-    return None
-
-
-def _masks_field(raw: dict) -> tuple[list, list]:
-    """(RLEs or None = whole image, captions) of a record in either schema variant; PDLMError if malformed."""
-    if "mask_rles" in raw:
-        rles = raw["mask_rles"]
-        rles = [rles] if isinstance(rles, dict) else rles
-        caps = raw.get("captions")
-        if not isinstance(rles, list) or not rles or not isinstance(caps, list) or len(caps) != len(rles):
-            raise PDLMError("'captions' must be a list with one caption per entry of 'mask_rles'")
-        return rles, caps
-    if "annotations" in raw:
-        anns = raw["annotations"]
-        if not isinstance(anns, list) or not anns or any(not isinstance(a, dict) or "caption" not in a
-                                                         for a in anns):
-            raise PDLMError("'annotations' must be a non-empty list of {'caption', 'segmentation'}")
-        return [a.get("segmentation") for a in anns], [a["caption"] for a in anns]
-    raise PDLMError("no masks — give 'mask_rles' + 'captions' or 'annotations'")
-
-
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """What every sample of a record must fit into (checked when the annotation files load)."""
@@ -134,39 +109,31 @@ class Limits:
 
 
 class AnnotationSource:
-    """Records of one or more annotation JSON files (a list of dicts each), every one validated when loaded:
-    image readable and large enough, RLEs well-formed and non-empty, one caption per mask, and (given
+    """Records of one or more annotation files (`pdlm_jax.annotation_files`), every one validated when loaded:
+    image readable and large enough, RLEs well-formed and non-empty, one non-empty caption per mask, and (given
     `limits`) the longest sample within the largest buckets. A bad record raises a PDLMError naming its file
-    and index, or with on_bad_record="skip" is left out and counted in `skipped`."""
+    and record, or with on_bad_record="skip" is left out and counted in `skipped`."""
 
     def __init__(self, paths: Sequence[str | Path], image_root: str | None = None, limits: Limits | None = None,
                  on_bad_record: str = "error"):
-        self.records: list[tuple[dict, Any, str]] = []  # (raw record, image path or data URL, "file record i")
+        self.records: list[tuple[annotation_files.ImageRecord, Any]] = []  # (record, image path or data URL)
         self.skipped: list[str] = []  # messages of the records left out
         self.image_root = image_root
         for path in paths:
             path = as_path(path)
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise PDLMError(f"cannot read annotation file {path}: {e}") from e
-            if not isinstance(data, list):
-                raise PDLMError(f"annotation file {path} must hold a JSON list of records")
-            for i, raw in enumerate(data):
-                where = f"{path} record {i}"
+            for i, raw in enumerate(annotation_files.read_records(path)):
                 try:
-                    self.records.append((raw, self._validate(raw, path.parent, limits), where))
+                    record = annotation_files.parse_record(raw, i, path)
+                    self.records.append((record, self._validate(record, path.parent, limits)))
                 except PDLMError as e:
                     if on_bad_record != "skip":
-                        raise PDLMError(f"{where}: {e} (data.on_bad_record: skip leaves bad records out)") from e
-                    self.skipped.append(f"{where}: {e}")
+                        raise PDLMError(f"{e} (data.on_bad_record: skip leaves bad records out)") from e
+                    self.skipped.append(str(e))
         if not self.records:
             raise PDLMError(f"no usable training records in {', '.join(map(str, paths))}"
                             + (f" ({len(self.skipped)} skipped; first: {self.skipped[0]})" if self.skipped else ""))
 
-    def _resolve_image(self, value: Any, base) -> Any:
-        if not isinstance(value, str):
-            raise PDLMError("each record needs an image ('image_file', 'image' or 'image_path'): a path or data URL")
+    def _resolve_image(self, value: str, base) -> Any:
         if value.startswith("data:"):
             return value
         candidates = [as_path(value)] + ([as_path(self.image_root) / value] if self.image_root else []) + [base / value]
@@ -176,59 +143,57 @@ class AnnotationSource:
                             f"{', data.image_root' if self.image_root else ''} and {base}); set data.image_root")
         return found
 
-    def _validate(self, raw: Any, base, limits: Limits | None) -> Any:
-        """The record's image (path or data URL) if the record is usable, else PDLMError saying why."""
-        if not isinstance(raw, dict):
-            raise PDLMError("a record must be a JSON object")
-        rles, captions = _masks_field(raw)
-        for i, rle in enumerate(rles):
-            if rle is not None:
-                try:
-                    nonempty = check_rle(rle)[3]
-                except PDLMError as e:
-                    raise PDLMError(f"mask {i}: {e}") from None
-                if not nonempty:
-                    raise PDLMError(f"mask {i} is empty (all zeros); every mask must cover at least one pixel")
-            if not isinstance(captions[i], str) or not captions[i].strip():
-                raise PDLMError(f"caption {i} must be a non-empty string, not {captions[i]!r}")
-        image = self._resolve_image(_image_field(raw), base)
-        with _open_image_file(image) as im:  # reads the header only
-            w, h = im.size
-        if min(w, h) < MIN_IMAGE_SIDE:
-            raise PDLMError(f"image is {w}x{h}; images must be at least {MIN_IMAGE_SIDE} px per side")
-        if limits is not None:
-            tiles, length = limits.longest_sample((w, h), captions)
-            if tiles > limits.max_tiles:
-                raise PDLMError(f"the image needs {tiles} tiles but the largest of data.tile_buckets is "
-                                f"{limits.max_tiles}")
-            if length > limits.max_length:
-                raise PDLMError(f"its longest sample has {length} tokens but the largest of data.length_buckets "
-                                f"is {limits.max_length}; add a larger bucket or shorten the captions")
+    def _validate(self, record: annotation_files.ImageRecord, base, limits: Limits | None) -> Any:
+        """The record's image (path or data URL) if the record is usable for training, else PDLMError."""
+        if not record.regions:
+            raise PDLMError(f"{record.where}: no masks; a training record needs at least one")
+        annotation_files.check_masks(record)
+        captions = [r.caption for r in record.regions]
+        if all(c is None for c in captions):
+            raise PDLMError(f"{record.where}: no captions; give 'captions' with 'mask_rles', or a 'caption' in "
+                            "each of 'annotations'")
+        for region in record.regions:
+            if not isinstance(region.caption, str) or not region.caption.strip():
+                raise PDLMError(f"{record.where}: caption {region.index} must be a non-empty string, not "
+                                f"{region.caption!r}")
+        try:
+            image = self._resolve_image(record.image, base)
+            with _open_image_file(image) as im:  # reads the header only
+                w, h = im.size
+            if min(w, h) < MIN_IMAGE_SIDE:
+                raise PDLMError(f"image is {w}x{h}; images must be at least {MIN_IMAGE_SIDE} px per side")
+            if limits is not None:
+                tiles, length = limits.longest_sample((w, h), captions)
+                if tiles > limits.max_tiles:
+                    raise PDLMError(f"the image needs {tiles} tiles but the largest of data.tile_buckets is "
+                                    f"{limits.max_tiles}")
+                if length > limits.max_length:
+                    raise PDLMError(f"its longest sample has {length} tokens but the largest of "
+                                    f"data.length_buckets is {limits.max_length}; add a larger bucket or shorten "
+                                    "the captions")
+        except PDLMError as e:
+            raise PDLMError(f"{record.where}: {e}") from None
         return image
 
     def __len__(self) -> int:
         return len(self.records)
 
     def label(self, index: int) -> str:
-        return self.records[index][2]
+        return self.records[index][0].where
 
     def num_masks(self, index: int) -> int:
-        return len(_masks_field(self.records[index][0])[0])
+        return len(self.records[index][0].regions)
 
     def __getitem__(self, index: int) -> Record:
-        raw, image_ref, where = self.records[index]
+        record, image_ref = self.records[index]
         with _open_image_file(image_ref) as im:
             try:
                 image = im.convert("RGB")
             except OSError as e:
-                raise PDLMError(f"{where}: cannot read the image ({e})") from e
-        w, h = image.size
-        rles, captions = _masks_field(raw)
-        masks = [np.ones((h, w), bool) if r is None else decode_rle(r) for r in rles]
-        masks = [m if m.shape == (h, w) else  # the reference resizes mismatched masks with NEAREST
-                 np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 0
-                 for m in masks]
-        return Record(image, masks, [str(c) for c in captions])
+                raise PDLMError(f"{record.where}: cannot read the image ({e})") from e
+        hw = (image.height, image.width)
+        masks = [annotation_files.region_mask(record, r, hw, resize=True) for r in record.regions]
+        return Record(image, masks, [r.caption for r in record.regions])
 
 
 @contextlib.contextmanager
