@@ -20,7 +20,7 @@ from typing import Callable
 
 from convert.reader import INDEX_FILE, SINGLE_FILE, reference_shape
 from convert.safetensors_file import NUMPY_DTYPES, Entry, FileWriter, copy_raw, dtype_name, read_header, write_array
-from convert.writer import DTYPES, atomic_output
+from convert.writer import atomic_output
 from pdlm_jax import checkpoint, keymap
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError

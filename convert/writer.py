@@ -19,17 +19,16 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
-import ml_dtypes
 import numpy as np
 
 import pdlm_jax
 from convert.reader import ReferenceCheckpoint, open_reference
 from convert.safetensors_file import Entry, FileWriter, TensorInfo, copy_raw, tensor_view
 from pdlm_jax import checkpoint, keymap
+from pdlm_jax.config import DTYPES
 from pdlm_jax.errors import PDLMError
 
 CONVERTER_VERSION = "1"
-DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 
 
 @dataclasses.dataclass(frozen=True)

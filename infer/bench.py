@@ -208,7 +208,7 @@ def _time_row(handle, image, masks, mode: str, kwargs: dict, batch: int, args) -
             forwards = sum(r["forwards"] for r in results)
             tokens = [r["regions"][0]["token_ids"] for r in results]
         else:
-            results = handle.caption_regions([(image, masks)] * batch, gen_length=G, steps=steps, **kwargs)
+            results = handle.caption_batch([(image, masks)] * batch, gen_length=G, steps=steps, **kwargs)
             compile_s, forwards = results[0]["compile_seconds"], results[0]["forwards"]
             tokens = [[r["token_ids"] for r in res["regions"]] for res in results]
         return time.perf_counter() - t0, compile_s, forwards, tokens

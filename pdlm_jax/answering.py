@@ -45,6 +45,11 @@ ASSISTANT_HEADER = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n"  
 CACHE_MODES = ("none", "prefix")
 
 
+def answer_defaults(sampler: dict | None = None) -> dict:
+    """gen_length, block_length and steps: a checkpoint's sampler.json values over the reference demo's."""
+    return {key: (sampler or {}).get(key, value) for key, value in DEFAULTS.items()}
+
+
 def build_prompt_text(question: str, num_tiles: int, num_image_tokens: int) -> str:
     """`chat`'s prompt for the demo's question `"<image>\\n" + question` (SPEC-base §B3).
 
@@ -182,7 +187,7 @@ class QuestionAnswerer:
         if not cfg.is_base:
             raise PDLMError("QuestionAnswerer needs a PerceptionDLM-Base checkpoint (config variant 'base')")
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
-        self.defaults = {**DEFAULTS, **(defaults or {})}
+        self.defaults = answer_defaults(defaults)
         self.graphdef, self.state = nnx.split(model)
         self._compiled: dict[Bucket, jax.stages.Compiled] = {}
 

@@ -27,7 +27,7 @@ import orbax.checkpoint.experimental.v1 as ocp
 from etils import epath
 
 from pdlm_jax import keymap
-from pdlm_jax.config import PDLMConfig, SamplerConfig
+from pdlm_jax.config import PDLMConfig, SamplerConfig, check_remasking
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.trees import flatten, nest
 
@@ -35,6 +35,7 @@ CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 REFERENCE_CONFIG_FILE = "reference_config.json"
 PROVENANCE_FILE = "provenance.json"
+SAMPLER_FILE = "sampler.json"  # generation defaults the model was trained for (SamplerConfig fields)
 UNUSED_FILE = "unused.safetensors"
 # Copied from the source checkpoint when present (tokenizer.json is required).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -220,7 +221,17 @@ def read_json(ckpt_dir: str | Path, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def read_sampler(ckpt_dir: str | Path) -> dict:
+    """The generation defaults stored with a checkpoint or adapter (its sampler.json; {} if it has none).
+
+    A remasking rule our sampler does not implement is a PDLMError naming the file, never silently ignored.
+    """
+    values = read_json(ckpt_dir, SAMPLER_FILE) or {}
+    if "remasking" in values:
+        check_remasking(values["remasking"], str(Path(ckpt_dir) / SAMPLER_FILE))
+    return values
+
+
 def sampler_defaults(ckpt_dir: str | Path) -> dict:
     """Generation length and steps suited to a checkpoint (its `sampler.json`), else the reference's 32/32."""
-    return read_json(ckpt_dir, "sampler.json") or {"gen_length": SamplerConfig.gen_length,
-                                                    "steps": SamplerConfig.steps}
+    return {"gen_length": SamplerConfig.gen_length, "steps": SamplerConfig.steps, **read_sampler(ckpt_dir)}

@@ -54,7 +54,7 @@ def _child(checkpoints: dict[str, str], cli_output: str) -> list[dict]:
         q = handle.program.state["lm"]["layers"]["attn"]["q"]["kernel"][...]
         vocab = handle.program.state["lm"]["lm_head"]["kernel"][...]
         item = (d / "image.png", [d / f for f in oracle["masks"]["files"]])
-        results = handle.caption_regions([item] * copies, gen_length=gen["gen_length_per_mask"],
+        results = handle.caption_batch([item] * copies, gen_length=gen["gen_length_per_mask"],
                                          steps=gen["steps"], cache=cache)
         out.append(dict(name=name, mesh=mesh, cache=cache, mesh_shape=dict(handle.mesh.shape),
                         q_spec=list(q.sharding.spec), vocab_spec=list(vocab.sharding.spec),

@@ -18,6 +18,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.files import atomic_write
 from train import cli, config as train_config, data, storage, synthetic
 
 LR = 1e-3
@@ -197,7 +198,7 @@ def test_gs_paths_go_through_epath(tmp_path, monkeypatch):
 
         run = storage.as_path("gs://runs/a")
         run.mkdir(parents=True)
-        storage.write_text_atomic(run / "config.yaml", "{}")
+        atomic_write(run / "config.yaml", "{}")
         assert train_config.read_saved("gs://runs/a") == {}
         run_log = monitor.RunLog(run, 0, tensorboard=True)
         run_log.write({"step": 1, "loss": 2.5})

@@ -67,7 +67,7 @@ def _check_resume(out, new: dict, step: int, allow_changes: bool, write: bool) -
     """Compare the saved config of a run being resumed with the new one: refuse changed RESUME_SETTINGS
     (unless allowed), warn about other changes, and keep the old config.yaml as config.step<N>.yaml."""
     from train.config import CONFIG_FILE, from_dict, read_saved
-    from train.storage import write_text_atomic
+    from pdlm_jax.files import atomic_write
 
     saved = read_saved(out)
     if saved is None:
@@ -90,7 +90,7 @@ def _check_resume(out, new: dict, step: int, allow_changes: bool, write: bool) -
     if write:
         log.warning("resuming at step %d with a changed config (%s); the previous config is kept as %s",
                     step, listing, archive.name)
-        write_text_atomic(archive, (out / CONFIG_FILE).read_text())
+        atomic_write(archive, (out / CONFIG_FILE).read_text())
 
 
 def train(cfg, progress: bool = True, callback=None, allow_changed_settings: bool = False) -> dict:
@@ -110,11 +110,13 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     from pdlm_jax.regions.tokenizer import Tokenizer
     from train import checkpointing, data, monitor, step as step_lib
     from train.config import CONFIG_FILE
-    from train.storage import as_path, write_text_atomic
+    from pdlm_jax.files import atomic_write
+    from train.storage import as_path
 
     if cfg.run.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", cfg.run.compilation_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        from pdlm_jax.pipeline import enable_compilation_cache
+
+        enable_compilation_cache(cfg.run.compilation_cache)
     model_cfg = cfg.model_config()
     tokenizer = Tokenizer(cfg.tokenizer_dir())
     if tokenizer.vocab_size > model_cfg.lm.vocab_size:
@@ -164,7 +166,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
         text = json.dumps(cfg.to_dict(), indent=2, default=list)
         if resumed is None and (out / CONFIG_FILE).exists() and (out / CONFIG_FILE).read_text() != text:
             log.warning("%s: replacing the config of an earlier run that saved no checkpoint", out / CONFIG_FILE)
-        write_text_atomic(out / CONFIG_FILE, text)
+        atomic_write(out / CONFIG_FILE, text)
     evaluator = (monitor.Evaluator(cfg, model_cfg, tokenizer, trainer, jax.process_index(), jax.process_count())
                  if cfg.eval.every > 0 else None)
     profiler = monitor.Profiler(cfg.run.profile_steps, out / monitor.PROFILE_DIR)

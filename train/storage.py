@@ -22,13 +22,6 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     return p if "://" in text else epath.Path(os.path.abspath(text))
 
 
-def write_text_atomic(path: epath.Path, text: str) -> None:
-    """Write-then-rename where the filesystem renames; object stores replace a whole object anyway."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 class _EpathEventFile:
     """tensorboardX record writer for a cloud path: buffers the event file and rewrites it on each flush
     (objects in a bucket cannot be appended to; tensorboardX's S3 writer does the same)."""

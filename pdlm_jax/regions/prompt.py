@@ -15,6 +15,7 @@ from pdlm_jax.errors import PDLMError
 from pdlm_jax.regions.tokenizer import SpecialTokens
 
 DEFAULT_QUESTION = "Describe each masked region in detail."  # what the model was trained with (SPEC §5.1)
+ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n"  # the answer (caption blocks) follows it
 
 
 def build_prompt_text(num_tiles: int, num_image_tokens: int, k: int, gen_length: int,
@@ -26,7 +27,7 @@ def build_prompt_text(num_tiles: int, num_image_tokens: int, k: int, gen_length:
     return ("<|start_header_id|>system<|end_header_id|>\nYou are a helpful assistant.<|eot_id|>\n"
             "<|start_header_id|>user<|end_header_id|>\n"
             + image + reserved + "\n" + question + "<|eot_id|>\n"
-            + "<|start_header_id|>assistant<|end_header_id|>\n"
+            + ASSISTANT_HEADER
             + blocks + "<|eot_id|>")
 
 
