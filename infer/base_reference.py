@@ -21,7 +21,6 @@ It prints one line per case and a summary; the exit status is 1 when any case di
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import sys
@@ -50,24 +49,18 @@ CASES = [
 
 def reference_modules(repo: Path):
     """The reference's DMLLM classes and its Base demo, imported from the checkout."""
-    sys.path.insert(0, str(repo / "smallvlm" / "models"))  # `dmllm` as a namespace package
+    from infer.reference_checkout import import_package, load_demo
+
+    import_package(repo, "dmllm")
     import dmllm.modeling_dmllm as modeling
     import dmllm.processing_dmllm as processing
     from dmllm.configuration_dmllm import DMLLMConfig
-    from dmllm.configuration_llada import LLaDAConfig
-    from transformers import AutoConfig
 
-    try:
-        AutoConfig.register("llada", LLaDAConfig)
-    except ValueError:  # already registered
-        pass
     # The demo imports DMLLM by its in-repo path; point that name at the module loaded above.
     for name in ("smallvlm", "smallvlm.models", "smallvlm.models.dmllm"):
         sys.modules.setdefault(name, types.ModuleType(name))
     sys.modules["smallvlm.models.dmllm.modeling_dmllm"] = modeling
-    spec = importlib.util.spec_from_file_location("reference_base_demo", repo / "demo" / "infer_dmllm.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_demo(repo, "infer_dmllm.py", "reference_base_demo")
     demo.find_closest_aspect_ratio = processing.find_closest_aspect_ratio  # the demo's NameError (§B7.1)
     return DMLLMConfig, modeling.DMLLM, demo
 

@@ -22,7 +22,6 @@ float32 is the reference's faster and exact setting).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import statistics
@@ -37,20 +36,13 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 
 def _reference(repo: Path):
     """The reference's model classes and demo helpers, imported from the checkout."""
-    sys.path.insert(0, str(repo / "smallvlm" / "models"))  # `pdmllm` as a namespace package
-    from pdmllm.configuration_llada import LLaDAConfig
+    from infer.reference_checkout import import_package, load_demo
+
+    import_package(repo, "pdmllm")
     from pdmllm.configuration_pdmllm import PDMLLMConfig
     from pdmllm.modeling_pdmllm import PDMLLM
-    from transformers import AutoConfig
 
-    try:
-        AutoConfig.register("llada", LLaDAConfig)
-    except ValueError:  # already registered
-        pass
-    spec = importlib.util.spec_from_file_location("reference_demo", repo / "demo" / "infer_pdmllm.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    return PDMLLMConfig, PDMLLM, demo
+    return PDMLLMConfig, PDMLLM, load_demo(repo, "infer_pdmllm.py", "reference_demo")
 
 
 def _config(base: Path, args) -> dict:

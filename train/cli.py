@@ -231,13 +231,15 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
         provenance = {"config": cfg.to_dict(), "steps": step, "planned_steps": planned, "complete": complete,
                       "skipped_records": len(pipe.skipped), "final_loss": losses[-1:]}
         path = checkpointing.export(out / "export", model_cfg, params, cfg.tokenizer_dir(), sampler, provenance)
-        if is_main:  # the export is collective; process 0 reports it
+        if adapters is not None:  # collective too
+            adapter_path = checkpointing.export_adapter(out / "adapter", adapters, cfg.lora, model_cfg,
+                                                        cfg.tokenizer_dir(), sampler,
+                                                        {**provenance, "base": cfg.model.init_from})
+        if is_main:  # process 0 reports the exports
             exported = path
             log.info("exported %s", exported)
             if adapters is not None:
-                log.info("exported the LoRA adapters to %s", checkpointing.export_adapter(
-                    out / "adapter", adapters, cfg.lora, model_cfg, cfg.tokenizer_dir(), sampler,
-                    {**provenance, "base": cfg.model.init_from}))
+                log.info("exported the LoRA adapters to %s", adapter_path)
     return {"losses": losses, "export": exported, "state": state, "steps": step, "planned_steps": planned,
             "complete": complete}
 
