@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pdlm_jax.files import write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "base_tiny"
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_settings.json")
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     exact = sum(r["token_exact"] for r in rows)
     print(f"{exact}/{len(rows)} cases token-exact")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        write_json_atomic(args.json, rows)
     return 0 if exact == len(rows) else 1
 
 

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from pdlm_jax.files import write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = ROOT / "tests" / "fixtures" / "tiny_v1_wide"
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_settings.json")
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     result = time_reference(args)
     print(json.dumps(result, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(args.json, result)
     return 0
 
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from convert.writer import convert
 from helpers import fixture_config, fixture_dir, load_reference_tree
 from pdlm_jax import checkpoint, keymap
 from pdlm_jax.config import SamplerConfig
@@ -19,10 +18,8 @@ from pdlm_jax.errors import PDLMError
 
 
 @pytest.fixture(scope="module")
-def ours(tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("ckpt") / "tiny_v1"
-    convert(fixture_dir("tiny_v1"), dst)
-    return dst
+def ours(converted) -> Path:
+    return converted("tiny_v1")
 
 
 @pytest.fixture(scope="module")
