@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
+from infer.reference_checkout import copy_tokenizer_files, import_package, load_demo
 from pdlm_jax.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "base_tiny"
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_settings.json")
 PADDED_VOCAB = 126464
 
 # (seed, image (width, height, pattern seed), question, gen_length, block_length, steps): one block and
@@ -51,8 +51,6 @@ CASES = [
 
 def reference_modules(repo: Path):
     """The reference's DMLLM classes and its Base demo, imported from the checkout."""
-    from infer.reference_checkout import import_package, load_demo
-
     import_package(repo, "dmllm")
     import dmllm.modeling_dmllm as modeling
     import dmllm.processing_dmllm as processing
@@ -88,8 +86,7 @@ def make_checkpoint(refs, seed: int, out: Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
     model.save_pretrained(out, safe_serialization=True)
-    for f in SIDE_FILES:
-        shutil.copy2(FIXTURE / f, out / f)
+    copy_tokenizer_files(FIXTURE, out)
 
 
 def synthetic_image(width: int, height: int, seed: int):

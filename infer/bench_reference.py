@@ -23,23 +23,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from infer.reference_checkout import copy_tokenizer_files, import_package, load_demo
 from pdlm_jax.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = ROOT / "tests" / "fixtures" / "tiny_v1_wide"
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_settings.json")
 
 
 def _reference(repo: Path):
     """The reference's model classes and demo helpers, imported from the checkout."""
-    from infer.reference_checkout import import_package, load_demo
-
     import_package(repo, "pdmllm")
     from pdmllm.configuration_pdmllm import PDMLLMConfig
     from pdmllm.modeling_pdmllm import PDMLLM
@@ -77,8 +74,7 @@ def make(args) -> None:
                 p.normal_(0.0, 0.02)
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
-    for name in SIDE_FILES:
-        shutil.copy(args.base / name, args.out / name)
+    copy_tokenizer_files(args.base, args.out)
     n = sum(p.numel() for p in model.parameters())
     lm = sum(p.numel() for p in model.language_model.parameters())
     print(json.dumps({"out": str(args.out), "parameters": n, "language_model_parameters": lm}))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import shutil
 import sys
 import types
 from pathlib import Path
 
+from pdlm_jax.checkpoint import TOKENIZER_FILES
 from pdlm_jax.errors import PDLMError
 
 
@@ -33,6 +35,14 @@ def import_package(repo: Path, package: str) -> types.ModuleType:
     except ValueError:  # already registered
         pass
     return importlib.import_module(package)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Copy the tokenizer and processor files (pdlm_jax.checkpoint.TOKENIZER_FILES) that `src` holds into a
+    reference-format checkpoint folder `dst` made by these scripts."""
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).exists():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
 
 
 def load_demo(repo: Path, script: str, name: str) -> types.ModuleType:

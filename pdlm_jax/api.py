@@ -41,7 +41,6 @@ DEMO_MODEL = ASSETS / "demo_model"  # the embedded model trained on the syntheti
 DEMO_SCENE = ASSETS / "demo_scene"  # its demo picture, masks and true captions
 
 
-
 def reference_captions(text: str, num_regions: int) -> list[str]:
     """The reference demo's `split_assistant_blocks` (SPEC §10) on the decoded full sequence.
 

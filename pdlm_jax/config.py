@@ -285,7 +285,7 @@ def is_dmllm(ref: dict[str, Any]) -> bool:
     return ref.get("model_type") == "dmllm" or "DMLLM" in (ref.get("architectures") or [])
 
 
-REMASKING = ("low_confidence",)  # the reference also offers "random" (SPEC §9.1), which no one uses: not built
+REMASKING = ("low_confidence",)  # the reference's other rule, "random" (SPEC §9.1), is not built
 
 
 def check_remasking(value: Any, where: str = "remasking") -> None:
