@@ -175,7 +175,7 @@ def checkpoint_writer(dst: str | os.PathLike, force: bool = False) -> Iterator[C
 
 def _shared_token() -> str:
     """A random name suffix, the same on every process (they write one folder)."""
-    token = np.random.default_rng().integers(2**31, dtype=np.int64)
+    token = np.random.default_rng().integers(2**31 - 1, dtype=np.int32)  # int32: JAX's default width
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
