@@ -23,8 +23,6 @@ from pdlm_jax.config import PDLMConfig, SamplerConfig
 from pdlm_jax.errors import PDLMError
 from train.storage import as_path
 
-
-
 CHECKPOINTS_DIR = "checkpoints"  # under run.output_dir
 
 

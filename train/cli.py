@@ -66,8 +66,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def _check_resume(out, new: dict, step: int, allow_changes: bool, write: bool) -> None:
     """Compare the saved config of a run being resumed with the new one: refuse changed RESUME_SETTINGS
     (unless allowed), warn about other changes, and keep the old config.yaml as config.step<N>.yaml."""
-    from train.config import CONFIG_FILE, from_dict, read_saved
     from pdlm_jax.files import atomic_write
+    from train.config import CONFIG_FILE, from_dict, read_saved
 
     saved = read_saved(out)
     if saved is None:
@@ -107,10 +107,10 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     from pdlm_jax import checkpoint as pdlm_ckpt
     from pdlm_jax import keymap
     from pdlm_jax import sharding as shd
+    from pdlm_jax.files import atomic_write
     from pdlm_jax.regions.tokenizer import Tokenizer
     from train import checkpointing, data, monitor, step as step_lib
     from train.config import CONFIG_FILE
-    from pdlm_jax.files import atomic_write
     from train.storage import as_path
 
     if cfg.run.compilation_cache:
