@@ -29,6 +29,7 @@ from convert.reader import reference_shape
 from convert.safetensors_file import Entry, FileWriter
 from pdlm_jax import keymap
 from pdlm_jax.config import PDLMConfig, preset
+from pdlm_jax.files import write_json_atomic
 
 TEXT_VOCAB = 256000  # SigLIP text tower (SPEC §1.3); present in the released file, ignored by us
 TEXT_POSITIONS = 64
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{r['seconds']:.1f}", f"{r['gb_per_s']:.3f}", f"{r['peak_rss_gb']:.2f}",
                           f"{r['largest_stacked_gb']:.2f}", f"{r['peak_rss_gb'] - r['largest_stacked_gb']:.2f}"]))
     print(f"(child baseline RSS after imports: {base_rss / 1e9:.2f} GB)")
-    args.json.write_text(json.dumps({"baseline_rss_gb": base_rss / 1e9, "runs": rows}, indent=2) + "\n")
+    write_json_atomic(args.json, {"baseline_rss_gb": base_rss / 1e9, "runs": rows})
     print(f"wrote {args.json}")
     return 0
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                               keep_unused=args.keep_unused, log=log)
     except PDLMError as e:
         print(f"pdlm-convert: error: {e}", file=sys.stderr)
-        return 1
+        return 2  # bad input, as every pdlm CLI
     print(f"{args.src} -> {args.dst}")
     print(summary.format())
     return 0

@@ -20,10 +20,10 @@ from typing import Callable
 
 from convert.reader import INDEX_FILE, SINGLE_FILE, reference_shape
 from convert.safetensors_file import NUMPY_DTYPES, Entry, FileWriter, copy_raw, dtype_name, read_header, write_array
-from convert.writer import DTYPES, atomic_output
 from pdlm_jax import checkpoint, keymap
-from pdlm_jax.config import PDLMConfig
+from pdlm_jax.config import DTYPES, PDLMConfig
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.files import atomic_directory
 
 MAX_SHARD_BYTES = 4 * 10**9  # the reference saved with max_shard_size='4GB'
 
@@ -150,7 +150,7 @@ def export(
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     file_of = {e.name: k for k, shard in enumerate(shards) for e in shard}
 
-    with atomic_output(dst, force) as tmp:
+    with atomic_directory(dst, force) as tmp:
         writers = [FileWriter(tmp / f, shard) for f, shard in zip(files, shards)]
         try:
             by_target: dict[str, list[str]] = {}

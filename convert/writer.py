@@ -8,28 +8,21 @@ Orbax, and dropped before the next one. Peak memory is about the largest leaf, w
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
-import datetime
 import hashlib
-import json
-import shutil
 import time
-import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-import ml_dtypes
 import numpy as np
 
-import pdlm_jax
 from convert.reader import ReferenceCheckpoint, open_reference
 from convert.safetensors_file import Entry, FileWriter, TensorInfo, copy_raw, tensor_view
 from pdlm_jax import checkpoint, keymap
+from pdlm_jax.config import DTYPES
 from pdlm_jax.errors import PDLMError
 
 CONVERTER_VERSION = "1"
-DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,28 +41,6 @@ class Summary:
         return (f"tensors: {self.mapped} mapped into {self.leaves} leaves, {self.ignored} ignored{kept}\n"
                 f"parameters: {self.parameters:,} ({self.dtype}, {self.bytes / 1e9:.3f} GB)\n"
                 f"time: {self.seconds:.2f} s ({self.bytes / 1e9 / max(self.seconds, 1e-9):.2f} GB/s)")
-
-
-@contextlib.contextmanager
-def atomic_output(dst: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside `dst` that becomes `dst` only if the block succeeds."""
-    if dst.exists() and not force:
-        raise PDLMError(f"output {dst} already exists; choose another --dst or pass --force to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if dst.exists():  # --force: swap, then delete the old one
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def sha256(path: Path, block: int = 16 * 2**20) -> str:
@@ -143,35 +114,29 @@ def convert(
     cfg, out_dtype = ref.config, resolve_dtype(ref, dtype)
     if not (src / "tokenizer.json").exists():
         raise PDLMError(f"{src} has no tokenizer.json; copy the reference tokenizer files next to the weights")
-    side_files = [src / f for f in checkpoint.TOKENIZER_FILES if (src / f).exists()]
     shapes = keymap.expected_shapes(cfg)
     sources = ref.leaf_sources()
 
-    with atomic_output(dst, force) as tmp:
+    with checkpoint.checkpoint_writer(dst, force) as out:
+        side_files = out.copy_tokenizer(src)
         # Hash the sources on a second thread while converting (hashlib releases the GIL).
         pool = concurrent.futures.ThreadPoolExecutor(1)
         try:
             digests = {p.name: pool.submit(sha256, p) for p in [src / "config.json", *ref.files, *side_files]}
-            params = checkpoint.ParamsWriter(tmp / checkpoint.PARAMS_DIR)
             for i, (target, shape) in enumerate(shapes.items()):
                 log(f"[{i + 1}/{len(shapes)}] {target} {list(shape)}")
-                params.add(target, build_leaf(tuple(shape), sources[target], out_dtype))
-            params.close()
+                out.params.add(target, build_leaf(tuple(shape), sources[target], out_dtype))
             source_files = {name: {"sha256": d.result(), "bytes": (src / name).stat().st_size}
                             for name, d in digests.items()}
         finally:
             pool.shutdown(wait=False, cancel_futures=True)  # a failed run does not wait for the hashes
         if keep_unused and ref.ignored:
-            _write_unused(ref, tmp / checkpoint.UNUSED_FILE)
-        checkpoint.write_config(tmp, cfg)
-        for f in side_files:
-            shutil.copy2(f, tmp / f.name)
-        shutil.copy2(src / "config.json", tmp / checkpoint.REFERENCE_CONFIG_FILE)
+            _write_unused(ref, Path(out.dir) / checkpoint.UNUSED_FILE)
+        out.write_config(cfg)
+        out.write(checkpoint.REFERENCE_CONFIG_FILE, (src / "config.json").read_bytes())
         provenance = {
             "converter": "pdlm-convert",
             "converter_version": CONVERTER_VERSION,
-            "pdlm_jax_version": pdlm_jax.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source_dir": str(src),
             "source_files": source_files,
             "dtype": out_dtype.name,
@@ -180,7 +145,7 @@ def convert(
             "ignored": sorted(ref.ignored),
             "kept_unused": bool(keep_unused and ref.ignored),
         }
-        (tmp / checkpoint.PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        out.commit(provenance)
 
     parameters = sum(int(np.prod(s)) for s in shapes.values())
     return Summary(mapped=len(ref.mapped), ignored=len(ref.ignored), kept_unused=provenance["kept_unused"],

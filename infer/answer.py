@@ -42,9 +42,9 @@ def wants_answer(args: argparse.Namespace) -> bool:
 def run_question(args: argparse.Namespace, load: Callable) -> int:
     """Check the arguments (before loading the model), answer, write or print the JSON."""
     from infer.files import write_json_atomic
-    from pdlm_jax.answering import CACHE_MODES, DEFAULTS
+    from pdlm_jax.answering import CACHE_MODES, answer_defaults
     from pdlm_jax.block_sampling import block_schedule
-    from pdlm_jax.checkpoint import read_json
+    from pdlm_jax.checkpoint import read_sampler
 
     if not args.image:
         raise PDLMError("--image is required: the picture the question is about")
@@ -60,7 +60,7 @@ def run_question(args: argparse.Namespace, load: Callable) -> int:
     if args.unmask != "remask" or args.temperature != 0 or args.visualize:
         raise PDLMError("PerceptionDLM-Base answering is greedy with the reference's block schedule: "
                         "--unmask, --temperature and --visualize do not apply")
-    defaults = {**DEFAULTS, **(read_json(args.checkpoint, "sampler.json") or {})}
+    defaults = answer_defaults(read_sampler(args.checkpoint))
     settings = {key: defaults[key] if getattr(args, key) is None else getattr(args, key)
                 for key in ("gen_length", "block_length", "steps")}
     block_schedule(**settings)

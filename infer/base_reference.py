@@ -21,7 +21,6 @@ It prints one line per case and a summary; the exit status is 1 when any case di
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import sys
@@ -30,9 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
+from infer.reference_checkout import copy_tokenizer_files, import_package, load_demo
+from pdlm_jax.files import write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "base_tiny"
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_settings.json")
 PADDED_VOCAB = 126464
 
 # (seed, image (width, height, pattern seed), question, gen_length, block_length, steps): one block and
@@ -50,24 +51,16 @@ CASES = [
 
 def reference_modules(repo: Path):
     """The reference's DMLLM classes and its Base demo, imported from the checkout."""
-    sys.path.insert(0, str(repo / "smallvlm" / "models"))  # `dmllm` as a namespace package
+    import_package(repo, "dmllm")
     import dmllm.modeling_dmllm as modeling
     import dmllm.processing_dmllm as processing
     from dmllm.configuration_dmllm import DMLLMConfig
-    from dmllm.configuration_llada import LLaDAConfig
-    from transformers import AutoConfig
 
-    try:
-        AutoConfig.register("llada", LLaDAConfig)
-    except ValueError:  # already registered
-        pass
     # The demo imports DMLLM by its in-repo path; point that name at the module loaded above.
     for name in ("smallvlm", "smallvlm.models", "smallvlm.models.dmllm"):
         sys.modules.setdefault(name, types.ModuleType(name))
     sys.modules["smallvlm.models.dmllm.modeling_dmllm"] = modeling
-    spec = importlib.util.spec_from_file_location("reference_base_demo", repo / "demo" / "infer_dmllm.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_demo(repo, "infer_dmllm.py", "reference_base_demo")
     demo.find_closest_aspect_ratio = processing.find_closest_aspect_ratio  # the demo's NameError (§B7.1)
     return DMLLMConfig, modeling.DMLLM, demo
 
@@ -93,8 +86,7 @@ def make_checkpoint(refs, seed: int, out: Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
     model.save_pretrained(out, safe_serialization=True)
-    for f in SIDE_FILES:
-        shutil.copy2(FIXTURE / f, out / f)
+    copy_tokenizer_files(FIXTURE, out)
 
 
 def synthetic_image(width: int, height: int, seed: int):
@@ -197,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     exact = sum(r["token_exact"] for r in rows)
     print(f"{exact}/{len(rows)} cases token-exact")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        write_json_atomic(args.json, rows)
     return 0 if exact == len(rows) else 1
 
 

@@ -195,7 +195,7 @@ def _time_row(handle, image, masks, mode: str, sampler, batch: int, args) -> dic
             forwards = sum(r["forwards"] for r in results)
             tokens = [r["regions"][0]["token_ids"] for r in results]
         else:
-            results = handle.caption_regions([(image, masks)] * batch, gen_length=G, steps=steps,
+            results = handle.caption_batch([(image, masks)] * batch, gen_length=G, steps=steps,
                                            **sampler.arguments)
             compile_s, forwards = results[0]["compile_seconds"], results[0]["forwards"]
             tokens = [[r["token_ids"] for r in res["regions"]] for res in results]

@@ -22,35 +22,26 @@ float32 is the reference's faster and exact setting).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from infer.reference_checkout import copy_tokenizer_files, import_package, load_demo
+from pdlm_jax.files import write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = ROOT / "tests" / "fixtures" / "tiny_v1_wide"
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_settings.json")
 
 
 def _reference(repo: Path):
     """The reference's model classes and demo helpers, imported from the checkout."""
-    sys.path.insert(0, str(repo / "smallvlm" / "models"))  # `pdmllm` as a namespace package
-    from pdmllm.configuration_llada import LLaDAConfig
+    import_package(repo, "pdmllm")
     from pdmllm.configuration_pdmllm import PDMLLMConfig
     from pdmllm.modeling_pdmllm import PDMLLM
-    from transformers import AutoConfig
 
-    try:
-        AutoConfig.register("llada", LLaDAConfig)
-    except ValueError:  # already registered
-        pass
-    spec = importlib.util.spec_from_file_location("reference_demo", repo / "demo" / "infer_pdmllm.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    return PDMLLMConfig, PDMLLM, demo
+    return PDMLLMConfig, PDMLLM, load_demo(repo, "infer_pdmllm.py", "reference_demo")
 
 
 def _config(base: Path, args) -> dict:
@@ -83,8 +74,7 @@ def make(args) -> None:
                 p.normal_(0.0, 0.02)
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
-    for name in SIDE_FILES:
-        shutil.copy(args.base / name, args.out / name)
+    copy_tokenizer_files(args.base, args.out)
     n = sum(p.numel() for p in model.parameters())
     lm = sum(p.numel() for p in model.language_model.parameters())
     print(json.dumps({"out": str(args.out), "parameters": n, "language_model_parameters": lm}))
@@ -187,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     result = time_reference(args)
     print(json.dumps(result, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(args.json, result)
     return 0
 
 

@@ -1,46 +1,15 @@
-"""Output files of the infer tools: atomic writes with normal permissions, and an exclusive lock on an output."""
+"""Output files of the infer tools: atomic writes (pdlm_jax.files) and an exclusive lock on an output."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from pdlm_jax.errors import PDLMError
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the target folder, fsync, then rename: readers never see half a file.
-
-    mkstemp creates its file with mode 0600; the result gets the mode a plain open() would give (0666 less
-    the umask), so other users and tools can read it as usual.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
-
-
-def _umask() -> int:
-    mask = os.umask(0o22)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
+from pdlm_jax.files import atomic_write, write_json_atomic  # noqa: F401 (the infer tools import them from here)
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.llada import put_rows, take_rows
 from pdlm_jax.modeling.pdm import PerceptionDLM
+from pdlm_jax.regions.prompt import ASSISTANT_HEADER, USER_HEADER
 from pdlm_jax.regions.tiling import ImageInput, TiledImage, tile_image
 from pdlm_jax.regions.tokenizer import Tokenizer
 
@@ -40,9 +41,13 @@ log = logging.getLogger("pdlm_jax")
 
 LENGTH_MULTIPLE = 64
 DEFAULTS = {"gen_length": 128, "block_length": 128, "steps": 128}  # the reference demo's settings
-USER_HEADER = "<|start_header_id|>user<|end_header_id|>\n"
-ASSISTANT_HEADER = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n"  # no \n after <|eot_id|>
+ASSISTANT_TURN = "<|eot_id|>" + ASSISTANT_HEADER  # chat's turn end: no \n after <|eot_id|>, unlike the region prompt
 CACHE_MODES = ("none", "prefix")
+
+
+def answer_defaults(sampler: dict | None = None) -> dict:
+    """gen_length, block_length and steps: a checkpoint's sampler.json values over the reference demo's."""
+    return {key: (sampler or {}).get(key, value) for key, value in DEFAULTS.items()}
 
 
 def build_prompt_text(question: str, num_tiles: int, num_image_tokens: int) -> str:
@@ -52,7 +57,7 @@ def build_prompt_text(question: str, num_tiles: int, num_image_tokens: int) -> s
     text receives the image; an earlier one (e.g. the demo's own prefix when the question has `<image>`)
     stays as plain text.
     """
-    text = USER_HEADER + "<image>\n" + question + ASSISTANT_HEADER
+    text = USER_HEADER + "<image>\n" + question + ASSISTANT_TURN
     at = text.rfind("<image>")
     image = "<img>" + "<IMG_CONTEXT>" * (num_tiles * num_image_tokens) + "</img>"
     return text[:at] + image + text[at + len("<image>"):]
@@ -182,7 +187,7 @@ class QuestionAnswerer:
         if not cfg.is_base:
             raise PDLMError("QuestionAnswerer needs a PerceptionDLM-Base checkpoint (config variant 'base')")
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
-        self.defaults = {**DEFAULTS, **(defaults or {})}
+        self.defaults = answer_defaults(defaults)
         self.graphdef, self.state = nnx.split(model)
         self._compiled: dict[Bucket, jax.stages.Compiled] = {}
 

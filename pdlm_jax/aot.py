@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -30,7 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+from pdlm_jax.config import DTYPES
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.files import write_json_atomic
 
 log = logging.getLogger("pdlm-aot")
 
@@ -173,7 +174,7 @@ def infer_program(args, target) -> dict:
 
     devices = target.devices()
     mesh = sharding.make_mesh(args.mesh or "data:-1", devices)
-    dtype = api.DTYPES[args.dtype]
+    dtype = DTYPES[args.dtype]
     gpu = target.platform == "cuda"
     attention = ("cudnn" if gpu and args.dtype == "bfloat16" else "xla") if args.attention == "auto" \
         else api.attention_implementation(args.attention, dtype)
@@ -381,9 +382,7 @@ def format_table(r: dict) -> str:
 
 def write_json(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    write_json_atomic(path, result)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,12 +25,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pdlm_jax import keymap, pipeline, sharding
-from pdlm_jax.config import PDLMConfig, SamplerConfig, preset
+from pdlm_jax.config import DTYPES, PDLMConfig, SamplerConfig, preset
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.pdm import PerceptionDLM, from_tree
 from pdlm_jax.regions.masks import MaskInput, area_order, load_masks
 from pdlm_jax.regions.prepare import PreparedRegions, prepare_regions
-from pdlm_jax.regions.prompt import DEFAULT_QUESTION
+from pdlm_jax.regions.prompt import ASSISTANT_HEADER, DEFAULT_QUESTION
 from pdlm_jax.regions.tiling import ImageInput, TiledImage, tile_image
 from pdlm_jax.regions.tokenizer import Tokenizer
 
@@ -39,9 +39,6 @@ log = logging.getLogger("pdlm_jax")
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_MODEL = ASSETS / "demo_model"  # the embedded model trained on the synthetic shapes task (train/)
 DEMO_SCENE = ASSETS / "demo_scene"  # its demo picture, masks and true captions
-
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n"
 
 
 def reference_captions(text: str, num_regions: int) -> list[str]:
@@ -115,13 +112,12 @@ class RegionCaptioner:
         self.sampler = sampler or {"gen_length": SamplerConfig.gen_length, "steps": SamplerConfig.steps}
         self.program = pipeline.CaptionProgram(model, cfg, tokenizer.special.mask, mesh, trace)
 
-    def caption_regions(self, image: ImageInput | TiledImage | Sequence[tuple],
-                        masks: Sequence[MaskInput] | None = None, gen_length: int | None = None,
-                        steps: int | None = None,
+    def caption_regions(self, image: ImageInput | TiledImage, masks: Sequence[MaskInput] | None = None,
+                        gen_length: int | None = None, steps: int | None = None,
                         temperature: float = 0.0, top_p: float = 1.0, question: str = DEFAULT_QUESTION, seed: int = 0,
                         reference_parser: bool = False, cache: str = "none", unmask: str = "remask",
-                        batch_size: int | None = None, history: bool = False) -> dict | list[dict]:
-        """Caption every mask of `image`; returns a JSON-ready dict.
+                        batch_size: int | None = None, history: bool = False) -> dict:
+        """Caption every mask of `image`; returns one JSON-ready dict. Many images: `caption_batch`.
 
         image: path, PIL image, uint8 array or an already tiled `TiledImage`; masks: paths, PIL images or
         arrays (nonzero = inside), one per region. More than `prompt_numbers` (6) masks are captioned in
@@ -131,8 +127,8 @@ class RegionCaptioner:
         reproduces the reference; temperature > 0 samples with `seed` (chunk c uses seed + c) and `top_p`
         nucleus filtering (the reference ignores top_p).
 
-        Given a list of (image, masks) pairs instead (and no `masks`), captions them all and returns one
-        result per pair: see `caption_batch`. `cache` / `unmask` select the opt-in fast modes
+        `masks` is required (its default only serves the error for a call without it). `cache` / `unmask` select
+        the opt-in fast modes
         (`pipeline.Mode.parse`: "prefix", "prefix:R", "threshold:0.9"); the default is the reference's sampler.
 
         Result: {"regions": [one record per mask, in the order given: index, caption, token_ids (its
@@ -151,7 +147,8 @@ class RegionCaptioner:
                         seed=seed, reference_parser=reference_parser, cache=cache, unmask=unmask,
                         batch_size=batch_size, history=history)
         if masks is None:
-            return self.caption_batch(image, **settings)
+            raise PDLMError("caption_regions(image, masks) captions one image and needs its masks; to caption a "
+                            "list of (image, masks) pairs call caption_batch(items), which returns one result each")
         return self.caption_batch([(image, masks)], **settings)[0]
 
     def caption_batch(self, items: Sequence[tuple[ImageInput | TiledImage, Sequence[MaskInput]]],
@@ -177,7 +174,8 @@ class RegionCaptioner:
         per_pass = self.cfg.region.prompt_numbers
         pairs = isinstance(items, (list, tuple)) and all(isinstance(it, (list, tuple)) and len(it) == 2 for it in items)
         if not pairs:
-            raise PDLMError("give one image with its list of masks, or a list of (image, masks) pairs")
+            raise PDLMError("caption_batch takes a list of (image, masks) pairs; for one image call "
+                            "caption_regions(image, masks)")
         for _, masks in items:
             check_settings(gen_length, steps, temperature, top_p, len(masks), per_pass)
 
@@ -300,8 +298,8 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     weights are merged into the base on load, and its tokenizer (if it has one) replaces the base's.
     quantize: "int8" stores every linear kernel as int8 with per-channel scales (pdlm_jax.quantize).
     """
-    from pdlm_jax.checkpoint import (load_config, nest, params_metadata, read_json, restore_params,
-                                     sampler_defaults, tokenizer_path)
+    from pdlm_jax.checkpoint import (SAMPLER_FILE, load_config, nest, params_metadata, read_sampler,
+                                     restore_params, sampler_defaults, tokenizer_path)
 
     if dtype == "auto":
         stored = {np.dtype(d) for _, d in params_metadata(checkpoint_dir).values()}
@@ -329,7 +327,7 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
         tree = lora.merge(tree, adapters, lora_cfg)
         if (Path(adapter) / "tokenizer.json").exists():
             tokenizer = Tokenizer(Path(adapter) / "tokenizer.json", base=cfg.is_base)
-        if (Path(adapter) / "sampler.json").exists():
+        if (Path(adapter) / SAMPLER_FILE).exists():
             sampler_source = adapter
     if compilation_cache is not None:
         pipeline.enable_compilation_cache(str(compilation_cache))
@@ -338,7 +336,7 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     if cfg.is_base:  # PerceptionDLM-Base: question answering (pdlm_jax.answering)
         from pdlm_jax.answering import QuestionAnswerer
 
-        return QuestionAnswerer(cfg, model, tokenizer, mesh, defaults=read_json(sampler_source, "sampler.json"))
+        return QuestionAnswerer(cfg, model, tokenizer, mesh, defaults=read_sampler(sampler_source))
     trace = None
     if quantize is not None:
         model, trace = quantize_lib.quantize_model(model, quantize)

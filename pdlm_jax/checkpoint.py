@@ -1,4 +1,5 @@
-"""Our checkpoint directory: Orbax params + our config + tokenizer files, written by `pdlm-convert`.
+"""Our checkpoint directory: Orbax params + our config + tokenizer files, written by `pdlm-convert` and
+`pdlm-train` (its export), both through `CheckpointWriter`.
 
 Layout of a checkpoint directory:
 
@@ -7,7 +8,9 @@ Layout of a checkpoint directory:
                             keymap.expected_shapes: stacked layers on axis 0, kernels (in, out))
     tokenizer.json, tokenizer_config.json, special_tokens_map.json, processor_settings.json, ...
     reference_config.json   the source checkpoint's config.json, written back on export
-    provenance.json         source files and their sha256, dtypes, converter version, date
+    provenance.json         who wrote it and from what (converter: source files and their sha256, dtypes;
+                            pdlm-train: its config and steps), pdlm-jax version, date; written last
+    sampler.json            optional: generation defaults (SamplerConfig fields) the model was trained for
     unused.safetensors      optional: source tensors we do not use, kept raw (--keep-unused)
 
 Params are written leaf by leaf with Orbax partial saves, so writing never holds more than the leaf
@@ -17,7 +20,11 @@ Each leaf is stored as a single uncompressed chunk: Orbax writes that without co
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import datetime
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,15 +33,18 @@ import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 from etils import epath
 
+import pdlm_jax
 from pdlm_jax import keymap
-from pdlm_jax.config import PDLMConfig, SamplerConfig
+from pdlm_jax.config import PDLMConfig, SamplerConfig, check_remasking
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.files import as_path, is_url, replace_directory
 from pdlm_jax.trees import flatten, nest
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 REFERENCE_CONFIG_FILE = "reference_config.json"
 PROVENANCE_FILE = "provenance.json"
+SAMPLER_FILE = "sampler.json"  # generation defaults the model was trained for (SamplerConfig fields)
 UNUSED_FILE = "unused.safetensors"
 # Copied from the source checkpoint when present (tokenizer.json is required).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -91,8 +101,93 @@ class ParamsWriter:
                 ocp.partial.finalize(self.params_dir)
 
 
-def write_config(ckpt_dir: str | Path, cfg: PDLMConfig) -> None:
-    (epath.Path(ckpt_dir) / CONFIG_FILE).write_text(cfg.to_json() + "\n")
+class CheckpointWriter:
+    """Writes one checkpoint directory (the layout above; pdlm_jax.lora's adapter directory too), which
+    appears complete or not at all.
+
+    Local: everything goes into a temporary folder beside `dst` that `commit` renames into place (replacing
+    an existing `dst` only with `force`). An object store (gs://...) has no rename: the files are written in
+    place and provenance.json, written last, marks the checkpoint complete. Collective: every process of a
+    multi-host job makes one for the same `dst` and adds the same params (Orbax saves in lockstep);
+    process 0 alone writes the side files and commits. Use it through `checkpoint_writer`.
+    """
+
+    def __init__(self, dst: str | os.PathLike, force: bool = False):
+        self.dst, self.main, self.committed = as_path(dst), jax.process_index() == 0, False
+        if self.dst.exists() and not force:
+            raise PDLMError(f"output {self.dst} already exists; choose another output or pass --force to replace it")
+        self.in_place = is_url(dst)
+        self.dir = self.dst if self.in_place else self.dst.parent / f".{self.dst.name}.tmp-{_shared_token()}"
+        if self.main:
+            if self.dir.exists():
+                self.dir.rmtree()
+            self.dir.mkdir(parents=True)
+        _sync("pdlm-checkpoint-begin")
+        self.params = ParamsWriter(self.dir / PARAMS_DIR)
+
+    def write(self, name: str, data: bytes | str) -> None:
+        """A side file of the directory (process 0 writes it; the others skip)."""
+        if self.main:
+            (self.dir / name).write_bytes(data.encode() if isinstance(data, str) else data)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write(name, json.dumps(obj, indent=2, default=str) + "\n")
+
+    def write_config(self, cfg: PDLMConfig) -> None:
+        self.write(CONFIG_FILE, cfg.to_json() + "\n")
+
+    def write_sampler(self, sampler: SamplerConfig) -> None:
+        self.write_json(SAMPLER_FILE, dataclasses.asdict(sampler))
+
+    def copy_tokenizer(self, src_dir: str | os.PathLike) -> list[epath.Path]:
+        """Copy the TOKENIZER_FILES that `src_dir` holds (tokenizer.json is required); returns their sources."""
+        if not (as_path(src_dir) / "tokenizer.json").exists():
+            raise PDLMError(f"{src_dir} has no tokenizer.json; give the directory of the model's tokenizer files")
+        sources = [as_path(src_dir) / name for name in TOKENIZER_FILES if (as_path(src_dir) / name).exists()]
+        for src in sources:
+            self.write(src.name, src.read_bytes())
+        return sources
+
+    def commit(self, provenance: dict) -> epath.Path:
+        """Finish the params, write provenance.json (with the date and our version) and move into place."""
+        self.params.close()
+        if self.main:
+            self.write_json(PROVENANCE_FILE, {
+                **provenance, "pdlm_jax_version": pdlm_jax.__version__,
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+            if not self.in_place:
+                replace_directory(self.dir, self.dst)
+        _sync("pdlm-checkpoint-end")
+        self.committed = True
+        return self.dst
+
+
+@contextlib.contextmanager
+def checkpoint_writer(dst: str | os.PathLike, force: bool = False) -> Iterator[CheckpointWriter]:
+    """A CheckpointWriter for `dst`; a block left without `commit` (an error) removes its temporary folder."""
+    writer = CheckpointWriter(dst, force)
+    try:
+        yield writer
+    finally:
+        if not writer.committed and writer.main and not writer.in_place and writer.dir.exists():
+            writer.dir.rmtree()
+
+
+def _shared_token() -> str:
+    """A random name suffix, the same on every process (they write one folder)."""
+    token = np.random.default_rng().integers(2**31 - 1, dtype=np.int32)  # int32: JAX's default width
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        token = multihost_utils.broadcast_one_to_all(token)
+    return f"{int(token):08x}"
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -220,7 +315,17 @@ def read_json(ckpt_dir: str | Path, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def read_sampler(ckpt_dir: str | Path) -> dict:
+    """The generation defaults stored with a checkpoint or adapter (its sampler.json; {} if it has none).
+
+    A remasking rule our sampler does not implement is a PDLMError naming the file, never silently ignored.
+    """
+    values = read_json(ckpt_dir, SAMPLER_FILE) or {}
+    if "remasking" in values:
+        check_remasking(values["remasking"], str(Path(ckpt_dir) / SAMPLER_FILE))
+    return values
+
+
 def sampler_defaults(ckpt_dir: str | Path) -> dict:
     """Generation length and steps suited to a checkpoint (its `sampler.json`), else the reference's 32/32."""
-    return read_json(ckpt_dir, "sampler.json") or {"gen_length": SamplerConfig.gen_length,
-                                                    "steps": SamplerConfig.steps}
+    return {"gen_length": SamplerConfig.gen_length, "steps": SamplerConfig.steps, **read_sampler(ckpt_dir)}

@@ -11,6 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
+import numpy as np
+
 from pdlm_jax.errors import PDLMError
 
 CONFIG_VERSION = 1
@@ -282,6 +285,20 @@ def is_dmllm(ref: dict[str, Any]) -> bool:
     return ref.get("model_type") == "dmllm" or "DMLLM" in (ref.get("architectures") or [])
 
 
+REMASKING = ("low_confidence",)  # the reference's other rule, "random" (SPEC §9.1), is not built
+
+
+def check_remasking(value: Any, where: str = "remasking") -> None:
+    """PDLMError unless `value` names a remasking rule our sampler implements."""
+    if value not in REMASKING:
+        raise PDLMError(f"{where}: remasking {value!r} is not supported; the sampler commits the most confident "
+                        f"slots of each step: use {' or '.join(map(repr, REMASKING))}")
+
+
+# The dtypes a model is stored or computed in, by their CLI / config names (jax and flax take numpy dtypes).
+DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
     """Denoising settings (SPEC §9.1). Defaults follow the reference README (G = S = 32, greedy)."""
@@ -290,7 +307,10 @@ class SamplerConfig:
     steps: int = 32
     temperature: float = 0.0
     top_p: float = 1.0  # the reference accepts and ignores top_p; we implement it (nucleus filtering)
-    remasking: str = "low_confidence"
+    remasking: str = "low_confidence"  # which masked slots a step commits (REMASKING)
+
+    def __post_init__(self):
+        check_remasking(self.remasking)
 
 
 def _tiny(image_size: int = 64, patch_size: int = 16, roi_output_size: int = 2) -> PDLMConfig:

@@ -12,8 +12,9 @@ An adapter directory (written by `save_adapter`, read by `load_adapter` / `pdlm_
 
     adapter.json      LoraConfig fields and the base model's config (checked against the base on load)
     params/           Orbax tree of the adapter parameters only (paths '<module>/kernel_lora_a|b')
-    sampler.json      optional generation defaults the adapter was trained for
-    tokenizer.json    optional: a tokenizer that replaces the base one (e.g. with a word added)
+    sampler.json      the generation defaults the adapter was trained for
+    tokenizer.json    the training tokenizer, which replaces the base one (e.g. with a word added)
+    provenance.json   who wrote it (pdlm-train: its config and steps), pdlm-jax version, date
 """
 
 from __future__ import annotations
@@ -205,28 +206,18 @@ def combine(params: dict, adapters: dict) -> dict:
 
 
 def save_adapter(out_dir: str | Path, adapters: dict, lora: LoraConfig, base_cfg: PDLMConfig,
-                 extra_files: dict[str, str] | None = None) -> Path:
-    """Write an adapter directory (see the module docstring) atomically; `extra_files` {name: text}."""
-    import shutil
+                 tokenizer_dir: str | Path, sampler, provenance: dict) -> Path:
+    """Write an adapter directory (see the module docstring) with the checkpoint writer (atomic, replacing an
+    earlier one): the adapters, the tokenizer of `tokenizer_dir`, `sampler` (a SamplerConfig) and provenance."""
+    from pdlm_jax.checkpoint import checkpoint_writer
 
-    from pdlm_jax.checkpoint import PARAMS_DIR, ParamsWriter
-
-    out = Path(out_dir).absolute()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    writer = ParamsWriter(tmp / PARAMS_DIR)
-    for path, leaf in flat(adapters).items():
-        writer.add(path, np.asarray(jax.device_get(leaf), dtype=np.float32))
-    writer.close()
-    (tmp / ADAPTER_FILE).write_text(json.dumps({"lora": dataclasses.asdict(lora), "base_config": base_cfg.to_dict()},
-                                               indent=2) + "\n")
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    with checkpoint_writer(out_dir, force=True) as out:
+        for path, leaf in flat(adapters).items():
+            out.params.add(path, np.asarray(jax.device_get(leaf), dtype=np.float32))
+        out.write_json(ADAPTER_FILE, {"lora": dataclasses.asdict(lora), "base_config": base_cfg.to_dict()})
+        out.copy_tokenizer(tokenizer_dir)
+        out.write_sampler(sampler)
+        return out.commit(provenance)
 
 
 def load_adapter(adapter_dir: str | Path, base_cfg: PDLMConfig) -> tuple[LoraConfig, dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from safetensors.numpy import load_file
 from pdlm_jax import keymap
 from pdlm_jax.config import PDLMConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_NAMES = ("tiny_v1", "tiny_v1_roi4", "tiny_v1_wide", "demo512")
 
@@ -86,3 +88,27 @@ def load_reference_tree(ckpt_dir: Path, cfg: PDLMConfig) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = np.ascontiguousarray(value)
     return tree
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """A boolean mask as the COCO RLE of the annotation files ({"size": [h, w], "counts": str}), by pycocotools."""
+    from pycocotools import mask as mask_utils
+
+    encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode()}
+
+
+# Compiling is most of a multi-device subprocess's time; these flags cut it by about a third. They change
+# how LLVM optimises, not what is computed (no fast-math): the sharded tests stay token-exact.
+FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+
+
+def fake_devices_env(devices: int) -> dict[str, str]:
+    """The environment of a subprocess that sees `devices` CPU devices and compiles fast (FAST_COMPILE).
+
+    XLA_FLAGS acts only when JAX starts, so the tests that need several devices run their body in a
+    subprocess and the session keeps its one device (most tests assume it: meshes default to all devices).
+    """
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *FAST_COMPILE]),
+                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))

@@ -2,7 +2,6 @@
 token-exact against the reference fixture `base_tiny`, forward by forward; the block schedule; bad input."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import fixture_dir, fixture_oracle, fixture_tensors
+from helpers import fake_devices_env, fixture_dir, fixture_oracle, fixture_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "base_tiny"
@@ -22,12 +21,8 @@ def _settings(oracle):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from convert.cli import main as convert_main
-
-    dst = tmp_path_factory.mktemp("ckpt") / NAME
-    assert convert_main(["--src", str(fixture_dir(NAME)), "--dst", str(dst)]) == 0
-    return dst
+def checkpoint(converted):
+    return converted(NAME)
 
 
 @pytest.fixture(scope="module")
@@ -214,11 +209,9 @@ def _child(checkpoint: str, cli_output: str) -> list[dict]:
 
 
 def test_sharded_mesh_is_token_exact(checkpoint, handle, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     cli_output = tmp_path / "cli.json"
-    proc = subprocess.run([sys.executable, __file__, str(checkpoint), str(cli_output)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, __file__, str(checkpoint), str(cli_output)], cwd=ROOT,
+                          env=fake_devices_env(8), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     oracle = fixture_oracle(NAME)
     assert json.loads(cli_output.read_text())["token_ids"] == oracle["generated_ids"]

@@ -68,7 +68,7 @@ def test_batch_equals_one_at_a_time(mode):
     settings = dict(gen_length=8, steps=8, **mode)
     alone = [_alone().caption_regions(image, masks, **settings) for image, masks in items]
     handle = _handle()
-    batched = handle.caption_regions(items, **settings)
+    batched = handle.caption_batch(items, **settings)
     assert handle.program.num_compiled == 2  # one program per bucket, whatever the image count
     assert len(batched) == len(items)
     for one, many in zip(alone, batched):
@@ -90,7 +90,7 @@ def test_fixed_batch_size_pads_the_last_call():
     items = [it for it in _items() if len(it[1]) == 3]  # 4 images of one bucket, in calls of 3 then 1 (+2 filler)
     handle = _handle()
     before = len(compiles)
-    batched = handle.caption_regions(items, gen_length=8, steps=8, batch_size=3)
+    batched = handle.caption_batch(items, gen_length=8, steps=8, batch_size=3)
     assert handle.program.num_compiled == 1 and len(compiles) - before >= 1
     alone = [_alone().caption_regions(image, masks, gen_length=8, steps=8) for image, masks in items]
     assert [_ids(r) for r in batched] == [_ids(r) for r in alone]
@@ -100,7 +100,7 @@ def test_images_with_more_than_six_masks_batch_their_chunks():
     items = _items()
     image, masks = items[1]
     many = masks + _box_masks(np.random.default_rng(9), image.size, 5)  # 8 masks: chunks of 6 and 2
-    both = _alone().caption_regions([(image, many), items[3]], gen_length=8, steps=8)
+    both = _alone().caption_batch([(image, many), items[3]], gen_length=8, steps=8)
     alone = [_alone().caption_regions(image, many, gen_length=8, steps=8),
              _alone().caption_regions(*items[3], gen_length=8, steps=8)]
     assert [_ids(r) for r in both] == [_ids(r) for r in alone]
@@ -109,9 +109,16 @@ def test_images_with_more_than_six_masks_batch_their_chunks():
 
 def test_bad_batch_size():
     with pytest.raises(PDLMError, match="batch_size"):
-        _alone().caption_regions(_items()[:1], gen_length=8, steps=8, batch_size=0)
+        _alone().caption_batch(_items()[:1], gen_length=8, steps=8, batch_size=0)
 
 
 def test_an_image_without_masks_is_refused():
     with pytest.raises(PDLMError, match="list of \\(image, masks\\) pairs"):
+        _alone().caption_batch(fixture_dir(NAME) / "image.png", gen_length=8, steps=8)
+
+
+def test_caption_regions_returns_one_result_and_points_lists_to_caption_batch():
+    with pytest.raises(PDLMError, match="needs its masks.*call caption_batch"):  # a list of pairs is no image
+        _alone().caption_regions(_items()[:2], gen_length=8, steps=8)
+    with pytest.raises(PDLMError, match="call caption_batch"):
         _alone().caption_regions(fixture_dir(NAME) / "image.png", gen_length=8, steps=8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -10,17 +11,15 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from convert.writer import convert
 from helpers import fixture_config, fixture_dir, load_reference_tree
 from pdlm_jax import checkpoint, keymap
+from pdlm_jax.config import SamplerConfig
 from pdlm_jax.errors import PDLMError
 
 
 @pytest.fixture(scope="module")
-def ours(tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("ckpt") / "tiny_v1"
-    convert(fixture_dir("tiny_v1"), dst)
-    return dst
+def ours(converted) -> Path:
+    return converted("tiny_v1")
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +60,12 @@ def test_restore_to_bf16(ours, reference):
 
 def test_writer_in_many_partial_saves_and_streaming_reads(tmp_path, reference):
     ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    checkpoint.write_config(ckpt, fixture_config("tiny_v1"))
-    w = checkpoint.ParamsWriter(ckpt / checkpoint.PARAMS_DIR, flush_bytes=20_000)  # several flushes
-    for path, array in reference.items():
-        w.add(path, array)
-    w.close()
+    with checkpoint.checkpoint_writer(ckpt) as out:
+        out.write_config(fixture_config("tiny_v1"))
+        out.params.flush_bytes = 20_000  # several flushes
+        for path, array in reference.items():
+            out.params.add(path, array)
+        out.commit({"producer": "test"})
     _, params = checkpoint.restore_params(ckpt)
     assert all(np.array_equal(np.asarray(a), reference[p]) for p, a in checkpoint.flatten(params).items())
     streamed = dict(checkpoint.iter_leaves(ckpt, list(reference), batch_bytes=1))  # one leaf per read
@@ -87,7 +86,53 @@ def test_not_a_checkpoint(tmp_path, ours):
 def test_params_not_matching_config(tmp_path, ours, reference):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    checkpoint.write_config(ckpt, fixture_config("tiny_v1_wide"))  # other vision geometry
+    (ckpt / checkpoint.CONFIG_FILE).write_text(fixture_config("tiny_v1_wide").to_json())  # other vision geometry
     (ckpt / checkpoint.PARAMS_DIR).symlink_to(ours / checkpoint.PARAMS_DIR)
     with pytest.raises(PDLMError, match="vision/pos_embed/embedding: shape"):
         checkpoint.restore_params(ckpt)
+
+
+def test_checkpoint_writer_layout_and_atomic_swap(tmp_path, reference):
+    def write(dst, fail=False, force=False, sampler=None):
+        with checkpoint.checkpoint_writer(dst, force=force) as out:
+            for path, array in reference.items():
+                out.params.add(path, array)
+            out.write_config(fixture_config("tiny_v1"))
+            out.copy_tokenizer(fixture_dir("tiny_v1"))
+            if sampler is not None:
+                out.write_sampler(sampler)
+            if fail:
+                raise RuntimeError("interrupted")
+            return out.commit({"producer": "test"})
+
+    dst = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        write(dst, fail=True)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left behind
+    write(dst, sampler=SamplerConfig(gen_length=4, steps=2))
+    assert checkpoint.sampler_defaults(dst)["gen_length"] == 4 and checkpoint.tokenizer_path(dst).exists()
+    provenance = json.loads((dst / checkpoint.PROVENANCE_FILE).read_text())
+    assert provenance["producer"] == "test" and {"date", "pdlm_jax_version"} <= set(provenance)
+    with pytest.raises(PDLMError, match="already exists.*--force"):
+        write(dst)
+    with pytest.raises(RuntimeError):  # a failed replacement keeps the old checkpoint
+        write(dst, fail=True, force=True)
+    assert checkpoint.sampler_defaults(dst)["gen_length"] == 4
+    write(dst, force=True)
+    assert not (dst / checkpoint.SAMPLER_FILE).exists() and [p.name for p in tmp_path.iterdir()] == ["out"]
+    _, params = checkpoint.restore_params(dst)
+    assert all(np.array_equal(np.asarray(a), reference[p]) for p, a in checkpoint.flatten(params).items())
+    with pytest.raises(PDLMError, match="no tokenizer.json"):
+        with checkpoint.checkpoint_writer(tmp_path / "other") as out:
+            out.copy_tokenizer(tmp_path)
+
+
+def test_remasking_is_read_and_checked(tmp_path):
+    assert SamplerConfig().remasking == "low_confidence"
+    with pytest.raises(PDLMError, match="remasking 'random' is not supported"):
+        SamplerConfig(remasking="random")
+    (tmp_path / checkpoint.SAMPLER_FILE).write_text(json.dumps({"gen_length": 8, "remasking": "random"}))
+    with pytest.raises(PDLMError, match=f"{tmp_path / checkpoint.SAMPLER_FILE}: remasking 'random'"):
+        checkpoint.sampler_defaults(tmp_path)
+    (tmp_path / checkpoint.SAMPLER_FILE).write_text(json.dumps({"gen_length": 8, "remasking": "low_confidence"}))
+    assert checkpoint.sampler_defaults(tmp_path) == {"gen_length": 8, "steps": 32, "remasking": "low_confidence"}

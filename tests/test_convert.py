@@ -300,7 +300,7 @@ def test_existing_output_needs_force(tmp_path, capsys):
     dst = tmp_path / "ours"
     dst.mkdir()
     (dst / "old.txt").write_text("old")
-    assert cli.main(["--src", str(fixture_dir("tiny_v1")), "--dst", str(dst)]) == 1
+    assert cli.main(["--src", str(fixture_dir("tiny_v1")), "--dst", str(dst)]) == 2
     assert "--force" in capsys.readouterr().err and (dst / "old.txt").exists()
     assert cli.main(["--src", str(fixture_dir("tiny_v1")), "--dst", str(dst), "--force"]) == 0
     out = capsys.readouterr().out
@@ -386,7 +386,7 @@ def test_export_cli_and_errors(tiny_ours, tmp_path, capsys):
     back = load_torch(tmp_path / "b" / "model.safetensors")
     assert back[Q1].dtype == torch.bfloat16 and back["vision_model.logit_scale"].dtype == torch.float32
     # Export refuses a reference checkpoint as source, naming the converter.
-    assert cli.main(["--to-safetensors", "--src", str(fixture_dir("tiny_v1")), "--dst", str(tmp_path / "c")]) == 1
+    assert cli.main(["--to-safetensors", "--src", str(fixture_dir("tiny_v1")), "--dst", str(tmp_path / "c")]) == 2
     assert "pdlm-convert" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pycocotools.mask
 import pytest
+from helpers import encode_rle as rle
 from PIL import Image
 
 from infer.dataset import DatasetSettings, add_annotation_args, load_annotations, run_annotations
@@ -66,11 +67,6 @@ class FakeCaptioner:
         for result in results:  # a call's time grows with its passes
             result.update(seconds=0.75 * passes, compile_seconds=0.25 * passes)
         return results
-
-
-def rle(mask: np.ndarray) -> dict:
-    encoded = pycocotools.mask.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode()}
 
 
 def box_mask(y0, x0, h, w, shape=(H, W)) -> np.ndarray:
@@ -424,11 +420,8 @@ def test_second_run_on_a_busy_output_exits_2_and_writes_nothing(tmp_path, capsys
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("ckpt") / "tiny_v1"
-    subprocess.run([sys.executable, "-m", "convert", "--src", FIXTURES / "tiny_v1", "--dst", dst], cwd=REPO,
-                   check=True, capture_output=True)
-    return dst
+def tiny_checkpoint(converted) -> Path:
+    return converted("tiny_v1")
 
 
 def test_real_model_captions_match_reference_and_direct_call(tmp_path, tiny_checkpoint):

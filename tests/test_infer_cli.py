@@ -10,21 +10,15 @@ import pytest
 from PIL import Image
 
 from helpers import FIXTURE_NAMES, fixture_dir, fixture_oracle
-from convert.cli import main as convert_main
 from infer.cli import main as infer_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(converted):
     """Each fixture converted once with pdlm-convert (float32, like the fixtures)."""
-    root = tmp_path_factory.mktemp("ckpt")
-    out = {}
-    for name in FIXTURE_NAMES:
-        assert convert_main(["--src", str(fixture_dir(name)), "--dst", str(root / name), "--dtype", "float32"]) == 0
-        out[name] = root / name
-    return out
+    return {name: converted(name, "float32") for name in FIXTURE_NAMES}
 
 
 def _args(name, checkpoint, *extra):

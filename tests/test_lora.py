@@ -14,7 +14,7 @@ from helpers import fixture_dir
 
 import pdlm_jax
 from pdlm_jax import lora
-from pdlm_jax.checkpoint import flatten, restore_params
+from pdlm_jax.checkpoint import SAMPLER_FILE, flatten, restore_params
 from pdlm_jax.config import preset
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.pdm import PerceptionDLM
@@ -91,7 +91,7 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(tmp_path):
     cfg = preset("tiny")  # a base checkpoint to fine-tune: random weights, the fixture tokenizer
     base_params = step_lib.init_params(cfg, 7, shd.make_mesh("data:1", jax.devices()[:1]))
     base = checkpointing.export(tmp_path / "base", cfg, base_params, fixture_dir("tiny_v1"))
-    (base / checkpointing.SAMPLER_FILE).write_text(json.dumps({"gen_length": 2, "steps": 2}))
+    (base / SAMPLER_FILE).write_text(json.dumps({"gen_length": 2, "steps": 2}))
     cache = tmp_path / "cache"
 
     full = train(_cfg(base, tmp_path / "a", cache), progress=False)

@@ -1,18 +1,17 @@
 """Sharded inference on 8 fake CPU devices: token-exact fixture results under several meshes.
 
-The body runs in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (this file run as a
-script), so the rest of the suite keeps its single device.
+The body runs in a subprocess with 8 fake devices (helpers.fake_devices_env; this file run as a script), so
+the rest of the suite keeps its single device.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import fixture_dir, fixture_oracle
+from helpers import fake_devices_env, fixture_dir, fixture_oracle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +53,7 @@ def _child(checkpoints: dict[str, str], cli_output: str) -> list[dict]:
         q = handle.program.state["lm"]["layers"]["attn"]["q"]["kernel"][...]
         vocab = handle.program.state["lm"]["lm_head"]["kernel"][...]
         item = (d / "image.png", [d / f for f in oracle["masks"]["files"]])
-        results = handle.caption_regions([item] * copies, gen_length=gen["gen_length_per_mask"],
+        results = handle.caption_batch([item] * copies, gen_length=gen["gen_length_per_mask"],
                                          steps=gen["steps"], cache=cache)
         out.append(dict(name=name, mesh=mesh, cache=cache, mesh_shape=dict(handle.mesh.shape),
                         q_spec=list(q.sharding.spec), vocab_spec=list(vocab.sharding.spec),
@@ -66,18 +65,11 @@ def _child(checkpoints: dict[str, str], cli_output: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def sharded_results(tmp_path_factory):
-    from convert.cli import main as convert_main
-
-    root = tmp_path_factory.mktemp("ckpt")
-    checkpoints = {}
-    for name in sorted({c[0] for c in CASES} | {CLI_CASE[0]}):
-        assert convert_main(["--src", str(fixture_dir(name)), "--dst", str(root / name), "--dtype", "float32"]) == 0
-        checkpoints[name] = str(root / name)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    cli_output = root / "cli.json"
-    proc = subprocess.run([sys.executable, __file__, json.dumps(checkpoints), str(cli_output)], cwd=ROOT, env=env,
+def sharded_results(converted, tmp_path_factory):
+    checkpoints = {name: str(converted(name, "float32")) for name in sorted({c[0] for c in CASES} | {CLI_CASE[0]})}
+    cli_output = tmp_path_factory.mktemp("sharded") / "cli.json"
+    proc = subprocess.run([sys.executable, __file__, json.dumps(checkpoints), str(cli_output)], cwd=ROOT,
+                          env=fake_devices_env(8),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = {(r["name"], r["mesh"], r["cache"]): r for r in json.loads(proc.stdout.splitlines()[-1])}

@@ -9,47 +9,31 @@ import re
 
 import numpy as np
 import pytest
-from helpers import fixture_dir
+from helpers import encode_rle
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from pdlm_jax.config import preset
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.regions.tokenizer import Tokenizer
 from train import config as train_config
 from train import data, synthetic
 
 CFG = preset("tiny")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer(fixture_dir("tiny_v1"))
-
-
-def _rle(mask: np.ndarray) -> dict:
-    r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": list(r["size"]), "counts": r["counts"].decode()}
-
-
-def _write_annotations(tmp_path):
-    scene = synthetic.make_scene(7, 0, num_shapes=3)
-    Image.fromarray(scene.image).save(tmp_path / "img.png")
+def _write_annotations(tmp_path, annotation_file):
+    """Both schema variants: image_file / mask_rles / captions, and an inline image with annotations."""
+    path, scene = annotation_file(tmp_path / "ann.json", seed=7, num_shapes=3)
     buf = io.BytesIO()
     Image.fromarray(scene.image).save(buf, format="PNG")
-    records = [
-        {"image_file": "img.png", "mask_rles": [_rle(m) for m in scene.masks], "captions": scene.captions},
-        {"image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(),
-         "annotations": [{"caption": "everything", "segmentation": None},
-                         {"caption": scene.captions[0], "segmentation": _rle(scene.masks[0])}]},
-    ]
-    path = tmp_path / "ann.json"
-    path.write_text(json.dumps(records))
+    inline = {"image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(),
+              "annotations": [{"caption": "everything", "segmentation": None},
+                              {"caption": scene.captions[0], "segmentation": encode_rle(scene.masks[0])}]}
+    path.write_text(json.dumps(json.loads(path.read_text()) + [inline]))
     return path, scene
 
 
-def test_both_schema_variants_decode(tmp_path):
-    path, scene = _write_annotations(tmp_path)
+def test_both_schema_variants_decode(tmp_path, annotation_file):
+    path, scene = _write_annotations(tmp_path, annotation_file)
     source = data.AnnotationSource([path])  # relative image path resolved next to the JSON
     a, b = source[0], source[1]
     assert a.captions == scene.captions
@@ -85,13 +69,13 @@ def _bad_records(scene, rle):
     ]
 
 
-def test_every_record_is_checked_when_the_files_load(tmp_path, tokenizer):
+def test_every_record_is_checked_when_the_files_load(tmp_path, tokenizer, annotation_file):
     """Bad records are found before training: the message names the file and the record's index in that file;
     on_bad_record=skip leaves them out and counts them."""
-    path, scene = _write_annotations(tmp_path)
+    path, scene = _write_annotations(tmp_path, annotation_file)
     limits = data.Limits(CFG.region, tokenizer, data.DEFAULT_QUESTION, 3.5, 7, 512)
     good = json.loads(path.read_text())[0]
-    bad = _bad_records(scene, _rle)
+    bad = _bad_records(scene, encode_rle)
     second = tmp_path / "second.json"
     for record, message in bad:
         second.write_text(json.dumps([good, good, record]))

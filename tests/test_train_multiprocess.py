@@ -17,7 +17,6 @@ noise (drawn per batch row) would differ from the single-process run.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -25,12 +24,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from helpers import fake_devices_env
 
 HERE = Path(__file__).resolve().parent
 STEPS = 3
 TIMEOUT_S = 300  # all workers together (compilation on a loaded 2-core machine dominates)
-# Compilation is most of a worker's time; these flags cut it by about a third (same flags on both sides).
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _config(out: Path) -> dict:
@@ -92,8 +90,7 @@ def _launch(tmp_path: Path, jobs: dict[str, tuple[int, list[list[str]]]]) -> dic
     for name, (devices, flags) in jobs.items():
         cfg_file = tmp_path / f"{name}_config.json"
         cfg_file.write_text(json.dumps(_config(tmp_path / name)))
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}")
+        env = fake_devices_env(devices)
         for rank, f in enumerate(flags):
             log = open(tmp_path / f"{name}_{rank}.log", "w+")
             cmd = [sys.executable, __file__, str(cfg_file), str(tmp_path / f"{name}_{rank}.json"), *f]

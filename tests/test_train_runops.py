@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import yaml
 from helpers import fixture_dir
-from PIL import Image
-from pycocotools import mask as mask_utils
 
 from pdlm_jax.errors import PDLMError
-from train import cli, config as train_config, data, storage, synthetic
+from pdlm_jax.files import atomic_write
+from train import cli, config as train_config, data, storage
 
 LR = 1e-3
 # 8 synthetic scenes, one item each (group_divisor 6), batch 2: 4 steps of data
@@ -113,23 +112,9 @@ def test_run_out_of_data_resume_checks_and_monitoring(tmp_path, monkeypatch, cap
     assert (exported / "params").is_dir() and (exported / "config.json").is_file()
 
 
-def _rle(mask: np.ndarray) -> dict:
-    r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": list(r["size"]), "counts": r["counts"].decode()}
-
-
-def _annotation_file(path: Path, caption: str, n: int) -> None:
-    scene = synthetic.make_scene(11, 0, num_shapes=1)
-    Image.fromarray(scene.image).save(path.parent / "img.png")
-    path.write_text(json.dumps([{"image_file": "img.png", "mask_rles": [_rle(scene.masks[0])], "captions": [caption]}
-                                for _ in range(n)]))
-
-
-def test_loop_repeats_the_data():
-    from pdlm_jax.regions.tokenizer import Tokenizer
-
+def test_loop_repeats_the_data(tokenizer):
     cfg = train_config.from_dict({**CONFIG, "data": {**CONFIG["data"], "synthetic_scenes": 4, "loop": True}})
-    pipe = data.build_pipeline(cfg.data, cfg.model_config(), Tokenizer(fixture_dir("tiny_v1")))
+    pipe = data.build_pipeline(cfg.data, cfg.model_config(), tokenizer)
     assert pipe.steps_available is None and pipe.steps_per_epoch == 2
     it = iter(pipe.dataset)
     # three passes over the two batches of data, no StopIteration; every pass holds the 4 scenes once
@@ -137,13 +122,10 @@ def test_loop_repeats_the_data():
     assert passes[0] == passes[1] == passes[2] and len(set(passes[0])) == 4
 
 
-def test_mixing_annotation_files_with_the_synthetic_task_by_weight(tmp_path):
-    from pdlm_jax.regions.tokenizer import Tokenizer
-
-    _annotation_file(tmp_path / "ann.json", "zebra", 20)
+def test_mixing_annotation_files_with_the_synthetic_task_by_weight(tmp_path, tokenizer, annotation_file):
+    annotation_file(tmp_path / "ann.json", seed=11, num_shapes=1, caption="zebra", copies=20)
     cfg = train_config.from_dict({**CONFIG, "data": {**CONFIG["data"], "annotations": [str(tmp_path / "ann.json")],
                                                      "synthetic_scenes": 60, "weights": [1, 3], "batch_size": 1}})
-    tokenizer = Tokenizer(fixture_dir("tiny_v1"))
     pipe = data.build_pipeline(cfg.data, cfg.model_config(), tokenizer)
     assert pipe.steps_available == 80  # 20 annotation items at weight 1/4: the first source to run out
     it = iter(pipe.dataset)
@@ -177,7 +159,7 @@ def _gs_to(local_root: Path):
                               stat=one, walk=one, listdir=listdir, glob=glob, rename=two, replace=two, copy=two)
 
 
-def test_gs_paths_go_through_epath(tmp_path, monkeypatch):
+def test_gs_paths_go_through_epath(tmp_path, monkeypatch, annotation_file):
     """gs:// run and data paths reach the filesystem backend as URLs (here etils' mock backend over a local
     folder): no local 'gs:' folder, annotation files and images read, logs, TensorBoard events, the
     checkpoint folder and config.yaml written under the bucket."""
@@ -189,7 +171,7 @@ def test_gs_paths_go_through_epath(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bucket = tmp_path / "bucket"
     (bucket / "data").mkdir(parents=True)
-    _annotation_file(bucket / "data" / "ann.json", "zebra", 2)
+    annotation_file(bucket / "data" / "ann.json", seed=11, num_shapes=1, caption="zebra", copies=2)
     with _gs_to(bucket):
         source = data.AnnotationSource(["gs://data/ann.json"])
         assert len(source) == 2 and source.label(1) == "gs://data/ann.json record 1"
@@ -197,7 +179,7 @@ def test_gs_paths_go_through_epath(tmp_path, monkeypatch):
 
         run = storage.as_path("gs://runs/a")
         run.mkdir(parents=True)
-        storage.write_text_atomic(run / "config.yaml", "{}")
+        atomic_write(run / "config.yaml", "{}")
         assert train_config.read_saved("gs://runs/a") == {}
         run_log = monitor.RunLog(run, 0, tensorboard=True)
         run_log.write({"step": 1, "loss": 2.5})

@@ -1,7 +1,6 @@
 """A sharded train step equals the single-device step (8 fake CPU devices, in a subprocess).
 
-The subprocess sets XLA_FLAGS=--xla_force_host_platform_device_count=8 so the rest of the test session
-keeps one device. It runs the same step (same batch, same noise, no warmup so the update is
+The subprocess sets XLA_FLAGS (helpers.fake_devices_env) so the rest of the test session keeps one device. It runs the same step (same batch, same noise, no warmup so the update is
 not zero) on a 1-device mesh, on fsdp=4 × tensor=2 and on data=8, and reports the largest differences of
 the updated parameters, the loss and the gradient norm.
 """
@@ -9,12 +8,12 @@ the updated parameters, the loss and the gradient norm.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import fake_devices_env
 
 from pdlm_jax.errors import PDLMError
 
@@ -65,8 +64,7 @@ def _worker() -> None:
 
 
 def test_sharded_step_equals_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=1200,
+    proc = subprocess.run([sys.executable, __file__], env=fake_devices_env(8), capture_output=True, text=True, timeout=1200,
                           cwd=HERE.parent)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
            "median_data_s": statistics.median(data_times)}
     print(json.dumps(row))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(row, f, indent=2)
+        from pdlm_jax.files import write_json_atomic
+
+        write_json_atomic(args.json, row)
     return 0
 
 

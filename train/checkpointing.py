@@ -10,8 +10,6 @@ and `pdlm_jax.load` read directly; a LoRA run also exports its adapters (`export
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +22,6 @@ from pdlm_jax import checkpoint as pdlm_ckpt
 from pdlm_jax.config import PDLMConfig, SamplerConfig
 from pdlm_jax.errors import PDLMError
 from train.storage import as_path
-
-SAMPLER_FILE = "sampler.json"  # generation defaults stored with an exported model
-
 
 CHECKPOINTS_DIR = "checkpoints"  # under run.output_dir
 
@@ -61,45 +56,16 @@ def restore(mgr: ocp.CheckpointManager, abstract_state: dict, iterator: grain.Da
 
 def export(out_dir: str | Path, cfg: PDLMConfig, params: dict, tokenizer_dir: str | Path,
            sampler: SamplerConfig | None = None, provenance: dict | None = None) -> Path:
-    """Write `params` (full tree) as a pdlm-jax checkpoint directory, atomically (tmp dir + rename).
-
-    Collective: every process calls it (Orbax saves in lockstep); process 0 writes the side files and
-    renames the directory into place.
-    """
-    from jax.experimental import multihost_utils
-
-    out = as_path(out_dir)
-    # local: write beside and rename into place; an object store (gs://...) has no directory rename, so
-    # the export is written in place and provenance.json, written last, marks it complete
-    local = "://" not in str(out)
-    tmp = out.parent / (out.name + ".tmp") if local else out  # the same path on every process
-    main = jax.process_index() == 0
-    if main:
-        if tmp.exists():
-            tmp.rmtree()
-        tmp.mkdir(parents=True)
-    multihost_utils.sync_global_devices("pdlm-export-begin")
-    writer = pdlm_ckpt.ParamsWriter(tmp / pdlm_ckpt.PARAMS_DIR)
-    for path, leaf in pdlm_ckpt.flatten(params).items():
-        writer.add(path, np.asarray(jax.device_get(leaf), dtype=np.float32))
-    writer.close()
-    if main:
-        pdlm_ckpt.write_config(tmp, cfg)
-        for name in pdlm_ckpt.TOKENIZER_FILES:
-            src = as_path(tokenizer_dir) / name
-            if src.exists():
-                (tmp / name).write_bytes(src.read_bytes())
+    """Write `params` (full tree) as a pdlm-jax checkpoint directory (pdlm_jax.checkpoint.CheckpointWriter:
+    atomic, replacing an earlier export). Collective: every process calls it."""
+    with pdlm_ckpt.checkpoint_writer(out_dir, force=True) as out:
+        for path, leaf in pdlm_ckpt.flatten(params).items():
+            out.params.add(path, np.asarray(jax.device_get(leaf), dtype=np.float32))
+        out.write_config(cfg)
+        out.copy_tokenizer(tokenizer_dir)
         if sampler is not None:
-            (tmp / SAMPLER_FILE).write_text(json.dumps(dataclasses.asdict(sampler), indent=2) + "\n")
-        (tmp / pdlm_ckpt.PROVENANCE_FILE).write_text(json.dumps(
-            {"producer": "pdlm-train", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             **(provenance or {})}, indent=2, default=str) + "\n")
-        if local:
-            if out.exists():
-                out.rmtree()
-            tmp.rename(out)
-    multihost_utils.sync_global_devices("pdlm-export-end")
-    return out
+            out.write_sampler(sampler)
+        return out.commit({"producer": "pdlm-train", **(provenance or {})})
 
 
 def full_params(state: dict) -> dict[str, Any]:
@@ -112,21 +78,15 @@ def sampler_for(sampler: SamplerConfig | None, init_from: str | None) -> Sampler
     and pdlm-infer gives every region gen_length slots: more slots than it learned to fill garble captions."""
     if sampler is not None:
         return sampler
-    if init_from and (Path(init_from) / SAMPLER_FILE).exists():
-        return SamplerConfig(**json.loads((Path(init_from) / SAMPLER_FILE).read_text()))
-    return SamplerConfig()
+    stored = pdlm_ckpt.read_sampler(init_from) if init_from else {}
+    return SamplerConfig(**{f.name: stored[f.name] for f in dataclasses.fields(SamplerConfig) if f.name in stored})
 
 
 def export_adapter(out_dir: str | Path, adapters: dict, lora, cfg: PDLMConfig, tokenizer_dir: str | Path,
                    sampler: SamplerConfig, provenance: dict | None = None) -> Path:
     """Write LoRA adapters as an adapter directory (pdlm_jax.lora layout) with the training tokenizer,
-    sampler.json and provenance: `pdlm-infer --checkpoint BASE --adapter DIR`. Call on process 0."""
+    sampler.json and provenance: `pdlm-infer --checkpoint BASE --adapter DIR`. Collective, as `export`."""
     from pdlm_jax import lora as lora_lib
 
-    files = {name: (Path(tokenizer_dir) / name).read_text() for name in pdlm_ckpt.TOKENIZER_FILES
-             if (Path(tokenizer_dir) / name).exists()}
-    files[SAMPLER_FILE] = json.dumps(dataclasses.asdict(sampler), indent=2) + "\n"
-    files[pdlm_ckpt.PROVENANCE_FILE] = json.dumps(
-        {"producer": "pdlm-train", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(provenance or {})},
-        indent=2, default=str) + "\n"
-    return lora_lib.save_adapter(out_dir, adapters, lora, cfg, files)
+    return lora_lib.save_adapter(out_dir, adapters, lora, cfg, tokenizer_dir, sampler,
+                                 {"producer": "pdlm-train", **(provenance or {})})

@@ -66,8 +66,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def _check_resume(out, new: dict, step: int, allow_changes: bool, write: bool) -> None:
     """Compare the saved config of a run being resumed with the new one: refuse changed RESUME_SETTINGS
     (unless allowed), warn about other changes, and keep the old config.yaml as config.step<N>.yaml."""
+    from pdlm_jax.files import atomic_write
     from train.config import CONFIG_FILE, from_dict, read_saved
-    from train.storage import write_text_atomic
 
     saved = read_saved(out)
     if saved is None:
@@ -90,7 +90,7 @@ def _check_resume(out, new: dict, step: int, allow_changes: bool, write: bool) -
     if write:
         log.warning("resuming at step %d with a changed config (%s); the previous config is kept as %s",
                     step, listing, archive.name)
-        write_text_atomic(archive, (out / CONFIG_FILE).read_text())
+        atomic_write(archive, (out / CONFIG_FILE).read_text())
 
 
 def train(cfg, progress: bool = True, callback=None, allow_changed_settings: bool = False) -> dict:
@@ -107,14 +107,16 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     from pdlm_jax import checkpoint as pdlm_ckpt
     from pdlm_jax import keymap
     from pdlm_jax import sharding as shd
+    from pdlm_jax.files import atomic_write
     from pdlm_jax.regions.tokenizer import Tokenizer
     from train import checkpointing, data, monitor, step as step_lib
     from train.config import CONFIG_FILE
-    from train.storage import as_path, write_text_atomic
+    from train.storage import as_path
 
     if cfg.run.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", cfg.run.compilation_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        from pdlm_jax.pipeline import enable_compilation_cache
+
+        enable_compilation_cache(cfg.run.compilation_cache)
     model_cfg = cfg.model_config()
     tokenizer = Tokenizer(cfg.tokenizer_dir())
     if tokenizer.vocab_size > model_cfg.lm.vocab_size:
@@ -164,7 +166,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
         text = json.dumps(cfg.to_dict(), indent=2, default=list)
         if resumed is None and (out / CONFIG_FILE).exists() and (out / CONFIG_FILE).read_text() != text:
             log.warning("%s: replacing the config of an earlier run that saved no checkpoint", out / CONFIG_FILE)
-        write_text_atomic(out / CONFIG_FILE, text)
+        atomic_write(out / CONFIG_FILE, text)
     evaluator = (monitor.Evaluator(cfg, model_cfg, tokenizer, trainer, jax.process_index(), jax.process_count())
                  if cfg.eval.every > 0 else None)
     profiler = monitor.Profiler(cfg.run.profile_steps, out / monitor.PROFILE_DIR)
@@ -229,13 +231,15 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
         provenance = {"config": cfg.to_dict(), "steps": step, "planned_steps": planned, "complete": complete,
                       "skipped_records": len(pipe.skipped), "final_loss": losses[-1:]}
         path = checkpointing.export(out / "export", model_cfg, params, cfg.tokenizer_dir(), sampler, provenance)
-        if is_main:  # the export is collective; process 0 reports it
+        if adapters is not None:  # collective too
+            adapter_path = checkpointing.export_adapter(out / "adapter", adapters, cfg.lora, model_cfg,
+                                                        cfg.tokenizer_dir(), sampler,
+                                                        {**provenance, "base": cfg.model.init_from})
+        if is_main:  # process 0 reports the exports
             exported = path
             log.info("exported %s", exported)
             if adapters is not None:
-                log.info("exported the LoRA adapters to %s", checkpointing.export_adapter(
-                    out / "adapter", adapters, cfg.lora, model_cfg, cfg.tokenizer_dir(), sampler,
-                    {**provenance, "base": cfg.model.init_from}))
+                log.info("exported the LoRA adapters to %s", adapter_path)
     return {"losses": losses, "export": exported, "state": state, "steps": step, "planned_steps": planned,
             "complete": complete}
 

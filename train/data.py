@@ -30,13 +30,12 @@ from pdlm_jax.errors import PDLMError
 from pdlm_jax.ops.roi_replay import roi_boxes
 from pdlm_jax.region_batch import RegionBatch, stack
 from pdlm_jax.regions.masks import area_order, mask_box, patch_activity, visual_prompt_tiles
-from pdlm_jax.regions.prompt import DEFAULT_QUESTION, build_layout, build_prompt_text
+from pdlm_jax.regions.prompt import ASSISTANT_HEADER, DEFAULT_QUESTION, build_layout, build_prompt_text
 from pdlm_jax.regions.tiling import select_grid, tile_image
 from pdlm_jax.regions.tokenizer import Tokenizer
+from train.loss import IGNORE
 from train.storage import as_path
 
-IGNORE = -100  # label of positions without a target
-ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n"
 MIN_IMAGE_SIDE = 10  # the reference skips smaller images
 
 

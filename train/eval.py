@@ -35,9 +35,9 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
     """`quantize` / `adapter` as `pdlm_jax.load`; `compare`: also run the plain checkpoint (same dtype) and
     report the fraction of generated tokens and of captions that agree with it."""
     import pdlm_jax
-    from pdlm_jax.checkpoint import sampler_defaults
+    from pdlm_jax.checkpoint import SAMPLER_FILE, sampler_defaults
 
-    defaults = sampler_defaults(adapter if adapter and (Path(adapter) / "sampler.json").exists() else checkpoint)
+    defaults = sampler_defaults(adapter if adapter and (Path(adapter) / SAMPLER_FILE).exists() else checkpoint)
     gen_length = defaults["gen_length"] if gen_length is None else gen_length
     steps = defaults["steps"] if steps is None else steps
     model = pdlm_jax.load(checkpoint, dtype=dtype, quantize=quantize, adapter=adapter)

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.files import atomic_write
 from train import storage
 
 log = logging.getLogger("pdlm-train")
@@ -45,7 +46,7 @@ class RunLog:
         if len(self.lines) != len(lines):
             log.info("log.jsonl: dropped %d lines after the restored step %d", len(lines) - len(self.lines),
                      start_step)
-        storage.write_text_atomic(self.path, "".join(ln + "\n" for ln in self.lines))
+        atomic_write(self.path, "".join(ln + "\n" for ln in self.lines))
         self.remote = "://" in str(self.path)
         self.file = None if self.remote else open(self.path, "a")
         # purge_step: TensorBoard drops the events an interrupted run wrote after the restored step
@@ -67,7 +68,7 @@ class RunLog:
 
     def flush(self) -> None:
         if self.remote:
-            storage.write_text_atomic(self.path, "".join(ln + "\n" for ln in self.lines))
+            atomic_write(self.path, "".join(ln + "\n" for ln in self.lines))
         if self.writer is not None:
             self.writer.flush()
 
@@ -155,7 +156,8 @@ class Evaluator:
     def _accuracy(self, state: dict) -> tuple[float, int]:
         from flax import nnx
 
-        from pdlm_jax.api import DTYPES, RegionCaptioner, attention_implementation
+        from pdlm_jax.api import RegionCaptioner, attention_implementation
+        from pdlm_jax.config import DTYPES
         from pdlm_jax.modeling.pdm import from_tree
         from train.eval import normalise
 

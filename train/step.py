@@ -23,14 +23,12 @@ from jax.sharding import Mesh
 
 from pdlm_jax import lora as lora_lib
 from pdlm_jax import sharding as shd
-from pdlm_jax.config import PDLMConfig
+from pdlm_jax.config import DTYPES, PDLMConfig
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.pdm import PerceptionDLM
 from train.config import VISION_POS_EMBED_INITS
 from train.data import TrainBatch
 from train.loss import IGNORE, draw_noise, lm_diffusion_loss
-
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
 def build_model(cfg: PDLMConfig, dtype: str, seed: int = 0, abstract: bool = False, remat: bool = False,

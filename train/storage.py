@@ -11,22 +11,7 @@ import os
 
 from etils import epath
 
-
-def as_path(path: str | os.PathLike) -> epath.Path:
-    """A user-given path as an absolute epath.Path: `file://` URLs become local paths (Orbax needs absolute
-    paths); cloud URLs (`gs://...`) are kept."""
-    text = os.fspath(path)
-    if text.startswith("file://"):
-        text = text[len("file://"):]
-    p = epath.Path(text)
-    return p if "://" in text else epath.Path(os.path.abspath(text))
-
-
-def write_text_atomic(path: epath.Path, text: str) -> None:
-    """Write-then-rename where the filesystem renames; object stores replace a whole object anyway."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+from pdlm_jax.files import as_path  # noqa: F401 (train's modules import it from here)
 
 
 class _EpathEventFile:

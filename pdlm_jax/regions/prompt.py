@@ -15,6 +15,8 @@ from pdlm_jax.errors import PDLMError
 from pdlm_jax.regions.tokenizer import SpecialTokens
 
 DEFAULT_QUESTION = "Describe each masked region in detail."  # what the model was trained with (SPEC §5.1)
+USER_HEADER = "<|start_header_id|>user<|end_header_id|>\n"
+ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n"  # the answer (caption blocks) follows it
 
 
 def build_prompt_text(num_tiles: int, num_image_tokens: int, k: int, gen_length: int,
@@ -24,9 +26,9 @@ def build_prompt_text(num_tiles: int, num_image_tokens: int, k: int, gen_length:
     reserved = "\n".join(f"<|reserved_token_{i}|>" for i in range(k))
     blocks = "\n".join(f"<|Mask_Cap_{i}|>" + "<|mdm_mask|>" * gen_length for i in range(k))
     return ("<|start_header_id|>system<|end_header_id|>\nYou are a helpful assistant.<|eot_id|>\n"
-            "<|start_header_id|>user<|end_header_id|>\n"
+            + USER_HEADER
             + image + reserved + "\n" + question + "<|eot_id|>\n"
-            + "<|start_header_id|>assistant<|end_header_id|>\n"
+            + ASSISTANT_HEADER
             + blocks + "<|eot_id|>")
 
 
