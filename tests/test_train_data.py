@@ -87,10 +87,10 @@ def test_every_record_is_checked_when_the_files_load(tmp_path, tokenizer, annota
     assert source.label(2) == f"{second} record 0" and "second.json record 1: image" in source.skipped[0]
 
 
-def test_corrupt_rle_is_rejected_naming_file_and_record(tmp_path):
+def test_corrupt_rle_is_rejected_naming_file_and_record(tmp_path, annotation_file):
     """The RLE pycocotools would decode from uninitialised memory stops the load (or, with on_bad_record=skip,
     leaves its record out); the message names the file, the record's position and id, and the mask."""
-    path, _ = _write_annotations(tmp_path)
+    path, _ = _write_annotations(tmp_path, annotation_file)
     good = json.loads(path.read_text())[0]
     bad = {**good, "image_id": "cat-7", "mask_rles": [{"size": [4, 4], "counts": "12"}] + good["mask_rles"][1:]}
     path.write_text(json.dumps([good, bad]))
