@@ -9,16 +9,20 @@ rules table serves every model size and mesh shape (1 CPU, 8 fake devices, a pod
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.layout import param_layout
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -81,21 +85,17 @@ def parse_mesh(spec: str | dict[str, int] | None, num_devices: int) -> dict[str,
 def make_mesh(spec: str | dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh over all (global) devices, 'tensor' varying fastest.
 
-    jax orders the devices: along the TPU torus (splitting a physical axis where a mesh axis needs it, e.g.
-    data:2 on a 4x4x4 pod), by id on GPUs, as given elsewhere.
+    jax orders the devices: along the TPU torus, by id on GPUs, as given elsewhere.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh(spec, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
-    try:
-        try:
-            grid = mesh_utils.create_device_mesh(shape, devices)
-        except NotImplementedError:  # TPU: an axis size is not a product of whole physical axes
-            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    except (NotImplementedError, ValueError, AssertionError) as e:  # what jax raises for a layout it cannot make
-        raise PDLMError(f"mesh spec {spec!r}: jax cannot lay out a {dict(sizes)} mesh over these "
-                        f"{len(devices)} {devices[0].device_kind} devices ({e}); pick axis sizes that match the "
-                        "device topology, or pass all devices of the slice") from e
+    try:  # splitting a physical TPU axis only where no whole ones fit (data:2 on a 4x4x4 pod)
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except AssertionError:  # jax's check that TPU devices fill a block of the torus: a subset may not
+        log.warning("make_mesh: these %d %s devices are not a whole block of the TPU torus; using them in the "
+                    "order given (collectives may be slower)", len(devices), devices[0].device_kind)
+        grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)
 
 
