@@ -27,7 +27,7 @@ class ParamInfo:
 
 @functools.lru_cache(maxsize=16)
 def param_layout(cfg: PDLMConfig) -> Mapping[str, ParamInfo]:
-    """{'/'-joined parameter path: ParamInfo} of `PerceptionDLM(cfg)`, read-only, in the model's order."""
+    """{'/'-joined parameter path: ParamInfo} of `PerceptionDLM(cfg)`, read-only, sorted by path."""
     model = nnx.eval_shape(lambda: PerceptionDLM(cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
     specs = dict(nnx.to_flat_state(nnx.get_partition_spec(state)))
