@@ -309,9 +309,10 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     mesh = _as_mesh(mesh)
     shardings = None
     if mesh is not None:
-        shapes = keymap.expected_shapes(load_config(checkpoint_dir))
+        ckpt_cfg = load_config(checkpoint_dir)
+        shapes = keymap.expected_shapes(ckpt_cfg)
         shardings = sharding.param_shardings(nest({p: jax.ShapeDtypeStruct(s, DTYPES[dtype])
-                                                   for p, s in shapes.items()}), mesh)
+                                                   for p, s in shapes.items()}), mesh, ckpt_cfg)
     # PDLMError if not a converted checkpoint
     if quantize is not None:
         from pdlm_jax import quantize as quantize_lib
@@ -362,7 +363,7 @@ def load_random(cfg: PDLMConfig | str, tokenizer_dir: str | Path, dtype: str = "
     make = lambda: PerceptionDLM(cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(seed),  # noqa: E731
                                  attention_implementation=attention_implementation(attention, dt))
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    out = None if mesh is None else sharding.param_shardings(abstract, mesh)
+    out = None if mesh is None else sharding.param_shardings(abstract, mesh, cfg)
     state = jax.jit(lambda: nnx.split(make())[1], out_shardings=out)()
     return RegionCaptioner(cfg, nnx.merge(graphdef, state), tokenizer, mesh)
 

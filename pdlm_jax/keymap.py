@@ -1,7 +1,8 @@
 """Declarative map between reference (PyTorch) tensor names and our parameter tree.
 
 Our parameter tree is a nested dict addressed by '/'-joined paths (the `nnx.State` of
-`pdlm_jax.modeling.pdm.PerceptionDLM`). Per-layer reference tensors are stacked along a leading
+`pdlm_jax.modeling.pdm.PerceptionDLM`; its paths and shapes come from the model, `expected_shapes`); this
+module holds only the name rules. Per-layer reference tensors are stacked along a leading
 layer axis (layers are scanned). PyTorch Linear weights (out, in) become kernels (in, out); Conv2d
 weights (O, I, kH, kW) become HWIO kernels. Everything in the released checkpoint is either mapped
 or explicitly ignored (SPEC §2.4).
@@ -15,6 +16,7 @@ import re
 import numpy as np
 
 from pdlm_jax.config import PDLMConfig
+from pdlm_jax.modeling.layout import param_layout
 
 LM = r"language_model\.model\."
 VIT = r"vision_model\.vision_model\."
@@ -87,48 +89,9 @@ IGNORED: tuple[str, ...] = (
 
 
 def expected_shapes(cfg: PDLMConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of every leaf of our parameter tree for `cfg` (the contract between model and converter)."""
-    v, lm = cfg.vision, cfg.lm
-    nv, nl = cfg.num_vision_layers_used, lm.num_layers
-    D, F, H, I, V = v.hidden_size, v.intermediate_size, lm.hidden_size, lm.intermediate_size, lm.vocab_size
-    p, c = v.patch_size, v.num_channels
-    shapes = {
-        "lm/embed/embedding": (V, H),
-        "lm/layers/input_norm/scale": (nl, H),
-        "lm/layers/attn/q/kernel": (nl, H, H),
-        "lm/layers/attn/k/kernel": (nl, H, H),
-        "lm/layers/attn/v/kernel": (nl, H, H),
-        "lm/layers/attn/o/kernel": (nl, H, H),
-        "lm/layers/post_norm/scale": (nl, H),
-        "lm/layers/mlp/gate/kernel": (nl, H, I),
-        "lm/layers/mlp/up/kernel": (nl, H, I),
-        "lm/layers/mlp/down/kernel": (nl, I, H),
-        "lm/final_norm/scale": (H,),
-        "lm/lm_head/kernel": (H, V),
-        "vision/patch_embed/kernel": (p, p, c, D),
-        "vision/patch_embed/bias": (D,),
-        "vision/pos_embed/embedding": (v.num_patches, D),
-        "projector/fc1/kernel": (cfg.projector_input_size, H),
-        "projector/fc1/bias": (H,),
-        "projector/fc2/kernel": (H, H),
-        "projector/fc2/bias": (H,),
-    }
-    if not cfg.is_base:  # PerceptionDLM-Base has no mask-id embedding (SPEC-base §B1)
-        shapes["mask_embed/embedding"] = (cfg.region.prompt_numbers, D)
-    for name in ("ln1", "ln2"):
-        shapes[f"vision/layers/{name}/scale"] = (nv, D)
-        shapes[f"vision/layers/{name}/bias"] = (nv, D)
-    for name in ("q", "k", "v", "o"):
-        shapes[f"vision/layers/attn/{name}/kernel"] = (nv, D, D)
-        shapes[f"vision/layers/attn/{name}/bias"] = (nv, D)
-    shapes["vision/layers/mlp/fc1/kernel"] = (nv, D, F)
-    shapes["vision/layers/mlp/fc1/bias"] = (nv, F)
-    shapes["vision/layers/mlp/fc2/kernel"] = (nv, F, D)
-    shapes["vision/layers/mlp/fc2/bias"] = (nv, D)
-    if cfg.uses_post_layernorm:
-        shapes["vision/post_ln/scale"] = (D,)
-        shapes["vision/post_ln/bias"] = (D,)
-    return shapes
+    """Shape of every leaf of our parameter tree for `cfg` (the contract between model and converter), read
+    from the model (`pdlm_jax.modeling.param_layout`)."""
+    return {path: info.shape for path, info in param_layout(cfg).items()}
 
 
 def num_layers_for(cfg: PDLMConfig, target: str) -> int:

@@ -1,15 +1,16 @@
 """Device mesh, logical-axis rules and partition specs (shared by training and inference).
 
 Parameters and activations are described by *logical* axis names ('embed', 'heads', 'mlp', 'vocab',
-'layers', 'batch', 'length'); a rules table maps each name to mesh axes of a ('data', 'fsdp', 'tensor')
+'layers', 'norm', 'batch', 'length'): a parameter's names are the ones the model annotates it with
+(`pdlm_jax.modeling.param_layout`); a rules table maps each name to mesh axes of a ('data', 'fsdp', 'tensor')
 mesh. A dimension that does not divide evenly over its mesh axes falls back to replication, so one
 rules table serves every model size and mesh shape (1 CPU, 8 fake devices, a pod).
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import re
 from typing import Any, Sequence
 
 import jax
@@ -17,11 +18,16 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.modeling.layout import param_layout
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# logical name -> mesh axis (or axes, or None = replicated)
+# logical name -> mesh axis (or axes, or None = replicated). Parameters take their logical names from the
+# model's annotations (`pdlm_jax.modeling.param_layout`); this table is the only place they meet the mesh.
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "length": None,
@@ -30,31 +36,8 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "vocab": "tensor",
     "layers": None,
+    "norm": None,  # norm scales and biases: a few KB per layer, kept whole next to the activations they scale
 }
-
-# Logical axes of every parameter of the model, by path in the keymap contract (keymap.expected_shapes).
-# Regexes match the end of a leaf path (so optimizer states like ".../mu/lm/embed/embedding" follow their
-# parameter), first match wins; an unknown path is replicated.
-PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"lm/embed/embedding", ("vocab", "embed")),
-    (r"lm/lm_head/kernel", ("embed", "vocab")),
-    (r"(lm|vision)/layers/attn/[qkv]/kernel", ("layers", "embed", "heads")),
-    (r"(lm|vision)/layers/attn/[qkv]/bias", ("layers", "heads")),
-    (r"(lm|vision)/layers/attn/o/kernel", ("layers", "heads", "embed")),
-    (r"lm/layers/mlp/(gate|up)/kernel", ("layers", "embed", "mlp")),
-    (r"lm/layers/mlp/down/kernel", ("layers", "mlp", "embed")),
-    (r"vision/layers/mlp/fc1/kernel", ("layers", "embed", "mlp")),
-    (r"vision/layers/mlp/fc1/bias", ("layers", "mlp")),
-    (r"vision/layers/mlp/fc2/kernel", ("layers", "mlp", "embed")),
-    (r"(lm|vision)/layers/.*", ("layers", None)),  # norms and remaining biases
-    (r"vision/patch_embed/kernel", (None, None, None, "embed")),
-    (r"vision/pos_embed/embedding", (None, "embed")),
-    (r"projector/fc1/kernel", ("embed", "mlp")),
-    (r"projector/fc1/bias", ("mlp",)),
-    (r"projector/fc2/kernel", ("mlp", "embed")),
-    (r"mask_embed/embedding", (None, "embed")),
-)
-_PARAM_AXES = tuple((re.compile(rf"(?:^|/){p}$"), axes) for p, axes in PARAM_AXES)
 
 
 # ---- mesh ---------------------------------------------------------------------------------------
@@ -100,13 +83,18 @@ def parse_mesh(spec: str | dict[str, int] | None, num_devices: int) -> dict[str,
 
 
 def make_mesh(spec: str | dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh over all (global) devices, 'tensor' varying fastest."""
+    """A ('data', 'fsdp', 'tensor') mesh over all (global) devices, 'tensor' varying fastest.
+
+    jax orders the devices: along the TPU torus, by id on GPUs, as given elsewhere.
+    """
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh(spec, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
-    try:
-        grid = mesh_utils.create_device_mesh(shape, devices)
-    except Exception:  # non-TPU topologies: plain row-major order
+    try:  # splitting a physical TPU axis only where no whole ones fit (data:2 on a 4x4x4 pod)
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except AssertionError:  # jax's check that TPU devices fill a block of the torus: a subset may not
+        log.warning("make_mesh: these %d %s devices are not a whole block of the TPU torus; using them in the "
+                    "order given (collectives may be slower)", len(devices), devices[0].device_kind)
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)
 
@@ -136,10 +124,15 @@ def logical_spec(
     return PartitionSpec(*out)
 
 
-def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-    for rx, axes in _PARAM_AXES:
-        if rx.search(path) and len(axes) == ndim:
-            return axes
+def param_logical_axes(path: str, ndim: int, cfg: PDLMConfig) -> tuple[str | None, ...]:
+    """Logical axes of the leaf at `path`: those the model declares for the parameter whose path `path` ends
+    in ('lm/embed/embedding', 'params/lm/embed/embedding', 'opt/0/mu/lm/embed/embedding'). Any other leaf
+    (LoRA adapters, quantization scales, step counters) or a leaf of another rank is replicated."""
+    layout, parts = param_layout(cfg), path.split("/")
+    for i in range(len(parts)):
+        info = layout.get("/".join(parts[i:]))
+        if info is not None and len(info.axes) == ndim:
+            return info.axes
     return (None,) * ndim
 
 
@@ -159,15 +152,17 @@ def path_str(key_path: tuple) -> str:
     return "/".join(parts)
 
 
-def param_specs(tree: Any, mesh: Mesh, rules: dict[str, Any] = DEFAULT_RULES) -> Any:
-    """Tree of PartitionSpecs (same structure as `tree`, leaves arrays or ShapeDtypeStructs)."""
+def param_specs(tree: Any, mesh: Mesh, cfg: PDLMConfig, rules: dict[str, Any] = DEFAULT_RULES) -> Any:
+    """Tree of PartitionSpecs (same structure as `tree`, leaves arrays or ShapeDtypeStructs) for the
+    parameters of `PerceptionDLM(cfg)` in any container: the parameter tree, an nnx state, a train state
+    with its optimizer moments (see `param_logical_axes`)."""
     return jax.tree_util.tree_map_with_path(
-        lambda kp, x: logical_spec(x.shape, param_logical_axes(path_str(kp), len(x.shape)), mesh, rules), tree
+        lambda kp, x: logical_spec(x.shape, param_logical_axes(path_str(kp), len(x.shape), cfg), mesh, rules), tree
     )
 
 
-def param_shardings(tree: Any, mesh: Mesh, rules: dict[str, Any] = DEFAULT_RULES) -> Any:
-    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), param_specs(tree, mesh, rules))
+def param_shardings(tree: Any, mesh: Mesh, cfg: PDLMConfig, rules: dict[str, Any] = DEFAULT_RULES) -> Any:
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), param_specs(tree, mesh, cfg, rules))
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: dict[str, Any] = DEFAULT_RULES) -> NamedSharding:

@@ -97,32 +97,6 @@ def test_fixture_bfloat16(fixture):
         assert all(e <= 2**-5 for e in rel_max.values()), rel_max
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-wide", "perceptiondlm-8b"])
-def test_param_tree_is_the_keymap_contract(name):
-    cfg = preset(name)
-    model = nnx.eval_shape(lambda: PerceptionDLM(cfg, rngs=nnx.Rngs(0)))  # no allocation for the 8B model
-    params = {"/".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    assert params == keymap.expected_shapes(cfg)
-    assert not nnx.state(model, lambda path, v: not isinstance(v, nnx.Param))  # no stray state
-
-
-def test_param_tree_with_post_layernorm():
-    cfg = preset("tiny")
-    cfg = cfg.replace(region=cfg.region.__class__(**{**cfg.region.__dict__, "vision_select_layer": -1}))
-    model = nnx.eval_shape(lambda: PerceptionDLM(cfg, rngs=nnx.Rngs(0)))
-    params = {"/".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    assert params == keymap.expected_shapes(cfg) and "vision/post_ln/scale" in params
-
-
-def test_params_carry_logical_axes():
-    model = nnx.eval_shape(lambda: PerceptionDLM(preset("tiny"), rngs=nnx.Rngs(0)))
-    spec = {"/".join(map(str, p)): v.get_metadata().get("out_sharding")
-            for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    assert spec["lm/layers/attn/q/kernel"] == ("layers", "embed", "heads")
-    assert spec["lm/embed/embedding"] == ("vocab", "embed")
-    assert all(len(s) == len(keymap.expected_shapes(preset("tiny"))[k]) for k, s in spec.items())
-
-
 def test_from_tree_rejects_mismatches():
     cfg = preset("tiny")
     tree = jax.tree.map(lambda s: np.zeros(s, np.float32), keymap.expected_shapes(cfg),

@@ -156,7 +156,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     if state is None or cfg.lora.enabled:  # LoRA checkpoints hold the adapters; the base is loaded again
         if cfg.model.init_from:
             _, params = pdlm_ckpt.restore_params(cfg.model.init_from, dtype=np.float32,
-                                                 shardings=shd.param_shardings(pdlm_ckpt.nest(shapes), mesh))
+                                                 shardings=shd.param_shardings(pdlm_ckpt.nest(shapes), mesh, model_cfg))
         else:
             params = step_lib.init_params(model_cfg, cfg.run.seed, mesh, cfg.model.mask_embed_init_std,
                                           cfg.model.vision_pos_embed_init)

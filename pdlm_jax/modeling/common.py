@@ -7,7 +7,8 @@ from typing import Callable
 import jax
 from flax import nnx
 
-# Logical axis names of parameters; a sharding module maps them to mesh axes (data, fsdp, tensor).
+# Logical axis names of parameters ('embed', 'heads', 'mlp', 'vocab', 'norm' for norm scales and biases, 'layers'
+# for stacked layers); `sharding.DEFAULT_RULES` maps them to mesh axes (data, fsdp, tensor).
 LAYERS_AXIS = "layers"
 
 

@@ -39,7 +39,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, size: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.eps, self.dtype = eps, dtype
-        self.scale = nnx.Param(init(nnx.initializers.ones_init(), "embed")(rngs.params(), (size,), param_dtype))
+        self.scale = nnx.Param(init(nnx.initializers.ones_init(), "norm")(rngs.params(), (size,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)

@@ -25,7 +25,7 @@ class Projector(nnx.Module):
                  rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         kernel, zeros = nnx.initializers.lecun_normal(), nnx.initializers.zeros_init()
-        self.fc1 = nnx.Linear(in_features, hidden_size, kernel_init=init(kernel, None, "mlp"),
+        self.fc1 = nnx.Linear(in_features, hidden_size, kernel_init=init(kernel, "embed", "mlp"),
                               bias_init=init(zeros, "mlp"), **kw)
         self.fc2 = nnx.Linear(hidden_size, hidden_size, kernel_init=init(kernel, "mlp", "embed"),
                               bias_init=init(zeros, "embed"), **kw)

@@ -27,7 +27,7 @@ def _linear(n_in, n_out, names, *, dtype, param_dtype, rngs):
 def _layer_norm(cfg: VisionConfig, *, dtype, param_dtype, rngs):
     # flax LayerNorm computes statistics and the affine map in float32, then casts (like torch bf16).
     return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype,
-                         scale_init=init(_ones, "embed"), bias_init=init(_zeros, "embed"), rngs=rngs)
+                         scale_init=init(_ones, "norm"), bias_init=init(_zeros, "norm"), rngs=rngs)
 
 
 class SiglipAttention(nnx.Module):
