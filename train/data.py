@@ -31,6 +31,7 @@ from pdlm_jax.regions.masks import area_order, check_rle, decode_rle, mask_box, 
 from pdlm_jax.regions.prompt import DEFAULT_QUESTION, build_layout, build_prompt_text
 from pdlm_jax.regions.tiling import select_grid, tile_image
 from pdlm_jax.regions.tokenizer import Tokenizer
+from train.loss import answer_positions
 from train.storage import as_path
 
 IGNORE = -100  # label of positions without a target
@@ -65,6 +66,9 @@ class DataConfig:
     random_prompt_ids: bool = True
     tile_buckets: tuple[int, ...] = (7,)  # padded tile counts (must cover max_tiles + thumbnail)
     length_buckets: tuple[int, ...] = (512,)  # padded sequence lengths
+    # Padded answer lengths: the loss computes logits (A × vocab) at the answer positions only, A the smallest
+    # of these that fits the batch (at most its length bucket). Empty: A = the length bucket.
+    answer_buckets: tuple[int, ...] = ()
     question: str = DEFAULT_QUESTION
     workers: int = 0  # grain worker processes (0 = in-process)
     threads: int = 2  # grain reader threads per process
@@ -392,16 +396,19 @@ def _pad(a: np.ndarray, shape: Sequence[int], value) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Collate:
-    """Pad a list of samples to the smallest (tile, length) bucket that fits all of them and stack."""
+    """Pad a list of samples to the smallest (tile, length, answer) bucket that fits all of them and stack."""
 
     tile_buckets: tuple[int, ...]
     length_buckets: tuple[int, ...]
     max_regions: int
     pad_id: int
+    answer_buckets: tuple[int, ...] = ()  # () = the length bucket
 
     def __call__(self, samples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         T = _bucket(max(s["pixel_values"].shape[0] for s in samples), self.tile_buckets, "tile")
         L = _bucket(max(s["input_ids"].shape[0] for s in samples), self.length_buckets, "length")
+        answer = max(int(np.sum(s["labels"] != IGNORE)) for s in samples)
+        A = min(_bucket(answer, self.answer_buckets, "answer"), L) if self.answer_buckets else L
         P = self.max_regions
         batch = []
         for s in samples:
@@ -416,6 +423,7 @@ class Collate:
                 "num_tiles": s["num_tiles"],
                 "input_ids": _pad(s["input_ids"], (L,), self.pad_id),
                 "labels": _pad(s["labels"], (L,), IGNORE),
+                "answer_positions": answer_positions(_pad(s["labels"], (L,), IGNORE), A),
                 # positions >= L are dropped by the on-device scatter
                 "image_positions": _pad(s["image_positions"], (T * n_img,), L),
                 "roi_positions": _pad(s["roi_positions"], (P, s["roi_positions"].shape[1]), L),
@@ -497,7 +505,7 @@ def build_pipeline(data: DataConfig, model: PDLMConfig, tokenizer: Tokenizer, *,
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.threads, prefetch_buffer_size=data.prefetch))
     it = it.batch(per_process, drop_remainder=True,
                   batch_fn=Collate(tuple(data.tile_buckets), tuple(data.length_buckets),
-                                   model.region.prompt_numbers, tokenizer.special.eot))
+                                   model.region.prompt_numbers, tokenizer.special.eot, tuple(data.answer_buckets)))
     if data.workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
     skipped = [m for s in sources for m in getattr(s, "skipped", [])]
