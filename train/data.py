@@ -123,16 +123,18 @@ class Limits:
     group_divisor: float
     max_tiles: int
     max_length: int
+    max_answer: int | None = None  # the largest of data.answer_buckets, if any
 
-    def longest_sample(self, size: tuple[int, int], captions: Sequence[str]) -> tuple[int, int]:
-        """(tiles, tokens) of the record's longest possible sample: its largest mask group with the
-        captions of most tokens (the answer starts with a special token, so it tokenizes on its own)."""
+    def longest_sample(self, size: tuple[int, int], captions: Sequence[str]) -> tuple[int, int, int]:
+        """(tiles, tokens, answer tokens) of the record's longest possible sample: its largest mask group with
+        the captions of most tokens (the answer starts with a special token, so it tokenizes on its own)."""
         cols, rows = select_grid(size[0], size[1], self.region)
         tiles = cols * rows + (1 if self.region.use_thumbnail and cols * rows > 1 else 0)
         k = math.ceil(len(captions) / groups_per_record(len(captions), self.group_divisor))
         longest = sorted(captions, key=lambda c: len(self.tokenizer.encode(c)), reverse=True)[:k]
         prefix, answer = training_text(tiles, self.region.num_image_tokens, longest, self.question)
-        return tiles, len(self.tokenizer.encode(prefix + answer)) + k * (self.region.roi_tokens - 1)
+        return (tiles, len(self.tokenizer.encode(prefix + answer)) + k * (self.region.roi_tokens - 1),
+                len(self.tokenizer.encode(answer)))
 
 
 class AnnotationSource:
@@ -199,13 +201,16 @@ class AnnotationSource:
         if min(w, h) < MIN_IMAGE_SIDE:
             raise PDLMError(f"image is {w}x{h}; images must be at least {MIN_IMAGE_SIDE} px per side")
         if limits is not None:
-            tiles, length = limits.longest_sample((w, h), captions)
+            tiles, length, answer = limits.longest_sample((w, h), captions)
             if tiles > limits.max_tiles:
                 raise PDLMError(f"the image needs {tiles} tiles but the largest of data.tile_buckets is "
                                 f"{limits.max_tiles}")
             if length > limits.max_length:
                 raise PDLMError(f"its longest sample has {length} tokens but the largest of data.length_buckets "
                                 f"is {limits.max_length}; add a larger bucket or shorten the captions")
+            if limits.max_answer is not None and answer > limits.max_answer:
+                raise PDLMError(f"its longest answer has {answer} tokens but the largest of data.answer_buckets "
+                                f"is {limits.max_answer}; add a larger bucket or shorten the captions")
         return image
 
     def __len__(self) -> int:
@@ -483,7 +488,7 @@ def build_pipeline(data: DataConfig, model: PDLMConfig, tokenizer: Tokenizer, *,
     if data.batch_size % process_count:
         raise PDLMError(f"data.batch_size {data.batch_size} must divide by the number of processes {process_count}")
     limits = Limits(model.region, tokenizer, data.question, data.group_divisor, max(data.tile_buckets),
-                    max(data.length_buckets))
+                    max(data.length_buckets), max(data.answer_buckets, default=None))
     sources = make_sources(data, limits)
     per_source, one_pass = [], []
     for i, source in enumerate(sources):
