@@ -378,7 +378,8 @@ def format_table(r: dict) -> str:
     s = r["settings"]
     what = (f"k={s['masks']} batch={s['batch']} {s['mode']} G={s['gen_length']} S={s['steps']} T={s['tiles']} "
             f"L={s['length']}" if r["task"] == "infer" else
-            f"batch={s['batch']} L={s['length']} A={s['answer']} T={s['tiles']} remat={s['remat']} accum={s['grad_accum']}")
+            f"batch={s['batch']} L={s['length']} A={s['answer']} T={s['tiles']} remat={s['remat']} "
+            f"accum={s['grad_accum']}")
     rows = [
         ("target", f"{r['target']} ({r['devices']} × {r['device_kind']})"),
         ("program", f"{r['task']}: {what}, mesh {','.join(f'{a}:{n}' for a, n in s['mesh'].items() if n > 1) or '1'}"),
