@@ -15,9 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
-from pdlm_jax import sharding as shd
 from pdlm_jax.modeling.llada import take_rows
 
 EPS = 1e-3
@@ -68,22 +66,21 @@ def diffusion_loss(logits: jax.Array, labels: jax.Array, masked: jax.Array, t: j
 
 
 def lm_diffusion_loss(lm, embeds: jax.Array, labels: jax.Array, allowed: jax.Array, t: jax.Array, u: jax.Array,
-                      mask_id: int, positions: jax.Array, mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+                      mask_id: int, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Loss of the LM `lm` (pdlm_jax.modeling.llada.LLaDA) on clean embeddings (B, L, H).
 
     allowed: (B, L, L) bool structured mask (SPEC §8), built from the clean ids. positions: (B, A) every
     labelled position of each sample (`answer_positions`), padded with L; logits are computed there only.
-    With a mesh, the gathered rows and their logits stay split over the batch axes, like the embeddings.
     Returns (loss, number of masked answer tokens).
     """
-    def split_batch(x):
-        return x if mesh is None else jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.shape))
-
     mask_embedding = lm.embed(jnp.asarray(mask_id, jnp.int32))
     noisy, masked = noise_embeddings(embeds, labels, t, u, mask_embedding)
-    hidden = lm(noisy, allowed[:, None])
-    inside = positions < labels.shape[1]  # padding rows read row L-1 and are ignored
-    answer_labels = jnp.where(inside, take_rows(labels, positions), IGNORE)
-    logits = split_batch(lm.logits(split_batch(take_rows(hidden, positions))))  # (B, A, V)
-    loss = diffusion_loss(logits, answer_labels, take_rows(masked, positions), t)
+    hidden, row_labels, row_masked = lm(noisy, allowed[:, None]), labels, masked
+    # A = L: every row as it is. (A gather of all L rows compiles 1 GiB larger per chip for the 8B step on a
+    # v5p-64; docs/HARDWARE.md.)
+    if positions.shape[1] < labels.shape[1]:
+        inside = positions < labels.shape[1]  # padding rows read row L-1 and are ignored
+        row_labels = jnp.where(inside, take_rows(labels, positions), IGNORE)
+        hidden, row_masked = take_rows(hidden, positions), take_rows(masked, positions)
+    loss = diffusion_loss(lm.logits(hidden), row_labels, row_masked, t)  # logits (B, A, V)
     return loss, jnp.sum(masked & (labels != IGNORE))

@@ -98,8 +98,7 @@ def batch_loss(model: PerceptionDLM, batch: dict, key: jax.Array, cfg: PDLMConfi
     embeds = batch_embeddings(model, batch, cfg, mesh)
     allowed = jax.vmap(allowed_mask)(batch["block_id"], batch["roi_owner"], batch["prefix_visible"], batch["valid"])
     t, u = draw_noise(key, batch["labels"].shape, noise_t_min)
-    return lm_diffusion_loss(model.lm, embeds, batch["labels"], allowed, t, u, mask_id, batch["answer_positions"],
-                             mesh)
+    return lm_diffusion_loss(model.lm, embeds, batch["labels"], allowed, t, u, mask_id, batch["answer_positions"])
 
 
 # ---- the step -----------------------------------------------------------------------------------------
