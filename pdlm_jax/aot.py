@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tokenizer directory (prompt length; any tokenizer with the special tokens)")
     tr = p.add_argument_group("train")
     tr.add_argument("--length", type=int, help="padded sequence length (default: the config's largest bucket)")
+    tr.add_argument("--answer", type=int, help="padded answer length: the rows the loss computes logits at "
+                    "(data.answer_buckets; default: the config's largest, else --length)")
     tr.add_argument("--grad-accum", type=int, help="micro-batches per update (optim.grad_accum)")
     tr.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                     help="per-layer rematerialisation (model.remat; default on)")
@@ -222,7 +224,8 @@ def _loop_body_flops(cfg, tiles: int, bucket) -> float:
 
 # pdlm-aot's training flags as the pdlm-train overrides they stand for
 TRAIN_FLAG_OVERRIDES = (("batch", "data.batch_size={}"), ("length", "data.length_buckets=[{}]"),
-                        ("tiles", "data.tile_buckets=[{}]"), ("grad_accum", "optim.grad_accum={}"),
+                        ("tiles", "data.tile_buckets=[{}]"), ("answer", "data.answer_buckets=[{}]"),
+                        ("grad_accum", "optim.grad_accum={}"),
                         ("remat", "model.remat={}"), ("freeze", "model.freeze=[{}]"),
                         ("compute_dtype", "model.dtype={}"), ("mesh", "run.mesh={}"), ("lora_rank", "lora.rank={}"))
 
@@ -267,7 +270,8 @@ def train_program(args, target) -> dict:
     record = data.Record(image, rectangle_masks(k, image.size), ["a region"] * k)
     sample = data.build_sample(record, range(k), np.random.default_rng(0), model_cfg, tokenizer, cfg.data.question,
                                cfg.data.random_prompt_ids)
-    sample = data.Collate((tiles,), (length,), region.prompt_numbers, tokenizer.special.eot)([sample])
+    answer = min(max(cfg.data.answer_buckets, default=length), length)  # logits at the largest answer bucket
+    sample = data.Collate((tiles,), (length,), region.prompt_numbers, tokenizer.special.eot, (answer,))([sample])
     B = cfg.data.batch_size * cfg.optim.grad_accum
     mesh = sharding.make_mesh(cfg.run.mesh, target.devices())
     trainer = step_lib.trainer_for(cfg, model_cfg, mesh, 1000, tokenizer.special.mask)
@@ -283,11 +287,11 @@ def train_program(args, target) -> dict:
     # forward and backward each read the weights once in the compute dtype.
     step_bytes = n_params * (7 * 4 + 2 * compute_bytes)
     settings = dict(preset=cfg.model.preset, config=args.config, batch=B, micro_batch=cfg.data.batch_size,
-                    grad_accum=cfg.optim.grad_accum, length=length, tiles=tiles, dtype=cfg.model.dtype,
+                    grad_accum=cfg.optim.grad_accum, length=length, answer=answer, tiles=tiles, dtype=cfg.model.dtype,
                     remat=cfg.model.remat, freeze=list(cfg.model.freeze), lora_rank=cfg.lora.rank, mesh=dict(mesh.shape),
                     optimizer="adamw (float32 master weights and moments)", overrides=overrides + list(args.set))
     return dict(settings=settings, compile=lambda: _timed_compile(trainer.jit_step(), state, batch),
-                flops=flops.train_step_flops(model_cfg, B, tiles, length), bytes=step_bytes, unit="step",
+                flops=flops.train_step_flops(model_cfg, B, tiles, length, answer), bytes=step_bytes, unit="step",
                 xla_check=None)
 
 
@@ -359,7 +363,8 @@ def format_table(r: dict) -> str:
     s = r["settings"]
     what = (f"k={s['masks']} batch={s['batch']} {s['mode']} G={s['gen_length']} S={s['steps']} T={s['tiles']} "
             f"L={s['length']}" if r["task"] == "infer" else
-            f"batch={s['batch']} L={s['length']} T={s['tiles']} remat={s['remat']} accum={s['grad_accum']}")
+            f"batch={s['batch']} L={s['length']} A={s['answer']} T={s['tiles']} remat={s['remat']} "
+            f"accum={s['grad_accum']}")
     rows = [
         ("target", f"{r['target']} ({r['devices']} × {r['device_kind']})"),
         ("program", f"{r['task']}: {what}, mesh {','.join(f'{a}:{n}' for a, n in s['mesh'].items() if n > 1) or '1'}"),

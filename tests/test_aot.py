@@ -101,3 +101,11 @@ def test_tiny_train_compiles_for_a_tpu_slice(capsys, tmp_path):
     lora = json.loads(lora_out.read_text())
     assert code == 0 and lora["settings"]["lora_rank"] == 4
     assert lora["memory_per_device_bytes"]["arguments"] < 0.6 * result["memory_per_device_bytes"]["arguments"]
+
+    # --answer: logits at the (padded) answer positions only (data.answer_buckets); default: all L rows
+    answer_out = tmp_path / "v5e_answer.json"
+    code, _, _ = run_cli(capsys, "--target", "v5e:2x2", "--task", "train", "--preset", "tiny", "--batch", "4",
+                         "--length", "256", "--tiles", "3", "--answer", "32", "--json", str(answer_out))
+    answer = json.loads(answer_out.read_text())
+    assert code == 0 and (answer["settings"]["answer"], result["settings"]["answer"]) == (32, 256)
+    assert answer["model_flops_per_step"] < result["model_flops_per_step"]  # lm_head at 32 rows instead of 256

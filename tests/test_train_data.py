@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -107,9 +108,18 @@ def test_longest_sample_estimate_is_the_real_length(tokenizer):
     captions = ["a much longer caption than the others, with many words"] + scene.captions[1:]
     record = data.Record(Image.fromarray(scene.image), scene.masks, captions)
     limits = data.Limits(CFG.region, tokenizer, data.DEFAULT_QUESTION, 6, 7, 512)  # one group of 4 masks
-    tiles, length = limits.longest_sample(record.image.size, captions)
+    tiles, length, answer = limits.longest_sample(record.image.size, captions)
     s = data.build_sample(record, [0, 1, 2, 3], np.random.default_rng(0), CFG, tokenizer)
-    assert (tiles, length) == (len(s.inputs.pixel_values), len(s.inputs.input_ids))
+    assert (tiles, length, answer) == (len(s.inputs.pixel_values), len(s.inputs.input_ids), len(s.answer_positions))
+
+
+def test_answers_beyond_the_answer_buckets_are_reported_when_the_files_load(tmp_path, tokenizer, annotation_file):
+    path, _ = _write_annotations(tmp_path, annotation_file)
+    limits = data.Limits(CFG.region, tokenizer, data.DEFAULT_QUESTION, 3.5, 7, 512, max_answer=8)
+    with pytest.raises(PDLMError, match=r"record 0 .*its longest answer has \d+ tokens but the largest of "
+                                        r"data.answer_buckets is 8"):
+        data.AnnotationSource([path], limits=limits)
+    assert len(data.AnnotationSource([path], limits=dataclasses.replace(limits, max_answer=64))) == 2
 
 
 def test_mask_groups_partition_like_the_reference():

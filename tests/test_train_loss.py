@@ -16,9 +16,12 @@ import transformers
 from flax import nnx
 from helpers import fixture_config, fixture_dir, fixture_tensors, load_reference_tree
 
+from pdlm_jax.config import preset
+from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.pdm import from_tree
 from pdlm_jax.regions.tokenizer import Tokenizer
-from train.loss import EPS, IGNORE, draw_noise, lm_diffusion_loss
+from train import data
+from train.loss import EPS, IGNORE, answer_positions, diffusion_loss, draw_noise, lm_diffusion_loss, noise_embeddings
 
 NAME = "tiny_v1"
 
@@ -49,19 +52,37 @@ def setup():
     allowed = np.repeat(tensors["attention_allowed"][:, 0], 2, axis=0)
     _, u = draw_noise(jax.random.key(3), (2, ids.size))
     t = np.array([0.35, 0.8], np.float32)  # fixed draw: a light and a heavy masking rate
-    return dict(cfg=cfg, tree=tree, embeds=np.stack(batch_embeds), labels=np.stack(batch_labels),
+    labels = np.stack(batch_labels)
+    answer = int((labels != IGNORE).sum(-1).max())
+    positions = np.stack([answer_positions(row, answer + 5) for row in labels])  # 5 padding rows at least
+    return dict(cfg=cfg, tree=tree, embeds=np.stack(batch_embeds), labels=labels, positions=positions,
                 allowed=allowed, t=np.asarray(t), u=np.asarray(u), mask_id=special.mask)
 
 
-def _ours(s):
+def _full_logits_loss(lm, embeds, labels, allowed, t, u, mask_id):
+    """The objective as it was before the answer-position gather: lm_head on all L rows."""
+    noisy, masked = noise_embeddings(embeds, labels, t, u, lm.embed(jnp.asarray(mask_id, jnp.int32)))
+    return diffusion_loss(lm.logits(lm(noisy, allowed[:, None])), labels, masked, t)
+
+
+def _value_and_grads(s, loss_of):
+    """Loss and its gradients w.r.t. every LM parameter and the clean input embeddings (through which the
+    vision tower, projector and mask embedding get theirs)."""
     lm = from_tree(s["cfg"], s["tree"], dtype=jnp.float32).lm
     graphdef, params = nnx.split(lm)
 
-    def loss_fn(p):
-        return lm_diffusion_loss(nnx.merge(graphdef, p), jnp.asarray(s["embeds"]), jnp.asarray(s["labels"]),
-                                 jnp.asarray(s["allowed"]), jnp.asarray(s["t"]), jnp.asarray(s["u"]), s["mask_id"])
+    def loss_fn(p, embeds):
+        args = (jnp.asarray(s["labels"]), jnp.asarray(s["allowed"]), jnp.asarray(s["t"]), jnp.asarray(s["u"]),
+                s["mask_id"])
+        return loss_of(nnx.merge(graphdef, p), embeds, *args)
 
-    (loss, masked), grads = jax.value_and_grad(loss_fn, has_aux=True)(nnx.to_pure_dict(params))
+    return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(nnx.to_pure_dict(params),
+                                                                              jnp.asarray(s["embeds"]))
+
+
+def _ours(s):
+    (loss, masked), (grads, _) = _value_and_grads(
+        s, lambda *a: lm_diffusion_loss(*a, jnp.asarray(s["positions"])))
     return float(loss), int(masked), grads
 
 
@@ -124,11 +145,46 @@ def test_loss_and_gradient_match_torch(setup):
         np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4 * scale, rtol=0)
 
 
+def test_answer_gather_equals_full_logits(setup):
+    """lm_head at the gathered answer positions gives today's full-logits loss and gradients (every LM
+    parameter and the input embeddings), padding rows of the answer bucket included."""
+    (full, _), (full_grads, full_embeds) = _value_and_grads(setup, lambda *a: (_full_logits_loss(*a), 0))
+    positions = jnp.asarray(setup["positions"])
+    (loss, _), (grads, embeds) = _value_and_grads(setup, lambda *a: lm_diffusion_loss(*a, positions))
+    assert positions.shape[1] < setup["labels"].shape[1] / 2  # far fewer rows than L...
+    assert np.all(setup["positions"][:, -5:] == setup["labels"].shape[1])  # ...some of them padding
+    assert abs(float(loss) - float(full)) <= 1e-5 * abs(float(full))
+    assert jax.tree.structure(grads) == jax.tree.structure(full_grads)
+    for ours, theirs in zip(jax.tree.leaves((grads, embeds)), jax.tree.leaves((full_grads, full_embeds))):
+        scale = float(jnp.abs(theirs).max())
+        assert scale > 0
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-4 * scale, rtol=0)
+
+
+def test_collate_gathers_answer_positions_into_buckets():
+    tokenizer = Tokenizer(fixture_dir(NAME))
+    cfg = preset("tiny")  # as tests/test_train_data.py
+    source = data.SyntheticRecords(4, seed=1)
+    samples = [data.build_sample(source[i], list(range(len(source[i].masks))), np.random.default_rng(i), cfg,
+                                 tokenizer) for i in range(2)]
+    answers = [int(np.sum(s.labels != IGNORE)) for s in samples]
+    small = max(answers)  # a bucket exactly the longest answer, one larger, one larger than the sequence
+    for buckets, want in [((small, small + 10), small), ((small - 1, small + 10), small + 10), ((), 400),
+                          ((1000,), 400)]:
+        batch = data.Collate((7,), (400,), 6, tokenizer.special.eot, buckets)(samples)
+        positions = batch.answer_positions
+        assert positions.shape == (2, want) and positions.dtype == np.int32
+        for row, labels, n in zip(positions, batch.labels, answers):
+            np.testing.assert_array_equal(row[:n], np.flatnonzero(labels != IGNORE))
+            assert np.all(row[n:] == 400)  # padding: out of range, ignored by the loss
+    with pytest.raises(PDLMError, match="answer_buckets"):
+        data.Collate((7,), (400,), 6, tokenizer.special.eot, (small - 1,))(samples)
+
+
 def test_only_answer_tokens_are_masked_and_rate_follows_t():
     labels = jnp.where(jnp.arange(4000)[None] % 2 == 0, 5, IGNORE).repeat(2, 0)
     t = jnp.array([0.1, 0.9])
     u = jax.random.uniform(jax.random.key(0), labels.shape)
-    from train.loss import noise_embeddings
     emb = jnp.ones((2, 4000, 3))
     _, masked = noise_embeddings(emb, labels, t, u, jnp.zeros(3))
     assert not bool(jnp.any(masked & (labels == IGNORE)))

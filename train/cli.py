@@ -122,10 +122,11 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     if tokenizer.vocab_size > model_cfg.lm.vocab_size:
         raise PDLMError(f"the tokenizer has {tokenizer.vocab_size} tokens but lm.vocab_size is "
                         f"{model_cfg.lm.vocab_size}; use the checkpoint's tokenizer or a larger vocab")
-    if jax.process_count() > 1 and (len(cfg.data.tile_buckets) > 1 or len(cfg.data.length_buckets) > 1):
+    if jax.process_count() > 1 and any(len(b) > 1 for b in (cfg.data.tile_buckets, cfg.data.length_buckets,
+                                                             cfg.data.answer_buckets)):
         # each host pads its own samples, so with several buckets hosts could disagree on the batch shape
-        raise PDLMError("multi-host training needs one tile bucket and one length bucket: set "
-                        "data.tile_buckets and data.length_buckets to a single value each")
+        raise PDLMError("multi-host training needs one bucket per padded axis: set data.tile_buckets, "
+                        "data.length_buckets and data.answer_buckets (if given) to a single value each")
     per_update = cfg.data.batch_size * cfg.optim.grad_accum
     pipe = data.build_pipeline(dataclasses.replace(cfg.data, batch_size=per_update), model_cfg, tokenizer,
                                process_index=jax.process_index(), process_count=jax.process_count())

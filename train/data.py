@@ -66,6 +66,9 @@ class DataConfig:
     random_prompt_ids: bool = True
     tile_buckets: tuple[int, ...] = (7,)  # padded tile counts (must cover max_tiles + thumbnail)
     length_buckets: tuple[int, ...] = (512,)  # padded sequence lengths
+    # Padded answer lengths: the loss computes logits (A × vocab) at the answer positions only, A the smallest
+    # of these that fits the batch (at most its length bucket). Empty: A = the length bucket.
+    answer_buckets: tuple[int, ...] = ()
     question: str = DEFAULT_QUESTION
     workers: int = 0  # grain worker processes (0 = in-process)
     threads: int = 2  # grain reader threads per process
@@ -95,16 +98,18 @@ class Limits:
     group_divisor: float
     max_tiles: int
     max_length: int
+    max_answer: int | None = None  # the largest of data.answer_buckets, if any
 
-    def longest_sample(self, size: tuple[int, int], captions: Sequence[str]) -> tuple[int, int]:
-        """(tiles, tokens) of the record's longest possible sample: its largest mask group with the
-        captions of most tokens (the answer starts with a special token, so it tokenizes on its own)."""
+    def longest_sample(self, size: tuple[int, int], captions: Sequence[str]) -> tuple[int, int, int]:
+        """(tiles, tokens, answer tokens) of the record's longest possible sample: its largest mask group with
+        the captions of most tokens (the answer starts with a special token, so it tokenizes on its own)."""
         cols, rows = select_grid(size[0], size[1], self.region)
         tiles = cols * rows + (1 if self.region.use_thumbnail and cols * rows > 1 else 0)
         k = math.ceil(len(captions) / groups_per_record(len(captions), self.group_divisor))
         longest = sorted(captions, key=lambda c: len(self.tokenizer.encode(c)), reverse=True)[:k]
         prefix, answer = training_text(tiles, self.region.num_image_tokens, longest, self.question)
-        return tiles, len(self.tokenizer.encode(prefix + answer)) + k * (self.region.roi_tokens - 1)
+        return (tiles, len(self.tokenizer.encode(prefix + answer)) + k * (self.region.roi_tokens - 1),
+                len(self.tokenizer.encode(answer)))
 
 
 class AnnotationSource:
@@ -162,7 +167,7 @@ class AnnotationSource:
             if min(w, h) < MIN_IMAGE_SIDE:
                 raise PDLMError(f"image is {w}x{h}; images must be at least {MIN_IMAGE_SIDE} px per side")
             if limits is not None:
-                tiles, length = limits.longest_sample((w, h), captions)
+                tiles, length, answer = limits.longest_sample((w, h), captions)
                 if tiles > limits.max_tiles:
                     raise PDLMError(f"the image needs {tiles} tiles but the largest of data.tile_buckets is "
                                     f"{limits.max_tiles}")
@@ -170,6 +175,9 @@ class AnnotationSource:
                     raise PDLMError(f"its longest sample has {length} tokens but the largest of "
                                     f"data.length_buckets is {limits.max_length}; add a larger bucket or shorten "
                                     "the captions")
+                if limits.max_answer is not None and answer > limits.max_answer:
+                    raise PDLMError(f"its longest answer has {answer} tokens but the largest of data.answer_buckets "
+                                    f"is {limits.max_answer}; add a larger bucket or shorten the captions")
         except PDLMError as e:
             raise PDLMError(f"{record.where}: {e}") from None
         return image
@@ -298,6 +306,8 @@ class TrainBatch:
 
     inputs: RegionBatch  # roi_boxes converted for training (`roi_boxes(..., training=True)`)
     labels: np.ndarray  # (L,) int32 target token per position, IGNORE where there is none
+    # (A,) int32 the labelled positions, where the loss computes logits; padded with L to the answer bucket
+    answer_positions: np.ndarray
 
 
 def build_sample(record: Record, mask_indices: Sequence[int], rng: np.random.Generator, cfg: PDLMConfig,
@@ -345,7 +355,7 @@ def build_sample(record: Record, mask_indices: Sequence[int], rng: np.random.Gen
         prefix_visible=layout.prefix_visible,
         valid=layout.valid,
     )
-    return TrainBatch(inputs=inputs, labels=labels)
+    return TrainBatch(inputs=inputs, labels=labels, answer_positions=np.flatnonzero(labels != IGNORE).astype(np.int32))
 
 
 # ---- padding into buckets ---------------------------------------------------------------------------
@@ -367,18 +377,22 @@ def _pad(a: np.ndarray, shape: Sequence[int], value) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Collate:
-    """Pad a list of samples to the smallest (tile, length) bucket that fits all of them and stack."""
+    """Pad a list of samples to the smallest (tile, length, answer) bucket that fits all of them and stack."""
 
     tile_buckets: tuple[int, ...]
     length_buckets: tuple[int, ...]
     max_regions: int
     pad_id: int
+    answer_buckets: tuple[int, ...] = ()  # () = the length bucket
 
     def __call__(self, samples: Sequence[TrainBatch]) -> TrainBatch:
         T = _bucket(max(s.inputs.pixel_values.shape[0] for s in samples), self.tile_buckets, "tile")
         L = _bucket(max(s.inputs.input_ids.shape[0] for s in samples), self.length_buckets, "length")
+        answer = max(s.answer_positions.shape[0] for s in samples)
+        A = min(_bucket(answer, self.answer_buckets, "answer"), L) if self.answer_buckets else L
         return stack([TrainBatch(inputs=s.inputs.padded(T, self.max_regions, L, self.pad_id),
-                                 labels=_pad(s.labels, (L,), IGNORE)) for s in samples])
+                                 labels=_pad(s.labels, (L,), IGNORE),
+                                 answer_positions=_pad(s.answer_positions, (A,), L)) for s in samples])
 
 
 # ---- the grain pipeline ------------------------------------------------------------------------------
@@ -429,7 +443,7 @@ def build_pipeline(data: DataConfig, model: PDLMConfig, tokenizer: Tokenizer, *,
     if data.batch_size % process_count:
         raise PDLMError(f"data.batch_size {data.batch_size} must divide by the number of processes {process_count}")
     limits = Limits(model.region, tokenizer, data.question, data.group_divisor, max(data.tile_buckets),
-                    max(data.length_buckets))
+                    max(data.length_buckets), max(data.answer_buckets, default=None))
     sources = make_sources(data, limits)
     per_source, one_pass = [], []
     for i, source in enumerate(sources):
@@ -451,7 +465,7 @@ def build_pipeline(data: DataConfig, model: PDLMConfig, tokenizer: Tokenizer, *,
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.threads, prefetch_buffer_size=data.prefetch))
     it = it.batch(per_process, drop_remainder=True,
                   batch_fn=Collate(tuple(data.tile_buckets), tuple(data.length_buckets),
-                                   model.region.prompt_numbers, tokenizer.special.eot))
+                                   model.region.prompt_numbers, tokenizer.special.eot, tuple(data.answer_buckets)))
     if data.workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
     skipped = [m for s in sources for m in getattr(s, "skipped", [])]

@@ -4,12 +4,19 @@ Per sample b: t_b ~ U[0, 1), p_b = (1 − ε)·t_b + ε; each answer token (labe
 `<|mdm_mask|>` embedding with probability p_b; the loss is Σ over masked positions of CE / p_b, divided
 by the sample's answer length A_b, averaged over the batch. Noise comes from `jax.random`. Optionally
 t_b ~ U[t_min, 1): no low-noise draws, whose large 1/p_b weights make small-batch gradients noisy.
+
+Only answer positions carry a loss, so lm_head runs on the LM's final hidden states gathered at them (the
+batch's `answer_positions`, padded to a static bucket) — as inference computes logits at the generation
+slots only: (B, A, V) float32 logits instead of (B, L, V), the largest activation of an 8B step otherwise.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from pdlm_jax.modeling.llada import take_rows
 
 EPS = 1e-3
 IGNORE = -100
@@ -40,8 +47,16 @@ def noise_embeddings(embeds: jax.Array, labels: jax.Array, t: jax.Array, u: jax.
     return noisy, jnp.all(close, axis=-1)
 
 
+def answer_positions(labels: np.ndarray, size: int) -> np.ndarray:
+    """(size,) int32 positions of one sample's labelled tokens, padded with len(labels) (out of range, as the
+    other position inputs); `size` must be at least the number of labelled tokens."""
+    rows = np.flatnonzero(labels != IGNORE).astype(np.int32)
+    return np.pad(rows, (0, size - rows.size), constant_values=labels.shape[0])
+
+
 def diffusion_loss(logits: jax.Array, labels: jax.Array, masked: jax.Array, t: jax.Array) -> jax.Array:
-    """Scalar loss from float32 logits (B, L, V), labels (B, L), the masked set (B, L) and t (B,)."""
+    """Scalar loss from float32 logits (B, N, V), labels (B, N), the masked set (B, N) and t (B,), where the N
+    rows of each sample include all its labelled positions (all L, or the gathered answer positions)."""
     labelled = labels != IGNORE
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     ce = -jnp.take_along_axis(logp, jnp.where(labelled, labels, 0)[..., None], axis=-1)[..., 0]
@@ -51,13 +66,21 @@ def diffusion_loss(logits: jax.Array, labels: jax.Array, masked: jax.Array, t: j
 
 
 def lm_diffusion_loss(lm, embeds: jax.Array, labels: jax.Array, allowed: jax.Array, t: jax.Array, u: jax.Array,
-                      mask_id: int) -> tuple[jax.Array, jax.Array]:
+                      mask_id: int, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Loss of the LM `lm` (pdlm_jax.modeling.llada.LLaDA) on clean embeddings (B, L, H).
 
-    allowed: (B, L, L) bool structured mask (SPEC §8), built from the clean ids.
+    allowed: (B, L, L) bool structured mask (SPEC §8), built from the clean ids. positions: (B, A) every
+    labelled position of each sample (`answer_positions`), padded with L; logits are computed there only.
     Returns (loss, number of masked answer tokens).
     """
     mask_embedding = lm.embed(jnp.asarray(mask_id, jnp.int32))
     noisy, masked = noise_embeddings(embeds, labels, t, u, mask_embedding)
-    logits = lm.logits(lm(noisy, allowed[:, None]))
-    return diffusion_loss(logits, labels, masked, t), jnp.sum(masked & (labels != IGNORE))
+    hidden, row_labels, row_masked = lm(noisy, allowed[:, None]), labels, masked
+    # A = L: every row as it is. (A gather of all L rows compiles 1 GiB larger per chip for the 8B step on a
+    # v5p-64; docs/HARDWARE.md.)
+    if positions.shape[1] < labels.shape[1]:
+        inside = positions < labels.shape[1]  # padding rows read row L-1 and are ignored
+        row_labels = jnp.where(inside, take_rows(labels, positions), IGNORE)
+        hidden, row_masked = take_rows(hidden, positions), take_rows(masked, positions)
+    loss = diffusion_loss(lm.logits(hidden), row_labels, row_masked, t)  # logits (B, A, V)
+    return loss, jnp.sum(masked & (labels != IGNORE))

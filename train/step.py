@@ -67,7 +67,7 @@ def batch_loss(model: PerceptionDLM, batch: TrainBatch, key: jax.Array, cfg: PDL
     embeds = model.embed_inputs(batch.inputs, training=True, mesh=mesh)
     allowed = batch.inputs.attention_mask()
     t, u = draw_noise(key, batch.labels.shape, noise_t_min)
-    return lm_diffusion_loss(model.lm, embeds, batch.labels, allowed, t, u, mask_id)
+    return lm_diffusion_loss(model.lm, embeds, batch.labels, allowed, t, u, mask_id, batch.answer_positions)
 
 
 # ---- the step -----------------------------------------------------------------------------------------
