@@ -41,7 +41,7 @@ def wants_answer(args: argparse.Namespace) -> bool:
 
 def run_question(args: argparse.Namespace, load: Callable) -> int:
     """Check the arguments (before loading the model), answer, write or print the JSON."""
-    from infer.files import write_json_atomic
+    from pdlm_jax.files import write_json_atomic
     from pdlm_jax.answering import CACHE_MODES, answer_defaults
     from pdlm_jax.block_sampling import block_schedule
     from pdlm_jax.checkpoint import read_sampler

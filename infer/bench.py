@@ -229,7 +229,7 @@ def _format_row(row: dict) -> str:
 
 
 def _write(path: Path, rows: list[dict]) -> None:
-    from infer.files import write_json_atomic
+    from pdlm_jax.files import write_json_atomic
 
     write_json_atomic(path, {"rows": rows})
 

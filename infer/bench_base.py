@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  ".join(f"{c:>12}" for c in COLUMNS))
         rows = run(args)
         if args.json:
-            from infer.files import write_json_atomic
+            from pdlm_jax.files import write_json_atomic
 
             write_json_atomic(args.json, rows)
     except PDLMError as e:

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{meta['device']}, {meta['cpus']} CPUs; gen_length={meta['gen_length']} steps={meta['steps']}; "
           f"regions per image: {meta['regions_per_image']}")
     if args.json:
-        from infer.files import write_json_atomic
+        from pdlm_jax.files import write_json_atomic
 
         write_json_atomic(args.json, {"rows": rows, "settings": meta})
         print(f"wrote {args.json}")

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from infer.files import write_json_atomic
+from pdlm_jax.files import write_json_atomic
 from pdlm_jax.api import DEMO_MODEL, DEMO_SCENE
 from pdlm_jax.errors import PDLMError
 

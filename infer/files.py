@@ -1,4 +1,4 @@
-"""Output files of the infer tools: atomic writes (pdlm_jax.files) and an exclusive lock on an output."""
+"""An exclusive lock on an output file of the infer tools (atomic writes: pdlm_jax.files)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Iterator
 
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.files import atomic_write, write_json_atomic  # noqa: F401 (the infer tools import them from here)
 
 
 @contextlib.contextmanager

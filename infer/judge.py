@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from infer.dataset import ResultsFile, load_annotations, load_image
-from infer.files import atomic_write
+from pdlm_jax.files import atomic_write
 from pdlm_jax.annotation_files import region_mask
 from pdlm_jax.errors import PDLMError
 

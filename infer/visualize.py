@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from infer.files import atomic_write
+from pdlm_jax.files import atomic_write
 
 # Distinct, readable colours (Okabe–Ito palette plus a few), cycled beyond their count.
 PALETTE = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),

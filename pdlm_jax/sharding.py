@@ -20,7 +20,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.modeling.layout import param_layout
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +127,8 @@ def param_logical_axes(path: str, ndim: int, cfg: PDLMConfig) -> tuple[str | Non
     """Logical axes of the leaf at `path`: those the model declares for the parameter whose path `path` ends
     in ('lm/embed/embedding', 'params/lm/embed/embedding', 'opt/0/mu/lm/embed/embedding'). Any other leaf
     (LoRA adapters, quantization scales, step counters) or a leaf of another rank is replicated."""
+    from pdlm_jax.modeling.layout import param_layout  # here: the model imports this module (batch_sharding)
+
     layout, parts = param_layout(cfg), path.split("/")
     for i in range(len(parts)):
         info = layout.get("/".join(parts[i:]))

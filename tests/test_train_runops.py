@@ -16,8 +16,8 @@ import yaml
 from helpers import fixture_dir
 
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.files import atomic_write
-from train import cli, config as train_config, data, storage
+from pdlm_jax.files import as_path, atomic_write
+from train import cli, config as train_config, data
 
 LR = 1e-3
 # 8 synthetic scenes, one item each (group_divisor 6), batch 2: 4 steps of data
@@ -101,7 +101,7 @@ def test_run_out_of_data_resume_checks_and_monitoring(tmp_path, monkeypatch, cap
 
     # --allow-changed-settings lets a schedule change through, said loudly, the old config kept
     changed = train_config.load(cfg_file, ["run.max_steps=6", "data.loop=true"]).to_dict()
-    cli._check_resume(storage.as_path(out), changed, 4, allow_changes=True, write=True)
+    cli._check_resume(as_path(out), changed, 4, allow_changes=True, write=True)
     assert "changed config (data.loop: False -> True" in caplog.text and "run.max_steps: 5 -> 6" in caplog.text
     assert (out / "config.step4.yaml").read_text() == (out / "config.yaml").read_text()
 
@@ -177,7 +177,7 @@ def test_gs_paths_go_through_epath(tmp_path, monkeypatch, annotation_file):
         assert len(source) == 2 and source.label(1) == "gs://data/ann.json record 1"
         assert source[0].captions == ["zebra"] and source[0].masks[0].any()
 
-        run = storage.as_path("gs://runs/a")
+        run = as_path("gs://runs/a")
         run.mkdir(parents=True)
         atomic_write(run / "config.yaml", "{}")
         assert train_config.read_saved("gs://runs/a") == {}
@@ -204,8 +204,8 @@ def test_new_config_entries_are_checked():
         train_config.load(None, ["eval.every=10"])
     with pytest.raises(PDLMError, match="weights"):
         train_config.load(None, ["data.weights=[1, -1]"])
-    assert str(storage.as_path("file:///tmp/x")) == "/tmp/x" and Path(str(storage.as_path("rel"))).is_absolute()
-    assert str(storage.as_path("gs://bucket/run")) == "gs://bucket/run"
+    assert str(as_path("file:///tmp/x")) == "/tmp/x" and Path(str(as_path("rel"))).is_absolute()
+    assert str(as_path("gs://bucket/run")) == "gs://bucket/run"
 
 
 def test_resume_check_fills_in_entries_older_configs_lack(tmp_path):
@@ -214,8 +214,8 @@ def test_resume_check_fills_in_entries_older_configs_lack(tmp_path):
     old = json.loads(json.dumps(cfg, default=list))
     del old["eval"], old["data"]["loop"], old["data"]["weights"]
     (tmp_path / "config.yaml").write_text(json.dumps(old))
-    cli._check_resume(storage.as_path(tmp_path), cfg, 3, allow_changes=False, write=True)
+    cli._check_resume(as_path(tmp_path), cfg, 3, allow_changes=False, write=True)
     assert not (tmp_path / "config.step3.yaml").exists()  # nothing changed
     with pytest.raises(PDLMError, match=r"step 3 .*run.max_steps: 5 -> 6"):
-        cli._check_resume(storage.as_path(tmp_path), train_config.load(None, ["run.max_steps=6"]).to_dict(), 3,
+        cli._check_resume(as_path(tmp_path), train_config.load(None, ["run.max_steps=6"]).to_dict(), 3,
                           allow_changes=False, write=True)

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from pdlm_jax import checkpoint as pdlm_ckpt
 from pdlm_jax.config import PDLMConfig, SamplerConfig
 from pdlm_jax.errors import PDLMError
-from train.storage import as_path
+from pdlm_jax.files import as_path
 
 CHECKPOINTS_DIR = "checkpoints"  # under run.output_dir
 

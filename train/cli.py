@@ -111,7 +111,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     from pdlm_jax.regions.tokenizer import Tokenizer
     from train import checkpointing, data, monitor, step as step_lib
     from train.config import CONFIG_FILE
-    from train.storage import as_path
+    from pdlm_jax.files import as_path
 
     if cfg.run.compilation_cache:
         from pdlm_jax.pipeline import enable_compilation_cache

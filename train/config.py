@@ -232,7 +232,7 @@ CONFIG_FILE = "config.yaml"  # the resolved config of a run, in run.output_dir (
 
 def read_saved(run_dir: str | Path) -> dict | None:
     """The resolved config a run saved in its output directory (None if there is none)."""
-    from train.storage import as_path
+    from pdlm_jax.files import as_path
 
     path = as_path(run_dir) / CONFIG_FILE
     if not path.exists():

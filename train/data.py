@@ -34,7 +34,7 @@ from pdlm_jax.regions.prompt import ASSISTANT_HEADER, DEFAULT_QUESTION, build_la
 from pdlm_jax.regions.tiling import select_grid, tile_image
 from pdlm_jax.regions.tokenizer import Tokenizer
 from train.loss import IGNORE
-from train.storage import as_path
+from pdlm_jax.files import as_path
 
 MIN_IMAGE_SIDE = 10  # the reference skips smaller images
 

@@ -1,7 +1,6 @@
-"""Run and data paths on any filesystem etils `epath` handles: local, `file://`, `gs://`, `s3://`, ...
+"""TensorBoard event files on any filesystem etils `epath` handles: local, `file://`, `gs://`, `s3://`, ...
 
-Orbax checkpoints through the same `epath` paths, so a `gs://bucket/run` output directory works as is
-(pathlib would turn it into a local `gs:/bucket/run` folder).
+Run paths themselves go through `pdlm_jax.files.as_path` (Orbax checkpoints through the same `epath` paths).
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import os
 
 from etils import epath
 
-from pdlm_jax.files import as_path  # noqa: F401 (train's modules import it from here)
 
 
 class _EpathEventFile:
