@@ -144,7 +144,7 @@ class Evaluator:
 
             def loss(params, batch, key):
                 model = nnx.merge(graphdef, params)
-                return step_lib.batch_loss(model, batch, key, t.cfg, t.mask_id, t.noise_t_min, t.mesh)[0]
+                return step_lib.batch_loss(model, batch, key, t.mask_id, t.noise_t_min, t.mesh)[0]
 
             self._loss_fn = jax.jit(loss, out_shardings=shd.replicated(t.mesh))
         params = t.model_params(state)

@@ -62,8 +62,9 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
 # ---- forward ----------------------------------------------------------------------------------------
 
 
-def batch_loss(model: PerceptionDLM, batch: TrainBatch, key: jax.Array, cfg: PDLMConfig, mask_id: int,
-               noise_t_min: float = 0.0, mesh: Mesh | None = None):
+def batch_loss(model: PerceptionDLM, batch: TrainBatch, key: jax.Array, mask_id: int, noise_t_min: float = 0.0,
+               mesh: Mesh | None = None):
+    """(loss, number of masked answer tokens) of one batch; `key` draws the noise."""
     embeds = model.embed_inputs(batch.inputs, training=True, mesh=mesh)
     allowed = batch.inputs.attention_mask()
     t, u = draw_noise(key, batch.labels.shape, noise_t_min)
@@ -135,7 +136,7 @@ class Trainer:
                 return self._adapted(batch_loss)(model, batch, key, self.cfg, self.mask_id, self.noise_t_min,
                                                  self.mesh)
             model = nnx.merge(self.graphdef, {**p, **frozen})
-            return batch_loss(model, batch, key, self.cfg, self.mask_id, self.noise_t_min, self.mesh)
+            return batch_loss(model, batch, key, self.mask_id, self.noise_t_min, self.mesh)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
