@@ -133,8 +133,7 @@ class Trainer:
             if self.lora.enabled:  # adapters in the compute dtype (their layers' outputs keep it)
                 p = jax.tree.map(lambda x: x.astype(self.compute_dtype), p)
                 model = nnx.merge(self.graphdef, lora_lib.combine(frozen, p))
-                return self._adapted(batch_loss)(model, batch, key, self.cfg, self.mask_id, self.noise_t_min,
-                                                 self.mesh)
+                return self._adapted(batch_loss)(model, batch, key, self.mask_id, self.noise_t_min, self.mesh)
             model = nnx.merge(self.graphdef, {**p, **frozen})
             return batch_loss(model, batch, key, self.mask_id, self.noise_t_min, self.mesh)
 
