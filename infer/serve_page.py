@@ -155,8 +155,7 @@ class Page:
         return {"presets": presets(), "palette": [_hex(c) for c in PALETTE], "modes": list(MODES),
                 "defaults": self.service.defaults, "question": self.service.question,
                 "max_regions": self.service.handle.cfg.region.prompt_numbers, "placeholder": PLACEHOLDER,
-                "tolerance": DEFAULT_TOLERANCE, "answers": self.answerer is not None,
-                "answer_defaults": getattr(self.answerer, "defaults", None)}
+                "tolerance": DEFAULT_TOLERANCE, "answers": self.answerer is not None}
 
     def html(self) -> str:
         colours = {"BACKGROUND": BACKGROUND, "TEXT": TEXT, "TAG_TEXT": TAG_TEXT}
