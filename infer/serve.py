@@ -286,7 +286,7 @@ def build_app(service: Service, max_body_bytes: int = 32 << 20, answerer=None):
         log.exception("internal error on %s", request.url.path)
         return error(500, f"internal error ({type(exc).__name__}); see the server log")
 
-    app.include_router(build_page(service, answerer))
+    app.include_router(build_page(service, answerer, max_body_bytes))
     return app
 
 

@@ -37,7 +37,6 @@ BLANK_SIZE = (384, 384)
 BACKGROUND, TEXT, TAG_TEXT = (255, 255, 255), (17, 24, 39), (0, 0, 0)
 DEFAULT_TOLERANCE = 40  # of 255, on the largest channel difference: antialiased edges stay outside
 MAX_QUESTION_CHARS = 2000
-MAX_BODY_BYTES = 64 << 20  # the page sends the image and every mask as PNG; the model checks sizes after
 
 
 def _hex(colour: tuple[int, int, int]) -> str:
@@ -114,7 +113,7 @@ class Page:
         """A caption request of the JSON API with the sampler's history: the captions at every step (the first:
         every slot masked) and the overlay picture without legend (the page draws it, following the slider)."""
         mode = body.pop("mode", "exact")
-        if mode not in MODES:
+        if not isinstance(mode, str) or mode not in MODES:
             raise PDLMError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         body["cache"], body["unmask"] = MODES[mode]
         job = self.service.parse(body | {"history": True})
@@ -165,9 +164,10 @@ class Page:
         return page.replace("/*SETTINGS*/", json.dumps(self.settings()).replace("</", "<\\/"))
 
 
-def build_page(service, answerer=None):
+def build_page(service, answerer=None, max_body_bytes: int = 32 << 20):
     """The page's routes as a FastAPI router, for the server's app. `service` is `infer.serve.Service`;
-    `answerer` a Base model handle (`pdlm_jax.load` on a Base checkpoint) or None (no question tab)."""
+    `answerer` a Base model handle (`pdlm_jax.load` on a Base checkpoint) or None (no question tab); request
+    bodies over `max_body_bytes` (the server's --max-body-bytes) get HTTP 413."""
     page, router = Page(service, answerer), APIRouter()
     html = page.html()
 
@@ -180,8 +180,9 @@ def build_page(service, answerer=None):
             body = bytearray()
             async for chunk in request.stream():
                 body += chunk
-                if len(body) > MAX_BODY_BYTES:
-                    return JSONResponse({"error": f"the request is over the page's {MAX_BODY_BYTES} bytes"}, 413)
+                if len(body) > max_body_bytes:
+                    return JSONResponse({"error": f"the request body is over the server's limit of {max_body_bytes} "
+                                                  "bytes (--max-body-bytes); use a smaller image"}, 413)
             try:
                 parsed = json.loads(body)
             except ValueError:
