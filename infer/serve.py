@@ -1,4 +1,5 @@
-"""`pdlm-serve`: the web demo (Gradio, at `/`) and a JSON HTTP API on one FastAPI app, with micro-batching.
+"""`pdlm-serve`: the web page (at `/`, `infer/serve_page.py`) and a JSON HTTP API on one FastAPI app, with
+micro-batching.
 
     pdlm-serve [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--max-batch N] [--batch-wait-ms MS]
 

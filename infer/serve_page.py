@@ -35,7 +35,7 @@ PLACEHOLDER = "▢"  # a still-masked slot
 BLANK_SIZE = (384, 384)
 # The page's colours: captions in TEXT on BACKGROUND; region numbers in TAG_TEXT on their palette colour.
 BACKGROUND, TEXT, TAG_TEXT = (255, 255, 255), (17, 24, 39), (0, 0, 0)
-DEFAULT_TOLERANCE = 40  # of 255, on the largest channel difference: antialiased edges stay outside
+DEFAULT_TOLERANCE = 40  # of 255, on the largest channel difference to the clicked colour
 MAX_QUESTION_CHARS = 2000
 
 

@@ -53,7 +53,8 @@ def server(tmp_path_factory, converted):
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "infer.serve", "--port", str(port), "--max-batch", "2",
                                  "--batch-wait-ms", "50", "--max-body-bytes", str(MAX_BODY), "--max-image-pixels",
-                                 str(MAX_PIXELS), "--base-checkpoint", str(converted("base_tiny"))], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+                                 str(MAX_PIXELS), "--base-checkpoint", str(converted("base_tiny"))],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -76,9 +77,9 @@ def _get(url: str) -> dict:
         return json.load(r)
 
 
-def _post(url: str, body, raw: bytes | None = None) -> tuple[int, dict]:
+def _post(url: str, body, raw: bytes | None = None, route: str = "/v1/regions/caption") -> tuple[int, dict]:
     data = raw if raw is not None else json.dumps(body).encode()
-    request = urllib.request.Request(url + "/v1/regions/caption", data=data,
+    request = urllib.request.Request(url + route, data=data,
                                      headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=300) as r:
@@ -178,13 +179,7 @@ def test_concurrent_requests_are_batched_and_each_equals_its_sequential_result(s
 
 
 def _page_post(url: str, route: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}/page/{route}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=300) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
+    return _post(url, body, route=f"/page/{route}")
 
 
 def _centre(mask: np.ndarray) -> tuple[int, int]:
@@ -219,16 +214,15 @@ def test_page_colours_have_readable_contrast():
 
 def test_a_click_selects_each_demo_shape_by_flood_fill():
     from infer.serve_page import select_shape
-
-    image = Image.open(SCENE / "image.png")
-    for path in MASK_FILES:
-        mask = np.asarray(Image.open(path).convert("L")) > 0
-        selected = select_shape(image, *_centre(mask))
-        assert (selected & mask).sum() / (selected | mask).sum() > 0.99, path.name
-    background = select_shape(image, 0, 0)
-    assert background.sum() > 0.5 * background.size and not (background & mask).any()
     from pdlm_jax.errors import PDLMError
 
+    image = Image.open(SCENE / "image.png")
+    masks = [np.asarray(Image.open(path).convert("L")) > 0 for path in MASK_FILES]
+    for i, mask in enumerate(masks):
+        selected = select_shape(image, *_centre(mask))
+        assert (selected & mask).sum() / (selected | mask).sum() > 0.99, i
+    background = select_shape(image, 0, 0)
+    assert background.sum() > 0.5 * background.size and not (background & np.any(masks, axis=0)).any()
     with pytest.raises(PDLMError, match="outside the 202x301 image"):
         select_shape(image, 202, 0)
 
@@ -362,6 +356,7 @@ def test_page_draws_on_the_image_clicks_a_shape_replays_and_answers(server, tmp_
             page.mouse.down()
             page.mouse.move(*_canvas_point(page, xs.max() - 4, row), steps=6)
             page.mouse.up()
+        page.mouse.move(0, 0)  # off the canvas: no brush cursor drawn
         ring = page.evaluate("(rgb) => { const c = document.getElementById('canvas'); const d = c.getContext('2d')"
                              ".getImageData(0, 0, c.width, c.height).data; let n = 0; for (let k = 0; k < d.length; "
                              "k += 4) n += d[k] == rgb[0] && d[k + 1] == rgb[1] && d[k + 2] == rgb[2]; return n; }",
@@ -387,5 +382,7 @@ def test_page_draws_on_the_image_clicks_a_shape_replays_and_answers(server, tmp_
         page.wait_for_function("() => document.querySelector('#answer-step-label').innerText.startsWith('step 0 ')")
         assert set(page.locator("#answer").inner_text().split()) == {"▢"}
         page.screenshot(path=str(ARTEFACTS / "serve_question.png"))
+        page.click("#tab-regions")
+        assert page.locator("#canvas").bounding_box()["width"] > 100 and page.locator("#region-1").is_visible()
         browser.close()
     assert outside == [], f"the page fetched from outside the server: {outside}"
