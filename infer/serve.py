@@ -1,4 +1,5 @@
-"""`pdlm-serve`: the web demo (Gradio, at `/`) and a JSON HTTP API on one FastAPI app, with micro-batching.
+"""`pdlm-serve`: the web page (at `/`, `infer/serve_page.py`) and a JSON HTTP API on one FastAPI app, with
+micro-batching.
 
     pdlm-serve [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--max-batch N] [--batch-wait-ms MS]
 
@@ -20,19 +21,15 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import queue
-import re
 import sys
 import threading
 import time
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
-
 import numpy as np
 from PIL import Image
 
-from pdlm_jax import DEMO_MODEL, DEMO_SCENE
+from pdlm_jax import DEMO_MODEL
 from pdlm_jax.errors import PDLMError
 
 log = logging.getLogger("pdlm-serve")
@@ -40,9 +37,6 @@ log = logging.getLogger("pdlm-serve")
 # Request fields and their types; the defaults of gen_length / steps come from the checkpoint's sampler.json.
 FIELDS = {"image": str, "masks": list, "gen_length": int, "steps": int, "question": str, "cache": str,
           "unmask": str, "temperature": float, "top_p": float, "seed": int, "history": bool}
-
-
-EXTERNAL_SCRIPT = re.compile(rb'<script[^>]*\ssrc="https?://[^"]*"[^>]*>\s*</script>')
 
 
 class TooLarge(PDLMError):
@@ -243,11 +237,10 @@ class MicroBatcher:
             future.set_result(result | {"batch": len(jobs)})
 
 
-def build_app(service: Service, max_body_bytes: int = 32 << 20):
-    """The FastAPI app: JSON routes first, then the Gradio page mounted at `/`."""
-    import gradio as gr
+def build_app(service: Service, max_body_bytes: int = 32 << 20, answerer=None):
+    """The FastAPI app: JSON routes, then the web page (`infer.serve_page`; a question tab with `answerer`)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 
     from infer.serve_page import build_page
@@ -289,24 +282,13 @@ def build_app(service: Service, max_body_bytes: int = 32 << 20):
         except PDLMError as e:
             return error(400, str(e))
 
-    @app.middleware("http")
-    async def local_assets_only(request: Request, call_next):
-        """Gradio's page links one script from a CDN (iframe-resizer, for embedding): drop it, so that the page
-        loads nothing from outside this server."""
-        response = await call_next(request)
-        if not response.headers.get("content-type", "").startswith("text/html"):
-            return response
-        body = EXTERNAL_SCRIPT.sub(b"", b"".join([chunk async for chunk in response.body_iterator]))
-        headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
-        return Response(body, status_code=response.status_code, headers=headers)
-
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
         log.exception("internal error on %s", request.url.path)
         return error(500, f"internal error ({type(exc).__name__}); see the server log")
 
-    return gr.mount_gradio_app(app, build_page(service), path="/", allowed_paths=[str(DEMO_SCENE)], show_api=False,
-                               ssr_mode=False)
+    app.include_router(build_page(service, answerer, max_body_bytes))
+    return app
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -314,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "at / and a JSON API at /v1/regions/caption, batching concurrent requests.")
     p.add_argument("--checkpoint", default=str(DEMO_MODEL),
                    help="converted checkpoint directory; default: the embedded demo model")
+    p.add_argument("--base-checkpoint", metavar="DIR",
+                   help="a PerceptionDLM-Base checkpoint: the page gets a tab that answers questions about the image")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-batch", type=int, default=8, help="most requests run together in one call")
@@ -343,8 +327,14 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         handle = pdlm_jax.load(args.checkpoint, dtype=args.dtype, compilation_cache=args.compilation_cache,
                                mesh=args.mesh, attention=args.attention)
+        answerer = None
+        if args.base_checkpoint:
+            answerer = pdlm_jax.load(args.base_checkpoint, dtype=args.dtype, compilation_cache=args.compilation_cache)
+            if not answerer.cfg.is_base:
+                raise PDLMError(f"--base-checkpoint {args.base_checkpoint} is a region checkpoint; give a "
+                                "PerceptionDLM-Base one (or leave the flag out)")
         service = Service(handle, args.checkpoint, args.max_batch, args.batch_wait_ms, args.max_image_pixels)
-        app = build_app(service, args.max_body_bytes)
+        app = build_app(service, args.max_body_bytes, answerer)
         log.info("loaded %s in %.1f s; serving on http://%s:%d", args.checkpoint, time.perf_counter() - start,
                  args.host, args.port)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

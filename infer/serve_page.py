@@ -1,39 +1,60 @@
-"""The web page of `pdlm-serve` (Gradio): presets, image + brush-drawn or uploaded masks, the settings, and a
-step slider / Play button that replays the denoising from the sampler's history.
+"""The web page of `pdlm-serve`: one HTML page (`serve_page.html`, plain JS on a canvas) and the three JSON
+routes it calls, all on the server's FastAPI app.
 
-Every region is one layer of the image editor (or one uploaded mask file); captions come back in the
-overlay's colour of their region. Runs go through the server's micro-batcher like API requests.
+The picture being captioned is the one under the brush: a preset or an upload. Every region is a layer drawn
+in its own colour, the same colour as its outline and tag in the result (`infer.visualize.PALETTE`). Clicking
+a shape with the shape tool makes it a region: the server flood-fills the pixels of similar colour connected
+to the click (`select_shape`). Runs go through the server's micro-batcher like API requests and come back
+with the sampler's history, which the step slider and Play replay. With a Base model (`answerer`), a second
+tab answers questions about the same picture and replays the block-by-block denoising of the answer.
+
+Routes: `GET /` (the page), `POST /page/select`, `POST /page/caption`, `POST /page/answer`.
 """
 
 from __future__ import annotations
 
-import html
-import time
+import base64
+import io
+import json
+import threading
 from pathlib import Path
 
-import gradio as gr
 import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
 
-from pdlm_jax import DEMO_SCENE
+from infer.serve import TooLarge, _decode_base64, _open_image
 from infer.visualize import PALETTE, overlay
+from pdlm_jax import DEMO_SCENE
 from pdlm_jax.errors import PDLMError
 
 MODES = {"exact": ("none", "remask"), "prefix cache": ("prefix", "remask"), "threshold": ("none", "threshold:0.9")}
 PLACEHOLDER = "▢"  # a still-masked slot
-PLAY_SECONDS_PER_STEP = 0.6
 BLANK_SIZE = (384, 384)
+# The page's colours: captions in TEXT on BACKGROUND; region numbers in TAG_TEXT on their palette colour.
+BACKGROUND, TEXT, TAG_TEXT = (255, 255, 255), (17, 24, 39), (0, 0, 0)
+DEFAULT_TOLERANCE = 40  # of 255, on the largest channel difference to the clicked colour
+MAX_QUESTION_CHARS = 2000
 
 
 def _hex(colour: tuple[int, int, int]) -> str:
-    return "#%02x%02x%02x" % colour
+    return "#" + "".join(f"{c:02x}" for c in colour)
 
 
-def presets() -> list[tuple[str, Image.Image, list[str]]]:
-    """(name, image, mask files): the bundled demo scene, and a blank canvas to draw on."""
-    image = Image.open(DEMO_SCENE / "image.png").convert("RGB")
-    masks = [str(p) for p in sorted(DEMO_SCENE.glob("mask_*.png"))]
-    return [("demo scene", image, masks), ("blank canvas", Image.new("RGB", BLANK_SIZE, "white"), [])]
+def _png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def presets() -> list[dict]:
+    """The page's presets: the bundled demo scene with its masks, and a blank canvas to draw on."""
+    scene = {"name": "Demo scene", "image": _png_base64(Image.open(DEMO_SCENE / "image.png").convert("RGB")),
+             "masks": [base64.b64encode(p.read_bytes()).decode() for p in sorted(DEMO_SCENE.glob("mask_*.png"))]}
+    blank = {"name": "Blank canvas", "image": _png_base64(Image.new("RGB", BLANK_SIZE, "white")), "masks": []}
+    return [scene, blank]
 
 
 def partial_caption(tokenizer, ids, mask_id: int) -> str:
@@ -50,128 +71,132 @@ def partial_caption(tokenizer, ids, mask_id: int) -> str:
     return " ".join(p for p in parts if p)
 
 
-def captions_html(captions: list[str]) -> str:
-    def row(i: int, caption: str) -> str:
-        colour = f'style="color:{_hex(PALETTE[i % len(PALETTE)])}"'
-        return (f'<li><b {colour}>{i}</b>: <span class="pdlm-caption" {colour}>{html.escape(caption) or "(empty)"}'
-                '</span></li>')
+def select_shape(image: Image.Image, x: int, y: int, tolerance: int = DEFAULT_TOLERANCE) -> np.ndarray:
+    """The pixels connected to (x, y) (4-neighbours) whose colour differs from the clicked one by at most
+    `tolerance` in every channel: scikit-image's flood fill on the distance to the clicked colour."""
+    from skimage.segmentation import flood
 
-    rows = "".join(row(i, c) for i, c in enumerate(captions))
-    return f'<ol class="pdlm-captions" style="list-style:none;padding:0;font-size:1.1em">{rows}</ol>'
-
-
-def error_html(message: str) -> str:
-    return f'<div class="pdlm-error" style="color:#b00020;font-weight:bold">Error: {html.escape(message)}</div>'
-
-
-def open_mask(path: str) -> Image.Image:
-    try:
-        return Image.open(path).convert("L")
-    except Exception:
-        raise PDLMError(f"mask file {Path(path).name} is not an image Pillow can read; upload PNG masks") from None
+    if not (0 <= x < image.width and 0 <= y < image.height):
+        raise PDLMError(f"the point ({x}, {y}) is outside the {image.width}x{image.height} image")
+    if not 0 <= tolerance <= 255:
+        raise PDLMError(f"tolerance must be in 0..255, got {tolerance}")
+    pixels = np.asarray(image.convert("RGB"), np.int16)
+    distance = np.abs(pixels - pixels[y, x]).max(axis=-1)
+    return flood(distance, (y, x), connectivity=1, tolerance=tolerance)
 
 
-def page_inputs(image: Image.Image | None, files: list | None, editor: dict | None
-                ) -> tuple[Image.Image, list[np.ndarray]]:
-    """The image and the region masks: the uploaded mask files, then every non-empty layer drawn in the editor
-    (scaled to the image). Without an image, the editor's background (or a white canvas under the drawing)."""
-    layers = [layer[..., 3] > 0 for layer in (editor or {}).get("layers") or []]  # RGBA: drawn where opaque
-    layers = [alpha for alpha in layers if alpha.any()]
-    if image is None:
-        background = (editor or {}).get("background")
-        if background is not None:
-            image = Image.fromarray(background)
-        elif layers:
-            image = Image.new("RGB", layers[0].shape[::-1], "white")
-        else:
-            raise PDLMError("no image: upload one, pick a preset, or draw regions on the blank canvas")
-    image = image.convert("RGB")
-    masks = [open_mask(f) for f in files or []] + [Image.fromarray(a) for a in layers]
-    masks = [np.asarray(m.resize(image.size, Image.Resampling.NEAREST)) > 0 for m in masks]
-    if not masks:
-        raise PDLMError("no mask: draw each region with the brush on its own layer, or upload mask files")
-    return image, masks
+def _field(body: dict, name: str, kind: type):
+    value = body.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise PDLMError(f"\"{name}\" must be a JSON {kind.__name__}")
+    return value
 
 
-def build_page(service) -> gr.Blocks:
-    """The Blocks page; `service` is `infer.serve.Service` (model, defaults, micro-batcher)."""
-    tokenizer, mask_id = service.handle.tokenizer, service.handle.tokenizer.special.mask
-    cases = presets()
-    # System fonts only: the default theme would fetch web fonts from the internet.
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                              font_mono=["ui-monospace", "monospace"])
+class Page:
+    """The page's routes over the server's `Service` (model, defaults, micro-batcher) and, when a Base model
+    is loaded, its question-answering handle."""
 
-    def load_preset(evt: gr.SelectData):
-        _, image, mask_files = cases[evt.index]
-        return image, mask_files or None, None
+    def __init__(self, service, answerer=None):
+        self.service, self.answerer = service, answerer
+        self._answer_lock = threading.Lock()  # one answer at a time: the page's questions queue up
 
-    def run(image, files, editor, question, gen_length, steps, mode):
-        try:
-            image, masks = page_inputs(image, files, editor)
-            cache, unmask = MODES[mode]
-            settings = dict(question=question, gen_length=int(gen_length or 0), steps=int(steps or 0), cache=cache,
-                            unmask=unmask, history=True)
-            result = service.caption(service.make_job(image, masks, settings))
-        except PDLMError as e:
-            return None, error_html(str(e)), "", gr.update(), []
-        captions = [r["caption"] for r in result["regions"]]
-        history = [[[mask_id] * int(gen_length)] * len(masks)] + result["history"]
-        steps_text = [[partial_caption(tokenizer, ids, mask_id) for ids in step] for step in history]
-        timings = (f"**{result['seconds']:.2f} s** (compiling {result['compile_seconds']:.2f} s) · "
-                   f"**{result['forwards']}** forwards · **{result['tokens_per_forward']:.2f}** tokens/forward · "
-                   f"mode {result['mode']} · batch of {result['batch']}")
-        slider = gr.update(minimum=0, maximum=len(history) - 1, value=len(history) - 1, interactive=True)
-        return overlay(image, masks, captions), captions_html(captions), timings, slider, steps_text
+    def image(self, body: dict) -> Image.Image:
+        data = _decode_base64(_field(body, "image", str), "image")
+        return _open_image(data, "image", self.service.max_image_pixels).convert("RGB")
 
-    def show_step(step, steps_text):
-        if not steps_text:
-            return gr.update()
-        return captions_html(steps_text[min(int(step), len(steps_text) - 1)])
+    def select(self, body: dict) -> dict:
+        tolerance = _field(body, "tolerance", int) if "tolerance" in body else DEFAULT_TOLERANCE
+        mask = select_shape(self.image(body), _field(body, "x", int), _field(body, "y", int), tolerance)
+        return {"mask": _png_base64(Image.fromarray(mask)), "pixels": int(mask.sum())}
 
-    def play(steps_text):
-        for s in range(len(steps_text)):
-            yield s, captions_html(steps_text[s])
-            time.sleep(PLAY_SECONDS_PER_STEP)
+    def caption(self, body: dict) -> dict:
+        """A caption request of the JSON API with the sampler's history: the captions at every step (the first:
+        every slot masked) and the overlay picture without legend (the page draws it, following the slider)."""
+        mode = body.pop("mode", "exact")
+        if not isinstance(mode, str) or mode not in MODES:
+            raise PDLMError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        body["cache"], body["unmask"] = MODES[mode]
+        job = self.service.parse(body | {"history": True})
+        result = self.service.caption(job)
+        tokenizer = self.service.handle.tokenizer
+        mask_id = tokenizer.special.mask
+        history = [[[mask_id] * result["gen_length"]] * len(job.masks)] + result["history"]
+        return {"steps": [[partial_caption(tokenizer, ids, mask_id) for ids in step] for step in history],
+                "overlay": _png_base64(overlay(job.image, job.masks, None)),
+                **{k: result[k] for k in ("seconds", "compile_seconds", "forwards", "tokens_per_forward", "mode",
+                                          "batch")}}
 
-    with gr.Blocks(title="PerceptionDLM region captioning", theme=theme, analytics_enabled=False) as page:
-        gr.Markdown("## PerceptionDLM: parallel region captioning\nPick a preset or upload an image; draw each "
-                    "region on its own layer with the brush (or upload binary masks), then **Run**. The step "
-                    f"slider replays the denoising ({PLACEHOLDER} = a slot still masked).")
-        steps_text = gr.State([])
-        with gr.Row():
-            with gr.Column():
-                gallery = gr.Gallery([(image, name) for name, image, _ in cases], label="Presets", columns=4,
-                                     height=170, allow_preview=False, elem_id="presets")
-                image = gr.Image(label="Image", type="pil", sources=("upload", "clipboard"), height=300,
-                                 elem_id="image")
-                files = gr.File(label="Mask files (one per region, nonzero = inside)", file_count="multiple",
-                                file_types=["image"], elem_id="mask-files")
-                # Gradio's editor does not take an image sent from the server, so it is only for drawing: on
-                # an image uploaded into it, or on the blank canvas (scaled to the image above, if any).
-                editor = gr.ImageEditor(label="Or draw regions: one layer per region", type="numpy", format="png",
-                                        sources=("upload", "clipboard"), canvas_size=(384, 384), transforms=(),
-                                        brush=gr.Brush(colors=[_hex(c) for c in PALETTE], color_mode="fixed",
-                                                       default_size=24),
-                                        elem_id="editor")
-                question = gr.Textbox(label="Question", value=service.question)
-                with gr.Row():
-                    gen_length = gr.Number(label="Gen length (slots per region)", value=service.defaults["gen_length"],
-                                           precision=0, minimum=1)
-                    steps = gr.Number(label="Steps", value=service.defaults["steps"], precision=0, minimum=1)
-                    mode = gr.Radio(list(MODES), value="exact", label="Mode")
-                run_button = gr.Button("Run", variant="primary", elem_id="run")
-            with gr.Column():
-                picture = gr.Image(label="Regions and captions", type="pil", interactive=False, elem_id="overlay")
-                captions = gr.HTML(elem_id="captions")
-                timings = gr.Markdown(elem_id="timings")
-                with gr.Row():
-                    step = gr.Slider(0, 1, value=0, step=1, label="Denoising step", interactive=False,
-                                     elem_id="step")
-                    play_button = gr.Button("Play", elem_id="play", scale=0)
+    def answer(self, body: dict) -> dict:
+        """The Base model's answer and the answer after every forward (cut at the first <|eot_id|>, as the
+        final answer is), with the checkpoint's gen_length / block_length / steps."""
+        if self.answerer is None:
+            raise PDLMError("no Base model is loaded: start pdlm-serve with --base-checkpoint DIR")
+        question = _field(body, "question", str)
+        if len(question) > MAX_QUESTION_CHARS:
+            raise PDLMError(f"the question has {len(question)} characters, over the page's {MAX_QUESTION_CHARS}")
+        image = self.image(body)
+        with self._answer_lock:
+            result = self.answerer.answer(image, question, return_steps=True)
+        special = self.answerer.tokenizer.special
 
-        gallery.select(load_preset, None, [image, files, editor])
-        run_button.click(run, [image, files, editor, question, gen_length, steps, mode],
-                         [picture, captions, timings, step, steps_text])
-        step.input(show_step, [step, steps_text], captions)
-        play_button.click(play, steps_text, [step, captions])
-    return page
+        def text(ids: list[int]) -> str:
+            ids = ids[:ids.index(special.eot)] if special.eot in ids else ids
+            return partial_caption(self.answerer.tokenizer, ids, special.mask)
+
+        states = [[special.mask] * result["gen_length"]] + result["step_states"]
+        steps = [text(ids) for ids in states[:-1]] + [result["answer"]]
+        return {"steps": steps, "answer": result["answer"],
+                **{k: result[k] for k in ("seconds", "compile_seconds", "forwards", "gen_length", "block_length",
+                                          "mode")}}
+
+    def settings(self) -> dict:
+        """What the page's script needs: presets, colours, defaults and limits."""
+        return {"presets": presets(), "palette": [_hex(c) for c in PALETTE], "modes": list(MODES),
+                "defaults": self.service.defaults, "question": self.service.question,
+                "max_regions": self.service.handle.cfg.region.prompt_numbers, "placeholder": PLACEHOLDER,
+                "tolerance": DEFAULT_TOLERANCE, "answers": self.answerer is not None}
+
+    def html(self) -> str:
+        colours = {"BACKGROUND": BACKGROUND, "TEXT": TEXT, "TAG_TEXT": TAG_TEXT}
+        page = (Path(__file__).with_name("serve_page.html")).read_text()
+        for name, colour in colours.items():
+            page = page.replace(f"/*{name}*/", _hex(colour))
+        return page.replace("/*SETTINGS*/", json.dumps(self.settings()).replace("</", "<\\/"))
+
+
+def build_page(service, answerer=None, max_body_bytes: int = 32 << 20):
+    """The page's routes as a FastAPI router, for the server's app. `service` is `infer.serve.Service`;
+    `answerer` a Base model handle (`pdlm_jax.load` on a Base checkpoint) or None (no question tab); request
+    bodies over `max_body_bytes` (the server's --max-body-bytes) get HTTP 413."""
+    page, router = Page(service, answerer), APIRouter()
+    html = page.html()
+
+    @router.get("/", response_class=HTMLResponse)
+    def index():
+        return html
+
+    def route(handler):
+        async def call(request: Request):
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_body_bytes:
+                    return JSONResponse({"error": f"the request body is over the server's limit of {max_body_bytes} "
+                                                  "bytes (--max-body-bytes); use a smaller image"}, 413)
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                return JSONResponse({"error": "the request body must be a JSON object"}, 400)
+            try:
+                return await run_in_threadpool(handler, parsed)
+            except TooLarge as e:
+                return JSONResponse({"error": str(e)}, 413)
+            except PDLMError as e:
+                return JSONResponse({"error": str(e)}, 400)
+        return call
+
+    for name in ("select", "caption", "answer"):
+        router.add_api_route(f"/page/{name}", route(getattr(page, name)), methods=["POST"])
+    return router

@@ -14,14 +14,16 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from pdlm_jax.files import atomic_write
 
-# Distinct, readable colours (Okabe–Ito palette plus a few), cycled beyond their count.
-PALETTE = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
+# Distinct colours (Okabe–Ito's, its dark blue swapped for a lavender), cycled beyond their count; each is
+# light enough for black text on it (contrast >= 4.5:1), as the number tags here and on the page have.
+PALETTE = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (170, 140, 250), (213, 94, 0),
            (204, 121, 167), (120, 120, 120))
 MIN_SIDE = 640  # small images are enlarged (nearest neighbour) so outlines and labels stay legible
 
 
-def overlay(image: Image.Image, masks: Sequence[np.ndarray], captions: Sequence[str]) -> Image.Image:
-    """The image with region i outlined in colour i, its number in a tag beside it, and a caption legend."""
+def overlay(image: Image.Image, masks: Sequence[np.ndarray], captions: Sequence[str] | None) -> Image.Image:
+    """The image with region i outlined in colour i, its number in a tag beside it, and a caption legend
+    (none when `captions` is None: the web page shows its own, which follows the step slider)."""
     scale = max(1, -(-MIN_SIDE // max(image.size)))  # ceil
     picture = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     masks = [np.kron(m, np.ones((scale, scale), bool)) if scale > 1 else m for m in masks]
@@ -33,7 +35,7 @@ def overlay(image: Image.Image, masks: Sequence[np.ndarray], captions: Sequence[
     taken: list[tuple[int, int, int, int]] = []
     for i, mask in enumerate(masks):
         _tag(draw, mask, str(i), PALETTE[i % len(PALETTE)], font, taken)
-    return _with_legend(picture, captions, font)
+    return picture if captions is None else _with_legend(picture, captions, font)
 
 
 def _outline(picture: Image.Image, mask: np.ndarray, colour, width: int) -> None:

@@ -1,5 +1,6 @@
-"""`pdlm-serve` end to end: a real server on 127.0.0.1 with the embedded demo model, its JSON API, the
-micro-batcher under concurrent load, and the Gradio page in headless Chromium (Debian's package + Playwright)."""
+"""`pdlm-serve` end to end: a real server on 127.0.0.1 with the embedded demo model (and the converted tiny
+Base fixture for the page's question tab), its JSON API, the micro-batcher under concurrent load, and the web
+page in headless Chromium (Debian's package + Playwright)."""
 
 import base64
 import concurrent.futures
@@ -43,7 +44,7 @@ DEMO = {"image": _b64((SCENE / "image.png").read_bytes()), "masks": [_b64(p.read
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, converted):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -52,7 +53,8 @@ def server(tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "infer.serve", "--port", str(port), "--max-batch", "2",
                                  "--batch-wait-ms", "50", "--max-body-bytes", str(MAX_BODY), "--max-image-pixels",
-                                 str(MAX_PIXELS)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+                                 str(MAX_PIXELS), "--base-checkpoint", str(converted("base_tiny"))],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -75,9 +77,9 @@ def _get(url: str) -> dict:
         return json.load(r)
 
 
-def _post(url: str, body, raw: bytes | None = None) -> tuple[int, dict]:
+def _post(url: str, body, raw: bytes | None = None, route: str = "/v1/regions/caption") -> tuple[int, dict]:
     data = raw if raw is not None else json.dumps(body).encode()
-    request = urllib.request.Request(url + "/v1/regions/caption", data=data,
+    request = urllib.request.Request(url + route, data=data,
                                      headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=300) as r:
@@ -176,6 +178,73 @@ def test_concurrent_requests_are_batched_and_each_equals_its_sequential_result(s
     assert max(result["batch"] for result in together) > 1
 
 
+def _page_post(url: str, route: str, body: dict) -> tuple[int, dict]:
+    return _post(url, body, route=f"/page/{route}")
+
+
+def _centre(mask: np.ndarray) -> tuple[int, int]:
+    """(x, y): the centroid of a convex shape, inside it."""
+    ys, xs = np.nonzero(mask)
+    x, y = int(xs.mean()), int(ys.mean())
+    assert mask[y, x]
+    return x, y
+
+
+def _contrast(a, b) -> float:
+    """WCAG 2 contrast ratio of two sRGB colours."""
+    def luminance(rgb):
+        c = np.asarray(rgb) / 255
+        c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    hi, lo = sorted([luminance(a), luminance(b)], reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_page_colours_have_readable_contrast():
+    """Captions are TEXT on the page's BACKGROUND; region numbers are TAG_TEXT on their palette colour (on
+    the page and in the overlay picture)."""
+    from infer.serve_page import BACKGROUND, TAG_TEXT, TEXT
+    from infer.visualize import PALETTE
+
+    assert _contrast(TEXT, BACKGROUND) >= 4.5
+    assert min(_contrast(TAG_TEXT, colour) for colour in PALETTE) >= 4.5
+    assert _contrast((255, 255, 0), (255, 255, 255)) < 4.5  # the check can fail: yellow on white
+
+
+def test_a_click_selects_each_demo_shape_by_flood_fill():
+    from infer.serve_page import select_shape
+    from pdlm_jax.errors import PDLMError
+
+    image = Image.open(SCENE / "image.png")
+    masks = [np.asarray(Image.open(path).convert("L")) > 0 for path in MASK_FILES]
+    for i, mask in enumerate(masks):
+        selected = select_shape(image, *_centre(mask))
+        assert (selected & mask).sum() / (selected | mask).sum() > 0.99, i
+    background = select_shape(image, 0, 0)
+    assert background.sum() > 0.5 * background.size and not (background & np.any(masks, axis=0)).any()
+    with pytest.raises(PDLMError, match="outside the 202x301 image"):
+        select_shape(image, 202, 0)
+
+
+def test_page_routes_caption_with_steps_and_answer_questions(server):
+    status, shape = _page_post(server, "select", {"image": DEMO["image"], "x": 0, "y": 0, "tolerance": 300})
+    assert status == 400 and "tolerance" in shape["error"]
+    status, result = _page_post(server, "caption", {"image": DEMO["image"], "masks": DEMO["masks"], "mode": "exact"})
+    assert status == 200, result
+    steps = result["steps"]
+    assert len(steps) == result["forwards"] + 1 and steps[-1] == CAPTIONS
+    assert all(caption == " ".join(["▢"] * 3) for caption in steps[0])  # before the first forward
+    width, height = Image.open(io.BytesIO(base64.b64decode(result["overlay"]))).size
+    assert width > 202 and width * 301 == height * 202  # the image enlarged, no legend below: the page draws it
+    status, answer = _page_post(server, "answer", {"image": DEMO["image"], "question": "What is here?"})
+    assert status == 200, answer
+    assert len(answer["steps"]) == answer["forwards"] + 1 and answer["steps"][-1] == answer["answer"]
+    assert set(answer["steps"][0].split()) == {"▢"}
+    status, bad = _page_post(server, "answer", {"image": DEMO["image"], "question": 7})
+    assert status == 400 and '"question" must be' in bad["error"]
+
+
 def _browser():
     """Playwright driving Debian's chromium (never a downloaded browser), or a skip saying what is missing."""
     if not os.path.exists(CHROMIUM):
@@ -184,57 +253,136 @@ def _browser():
     return sync_playwright.sync_playwright
 
 
-def test_page_runs_the_preset_replays_the_steps_and_captions_a_drawn_mask(server, tmp_path):
+def _canvas_point(page, x: float, y: float) -> tuple[float, float]:
+    """Where the image pixel (x, y) is on the screen: the canvas shows the whole image, scaled."""
+    box = page.locator("#canvas").bounding_box()
+    width, height = page.evaluate("() => [state.image.naturalWidth, state.image.naturalHeight]")
+    return box["x"] + (x + 0.5) * box["width"] / width, box["y"] + (y + 0.5) * box["height"] / height
+
+
+def _canvas_pixel(page, x: float, y: float) -> list[int]:
+    return page.evaluate("([x, y]) => { const c = document.getElementById('canvas'), r = c.getBoundingClientRect(); "
+                         "return Array.from(c.getContext('2d').getImageData(Math.floor(x - r.left), "
+                         "Math.floor(y - r.top), 1, 1).data.slice(0, 3)); }", list(_canvas_point(page, x, y)))
+
+
+def _captions(page) -> list[str]:
+    return page.locator("#captions .pdlm-caption").all_inner_texts()
+
+
+def _png_data_url(url: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+
+
+def test_page_draws_on_the_image_clicks_a_shape_replays_and_answers(server, tmp_path):
+    """At 1366x768: the preset's image under the brush with its masks as coloured regions; Run, the result
+    beside it; the legend following the slider and Play; a shape selected by a click; a region painted on the
+    image; the question tab's answer and its replay. Nothing is fetched from outside the server."""
+    from infer.visualize import PALETTE
+
     sync_playwright = _browser()
     ARTEFACTS.mkdir(exist_ok=True)
-    outside = []
+    outside, sent = [], []
+    image = Image.open(SCENE / "image.png").convert("RGB")
+    masks = [np.asarray(Image.open(p).convert("L")) > 0 for p in MASK_FILES]
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(  # a fresh profile folder: --user-data-dir
-            tmp_path / "profile", executable_path=CHROMIUM, headless=True, viewport={"width": 1400, "height": 1300},
+            tmp_path / "profile", executable_path=CHROMIUM, headless=True, viewport={"width": 1366, "height": 768},
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                   "--no-first-run"])
         page = browser.new_page()
-        page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(server) else None)
-        page.set_default_timeout(120_000)
+        page.on("request", lambda r: outside.append(r.url) if not r.url.startswith((server, "data:")) else None)
+        page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/page/caption") else None)
+        page.set_default_timeout(180_000)  # a loaded 2-core machine compiles a new bucket in tens of seconds
         page.goto(server + "/")
-        page.locator("#presets button.thumbnail-item").first.click()
-        page.wait_for_function("() => document.querySelectorAll('#mask-files tr').length == 5")  # its mask files
+        assert page.locator("#preset-1").inner_text() == "Blank canvas"
+        page.wait_for_selector("#region-4")  # the demo scene preset: its 5 masks became regions 0..4
+        x, y = _centre(masks[1])
+        assert _canvas_pixel(page, x, y) != list(image.getpixel((x, y)))  # region 1's tint is over the image
+
         page.click("#run")
-        page.wait_for_selector("#captions .pdlm-caption")
-        shown = page.locator("#captions .pdlm-caption").all_inner_texts()
-        assert shown == CAPTIONS
+        page.wait_for_function("() => document.querySelectorAll('#captions .pdlm-caption').length == 5")
+        assert _captions(page) == CAPTIONS
         assert "forwards" in page.locator("#timings").inner_text()
-        page.screenshot(path=str(ARTEFACTS / "serve_preset.png"), full_page=True)
+        for selector in ("#run", "#overlay", "#captions", "#play", "#canvas"):  # all on one screen
+            box = page.locator(selector).bounding_box()
+            assert box["y"] >= 0 and box["y"] + box["height"] <= 768, selector
+        overlay = _png_data_url(page.locator("#overlay").get_attribute("src"))
+        for i in range(5):  # each region's outline in its brush colour
+            assert np.all(overlay == PALETTE[i], axis=-1).sum() > 100, i
+        page.screenshot(path=str(ARTEFACTS / "serve_run.png"))
 
-        # Step 1 of 3: each caption still has masked slots (10 of 15 slots are masked after the first forward).
-        page.locator("#step input[type=range]").evaluate(
+        # The legend follows the slider: after 1 of 3 forwards, 10 of the 15 slots are still masked.
+        page.locator("#step").evaluate(
             "(el) => { el.value = '1'; el.dispatchEvent(new Event('input', {bubbles: true})); }")
-        page.wait_for_function("() => document.querySelector('#captions').innerText.includes('▢')")
-        at_step_1 = page.locator("#captions .pdlm-caption").all_inner_texts()
+        page.wait_for_function("() => document.querySelector('#step-label').innerText == 'step 1 / 3'")
+        at_step_1 = _captions(page)
         assert at_step_1 != CAPTIONS and sum(c.count("▢") for c in at_step_1) == 10
-        page.screenshot(path=str(ARTEFACTS / "serve_step1.png"), full_page=True)
+        page.screenshot(path=str(ARTEFACTS / "serve_step1.png"))
 
-        # Play replays steps 0..3 and ends on the final captions.
+        # Play shows every step from the all-masked start to the final captions.
+        page.evaluate("() => { window.seen = []; new MutationObserver(() => window.seen.push("
+                      "document.querySelector('#captions').innerText)).observe(document.querySelector('#captions'), "
+                      "{childList: true, subtree: true, characterData: true}); }")
         page.click("#play")
-        page.wait_for_function("() => document.querySelector('#step input[type=number]').value == '3' && "
-                               "!document.querySelector('#captions').innerText.includes('▢')")
-        assert page.locator("#captions .pdlm-caption").all_inner_texts() == CAPTIONS
+        page.wait_for_function("() => document.querySelector('#step-label').innerText == 'step 3 / 3'")
+        assert _captions(page) == CAPTIONS
+        seen = page.evaluate("() => window.seen")
+        assert any(text.count("▢") == 15 for text in seen) and any(text.count("▢") == 5 for text in seen)
 
-        # The blank canvas preset, then one brush stroke on the editor's layer: one region to caption.
-        page.locator("#presets button.thumbnail-item").nth(1).click()
-        page.wait_for_function("() => !document.querySelector('#mask-files tr')")  # the preset has no mask files
-        page.click("#editor button[aria-label=Brush]")
-        box = max((c.bounding_box() for c in page.locator("#editor canvas").all()), key=lambda b: b["width"])
-        x, y = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3
-        page.mouse.move(x, y)
-        page.mouse.down()
-        for k in range(1, 11):
-            page.mouse.move(x + 8 * k, y + 5 * k, steps=2)
-        page.mouse.up()
+        # Click a shape: every region deleted, then the blue circle clicked becomes region 0.
+        for _ in range(5):
+            page.click("#region-delete")
+        page.wait_for_function("() => !document.querySelector('#region-0')")
+        x, y = _centre(masks[1])
+        assert np.abs(np.subtract(_canvas_pixel(page, x, y), image.getpixel((x, y)))).max() <= 2  # image below
+        page.click("#tool-shape")
+        page.mouse.click(*_canvas_point(page, *_centre(masks[4])))
+        page.wait_for_selector("#region-0")
         page.click("#run")
         page.wait_for_function("() => document.querySelectorAll('#captions .pdlm-caption').length == 1")
-        drawn = page.locator("#captions .pdlm-caption").all_inner_texts()
-        assert drawn[0] and "▢" not in drawn[0]
-        page.screenshot(path=str(ARTEFACTS / "serve_drawn.png"), full_page=True)
+        clicked = _png_data_url(sent[-1]["masks"][0])[..., 0] > 0
+        assert (clicked & masks[4]).sum() / (clicked | masks[4]).sum() > 0.99
+        assert _captions(page) == [r["caption"] for r in _ok(server, {"image": DEMO["image"],
+                                                                      "masks": [_png(clicked)]})["regions"]]
+        page.screenshot(path=str(ARTEFACTS / "serve_click.png"))
+
+        # Draw on the image: a brush scribble over the red square becomes region 1, in region 1's colour.
+        page.click("#tool-brush")
+        page.click("#region-add")
+        ys, xs = np.nonzero(masks[2])
+        for row in np.linspace(ys.min() + 4, ys.max() - 4, 4):
+            page.mouse.move(*_canvas_point(page, xs.min() + 4, row))
+            page.mouse.down()
+            page.mouse.move(*_canvas_point(page, xs.max() - 4, row), steps=6)
+            page.mouse.up()
+        page.mouse.move(0, 0)  # off the canvas: no brush cursor drawn
+        ring = page.evaluate("(rgb) => { const c = document.getElementById('canvas'); const d = c.getContext('2d')"
+                             ".getImageData(0, 0, c.width, c.height).data; let n = 0; for (let k = 0; k < d.length; "
+                             "k += 4) n += d[k] == rgb[0] && d[k + 1] == rgb[1] && d[k + 2] == rgb[2]; return n; }",
+                             list(PALETTE[1]))
+        assert ring > 50  # the brush's outline is drawn in the region's palette colour
+        page.click("#run")
+        page.wait_for_function("() => document.querySelectorAll('#captions .pdlm-caption').length == 2")
+        drawn = _png_data_url(sent[-1]["masks"][1])[..., 0] > 0
+        assert (drawn & masks[2]).sum() > 0.6 * masks[2].sum()
+        assert all(c and "▢" not in c for c in _captions(page))
+        page.screenshot(path=str(ARTEFACTS / "serve_drawn.png"))
+
+        # The question tab: the same image, an answer (random weights: any text) and its replay.
+        page.click("#tab-question")
+        page.click("#ask")
+        page.wait_for_selector("#answer-replay:not([hidden])")
+        final = page.locator("#answer").inner_text()
+        assert final.strip() and page.locator("#answer-error").inner_text() == ""
+        label = page.locator("#answer-step-label").inner_text()
+        assert label.startswith("step ") and label.split()[1] == label.split()[3]
+        page.locator("#answer-step").evaluate(
+            "(el) => { el.value = '0'; el.dispatchEvent(new Event('input', {bubbles: true})); }")
+        page.wait_for_function("() => document.querySelector('#answer-step-label').innerText.startsWith('step 0 ')")
+        assert set(page.locator("#answer").inner_text().split()) == {"▢"}
+        page.screenshot(path=str(ARTEFACTS / "serve_question.png"))
+        page.click("#tab-regions")
+        assert page.locator("#canvas").bounding_box()["width"] > 100 and page.locator("#region-1").is_visible()
         browser.close()
     assert outside == [], f"the page fetched from outside the server: {outside}"
