@@ -33,7 +33,7 @@ from pdlm_jax import checkpoint, keymap
 from pdlm_jax.answering import DEFAULTS as BASE_SAMPLER_DEFAULTS
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.files import local_directory
+from pdlm_jax.files import is_url, local_directory
 
 IMAGE_TOKENS = ("<IMG_CONTEXT>", "<img>", "</img>")  # DMLLMProcessor's special tokens (SPEC-base §B1)
 NEEDED_TOKENS = ("<|mdm_mask|>", "<|eot_id|>")  # LLaDA's, used by the Base prompt and sampler
@@ -225,13 +225,15 @@ def compose(
 ) -> Summary:
     """Write a PerceptionDLM-Base checkpoint `dst` composed of LLaDA `lm`, SigLIP `vision` and a new projector.
 
-    `lm` / `vision`: local folders, bucket URLs or `hf://ORG/NAME[@REVISION]` ids (`pdlm_jax.files`).
+    `lm` / `vision`: local folders, bucket URLs or `hf://ORG/NAME[@REVISION]` ids (`pdlm_jax.files`); `dst`: a
+    folder or a bucket URL.
     """
     lm_dir, vision_dir = local_directory(lm, "--lm"), local_directory(vision, "--vision")
-    dst = Path(dst).resolve()
-    for flag, src in (("--lm", lm_dir), ("--vision", vision_dir)):
-        if src.resolve() == dst or src.resolve() in dst.parents:
-            raise PDLMError(f"--dst {dst} must not be (inside) the {flag} directory {src}")
+    if not is_url(dst):
+        dst = Path(dst).resolve()
+        for flag, src in (("--lm", lm_dir), ("--vision", vision_dir)):
+            if src.resolve() == dst or src.resolve() in dst.parents:
+                raise PDLMError(f"--dst {dst} must not be (inside) the {flag} directory {src}")
     lm_config = llada_hf_config(_read_config(lm_dir, "--lm"), lm_dir)
     siglip_config = vision_config(_read_config(vision_dir, "--vision"), vision_dir)
     tokenizer_files, image_token_id = image_tokenizer(lm_dir, lm_config["vocab_size"])

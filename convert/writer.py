@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,6 +22,7 @@ from convert.safetensors_file import Entry, FileWriter, TensorInfo, copy_raw, te
 from pdlm_jax import checkpoint, keymap
 from pdlm_jax.config import DTYPES
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.files import is_url, uploaded_on_success
 
 CONVERTER_VERSION = "1"
 
@@ -105,10 +107,13 @@ def convert(
     keep_unused: bool = False,
     log: Callable[[str], None] = lambda s: None,
 ) -> Summary:
-    """Convert the reference checkpoint in `src` into our checkpoint directory `dst` (atomically)."""
-    src, dst = Path(src).resolve(), Path(dst).resolve()
-    if src == dst or src in dst.parents:
-        raise PDLMError(f"--dst {dst} must not be (inside) the source directory {src}")
+    """Convert the reference checkpoint in `src` into our checkpoint directory `dst` (atomically; a bucket URL:
+    uploaded when complete)."""
+    src = Path(src).resolve()
+    if not is_url(dst):
+        dst = Path(dst).resolve()
+        if src == dst or src in dst.parents:
+            raise PDLMError(f"--dst {dst} must not be (inside) the source directory {src}")
     ref = open_reference(src)  # validates everything before any output exists
     if not (src / "tokenizer.json").exists():
         raise PDLMError(f"{src} has no tokenizer.json; copy the reference tokenizer files next to the weights")
@@ -122,7 +127,7 @@ def convert(
 
 def write(
     ref: ReferenceCheckpoint,
-    dst: Path,
+    dst: str | Path,
     *,
     dtype: str,
     force: bool,
@@ -135,9 +140,14 @@ def write(
 ) -> Summary:
     """Write our checkpoint `dst` (atomically) from the validated source tensors of `ref`: every leaf built from
     its source tensors, or taken from `initialised` (leaves no source holds); `side_files` (name -> bytes) are
-    written beside the params, and `sources` are hashed into provenance.json."""
+    written beside the params, and `sources` are hashed into provenance.json. A bucket URL `dst` is written
+    locally and uploaded, provenance.json (the mark of a complete checkpoint) last."""
     start = time.perf_counter()
     cfg, out_dtype = ref.config, resolve_dtype(ref, dtype)
+    if is_url(dst):
+        with uploaded_on_success(os.fspath(dst), force, last=checkpoint.PROVENANCE_FILE) as local:
+            return write(ref, local, dtype=dtype, force=force, keep_unused=keep_unused, log=log,
+                         side_files=side_files, sources=sources, provenance=provenance, initialised=initialised)
     initialised = initialised or {}
     shapes = keymap.expected_shapes(cfg)
     leaf_sources = ref.leaf_sources()

@@ -16,7 +16,6 @@ which is what readers of whole checkpoints need: Orbax, safetensors memory maps,
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import shutil
@@ -60,22 +59,19 @@ def is_url(path: str | os.PathLike) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
-@functools.cache
-def _filesystem_available(scheme: str) -> bool:
-    import fsspec
-
-    try:
-        fsspec.get_filesystem_class(scheme)
-    except ImportError:
-        return False
-    return True
-
-
 def _check_filesystem(scheme: str, url: str) -> None:
+    import fsspec
+    from etils.epath import backend
+
     if scheme not in BUCKET_FILESYSTEMS:
         raise PDLMError(f"{url}: unsupported URL scheme {scheme}://; use a local path, file://, "
                         f"{', '.join(s + '://' for s in BUCKET_FILESYSTEMS)} or hf://ORG/NAME")
-    if not _filesystem_available(scheme):
+    # etils picks a backend per path (fsspec, TensorFlow's gfile, a test's mock); only fsspec needs gcsfs & co.
+    if getattr(epath.Path(url), "_backend", None) is not backend.fsspec_backend:
+        return
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ImportError:
         package, extra = BUCKET_FILESYSTEMS[scheme]
         how = f"pip install 'pdlm-jax[{extra}]'" if extra else f"pip install {package}"
         raise PDLMError(f"{url}: {scheme}:// paths need the {package} package, which is not installed: {how}")
@@ -157,11 +153,36 @@ def bucket_copy(url: str, flag: str = "path") -> Path:
         return dst
     with atomic_directory(dst, force=True) as tmp:
         for name in listing:
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            with (src / name).open("rb") as f_in, open(tmp / name, "wb") as f_out:
-                shutil.copyfileobj(f_in, f_out, 16 * 2**20)
+            _copy_file(src / name, tmp / name)
         (tmp / stamp.name).write_text(json.dumps({"url": url, "files": listing}))
     return dst
+
+
+def _copy_file(src, dst) -> None:
+    """Copy one file between any two epath/pathlib paths, in bounded blocks."""
+    epath.Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    with epath.Path(src).open("rb") as f_in, epath.Path(dst).open("wb") as f_out:
+        shutil.copyfileobj(f_in, f_out, 16 * 2**20)
+
+
+@contextlib.contextmanager
+def uploaded_on_success(url: str, force: bool = False, last: str | None = None) -> Iterator[Path]:
+    """For an output folder on a bucket: yield a local path (not yet existing) to write the folder at; when the
+    block succeeds, its files are uploaded to `url`, `last` (the folder's completion mark) after all others.
+    An existing `url` is an error before any work unless `force` (then it is replaced after the work)."""
+    remote = as_path(url)
+    if remote.exists() and not force:
+        raise PDLMError(f"output {url} already exists; choose another output or pass --force to replace it")
+    staging = cache_root() / "staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=staging) as tmp:
+        local = Path(tmp) / "out"
+        yield local
+        if remote.exists():
+            remote.rmtree()
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        for path in sorted(files, key=lambda p: p.relative_to(local).as_posix() == last):
+            _copy_file(path, remote / path.relative_to(local).as_posix())
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:

@@ -9,7 +9,6 @@ tests/helpers.load_reference_tree reads the reference-named tensors independentl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -25,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 from convert import cli
 from convert.compose import compose, init_projector
 from convert.export import export
-from helpers import ROOT, fixture_dir, load_reference_tree
+from helpers import ROOT, fixture_dir, hub_cache, load_reference_tree
 from pdlm_jax import checkpoint
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
@@ -311,24 +310,6 @@ def test_bad_components_are_one_clear_error_and_leave_nothing(parts, bad, tmp_pa
 
 
 # ---- hf:// ids through an offline Hugging Face cache ---------------------------------------------
-
-def hub_cache(root: Path, repos: dict[str, Path]) -> Path:
-    """A Hugging Face cache laid out as huggingface_hub lays it out: models--ORG--NAME/{blobs/<hash>,
-    snapshots/<commit>/<file> -> ../../blobs/<hash>, refs/main = <commit>}."""
-    for repo_id, folder in repos.items():
-        repo = root / ("models--" + repo_id.replace("/", "--"))
-        commit = hashlib.sha1(repo_id.encode()).hexdigest()
-        (repo / "blobs").mkdir(parents=True)
-        (repo / "snapshots" / commit).mkdir(parents=True)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(commit)
-        for file in folder.iterdir():
-            data = file.read_bytes()
-            blob = hashlib.sha256(data).hexdigest()
-            (repo / "blobs" / blob).write_bytes(data)
-            (repo / "snapshots" / commit / file.name).symlink_to(Path("../../blobs") / blob)
-    return root
-
 
 def test_compose_from_hf_ids_offline(parts, composed, tmp_path):
     """The CLI in a fresh process with HF_HUB_CACHE + HF_HUB_OFFLINE=1: huggingface_hub's own resolution."""
