@@ -133,7 +133,7 @@ real_copy = files._copy_file
 
 def test_load_from_a_hub_id_offline(converted, tmp_path, monkeypatch):
     """pdlm_jax.load("hf://ORG/NAME") on a Hub repository holding a pdlm-jax checkpoint, from the cache, offline;
-    a repository holding a reference-format checkpoint is sent to pdlm-convert."""
+    a repository holding a reference-format checkpoint is sent to pdlm-convert, which converts it from its id."""
     from huggingface_hub import constants
 
     import pdlm_jax
@@ -146,5 +146,9 @@ def test_load_from_a_hub_id_offline(converted, tmp_path, monkeypatch):
     assert _same_params(files.local_directory("hf://org/base-jax"), converted("base_tiny"))
     with pytest.raises(PDLMError, match="reference .* checkpoint, not a pdlm-jax one.*pdlm-convert"):
         pdlm_jax.load("hf://org/base")
+    from convert import cli
+
+    assert cli.main(["--src", "hf://org/base", "--dst", str(tmp_path / "converted")]) == 0  # what the hint says
+    assert _same_params(tmp_path / "converted", converted("base_tiny"))
     with pytest.raises(PDLMError, match="hf://org/missing: not in the Hugging Face cache.*HF_HUB_OFFLINE"):
         pdlm_jax.load("hf://org/missing")
