@@ -117,10 +117,10 @@ def convert(
     ref = open_reference(src)  # validates everything before any output exists
     if not (src / "tokenizer.json").exists():
         raise PDLMError(f"{src} has no tokenizer.json; copy the reference tokenizer files next to the weights")
-    side_files = {name: (src / name).read_bytes() for name in checkpoint.TOKENIZER_FILES if (src / name).exists()}
+    tokenizer = [src / name for name in checkpoint.TOKENIZER_FILES if (src / name).exists()]
+    side_files = {p.name: p.read_bytes() for p in tokenizer}
     side_files[checkpoint.REFERENCE_CONFIG_FILE] = (src / "config.json").read_bytes()
-    sources = [src / "config.json", *ref.files, *(src / name for name in checkpoint.TOKENIZER_FILES
-                                                  if (src / name).exists())]
+    sources = [src / "config.json", *ref.files, *tokenizer]
     return write(ref, dst, dtype=dtype, force=force, keep_unused=keep_unused, log=log, side_files=side_files,
                  sources=sources, provenance={"source_dir": str(src)})
 
@@ -142,12 +142,12 @@ def write(
     its source tensors, or taken from `initialised` (leaves no source holds); `side_files` (name -> bytes) are
     written beside the params, and `sources` are hashed into provenance.json. A bucket URL `dst` is written
     locally and uploaded, provenance.json (the mark of a complete checkpoint) last."""
-    start = time.perf_counter()
-    cfg, out_dtype = ref.config, resolve_dtype(ref, dtype)
     if is_url(dst):
         with uploaded_on_success(os.fspath(dst), force, last=checkpoint.PROVENANCE_FILE) as local:
             return write(ref, local, dtype=dtype, force=force, keep_unused=keep_unused, log=log,
                          side_files=side_files, sources=sources, provenance=provenance, initialised=initialised)
+    start = time.perf_counter()
+    cfg, out_dtype = ref.config, resolve_dtype(ref, dtype)
     initialised = initialised or {}
     shapes = keymap.expected_shapes(cfg)
     leaf_sources = ref.leaf_sources()

@@ -75,6 +75,9 @@ def test_bucket_without_its_filesystem_package_names_the_extra(monkeypatch):
         as_path("hf://org/name")
 
 
+real_copy = files._copy_file
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PDLM_CACHE", str(tmp_path / "cache"))
@@ -126,9 +129,6 @@ def test_checkpoint_written_to_and_loaded_from_a_bucket(converted, cache, monkey
         assert json.loads(as_path("gs://runs/r/result.json").read_text()) == {"loss": 1.5}
         assert sorted(p.name for p in as_path("gs://runs/r").iterdir()) == ["log.txt", "result.json"]
     assert not (cache / "staging").exists() or not any((cache / "staging").iterdir())
-
-
-real_copy = files._copy_file
 
 
 def test_load_from_a_hub_id_offline(converted, tmp_path, monkeypatch):
