@@ -22,6 +22,7 @@ then streamed one leaf at a time by the converter's writer (`convert.writer.writ
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +34,7 @@ from pdlm_jax import checkpoint, keymap
 from pdlm_jax.answering import DEFAULTS as BASE_SAMPLER_DEFAULTS
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.files import is_url, local_directory
+from pdlm_jax.files import HUB_PREFIX, is_url, local_directory
 
 IMAGE_TOKENS = ("<IMG_CONTEXT>", "<img>", "</img>")  # DMLLMProcessor's special tokens (SPEC-base §B1)
 NEEDED_TOKENS = ("<|mdm_mask|>", "<|eot_id|>")  # LLaDA's, used by the Base prompt and sampler
@@ -84,8 +85,9 @@ def _read_config(directory: Path, flag: str) -> dict:
         raise PDLMError(f"{flag}: cannot read {path} ({e}); re-download it") from e
 
 
-def llada_hf_config(lm: dict, where: Path) -> dict:
-    """The Hugging Face form of a LLaDA config.json (either form), with every field the model needs."""
+def llada_hf_config(lm: dict, where: Path, name: str) -> dict:
+    """The Hugging Face form of a LLaDA config.json (either form), with every field the model needs; `name` is
+    its `_name_or_path` unless it has one (the reference's DMLLM accepts an LM whose name contains "llada")."""
     if lm.get("model_type") != "llada":
         raise PDLMError(f"--lm {where}: model_type is {lm.get('model_type')!r}, not 'llada'; --compose takes a "
                         "LLaDA checkpoint (e.g. hf://GSAI-ML/LLaDA-8B-Instruct or MSALab/LLaDA-8B-Instruct-HF)")
@@ -98,7 +100,7 @@ def llada_hf_config(lm: dict, where: Path) -> dict:
     if hf["tie_word_embeddings"]:
         raise PDLMError(f"--lm {where}: the LM ties its input and output embeddings; PerceptionDLM-Base needs "
                         "LLaDA's separate lm_head (tie_word_embeddings / weight_tying false)")
-    hf.setdefault("_name_or_path", where.name)
+    hf.setdefault("_name_or_path", name)
     return hf
 
 
@@ -234,7 +236,9 @@ def compose(
         for flag, src in (("--lm", lm_dir), ("--vision", vision_dir)):
             if src.resolve() == dst or src.resolve() in dst.parents:
                 raise PDLMError(f"--dst {dst} must not be (inside) the {flag} directory {src}")
-    lm_config = llada_hf_config(_read_config(lm_dir, "--lm"), lm_dir)
+    lm_name = os.fspath(lm).removeprefix(HUB_PREFIX).split("@")[0] if os.fspath(lm).startswith(HUB_PREFIX) \
+        else Path(os.fspath(lm).rstrip("/")).name  # hf://ORG/NAME: ORG/NAME, as from_pretrained names it
+    lm_config = llada_hf_config(_read_config(lm_dir, "--lm"), lm_dir, lm_name)
     siglip_config = vision_config(_read_config(vision_dir, "--vision"), vision_dir)
     tokenizer_files, image_token_id = image_tokenizer(lm_dir, lm_config["vocab_size"])
     reference_config = dmllm_config(lm_config, siglip_config, image_token_id)

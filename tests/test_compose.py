@@ -325,6 +325,8 @@ def test_compose_from_hf_ids_offline(parts, composed, tmp_path):
     assert set(a) == set(b) and all(np.array_equal(a[p], b[p]) for p in a)
     composed_from = checkpoint.read_json(dst, checkpoint.PROVENANCE_FILE)["composed"]
     assert composed_from["lm"] == "hf://tiny/llada" and str(cache) in composed_from["lm_dir"]
+    dmllm = checkpoint.read_json(dst, checkpoint.REFERENCE_CONFIG_FILE)
+    assert dmllm["language_model_config"]["_name_or_path"] == "tiny/llada"  # the id, not the snapshot's hash
 
 
 
