@@ -230,20 +230,23 @@ def compose(
     `lm` / `vision`: local folders, bucket URLs or `hf://ORG/NAME[@REVISION]` ids (`pdlm_jax.files`); `dst`: a
     folder or a bucket URL.
     """
+    # Configs and tokenizers first (from a Hub id: its small JSON files), so that a wrong id or component is an
+    # error before gigabytes of weights download.
+    lm_meta, vision_meta = local_directory(lm, "--lm", ("*.json",)), local_directory(vision, "--vision", ("*.json",))
+    lm_name = os.fspath(lm).removeprefix(HUB_PREFIX).split("@")[0] if os.fspath(lm).startswith(HUB_PREFIX) \
+        else Path(os.fspath(lm).rstrip("/")).name  # hf://ORG/NAME: ORG/NAME, as from_pretrained names it
+    lm_config = llada_hf_config(_read_config(lm_meta, "--lm"), lm_meta, lm_name)
+    siglip_config = vision_config(_read_config(vision_meta, "--vision"), vision_meta)
+    tokenizer_files, image_token_id = image_tokenizer(lm_meta, lm_config["vocab_size"])
+    reference_config = dmllm_config(lm_config, siglip_config, image_token_id)
+    cfg = PDLMConfig.from_reference(reference_config)
+
     lm_dir, vision_dir = local_directory(lm, "--lm"), local_directory(vision, "--vision")
     if not is_url(dst):
         dst = Path(dst).resolve()
         for flag, src in (("--lm", lm_dir), ("--vision", vision_dir)):
             if src.resolve() == dst or src.resolve() in dst.parents:
                 raise PDLMError(f"--dst {dst} must not be (inside) the {flag} directory {src}")
-    lm_name = os.fspath(lm).removeprefix(HUB_PREFIX).split("@")[0] if os.fspath(lm).startswith(HUB_PREFIX) \
-        else Path(os.fspath(lm).rstrip("/")).name  # hf://ORG/NAME: ORG/NAME, as from_pretrained names it
-    lm_config = llada_hf_config(_read_config(lm_dir, "--lm"), lm_dir, lm_name)
-    siglip_config = vision_config(_read_config(vision_dir, "--vision"), vision_dir)
-    tokenizer_files, image_token_id = image_tokenizer(lm_dir, lm_config["vocab_size"])
-    reference_config = dmllm_config(lm_config, siglip_config, image_token_id)
-    cfg = PDLMConfig.from_reference(reference_config)
-
     lm_mapped, lm_ignored, lm_files = _component(lm_dir, "lm", "--lm", cfg)
     vision_mapped, vision_ignored, vision_files = _component(vision_dir, "vision", "--vision", cfg)
     ref = ReferenceCheckpoint(lm_dir, cfg, reference_config, (*lm_files, *vision_files),

@@ -77,21 +77,22 @@ def _check_filesystem(scheme: str, url: str) -> None:
         raise PDLMError(f"{url}: {scheme}:// paths need the {package} package, which is not installed: {how}")
 
 
-def local_directory(path: str | os.PathLike, flag: str = "path") -> Path:
+def local_directory(path: str | os.PathLike, flag: str = "path", hub_patterns: tuple[str, ...] = HUB_PATTERNS
+                    ) -> Path:
     """A local folder holding the files of `path`: the folder itself (local or file://), the snapshot of a
-    Hugging Face repository (`hf://ORG/NAME[@REVISION]`), or a cached copy of a bucket folder (`gs://...`).
-    `flag` names the argument in error messages."""
+    Hugging Face repository (`hf://ORG/NAME[@REVISION]`; only its files matching `hub_patterns`), or a cached
+    copy of a bucket folder (`gs://...`). `flag` names the argument in error messages."""
     text = os.fspath(path)
     if text.startswith(HUB_PREFIX):
-        return hub_snapshot(text, flag)
+        return hub_snapshot(text, flag, hub_patterns)
     if is_url(text):
         return bucket_copy(text, flag)
     return Path(os.fspath(as_path(text)))
 
 
-def hub_snapshot(ref: str, flag: str = "path") -> Path:
-    """The local snapshot of `hf://ORG/NAME[@REVISION]` (HUB_PATTERNS only) from huggingface_hub's cache,
-    downloading what is missing unless HF_HUB_OFFLINE=1."""
+def hub_snapshot(ref: str, flag: str = "path", patterns: tuple[str, ...] = HUB_PATTERNS) -> Path:
+    """The local snapshot of `hf://ORG/NAME[@REVISION]` (its files matching `patterns`) from huggingface_hub's
+    cache, downloading what is missing unless HF_HUB_OFFLINE=1."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -100,7 +101,7 @@ def hub_snapshot(ref: str, flag: str = "path") -> Path:
     if repo.count("/") != 1 or not all(repo.split("/")) or ("@" in ref and not revision):
         raise PDLMError(f"{flag} {ref}: a Hugging Face id is hf://ORG/NAME or hf://ORG/NAME@REVISION")
     try:
-        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=list(HUB_PATTERNS)))
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=list(patterns)))
     except LocalEntryNotFoundError as e:
         if constants.HF_HUB_OFFLINE:
             raise PDLMError(f"{flag} {ref}: not in the Hugging Face cache {constants.HF_HUB_CACHE} and "
