@@ -41,9 +41,7 @@ def as_path(path: str | os.PathLike) -> epath.Path:
     """A user-given path as an absolute epath.Path: `file://` URLs become local paths (Orbax needs absolute
     paths); bucket URLs (`gs://...`) are kept (pathlib would turn them into a local `gs:/bucket` folder), and
     a PDLMError says which package to install when their filesystem is missing."""
-    text = os.fspath(path)
-    if text.startswith("file://"):
-        text = text[len("file://"):]
+    text = os.fspath(path).removeprefix("file://")
     if text.startswith(HUB_PREFIX):
         raise PDLMError(f"{text}: a Hugging Face id names a whole model folder; give it where a checkpoint "
                         "directory is expected (pdlm-convert --src/--lm/--vision, init_from, pdlm_jax.load)")

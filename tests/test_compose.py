@@ -23,11 +23,9 @@ from safetensors.numpy import load_file, save_file
 
 from convert import cli
 from convert.compose import compose, init_projector
-from convert.export import export
 from helpers import ROOT, fixture_dir, hub_cache, load_reference_tree
 from pdlm_jax import checkpoint
 from pdlm_jax.config import PDLMConfig
-from pdlm_jax.errors import PDLMError
 
 # The Base fixture's tiny sizes (SPEC-base §B8), so the composed model runs with the fixture's tokenizer.
 LM = dict(vocab_size=402, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
