@@ -131,6 +131,23 @@ def test_checkpoint_written_to_and_loaded_from_a_bucket(converted, cache, monkey
     assert not (cache / "staging").exists() or not any((cache / "staging").iterdir())
 
 
+def test_training_data_from_a_bucket(tmp_path, annotation_file):
+    """Annotation files and their images on a bucket read through fsspec (the real epath backend, not a mock)."""
+    import numpy as np
+    from PIL import Image
+
+    from train import data
+
+    annotation_file(tmp_path / "ann.json", seed=11, num_shapes=1, caption="zebra", copies=2)
+    with memory_bucket():
+        for name in ("ann.json", "img.png"):
+            files._copy_file(tmp_path / name, as_path(f"gs://data/set/{name}"))
+        source = data.AnnotationSource(["gs://data/set/ann.json"])
+        assert len(source) == 2 and source[1].captions == ["zebra"] and source[1].masks[0].any()
+        with Image.open(tmp_path / "img.png") as local:
+            assert np.array_equal(np.asarray(source[1].image), np.asarray(local))
+
+
 def test_load_from_a_hub_id_offline(converted, tmp_path, monkeypatch):
     """pdlm_jax.load("hf://ORG/NAME") on a Hub repository holding a pdlm-jax checkpoint, from the cache, offline;
     a repository holding a reference-format checkpoint is sent to pdlm-convert, which converts it from its id."""
