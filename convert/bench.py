@@ -1,10 +1,12 @@
-"""Conversion benchmark: `python -m convert.bench --scale 0.02 0.1 [--lm-layers N] [--vision-layers N]`.
+"""Conversion benchmark: `python -m convert.bench --scale 0.02 0.1 [--lm-layers N] [--vision-layers N] [--compose]`.
 
 For each scale, writes a synthetic bf16 checkpoint in the released key layout (every tensor of the
 9.2B model, text tower included; widths multiplied by sqrt(scale) so the parameter count is about
 scale x 9.2B, layer counts kept unless overridden), converts it in a child process, and reports time,
 GB/s and the child's peak RSS next to the largest stacked parameter array (the memory target is
-peak RSS <= largest stacked array + 1 GB). Prints a table and writes JSON.
+peak RSS <= largest stacked array + 1 GB). Prints a table and writes JSON. With --compose the same tensors
+are written as the two components (a LLaDA folder with Hugging Face names, a SiglipModel folder) and the
+child runs `pdlm-convert --compose` on them instead.
 """
 
 from __future__ import annotations
@@ -90,10 +92,11 @@ def reference_layout(cfg: PDLMConfig, text_vocab: int = TEXT_VOCAB, text_layers:
     return out
 
 
-def write_synthetic(cfg: PDLMConfig, directory: Path, shard_bytes: int, text_vocab: int) -> int:
-    """A bf16 reference-format checkpoint for `cfg` with arbitrary finite values; returns its bytes."""
+def write_tensors(directory: Path, shapes: dict[str, tuple[int, ...]], shard_bytes: int, config: dict) -> int:
+    """A bf16 safetensors folder (shards + index + config.json) holding `shapes` with arbitrary finite values;
+    returns its bytes."""
     directory.mkdir(parents=True)
-    entries = [Entry(n, "BF16", s) for n, s in reference_layout(cfg, text_vocab).items()]
+    entries = [Entry(n, "BF16", s) for n, s in shapes.items()]
     shards = plan_shards(entries, shard_bytes)
     files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     # One random block reused everywhere: content does not matter (no compression), writing speed does.
@@ -111,9 +114,35 @@ def write_synthetic(cfg: PDLMConfig, directory: Path, shard_bytes: int, text_voc
     index = {"metadata": {"total_size": sum(e.nbytes for e in entries)},
              "weight_map": {e.name: f for f, shard in zip(files, shards) for e in shard}}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    (directory / "config.json").write_text(json.dumps(reference_config(cfg), indent=1))
-    (directory / "tokenizer.json").write_text("{}\n")  # placeholder: the converter only copies it
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
     return sum(e.nbytes for e in entries)
+
+
+def write_synthetic(cfg: PDLMConfig, directory: Path, shard_bytes: int, text_vocab: int) -> int:
+    """A bf16 reference-format checkpoint for `cfg` with arbitrary finite values; returns its bytes."""
+    size = write_tensors(directory, reference_layout(cfg, text_vocab), shard_bytes, reference_config(cfg))
+    (directory / "tokenizer.json").write_text("{}\n")  # placeholder: the converter only copies it
+    return size
+
+
+def write_components(cfg: PDLMConfig, workdir: Path, shard_bytes: int, text_vocab: int) -> tuple[Path, Path, int]:
+    """The reference checkpoint's LM and vision tensors as the component folders `--compose` takes: LLaDA with
+    Hugging Face names and a minimal tokenizer, SiglipModel with its text tower. Returns (lm, vision, bytes)."""
+    from tokenizers import Tokenizer, models
+
+    layout, config = reference_layout(cfg, text_vocab), reference_config(cfg)
+    parts = {}
+    for prefix, folder in (("language_model.", "lm"), ("vision_model.", "vision")):
+        parts[folder] = {n.removeprefix(prefix): s for n, s in layout.items() if n.startswith(prefix)}
+    lm, vision = workdir / "lm", workdir / "vision"
+    size = write_tensors(lm, parts["lm"], shard_bytes, config["language_model_config"])
+    size += write_tensors(vision, parts["vision"], shard_bytes, {
+        "model_type": "siglip", "vision_config": config["vision_model_config"]["vision_config"],
+        "text_config": {"vocab_size": text_vocab, "hidden_size": cfg.vision.hidden_size}})
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tokenizer.add_special_tokens(["<|mdm_mask|>", "<|eot_id|>"])
+    tokenizer.save(str(lm / "tokenizer.json"))
+    return lm, vision, size
 
 
 def run_child(args: list[str]) -> tuple[float, str, int]:
@@ -130,17 +159,24 @@ def run_child(args: list[str]) -> tuple[float, str, int]:
     return seconds, stdout, usage.ru_maxrss * 1024  # ru_maxrss is KiB on Linux
 
 
-def bench_one(scale: float, workdir: Path, lm_layers: int | None, vision_layers: int | None) -> dict:
+def bench_one(scale: float, workdir: Path, lm_layers: int | None, vision_layers: int | None,
+              compose: bool = False) -> dict:
     cfg = scaled_config(scale, lm_layers, vision_layers)
     src, dst = workdir / f"ref-{scale}", workdir / f"ours-{scale}"
     shapes = keymap.expected_shapes(cfg)
     nparams = sum(math.prod(s) for s in shapes.values())
-    source_bytes = write_synthetic(cfg, src, shard_bytes=max(64 * 2**20, int(4e9 * scale)),
-                                   text_vocab=_round(TEXT_VOCAB * math.sqrt(scale), 64))
-    wall, stdout, rss = run_child(["-m", "convert", "--src", str(src), "--dst", str(dst)])
+    shard_bytes, text_vocab = max(64 * 2**20, int(4e9 * scale)), _round(TEXT_VOCAB * math.sqrt(scale), 64)
+    if compose:
+        lm, vision, source_bytes = write_components(cfg, src, shard_bytes, text_vocab)
+        command = ["--compose", "--lm", str(lm), "--vision", str(vision), "--dtype", "bfloat16"]
+    else:
+        source_bytes = write_synthetic(cfg, src, shard_bytes, text_vocab)
+        command = ["--src", str(src)]
+    wall, stdout, rss = run_child(["-m", "convert", *command, "--dst", str(dst)])
     seconds = float(re.search(r"time: ([\d.]+) s", stdout).group(1))  # convert()'s own timing, no imports
     stacked = max(math.prod(s) for t, s in shapes.items() if "/layers/" in t) * 2
     out = {
+        "mode": "compose" if compose else "convert",
         "scale": scale,
         "parameters": nparams,
         "source_gb": source_bytes / 1e9,
@@ -164,18 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lm-layers", type=int, help="override the LM layer count (32)")
     p.add_argument("--vision-layers", type=int, help="override the vision layer count (27)")
     p.add_argument("--workdir", type=Path, help="where to write the synthetic checkpoints (default: a temp dir)")
+    p.add_argument("--compose", action="store_true",
+                   help="benchmark pdlm-convert --compose on the same tensors split into LLaDA + SigLIP folders")
     p.add_argument("--json", type=Path, default=Path("bench_convert.json"), help="output JSON file")
     args = p.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pdlm-convert-bench-"))
     # Fixed cost of the child: interpreter + numpy + JAX + Orbax imports.
     _, _, base_rss = run_child(["-c", "import convert.writer"])
-    rows = [bench_one(s, workdir, args.lm_layers, args.vision_layers) for s in args.scale]
+    rows = [bench_one(s, workdir, args.lm_layers, args.vision_layers, args.compose) for s in args.scale]
     if not args.workdir:
         shutil.rmtree(workdir)
-    head = ("scale", "params", "out GB", "seconds", "GB/s", "peak RSS GB", "largest stacked GB", "RSS - stacked GB")
+    head = ("mode", "scale", "params", "out GB", "seconds", "GB/s", "peak RSS GB", "largest stacked GB", "RSS - stacked GB")
     print(" | ".join(head))
     for r in rows:
-        print(" | ".join([f"{r['scale']:g}", f"{r['parameters'] / 1e9:.3f}B", f"{r['output_gb']:.2f}",
+        print(" | ".join([r["mode"], f"{r['scale']:g}", f"{r['parameters'] / 1e9:.3f}B", f"{r['output_gb']:.2f}",
                           f"{r['seconds']:.1f}", f"{r['gb_per_s']:.3f}", f"{r['peak_rss_gb']:.2f}",
                           f"{r['largest_stacked_gb']:.2f}", f"{r['peak_rss_gb'] - r['largest_stacked_gb']:.2f}"]))
     print(f"(child baseline RSS after imports: {base_rss / 1e9:.2f} GB)")

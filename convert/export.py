@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import time
@@ -23,7 +24,7 @@ from convert.safetensors_file import NUMPY_DTYPES, Entry, FileWriter, copy_raw, 
 from pdlm_jax import checkpoint, keymap
 from pdlm_jax.config import DTYPES, PDLMConfig
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.files import atomic_directory
+from pdlm_jax.files import atomic_directory, is_url, uploaded_on_success
 
 MAX_SHARD_BYTES = 4 * 10**9  # the reference saved with max_shard_size='4GB'
 
@@ -125,6 +126,9 @@ def export(
     'float32' casts everything.
     """
     start = time.perf_counter()
+    if is_url(dst):  # written locally, uploaded when complete
+        with uploaded_on_success(os.fspath(dst), force, last="config.json") as local:
+            return export(src, local, dtype=dtype, force=force, max_shard_bytes=max_shard_bytes, log=log)
     src, dst = Path(src).resolve(), Path(dst).resolve()
     if src == dst or src in dst.parents:
         raise PDLMError(f"--dst {dst} must not be (inside) the checkpoint directory {src}")

@@ -51,12 +51,14 @@ def _list(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _read_weights(directory: Path) -> tuple[dict[str, TensorInfo], tuple[Path, ...]]:
+def read_weights(directory: Path, what: str = "--src at a reference PerceptionDLM checkpoint directory"
+                 ) -> tuple[dict[str, TensorInfo], tuple[Path, ...]]:
+    """Every tensor of a safetensors checkpoint directory (index + shards, or one file), from headers alone,
+    and its weight files in reading order; `what` says where the flag should point."""
     index_path, single = directory / INDEX_FILE, directory / SINGLE_FILE
     if not index_path.exists():
         if not single.exists():
-            raise PDLMError(f"{directory} has neither {INDEX_FILE} nor {SINGLE_FILE}; point --src at a reference "
-                            "PerceptionDLM checkpoint directory")
+            raise PDLMError(f"{directory} has neither {INDEX_FILE} nor {SINGLE_FILE}; point {what}")
         return read_header(single), (single,)
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -99,8 +101,19 @@ def open_reference(directory: str | Path) -> ReferenceCheckpoint:
                         "config.json saved with its weights")
     cfg = PDLMConfig.from_reference_file(config_path)
     reference_config = json.loads(config_path.read_text())
-    tensors, files = _read_weights(directory)
+    tensors, files = read_weights(directory)
 
+    mapped, ignored = map_tensors(cfg, tensors, keymap.reference_names(cfg), directory, config_path)
+    return ReferenceCheckpoint(directory, cfg, reference_config, files, mapped, ignored)
+
+
+def map_tensors(cfg: PDLMConfig, tensors: dict[str, TensorInfo], expected, directory: Path, config_path: Path
+                ) -> tuple[dict, dict]:
+    """(mapped, ignored): `tensors` (by reference name) placed in our tree by `keymap`, checked against `cfg`.
+
+    PDLMError for a name the layout does not know, a name of `expected` that is absent, a shape `cfg` does not
+    imply or a dtype we cannot read; `directory` and `config_path` are named in the message.
+    """
     mapped, ignored, unexpected = {}, {}, []
     for name, info in tensors.items():
         m = keymap.match(cfg, name)
@@ -112,11 +125,10 @@ def open_reference(directory: str | Path) -> ReferenceCheckpoint:
             mapped[name] = (info, m)
     if unexpected:
         where = tensors[unexpected[0]].file
-        raise PDLMError(f"unexpected tensor(s) {_list(sorted(unexpected))} (e.g. in {where}): not part of the "
-                        f"PerceptionDLM layout for the architecture in {config_path}; check that config.json "
-                        "belongs to these weights (layer counts) or remove the stray tensors")
+        raise PDLMError(f"unexpected tensor(s) {_list(sorted(tensors[n].name for n in unexpected))} (e.g. in "
+                        f"{where}): not part of the PerceptionDLM layout for the architecture in {config_path}; "
+                        "check that config.json belongs to these weights (layer counts) or remove the stray tensors")
 
-    expected = keymap.reference_names(cfg)
     missing = [n for n in expected if n not in mapped]
     if missing:
         raise PDLMError(f"missing tensor(s) {_list(missing)} in {directory}: the checkpoint is incomplete; "
@@ -127,9 +139,9 @@ def open_reference(directory: str | Path) -> ReferenceCheckpoint:
         ours = shapes[m.target][1:] if m.layer is not None else shapes[m.target]
         want = reference_shape(tuple(ours), m.transform)
         if info.shape != want:
-            raise PDLMError(f"tensor {name} in {info.file} has shape {list(info.shape)}, but {config_path} implies "
-                            f"{list(want)}; the weights and config.json are from different models")
+            raise PDLMError(f"tensor {info.name} in {info.file} has shape {list(info.shape)}, but {config_path} "
+                            f"implies {list(want)}; the weights and config.json are from different models")
         if info.dtype not in NUMPY_DTYPES:
-            raise PDLMError(f"tensor {name} in {info.file} has dtype {info.dtype}; supported dtypes are "
+            raise PDLMError(f"tensor {info.name} in {info.file} has dtype {info.dtype}; supported dtypes are "
                             f"{', '.join(NUMPY_DTYPES)}: re-save the checkpoint in bf16 or float32")
-    return ReferenceCheckpoint(directory, cfg, reference_config, files, mapped, ignored)
+    return mapped, ignored

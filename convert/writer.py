@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,6 +22,7 @@ from convert.safetensors_file import Entry, FileWriter, TensorInfo, copy_raw, te
 from pdlm_jax import checkpoint, keymap
 from pdlm_jax.config import DTYPES
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.files import is_url, uploaded_on_success
 
 CONVERTER_VERSION = "1"
 
@@ -86,12 +88,12 @@ def resolve_dtype(ref: ReferenceCheckpoint, name: str) -> np.dtype:
 
 
 def _write_unused(ref: ReferenceCheckpoint, path: Path) -> None:
-    infos = [ref.ignored[n][0] for n in sorted(ref.ignored)]
-    writer = FileWriter(path, [Entry(i.name, i.dtype, i.shape) for i in infos])
+    names = sorted(ref.ignored)
+    writer = FileWriter(path, [Entry(n, ref.ignored[n][0].dtype, ref.ignored[n][0].shape) for n in names])
     try:
-        for info in infos:
-            copy_raw(info, writer.seek(info.name))
-            writer.check(info.name)
+        for name in names:
+            copy_raw(ref.ignored[name][0], writer.seek(name))
+            writer.check(name)
     finally:
         writer.close()
 
@@ -105,39 +107,73 @@ def convert(
     keep_unused: bool = False,
     log: Callable[[str], None] = lambda s: None,
 ) -> Summary:
-    """Convert the reference checkpoint in `src` into our checkpoint directory `dst` (atomically)."""
-    start = time.perf_counter()
-    src, dst = Path(src).resolve(), Path(dst).resolve()
-    if src == dst or src in dst.parents:
-        raise PDLMError(f"--dst {dst} must not be (inside) the source directory {src}")
+    """Convert the reference checkpoint in `src` into our checkpoint directory `dst` (atomically; a bucket URL:
+    uploaded when complete)."""
+    src = Path(src).resolve()
+    if not is_url(dst):
+        dst = Path(dst).resolve()
+        if src == dst or src in dst.parents:
+            raise PDLMError(f"--dst {dst} must not be (inside) the source directory {src}")
     ref = open_reference(src)  # validates everything before any output exists
-    cfg, out_dtype = ref.config, resolve_dtype(ref, dtype)
     if not (src / "tokenizer.json").exists():
         raise PDLMError(f"{src} has no tokenizer.json; copy the reference tokenizer files next to the weights")
-    shapes = keymap.expected_shapes(cfg)
-    sources = ref.leaf_sources()
+    tokenizer = [src / name for name in checkpoint.TOKENIZER_FILES if (src / name).exists()]
+    side_files = {p.name: p.read_bytes() for p in tokenizer}
+    side_files[checkpoint.REFERENCE_CONFIG_FILE] = (src / "config.json").read_bytes()
+    sources = [src / "config.json", *ref.files, *tokenizer]
+    return write(ref, dst, dtype=dtype, force=force, keep_unused=keep_unused, log=log, side_files=side_files,
+                 sources=sources, provenance={"source_dir": str(src)})
 
+
+def write(
+    ref: ReferenceCheckpoint,
+    dst: str | Path,
+    *,
+    dtype: str,
+    force: bool,
+    keep_unused: bool,
+    log: Callable[[str], None],
+    side_files: dict[str, bytes],
+    sources: list[Path],
+    provenance: dict,
+    initialised: dict[str, np.ndarray] | None = None,
+) -> Summary:
+    """Write our checkpoint `dst` (atomically) from the validated source tensors of `ref`: every leaf built from
+    its source tensors, or taken from `initialised` (leaves no source holds); `side_files` (name -> bytes) are
+    written beside the params, and `sources` are hashed into provenance.json. A bucket URL `dst` is written
+    locally and uploaded, provenance.json (the mark of a complete checkpoint) last."""
+    if is_url(dst):
+        with uploaded_on_success(os.fspath(dst), force, last=checkpoint.PROVENANCE_FILE) as local:
+            return write(ref, local, dtype=dtype, force=force, keep_unused=keep_unused, log=log,
+                         side_files=side_files, sources=sources, provenance=provenance, initialised=initialised)
+    start = time.perf_counter()
+    cfg, out_dtype = ref.config, resolve_dtype(ref, dtype)
+    initialised = initialised or {}
+    shapes = keymap.expected_shapes(cfg)
+    leaf_sources = ref.leaf_sources()
     with checkpoint.checkpoint_writer(dst, force) as out:
-        side_files = out.copy_tokenizer(src)
         # Hash the sources on a second thread while converting (hashlib releases the GIL).
         pool = concurrent.futures.ThreadPoolExecutor(1)
         try:
-            digests = {p.name: pool.submit(sha256, p) for p in [src / "config.json", *ref.files, *side_files]}
+            digests = {str(p): pool.submit(sha256, p) for p in sources}
             for i, (target, shape) in enumerate(shapes.items()):
                 log(f"[{i + 1}/{len(shapes)}] {target} {list(shape)}")
-                out.params.add(target, build_leaf(tuple(shape), sources[target], out_dtype))
-            source_files = {name: {"sha256": d.result(), "bytes": (src / name).stat().st_size}
-                            for name, d in digests.items()}
+                leaf = (initialised[target].astype(out_dtype) if target in initialised
+                        else build_leaf(tuple(shape), leaf_sources[target], out_dtype))
+                out.params.add(target, leaf)
+            source_files = {_short_name(p, sources): {"sha256": d.result(), "bytes": Path(p).stat().st_size}
+                            for p, d in digests.items()}
         finally:
             pool.shutdown(wait=False, cancel_futures=True)  # a failed run does not wait for the hashes
         if keep_unused and ref.ignored:
             _write_unused(ref, Path(out.dir) / checkpoint.UNUSED_FILE)
         out.write_config(cfg)
-        out.write(checkpoint.REFERENCE_CONFIG_FILE, (src / "config.json").read_bytes())
+        for name, data in side_files.items():
+            out.write(name, data)
         provenance = {
             "converter": "pdlm-convert",
             "converter_version": CONVERTER_VERSION,
-            "source_dir": str(src),
+            **provenance,
             "source_files": source_files,
             "dtype": out_dtype.name,
             # Per-tensor source dtype, so export can write each tensor back exactly as it came.
@@ -152,3 +188,9 @@ def convert(
                    leaves=len(shapes), parameters=parameters, bytes=parameters * out_dtype.itemsize,
                    dtype=out_dtype.name, seconds=time.perf_counter() - start)
 
+
+def _short_name(path: str, sources: list[Path]) -> str:
+    """A source file's name in provenance.json: its file name, or its path when sources share a name (the
+    config.json of two components)."""
+    names = [Path(p).name for p in sources]
+    return Path(path).name if names.count(Path(path).name) == 1 else str(path)

@@ -283,7 +283,11 @@ class RegionCaptioner:
 def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilation_cache: str | Path | None = None,
          mesh: str | dict | Mesh | None = None, attention: str = "auto", adapter: str | Path | None = None,
          quantize: str | None = None) -> RegionCaptioner:
-    """Load a checkpoint converted by `pdlm-convert` (config, weights, tokenizer) for region captioning.
+    """Load a checkpoint converted by `pdlm-convert` (config, weights, tokenizer) for region captioning (or, for
+    a PerceptionDLM-Base checkpoint, question answering). `checkpoint_dir`: a folder, a bucket URL (`gs://...`,
+    copied into a local cache once) or `hf://ORG/NAME[@REVISION]` of a Hub repository that holds a pdlm-jax
+    checkpoint (a reference-format repository such as MSALab/PerceptionDLM is converted with
+    `pdlm-convert --src hf://...` first).
 
     With no argument: the embedded demo model (`DEMO_MODEL`). The handle's gen_length / steps defaults come
     from the checkpoint's sampler.json, as in pdlm-infer.
@@ -300,6 +304,11 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     """
     from pdlm_jax.checkpoint import (SAMPLER_FILE, load_config, nest, params_metadata, read_sampler,
                                      restore_params, sampler_defaults, tokenizer_path)
+    from pdlm_jax.files import local_directory
+
+    # A bucket URL or hf:// id becomes a local folder once (a cached copy / the Hub snapshot).
+    checkpoint_dir = local_directory(checkpoint_dir, "checkpoint")
+    adapter = None if adapter is None else local_directory(adapter, "adapter")
 
     if dtype == "auto":
         stored = {np.dtype(d) for _, d in params_metadata(checkpoint_dir).values()}

@@ -37,7 +37,7 @@ import pdlm_jax
 from pdlm_jax import keymap
 from pdlm_jax.config import PDLMConfig, SamplerConfig, check_remasking
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.files import as_path, is_url, replace_directory
+from pdlm_jax.files import as_path, is_url, local_directory, replace_directory
 from pdlm_jax.trees import flatten, nest
 
 CONFIG_FILE = "config.json"
@@ -193,7 +193,9 @@ def _sync(name: str) -> None:
 # ---- reading -------------------------------------------------------------------------------------
 
 def _require_checkpoint(ckpt_dir: str | Path) -> Path:
-    ckpt_dir = Path(ckpt_dir).absolute()  # Orbax needs absolute paths
+    """The local folder of a checkpoint given as a folder, a bucket URL or an hf:// id (`files.local_directory`),
+    checked to be ours."""
+    ckpt_dir = local_directory(ckpt_dir, "checkpoint").absolute()  # Orbax needs absolute paths
     if not ckpt_dir.is_dir():
         raise PDLMError(f"checkpoint directory {ckpt_dir} does not exist; {_CONVERT_HINT}")
     config = ckpt_dir / CONFIG_FILE
@@ -311,7 +313,7 @@ def iter_leaves(ckpt_dir: str | Path, paths: list[str], batch_bytes: int = 256 *
 
 def read_json(ckpt_dir: str | Path, name: str) -> dict | None:
     """A JSON side file of the checkpoint (provenance, reference config), or None if absent."""
-    path = Path(ckpt_dir) / name
+    path = local_directory(ckpt_dir, "checkpoint") / name
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -322,7 +324,7 @@ def read_sampler(ckpt_dir: str | Path) -> dict:
     """
     values = read_json(ckpt_dir, SAMPLER_FILE) or {}
     if "remasking" in values:
-        check_remasking(values["remasking"], str(Path(ckpt_dir) / SAMPLER_FILE))
+        check_remasking(values["remasking"], f"{ckpt_dir}/{SAMPLER_FILE}")
     return values
 
 

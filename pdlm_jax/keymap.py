@@ -88,6 +88,40 @@ IGNORED: tuple[str, ...] = (
 )
 
 
+# Components composed into a Base checkpoint (`pdlm-convert --compose`, SPEC-train-base T3.2): each tensor's
+# reference name from its name in the component's own checkpoint, as (pattern, replacement) pairs tried in
+# order. LLaDA comes with Hugging Face names (LLaDA-8B-Instruct-HF, the output of the reference's
+# scripts/convert.py) or with the original OLMo-style names, renamed as that script does (SPEC §12); SigLIP as
+# a SiglipModel (text tower and logit scalars too, then ignored) or a SiglipVisionModel.
+_OLMO_BLOCK = r"model\.transformer\.blocks\.(\d+)\."
+_HF_LAYER = r"language_model.model.layers.\1."
+COMPONENT_RULES: dict[str, tuple[tuple[str, str], ...]] = {
+    "lm": (
+        (r"model\.transformer\.wte\.weight", "language_model.model.embed_tokens.weight"),
+        (r"model\.transformer\.ln_f\.weight", "language_model.model.norm.weight"),
+        (r"model\.transformer\.ff_out\.weight", "language_model.lm_head.weight"),
+        (_OLMO_BLOCK + r"attn_norm\.weight", _HF_LAYER + "input_layernorm.weight"),
+        (_OLMO_BLOCK + r"ff_norm\.weight", _HF_LAYER + "post_attention_layernorm.weight"),
+        (_OLMO_BLOCK + r"(q_proj|k_proj|v_proj)\.weight", _HF_LAYER + r"self_attn.\2.weight"),
+        (_OLMO_BLOCK + r"attn_out\.weight", _HF_LAYER + "self_attn.o_proj.weight"),
+        (_OLMO_BLOCK + r"ff_proj\.weight", _HF_LAYER + "mlp.gate_proj.weight"),
+        (_OLMO_BLOCK + r"up_proj\.weight", _HF_LAYER + "mlp.up_proj.weight"),
+        (_OLMO_BLOCK + r"ff_out\.weight", _HF_LAYER + "mlp.down_proj.weight"),
+        (r"(model\.(?!transformer\.).+|lm_head\.weight)", r"language_model.\1"),
+    ),
+    "vision": ((r"(vision_model\..+|text_model\..+|logit_scale|logit_bias)", r"vision_model.\1"),),
+}
+_COMPONENT_COMPILED = {c: tuple((re.compile(p), r) for p, r in rules) for c, rules in COMPONENT_RULES.items()}
+
+
+def component_reference_name(component: str, name: str) -> str | None:
+    """The reference name of tensor `name` of a "lm" or "vision" component checkpoint; None if unknown."""
+    for rx, replacement in _COMPONENT_COMPILED[component]:
+        if m := rx.fullmatch(name):
+            return m.expand(replacement)
+    return None
+
+
 def expected_shapes(cfg: PDLMConfig) -> dict[str, tuple[int, ...]]:
     """Shape of every leaf of our parameter tree for `cfg` (the contract between model and converter), read
     from the model (`pdlm_jax.modeling.param_layout`)."""

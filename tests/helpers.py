@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -112,3 +113,57 @@ def fake_devices_env(devices: int) -> dict[str, str]:
     return dict(os.environ, JAX_PLATFORMS="cpu",
                 XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *FAST_COMPILE]),
                 PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+
+
+@contextlib.contextmanager
+def memory_bucket():
+    """gs:// served by fsspec's in-memory filesystem (no network, no gcsfs): etils epath reads and writes
+    gs:// paths through fsspec, which here finds this stand-in. Emptied and unregistered on exit."""
+    import fsspec
+    from etils.epath import backend
+    from fsspec.implementations.memory import MemoryFileSystem
+    from fsspec.registry import _registry as registry  # fsspec has no unregister
+
+    class MemoryBucket(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+        store: dict = {}  # its own store, not MemoryFileSystem's
+        pseudo_dirs = [""]
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            path = str(path)
+            for prefix in ("gs://", "gcs://"):
+                path = path.removeprefix(prefix)
+            return super()._strip_protocol(path)
+
+    saved = {name: registry.get(name) for name in MemoryBucket.protocol}
+    for name in MemoryBucket.protocol:
+        fsspec.register_implementation(name, MemoryBucket, clobber=True)
+    type(backend.fsspec_backend)._get_filesystem.cache_clear()  # etils caches the filesystem per scheme
+    try:
+        yield MemoryBucket.store
+    finally:
+        for name, cls in saved.items():
+            registry.pop(name, None) if cls is None else registry.__setitem__(name, cls)
+        type(backend.fsspec_backend)._get_filesystem.cache_clear()
+
+
+def hub_cache(root: Path, repos: dict[str, Path]) -> Path:
+    """A Hugging Face cache laid out as huggingface_hub lays it out: models--ORG--NAME/{blobs/<hash>,
+    snapshots/<commit>/<path> -> blobs/<hash> (relative links), refs/main = <commit>}, one repo per folder."""
+    import hashlib
+
+    for repo_id, folder in repos.items():
+        repo = root / ("models--" + repo_id.replace("/", "--"))
+        commit = hashlib.sha1(repo_id.encode()).hexdigest()
+        (repo / "blobs").mkdir(parents=True)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            data = file.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.write_bytes(data)
+            link = repo / "snapshots" / commit / file.relative_to(folder)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    return root

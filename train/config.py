@@ -120,10 +120,12 @@ class TrainConfig:
         return PDLMConfig.from_dict(_merge(base.to_dict(), m.config))
 
     def tokenizer_dir(self) -> str:
+        from pdlm_jax.files import local_directory
+
         path = self.model.tokenizer or self.model.init_from
         if not path:
             raise PDLMError("model.tokenizer: give the directory holding tokenizer.json")
-        return path
+        return str(local_directory(path, "model.tokenizer"))  # a bucket folder or hf:// id: its local copy
 
     def sampler(self) -> SamplerConfig | None:
         return SamplerConfig(**self.model.sampler) if self.model.sampler else None
