@@ -31,7 +31,10 @@ def configure(flag: str | os.PathLike | None = None) -> str | None:
     from pdlm_jax.pipeline import enable_compilation_cache
 
     if flag is None:
-        flag = os.environ.get(ENV) or jax.config.jax_compilation_cache_dir or default_dir()
+        flag = os.environ.get(ENV)
+    if flag is None and jax.config.jax_compilation_cache_dir:  # already configured: leave JAX's settings alone
+        return jax.config.jax_compilation_cache_dir
+    flag = default_dir() if flag is None else flag
     if str(flag) == OFF:
         return None
     enable_compilation_cache(str(flag))

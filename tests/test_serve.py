@@ -52,7 +52,7 @@ def server(tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "infer.serve", "--port", str(port), "--max-batch", "2",
                                  "--batch-wait-ms", "50", "--max-body-bytes", str(MAX_BODY), "--max-image-pixels",
-                                 str(MAX_PIXELS)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+                                 str(MAX_PIXELS), "--warmup-masks", "1"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
