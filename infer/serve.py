@@ -55,15 +55,17 @@ class Job:
     masks: list[np.ndarray] | None
     settings: dict
     warnings: list[str] = dataclasses.field(default_factory=list)
+    regions: tuple[int, ...] = ()  # the padded region count of each pass (its program's bucket)
 
     @property
     def group(self) -> tuple:
-        """Jobs with equal groups share one caption_batch call and each gets exactly its result alone. The
-        threshold sampler's forward count is the batch's (it runs until every row is done), so it runs alone;
-        so does a question (the Base sampler runs one question per call)."""
+        """Jobs with equal groups share one caption_batch call and each gets exactly its result alone: their
+        passes fall in the same buckets, whose padded regions are no-ops. The threshold sampler's forward
+        count is the batch's (it runs until every row is done), so it runs alone; so does a question (the
+        Base sampler runs one question per call)."""
         if self.masks is None or self.settings["unmask"].startswith("threshold"):
             return (id(self),)
-        return (len(self.masks), *sorted(self.settings.items()))
+        return (self.regions, *sorted(self.settings.items()))
 
 
 def _decode_base64(text: str, what: str) -> bytes:
@@ -202,7 +204,7 @@ class Service:
     def make_job(self, image: Image.Image, masks: list, settings: dict) -> Job:
         """Check masks (any `load_masks` input) and settings (missing ones: the defaults) before queueing."""
         from pdlm_jax.api import check_settings
-        from pdlm_jax.pipeline import Mode
+        from pdlm_jax.pipeline import REGION_BUCKETS, Mode
         from pdlm_jax.regions.masks import load_masks
 
         self.check_mask_count(len(masks))
@@ -216,7 +218,11 @@ class Service:
                        len(masks), self.captioner.cfg.region.prompt_numbers)
         Mode.parse(settings["cache"], settings["unmask"])
         self.captioner.limits.check_caption(len(masks), settings["gen_length"], settings["question"], image.size)
-        return Job(image, masks, settings, warnings)
+        per_pass = self.captioner.cfg.region.prompt_numbers
+        sizes = [r for r in REGION_BUCKETS if r < per_pass] + [per_pass]
+        regions = tuple(next(r for r in sizes if r >= min(per_pass, len(masks) - c))
+                        for c in range(0, len(masks), per_pass))
+        return Job(image, masks, settings, warnings, regions)
 
     def question_job(self, image: Image.Image, question: str, settings: dict) -> Job:
         """A Base question (settings: gen_length, block_length, steps; missing ones: the checkpoint's)."""
@@ -237,7 +243,7 @@ class Service:
 
     def warmup(self, mask_counts: list[int]) -> None:
         """Compile, before /healthz reports ready, the programs of the default request: `mask_counts` masks at
-        one row and at --max-batch rows (the two batch sizes the batcher forms), and a default question.
+        every batch size the batcher forms (`MicroBatcher.row_counts`), and a default question.
 
         The warm-up image is a square of the tile size (one tile); other tilings compile on first use.
         """
@@ -250,7 +256,7 @@ class Service:
                 for i, m in enumerate(masks):
                     m[i * size // k:(i + 1) * size // k] = True
                 job = self.make_job(image, masks, {})
-                for rows in sorted({1, self.batcher.max_batch}):
+                for rows in self.batcher.row_counts:
                     self.batcher.run_now([job] * rows)
         if self.answerer is not None:
             size = self.answerer.cfg.region.image_size
@@ -266,7 +272,7 @@ class Service:
                 "limits": self.handle.limits.describe() | {"max_body_bytes": self.max_body_bytes},
                 "batches": {str(k): v for k, v in sorted(self.batcher.sizes.items())},
                 "compiled_programs": self.handle.program.num_compiled if self.captioner else None,
-                "ready": self.ready}
+                "ready": self.ready, "in_flight": self.in_flight}
         if self.answerer is not None:
             info["base"] = {"checkpoint": str(self.base_checkpoint or self.checkpoint),
                             "sampler_defaults": self.answerer.defaults,
@@ -276,8 +282,9 @@ class Service:
 
 class MicroBatcher:
     """One worker thread runs every model call; requests queued within `wait_s` of each other are grouped
-    (`Job.group`) and each group runs as one `caption_batch` call of 1 or `max_batch` rows (padded, so the
-    warm-up covers every program a request can need). `sizes` counts the groups formed by size."""
+    (`Job.group`) and each group runs as one `caption_batch` call whose rows are padded to a power of two
+    (`row_counts`), so few programs exist and the warm-up compiles them all. `sizes` counts the groups formed
+    by size."""
 
     def __init__(self, handle, max_batch: int, wait_s: float, answerer=None):
         if max_batch < 1:
@@ -287,6 +294,11 @@ class MicroBatcher:
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()  # one model call at a time (the warm-up and the worker)
         threading.Thread(target=self._loop, name="pdlm-serve-batcher", daemon=True).start()
+
+    @property
+    def row_counts(self) -> list[int]:
+        """The batch sizes of the programs: powers of two below max_batch, and max_batch."""
+        return sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
 
     def submit(self, job: Job) -> dict:
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -320,8 +332,9 @@ class MicroBatcher:
         if jobs[0].masks is None:
             settings = dict(jobs[0].settings)
             return [self.answerer.answer(jobs[0].image, settings.pop("question"), return_steps=True, **settings)]
+        rows = next(n for n in self.row_counts if n >= len(jobs))
         return self.handle.caption_batch([(job.image, job.masks) for job in jobs], **jobs[0].settings,
-                                         batch_size=1 if len(jobs) == 1 else self.max_batch)
+                                         batch_size=rows)
 
     def _run(self, group: list) -> None:
         jobs = [job for job, _ in group]
