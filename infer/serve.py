@@ -1,14 +1,18 @@
-"""`pdlm-serve`: the web demo (Gradio, at `/`) and a JSON HTTP API on one FastAPI app, with micro-batching.
+"""`pdlm-serve`: the web demo (Gradio, at `/`), a JSON HTTP API and an OpenAI-compatible API on one FastAPI
+app, with micro-batching (docs/SERVING.md).
 
-    pdlm-serve [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--max-batch N] [--batch-wait-ms MS]
+    pdlm-serve [--checkpoint DIR] [--base-checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--api-key KEY]
+               [--max-batch N] [--batch-wait-ms MS] [--no-warmup] [--warmup-masks K] [--compilation-cache DIR|none]
 
-Routes: `POST /v1/regions/caption` (a JSON request → the record `pdlm-infer` writes), `GET /healthz`,
-`GET /v1/model` (config, sampler defaults, the batch sizes formed so far), and the page at `/`.
+Routes: `POST /v1/regions/caption` (a JSON request → the record `pdlm-infer` writes), `POST
+/v1/chat/completions` and `GET /v1/models` (`infer.openai_api`), `GET /healthz` (503 until the warm-up is
+done), `GET /v1/model` (config, sampler defaults, limits, the batch sizes formed so far), and the page at `/`.
 
-Every request, from the API or the page, goes through one `MicroBatcher`: requests that arrive within
-`--batch-wait-ms` of each other with the same settings and mask count run together through
+Every request, from the APIs or the page, goes through one `MicroBatcher`: requests that arrive within
+`--batch-wait-ms` of each other with the same settings and buckets run together through
 `RegionCaptioner.caption_batch` (the rows of one jitted call per bucket), so each gets exactly the tokens,
-captions and forward count it would get alone; "seconds" is that of the shared call.
+captions and forward count it would get alone; "seconds" is that of the shared call. Every request is
+bounded by the model's and the server's limits (`pdlm_jax.limits`) before it is queued.
 """
 
 import argparse
@@ -158,10 +162,6 @@ class Service:
         self.draining = False  # True after SIGTERM: new requests get 503, in-flight ones finish
         self.in_flight = 0
 
-    @property
-    def limits(self):
-        return self.handle.limits
-
     def parse(self, body) -> Job:
         """A JSON request body (already decoded) → a validated Job; PDLMError (TooLarge) naming the field."""
         if not isinstance(body, dict):
@@ -231,7 +231,11 @@ class Service:
         if self.answerer is None:
             raise PDLMError("this server has no PerceptionDLM-Base model to answer questions; start it with "
                             "--base-checkpoint DIR (or give masks as extra image parts to caption regions)")
-        settings = dict(self.answerer.defaults) | {k: v for k, v in settings.items() if v is not None}
+        given = {k: v for k, v in settings.items() if v is not None}
+        settings = dict(self.answerer.defaults) | given
+        if "block_length" not in given and isinstance(settings["gen_length"], int) and \
+                settings["gen_length"] % settings["block_length"]:
+            settings["block_length"] = settings["gen_length"]  # one block, as the reference demo
         if not question.strip():
             raise PDLMError("the question is empty: put the question as a text part of the user message")
         self.answerer.limits.check_answer(settings["gen_length"], settings["steps"], question, image.size)
