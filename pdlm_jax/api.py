@@ -141,7 +141,8 @@ class RegionCaptioner:
         extents, as the reference), prompt_id, area, chunk], "image": {width, height, grid, tiles}, the
         settings, "mode", "parser", "seconds" (wall time of the call, compilation included),
         "compile_seconds", "forwards" (LM forward passes, all chunks), "tokens_per_forward" (generated tokens /
-        forwards), "warnings" (e.g. a mask of another size than the image, resized as the reference does)}. `reference_parser=True` takes captions from the reference demo's string parser (SPEC §10)
+        forwards), "warnings" (e.g. a mask of another size than the image, resized as the reference does)}.
+        `reference_parser=True` takes captions from the reference demo's string parser (SPEC §10)
         instead of decoding each block's own tokens without special tokens.
 
         `history=True` adds "history": the slot tokens after every forward, one entry per forward (all chunks
@@ -349,16 +350,15 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
         pipeline.enable_compilation_cache(str(compilation_cache))
     model = from_tree(cfg, tree, dtype=DTYPES[dtype],
                       attention_implementation=attention_implementation(attention, DTYPES[dtype]))
+    limits = Limits(cfg, tokenizer, position_budget(checkpoint_dir))
     if cfg.is_base:  # PerceptionDLM-Base: question answering (pdlm_jax.answering)
         from pdlm_jax.answering import QuestionAnswerer
 
-        return QuestionAnswerer(cfg, model, tokenizer, mesh, defaults=read_sampler(sampler_source),
-                                limits=Limits(cfg, tokenizer, position_budget(checkpoint_dir)))
+        return QuestionAnswerer(cfg, model, tokenizer, mesh, defaults=read_sampler(sampler_source), limits=limits)
     trace = None
     if quantize is not None:
         model, trace = quantize_lib.quantize_model(model, quantize)
-    return RegionCaptioner(cfg, model, tokenizer, mesh, sampler_defaults(sampler_source), trace,
-                           Limits(cfg, tokenizer, position_budget(checkpoint_dir)))
+    return RegionCaptioner(cfg, model, tokenizer, mesh, sampler_defaults(sampler_source), trace, limits)
 
 
 def load_random(cfg: PDLMConfig | str, tokenizer_dir: str | Path, dtype: str = "bfloat16", seed: int = 0,

@@ -205,3 +205,31 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(tmp_pa
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+def test_a_base_checkpoint_alone_answers_questions_and_refuses_masks(converted):
+    import argparse
+
+    import pdlm_jax
+    from infer.openai_api import parse_request
+    from infer.serve import Service, build_parser, load_handles
+    from pdlm_jax.errors import PDLMError
+
+    base_dir = converted("base_tiny")
+    service = Service(None, str(base_dir), answerer=pdlm_jax.load(base_dir))
+    with pytest.raises(PDLMError, match="no region-captioning model"):
+        service.parse(DEMO)
+    image = {"type": "image_url", "image_url": {"url": _url(fixture_dir("base_tiny") / "image.png")}}
+    with pytest.raises(PDLMError, match="only has a PerceptionDLM-Base model"):
+        parse_request(service, {"messages": [{"role": "user", "content": [image, image]}]})
+    kind, job, _ = parse_request(service, {"max_tokens": 16, "messages": [{"role": "user", "content": [
+        image, {"type": "text", "text": "What?"}]}]})
+    assert kind == "answer" and job.settings | {"steps": None} == {"gen_length": 16, "block_length": 16,
+                                                                  "steps": None, "question": "What?"}
+    args = build_parser().parse_args(["--checkpoint", str(base_dir), "--base-checkpoint", str(base_dir)])
+    with pytest.raises(PDLMError, match="already a PerceptionDLM-Base checkpoint"):
+        load_handles(args)
+    args = argparse.Namespace(**vars(args) | {"checkpoint": str(ROOT / "pdlm_jax/assets/demo_model"),
+                                              "base_checkpoint": str(ROOT / "pdlm_jax/assets/demo_model")})
+    with pytest.raises(PDLMError, match="is a region-captioning checkpoint"):
+        load_handles(args)
