@@ -59,17 +59,16 @@ class Job:
     masks: list[np.ndarray] | None
     settings: dict
     warnings: list[str] = dataclasses.field(default_factory=list)
-    regions: tuple[int, ...] = ()  # the padded region count of each pass (its program's bucket)
 
     @property
     def group(self) -> tuple:
-        """Jobs with equal groups share one caption_batch call and each gets exactly its result alone: their
-        passes fall in the same buckets, whose padded regions are no-ops. The threshold sampler's forward
-        count is the batch's (it runs until every row is done), so it runs alone; so does a question (the
-        Base sampler runs one question per call)."""
+        """Jobs with equal groups share one caption_batch call and each gets exactly its result alone; equal
+        mask counts and settings put their passes in the same buckets, so no call runs half empty. The
+        threshold sampler's forward count is the batch's (it runs until every row is done), so it runs alone;
+        so does a question (the Base sampler runs one question per call)."""
         if self.masks is None or self.settings["unmask"].startswith("threshold"):
             return (id(self),)
-        return (self.regions, *sorted(self.settings.items()))
+        return (len(self.masks), *sorted(self.settings.items()))
 
 
 def _decode_base64(text: str, what: str) -> bytes:
@@ -204,7 +203,7 @@ class Service:
     def make_job(self, image: Image.Image, masks: list, settings: dict) -> Job:
         """Check masks (any `load_masks` input) and settings (missing ones: the defaults) before queueing."""
         from pdlm_jax.api import check_settings
-        from pdlm_jax.pipeline import REGION_BUCKETS, Mode
+        from pdlm_jax.pipeline import Mode
         from pdlm_jax.regions.masks import load_masks
 
         self.check_mask_count(len(masks))
@@ -218,11 +217,7 @@ class Service:
                        len(masks), self.captioner.cfg.region.prompt_numbers)
         Mode.parse(settings["cache"], settings["unmask"])
         self.captioner.limits.check_caption(len(masks), settings["gen_length"], settings["question"], image.size)
-        per_pass = self.captioner.cfg.region.prompt_numbers
-        sizes = [r for r in REGION_BUCKETS if r < per_pass] + [per_pass]
-        regions = tuple(next(r for r in sizes if r >= min(per_pass, len(masks) - c))
-                        for c in range(0, len(masks), per_pass))
-        return Job(image, masks, settings, warnings, regions)
+        return Job(image, masks, settings, warnings)
 
     def question_job(self, image: Image.Image, question: str, settings: dict) -> Job:
         """A Base question (settings: gen_length, block_length, steps; missing ones: the checkpoint's)."""
