@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pdlm_jax.errors import PDLMError, TooLarge
 
-STEP_FIELDS = {"steps": int, "block_length": int, "seed": int, "gen_length": int}
+EXTRA_FIELDS = ("steps", "block_length", "seed", "gen_length")  # integers, from extra_body
 IGNORED = {"model", "n", "user", "stream_options", "frequency_penalty", "presence_penalty", "stop", "logprobs",
            "response_format", "metadata", "store"}
 
@@ -67,9 +67,9 @@ def parse_request(service, body) -> tuple[str, object, dict]:
                             "\"image_url\": {\"url\": \"data:image/png;base64,...\"}}")
     if not images:
         raise PDLMError("the user message has no image_url part; send the picture as a data URL")
-    options = {"stream": body.get("stream", False), "include_usage": bool(
-        (body.get("stream_options") or {}).get("include_usage")) if isinstance(body.get("stream_options"), dict)
-        else False}
+    stream_options = body.get("stream_options") or {}
+    options = {"stream": body.get("stream", False),
+               "include_usage": isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))}
     if not isinstance(options["stream"], bool):
         raise PDLMError("\"stream\" must be true or false")
     settings = _settings(body)
@@ -97,13 +97,13 @@ def parse_request(service, body) -> tuple[str, object, dict]:
 
 
 def _settings(body: dict) -> dict:
-    known = set(STEP_FIELDS) | {"messages", "stream", "max_tokens", "max_completion_tokens", "temperature",
+    known = set(EXTRA_FIELDS) | {"messages", "stream", "max_tokens", "max_completion_tokens", "temperature",
                                 "top_p"} | IGNORED
     unknown = sorted(set(body) - known)
     if unknown:
         raise PDLMError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     settings = {}
-    for key in ("max_tokens", "max_completion_tokens", *STEP_FIELDS):
+    for key in ("max_tokens", "max_completion_tokens", *EXTRA_FIELDS):
         value = body.get(key)
         if value is not None:
             if not isinstance(value, int) or isinstance(value, bool):
