@@ -238,8 +238,11 @@ def print_table(report: dict) -> None:
             print(f"{name:<14}{level['concurrency']:>5}{level['requests']:>6}{level['requests_per_s']:>8.2f}"
                   f"{level['p50_s']:>8.3f}{level['p95_s']:>8.3f}{level['p99_s']:>8.3f}{level['errors']:>7}  {batches}"
                   + ("  (timed out)" if level["timed_out"] else ""))
+        growth = entry["rss_mb_after"] - entry["rss_mb_before"]
         print(f"{name:<14} RSS {entry['rss_mb_before']:.0f} MB before, {entry['rss_mb_after']:.0f} MB after "
-              f"{entry['requests_total']} requests; ready after {entry['ready_seconds']:.1f} s")
+              f"{entry['requests_total']} requests: +{growth:.0f} MB, "
+              f"{'within' if growth <= report['rss_bound_mb'] else 'OVER'} the bound of {report['rss_bound_mb']} MB; "
+              f"ready after {entry['ready_seconds']:.1f} s")
     base, single = (report["settings"].get(f"max_batch_{b}") for b in (report["max_batch"], 1))
     if base and single:
         for a, b in zip(base["levels"], single["levels"]):
@@ -264,10 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--level-timeout", type=float, default=300, help="seconds one level may take at most")
     p.add_argument("--ready-timeout", type=float, default=600, help="seconds the warm-up may take at most")
     p.add_argument("--drain-seconds", type=float, default=60)
+    p.add_argument("--rss-bound-mb", type=float, default=256,
+                   help="the server's RSS may grow at most this much over the load levels (first-use buffers "
+                        "of every compiled program included)")
     p.add_argument("--json", default="bench_serve.json", help="where to write the results")
     p.add_argument("server_args", nargs="*", help="extra pdlm-serve flags (after --)")
     args = p.parse_args(argv)
-    report = run(args) | {"max_batch": args.max_batch}
+    report = run(args) | {"max_batch": args.max_batch, "rss_bound_mb": args.rss_bound_mb}
     write_json_atomic(args.json, report)
     print_table(report)
     print(f"wrote {args.json}")
