@@ -354,17 +354,25 @@ class MicroBatcher:
 
 
 async def read_body(request, max_body_bytes: int) -> bytes:
-    """The request body, at most `max_body_bytes` (TooLarge beyond, checked as it arrives)."""
-    too_large = (f"the request body is over the server's limit of {max_body_bytes} bytes (--max-body-bytes); "
-                 "send a smaller image")
+    """The request body, at most `max_body_bytes` (TooLarge beyond, checked as it arrives).
+
+    An over-size body is still read, and dropped, up to twice the limit before the 413 goes out: a client
+    that sends its whole body before reading the answer (most do) then gets the 413 instead of a broken pipe.
+    """
+    too_large = TooLarge(f"the request body is over the server's limit of {max_body_bytes} bytes "
+                         "(--max-body-bytes); send a smaller image")
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_body_bytes:
-        raise TooLarge(too_large)
-    body = bytearray()
+    if declared and declared.isdigit() and int(declared) > 2 * max_body_bytes:
+        raise too_large
+    body, size = bytearray(), 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_body_bytes:
-            raise TooLarge(too_large)
+        size += len(chunk)
+        if size > 2 * max_body_bytes:
+            break
+        if size <= max_body_bytes:
+            body += chunk
+    if size > max_body_bytes:
+        raise too_large
     return bytes(body)
 
 
