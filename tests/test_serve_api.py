@@ -146,6 +146,12 @@ def test_api_key_is_required_on_v1_routes(server):
     assert _request(server + "/healthz")[0] == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
+    # The page asks for the key: its config needs a login, which takes the key as the password.
+    status, config = _request(server + "/config")
+    assert status == 401 and "API key" in config["detail"]["auth_message"]
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    assert _request(server + "/login", b"username=me&password=wrong", form)[0] == 400
+    assert _request(server + "/login", f"username=me&password={KEY}".encode(), form)[0] == 200
 
 
 def test_openai_client_answers_with_the_base_checkpoint(client):
