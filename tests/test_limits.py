@@ -140,3 +140,22 @@ def test_wrong_dtype_on_disk(converted, tmp_path):
     writer.close()
     with pytest.raises(PDLMError, match="dtype int32 is not a float type.*pdlm-convert"):
         pdlm_jax.load(dst)
+
+
+def test_position_counts_equal_the_real_prompt_layouts(demo, converted):
+    """The limits count positions from the tokenized prompt; they must equal the sequences the programs run."""
+    import pdlm_jax
+    from pdlm_jax.answering import prepare_question
+    from pdlm_jax.limits import num_tiles
+    from pdlm_jax.regions.prepare import prepare_regions
+    from pdlm_jax.regions.tiling import tile_image
+
+    tiled = tile_image(SCENE / "image.png", demo.cfg.region)
+    for k, gen_length in ((1, 3), (4, 7), (6, 2)):
+        prep = prepare_regions(tiled, (MASKS * 2)[:k], demo.tokenizer, demo.cfg, gen_length, "Say what it is.")
+        assert demo.limits.region_positions(k, gen_length, "Say what it is.", tiled.num_tiles) == prep.layout.length
+    base = pdlm_jax.load(converted("base_tiny"))
+    tiled = tile_image(fixture_dir("base_tiny") / "image.png", base.cfg.region)
+    assert num_tiles(tiled.size, base.cfg.region) == tiled.num_tiles == 7  # 3x2 tiles and the thumbnail
+    prep = prepare_question(tiled, "What is in the picture?", base.tokenizer, base.cfg)
+    assert base.limits.answer_positions(16, "What is in the picture?", tiled.num_tiles) == len(prep.input_ids) + 16
