@@ -380,14 +380,12 @@ def build_app(service: Service, max_body_bytes: int | None = None, api_key: str 
     """The FastAPI app: JSON routes and the OpenAI-compatible routes first, then the Gradio page at `/`.
 
     With `api_key`, every /v1 route needs `Authorization: Bearer KEY` (401 otherwise) and the page asks for
-    the key (Gradio's login form, any user name)."""
-    import gradio as gr
+    the key (`mount_page`)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 
     from infer import openai_api
-    from infer.serve_page import build_page
 
     if max_body_bytes is not None:
         service.max_body_bytes = max_body_bytes
@@ -444,6 +442,22 @@ def build_app(service: Service, max_body_bytes: int | None = None, api_key: str 
         finally:
             service.in_flight -= 1
 
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+    return mount_page(app, service, api_key)
+
+
+def mount_page(app, service: Service, api_key: str | None):
+    """The web page at `/` (Gradio; with `api_key`, its login form asks for the key, any user name)."""
+    import gradio as gr
+    from fastapi import Request
+    from fastapi.responses import Response
+
+    from infer.serve_page import build_page
+
     @app.middleware("http")
     async def local_assets_only(request: Request, call_next):
         """Gradio's page links one script from a CDN (iframe-resizer, for embedding): drop it, so that the page
@@ -454,11 +468,6 @@ def build_app(service: Service, max_body_bytes: int | None = None, api_key: str 
         body = EXTERNAL_SCRIPT.sub(b"", b"".join([chunk async for chunk in response.body_iterator]))
         headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
         return Response(body, status_code=response.status_code, headers=headers)
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception):
-        log.exception("internal error on %s", request.url.path)
-        return error(500, f"internal error ({type(exc).__name__}); see the server log")
 
     # INTEGRATION (servepage): the page's question tab takes the Base handle as `answerer`; connect it
     # unconditionally once build_page has that parameter.
