@@ -45,6 +45,7 @@ def run_question(args: argparse.Namespace, load: Callable) -> int:
     from pdlm_jax.answering import CACHE_MODES, answer_defaults
     from pdlm_jax.block_sampling import block_schedule
     from pdlm_jax.checkpoint import read_sampler
+    from pdlm_jax.limits import for_checkpoint
 
     if not args.image:
         raise PDLMError("--image is required: the picture the question is about")
@@ -63,6 +64,8 @@ def run_question(args: argparse.Namespace, load: Callable) -> int:
     defaults = answer_defaults(read_sampler(args.checkpoint))
     settings = {key: defaults[key] if getattr(args, key) is None else getattr(args, key)
                 for key in ("gen_length", "block_length", "steps")}
+    limits = for_checkpoint(args.checkpoint)
+    limits.check_answer(settings["gen_length"], settings["steps"], args.question, limits.check_image(args.image))
     block_schedule(**settings)
 
     handle = load()

@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visualize", metavar="PNG", help="write an overlay picture of masks and captions")
     p.add_argument("--reference-parser", action="store_true",
                    help="split captions with the reference demo's string parser (cuts at the first <|eot_id|>)")
-    p.add_argument("--compilation-cache", metavar="DIR", help="persistent JAX compilation cache directory")
+    p.add_argument("--compilation-cache", metavar="DIR|none",
+                   help="persistent JAX compilation cache folder; default: $PDLM_COMPILATION_CACHE, else "
+                        "$XDG_CACHE_HOME/pdlm-jax/xla (~/.cache/pdlm-jax/xla); 'none' turns it off")
     p.add_argument("--history", action="store_true",
                    help="add \"history\" to the result: every region's slot tokens after each denoising step")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
@@ -93,6 +95,7 @@ def _check_single_image_args(args: argparse.Namespace) -> None:
     """Fail fast on bad single-image arguments, before loading a (possibly very large) model."""
     from pdlm_jax.api import check_settings
     from pdlm_jax.checkpoint import load_config
+    from pdlm_jax.limits import for_checkpoint
     from pdlm_jax.pipeline import Mode
 
     if not args.image:
@@ -108,16 +111,23 @@ def _check_single_image_args(args: argparse.Namespace) -> None:
     check_settings(args.gen_length, args.steps, args.temperature, args.top_p, len(args.masks),
                    load_config(args.checkpoint).region.prompt_numbers)
     Mode.parse(args.cache, args.unmask)
+    limits = for_checkpoint(args.checkpoint)
+    size = limits.check_image(args.image)
+    for i, mask in enumerate(args.masks):
+        limits.check_image(mask, f"mask {i}")
+    limits.check_caption(len(args.masks), args.gen_length, args.prompt, size)
 
 
 def _run(args: argparse.Namespace) -> int:
     import pdlm_jax
+    from pdlm_jax import compilation_cache
     from pdlm_jax.regions.masks import load_masks
     from pdlm_jax.regions.tiling import open_rgb
 
     def load():
         log.info("loading checkpoint %s (%s)", args.checkpoint, args.dtype)
-        return pdlm_jax.load(args.checkpoint, dtype=args.dtype, compilation_cache=args.compilation_cache,
+        compilation_cache.configure(args.compilation_cache)
+        return pdlm_jax.load(args.checkpoint, dtype=args.dtype,
                              mesh=args.mesh, attention=args.attention, adapter=args.adapter,
                              quantize=None if args.quantize == "none" else args.quantize)
 

@@ -1,15 +1,18 @@
-"""`pdlm-serve`: the web page (at `/`, `infer/serve_page.py`) and a JSON HTTP API on one FastAPI app, with
-micro-batching.
+"""`pdlm-serve`: the web page (at `/`, `infer/serve_page.py`), a JSON HTTP API and an OpenAI-compatible API on
+one FastAPI app, with micro-batching (docs/SERVING.md).
 
-    pdlm-serve [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--max-batch N] [--batch-wait-ms MS]
+    pdlm-serve [--checkpoint DIR] [--base-checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--api-key KEY]
+               [--max-batch N] [--batch-wait-ms MS] [--no-warmup] [--warmup-masks K] [--compilation-cache DIR|none]
 
-Routes: `POST /v1/regions/caption` (a JSON request → the record `pdlm-infer` writes), `GET /healthz`,
-`GET /v1/model` (config, sampler defaults, the batch sizes formed so far), and the page at `/`.
+Routes: `POST /v1/regions/caption` (a JSON request → the record `pdlm-infer` writes), `POST
+/v1/chat/completions` and `GET /v1/models` (`infer.openai_api`), `GET /healthz` (503 until the warm-up is
+done), `GET /v1/model` (config, sampler defaults, limits, the batch sizes formed so far), and the page at `/`.
 
-Every request, from the API or the page, goes through one `MicroBatcher`: requests that arrive within
-`--batch-wait-ms` of each other with the same settings and mask count run together through
+Every request, from the APIs or the page, goes through one `MicroBatcher`: requests that arrive within
+`--batch-wait-ms` of each other with the same settings and buckets run together through
 `RegionCaptioner.caption_batch` (the rows of one jitted call per bucket), so each gets exactly the tokens,
-captions and forward count it would get alone; "seconds" is that of the shared call.
+captions and forward count it would get alone; "seconds" is that of the shared call. Every request is
+bounded by the model's and the server's limits (`pdlm_jax.limits`) before it is queued.
 """
 
 import argparse
@@ -21,6 +24,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import queue
 import sys
 import threading
@@ -30,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from pdlm_jax import DEMO_MODEL
-from pdlm_jax.errors import PDLMError
+from pdlm_jax.errors import PDLMError, TooLarge
 
 log = logging.getLogger("pdlm-serve")
 
@@ -39,23 +43,25 @@ FIELDS = {"image": str, "masks": list, "gen_length": int, "steps": int, "questio
           "unmask": str, "temperature": float, "top_p": float, "seed": int, "history": bool}
 
 
-class TooLarge(PDLMError):
-    """A request body or image over the server's limits (HTTP 413)."""
 
 
 @dataclasses.dataclass
 class Job:
-    """One validated request: an RGB image, its bool masks and the caption_batch settings."""
+    """One validated request: an RGB image and its bool masks with the caption_batch settings, or (a Base
+    question, `masks` None) the `answer` settings. `warnings` go back with the result."""
 
     image: Image.Image
-    masks: list[np.ndarray]
+    masks: list[np.ndarray] | None
     settings: dict
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def group(self) -> tuple:
-        """Jobs with equal groups share one caption_batch call and each gets exactly its result alone. The
-        threshold sampler's forward count is the batch's (it runs until every row is done), so it runs alone."""
-        if self.settings["unmask"].startswith("threshold"):
+        """Jobs with equal groups share one caption_batch call and each gets exactly its result alone; equal
+        mask counts and settings put their passes in the same buckets, so no call runs half empty. The
+        threshold sampler's forward count is the batch's (it runs until every row is done), so it runs alone;
+        so does a question (the Base sampler runs one question per call)."""
+        if self.masks is None or self.settings["unmask"].startswith("threshold"):
             return (id(self),)
         return (len(self.masks), *sorted(self.settings.items()))
 
@@ -70,13 +76,16 @@ def _decode_base64(text: str, what: str) -> bytes:
 
 
 def _open_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
+    from pdlm_jax.limits import check_pixels
+
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # a small file of a huge image: Pillow refuses before decoding
+        raise TooLarge(f"{what} is over Pillow's decompression-bomb limit of {2 * Image.MAX_IMAGE_PIXELS} pixels "
+                       f"and the server's limit of {max_pixels} (--max-image-pixels); send a smaller image") from None
     except Exception:
         raise PDLMError(f"{what} is not an image Pillow can read; send a base64 PNG or JPEG") from None
-    if image.width * image.height > max_pixels:
-        raise TooLarge(f"{what} is {image.width}x{image.height} = {image.width * image.height} pixels, over the "
-                       f"server's limit of {max_pixels} (--max-image-pixels); send a smaller image")
+    check_pixels(image.size, what, max_pixels)
     try:
         image.load()
     except Exception:
@@ -116,19 +125,36 @@ def decode_mask(mask, i: int, size: tuple[int, int], max_pixels: int) -> np.ndar
 
 
 class Service:
-    """The loaded model, the request parser and the micro-batcher; shared by the API and the page."""
+    """The loaded model(s), the request parser, the micro-batcher and the server's state; shared by the API,
+    the OpenAI-compatible routes and the page.
 
-    def __init__(self, handle, checkpoint: str, max_batch: int = 8, batch_wait_ms: float = 10.0,
-                 max_image_pixels: int = 40_000_000):
+    `captioner`: the region-captioning handle (None when only a Base checkpoint is served); `answerer`: the
+    PerceptionDLM-Base handle (`--base-checkpoint`, or `--checkpoint` when that is a Base checkpoint), else
+    None; `handle`: the captioner, else the answerer (the page's model). Both handles' limits get the
+    server's mask and pixel limits.
+    """
+
+    def __init__(self, captioner, checkpoint: str, max_batch: int = 8, batch_wait_ms: float = 10.0,
+                 max_image_pixels: int = 40_000_000, max_masks: int | None = None, answerer=None,
+                 base_checkpoint: str | None = None, max_body_bytes: int = 32 << 20):
         from pdlm_jax.checkpoint import sampler_defaults
         from pdlm_jax.regions.prompt import DEFAULT_QUESTION
 
-        self.handle, self.checkpoint = handle, checkpoint
+        self.captioner, self.answerer = captioner, answerer
+        self.checkpoint, self.base_checkpoint = checkpoint, base_checkpoint
+        for handle in (captioner, answerer):
+            if handle is not None:
+                handle.limits = dataclasses.replace(handle.limits, max_image_pixels=max_image_pixels,
+                                                    max_masks=max_masks or handle.limits.max_masks)
+        self.handle = captioner or answerer
         self.defaults = {"gen_length": 32, "steps": 32} | {
             k: v for k, v in sampler_defaults(checkpoint).items() if k in ("gen_length", "steps")}
-        self.max_image_pixels = max_image_pixels
+        self.max_image_pixels, self.max_body_bytes = max_image_pixels, max_body_bytes
         self.question = DEFAULT_QUESTION
-        self.batcher = MicroBatcher(handle, max_batch, batch_wait_ms / 1000)
+        self.batcher = MicroBatcher(captioner, max_batch, batch_wait_ms / 1000, answerer)
+        self.ready = False  # True once the warm-up has compiled the common buckets
+        self.draining = False  # True after SIGTERM: new requests get 503, in-flight ones finish
+        self.in_flight = 0
 
     def parse(self, body) -> Job:
         """A JSON request body (already decoded) → a validated Job; PDLMError (TooLarge) naming the field."""
@@ -149,11 +175,25 @@ class Service:
                 ok = True
             if not ok:
                 raise PDLMError(f"\"{field}\" must be a JSON {kind.__name__}, got {json.dumps(value)[:40]}")
-        image = _open_image(_decode_base64(body["image"], "image"), "image", self.max_image_pixels).convert("RGB")
         if not body["masks"]:
             raise PDLMError("\"masks\" is empty: give at least one mask per region to caption")
+        self.check_mask_count(len(body["masks"]))
+        image = self.open_image(body["image"], "image")
         masks = [decode_mask(m, i, image.size, self.max_image_pixels) for i, m in enumerate(body["masks"])]
         return self.make_job(image, masks, {k: body[k] for k in FIELDS if k in body and k not in ("image", "masks")})
+
+    def open_image(self, data: str, what: str) -> Image.Image:
+        """A base64 (or data URL) image of a request as RGB, within the pixel limit."""
+        return _open_image(_decode_base64(data, what), what, self.max_image_pixels).convert("RGB")
+
+    def check_mask_count(self, count: int) -> None:
+        if self.captioner is None:
+            raise PDLMError(f"this server has no region-captioning model ({self.checkpoint} is a PerceptionDLM-Base "
+                            "checkpoint): ask questions at /v1/chat/completions, or start it with a PerceptionDLM "
+                            "--checkpoint")
+        if count > self.captioner.limits.max_masks:
+            raise PDLMError(f"{count} masks, over the server's limit of {self.captioner.limits.max_masks} per "
+                            "request (--max-masks); send them in several requests")
 
     def make_job(self, image: Image.Image, masks: list, settings: dict) -> Job:
         """Check masks (any `load_masks` input) and settings (missing ones: the defaults) before queueing."""
@@ -161,44 +201,108 @@ class Service:
         from pdlm_jax.pipeline import Mode
         from pdlm_jax.regions.masks import load_masks
 
-        masks = load_masks(masks, image.size)
+        self.check_mask_count(len(masks))
+        warnings: list[str] = []
+        masks = load_masks(masks, image.size, warnings)
         settings = dict(gen_length=self.defaults["gen_length"], steps=self.defaults["steps"], temperature=0.0,
                         top_p=1.0, question=self.question, seed=0, cache="none", unmask="remask",
                         history=False) | settings
         settings["temperature"], settings["top_p"] = float(settings["temperature"]), float(settings["top_p"])
         check_settings(settings["gen_length"], settings["steps"], settings["temperature"], settings["top_p"],
-                       len(masks), self.handle.cfg.region.prompt_numbers)
+                       len(masks), self.captioner.cfg.region.prompt_numbers)
         Mode.parse(settings["cache"], settings["unmask"])
-        return Job(image, masks, settings)
+        self.captioner.limits.check_caption(len(masks), settings["gen_length"], settings["question"], image.size)
+        return Job(image, masks, settings, warnings)
+
+    def question_job(self, image: Image.Image, question: str, settings: dict) -> Job:
+        """A Base question (settings: gen_length, block_length, steps; missing ones: the checkpoint's)."""
+        from pdlm_jax.block_sampling import block_schedule
+
+        if self.answerer is None:
+            raise PDLMError("this server has no PerceptionDLM-Base model to answer questions; start it with "
+                            "--base-checkpoint DIR (or give masks as extra image parts to caption regions)")
+        given = {k: v for k, v in settings.items() if v is not None}
+        settings = dict(self.answerer.defaults) | given
+        if "block_length" not in given and isinstance(settings["gen_length"], int) and \
+                settings["gen_length"] % settings["block_length"]:
+            settings["block_length"] = settings["gen_length"]  # one block, as the reference demo
+        if not question.strip():
+            raise PDLMError("the question is empty: put the question as a text part of the user message")
+        self.answerer.limits.check_answer(settings["gen_length"], settings["steps"], question, image.size)
+        block_schedule(settings["gen_length"], settings["block_length"], settings["steps"])
+        return Job(image, None, settings | {"question": question})
 
     def caption(self, job: Job) -> dict:
         return self.batcher.submit(job)
 
+    def warmup(self, mask_counts: list[int]) -> None:
+        """Compile, before /healthz reports ready, the programs of the default request: `mask_counts` masks at
+        every batch size the batcher forms (`MicroBatcher.row_counts`), and a default question.
+
+        The warm-up image is a square of the tile size (one tile); other tilings compile on first use.
+        """
+        start = time.perf_counter()
+        if self.captioner is not None:
+            size = self.captioner.cfg.region.image_size
+            image = Image.new("RGB", (size, size), (127, 127, 127))
+            for k in mask_counts:
+                masks = [np.zeros((size, size), bool) for _ in range(k)]
+                for i, m in enumerate(masks):
+                    m[i * size // k:(i + 1) * size // k] = True
+                job = self.make_job(image, masks, {})
+                for rows in self.batcher.row_counts:
+                    self.batcher.run_now([job] * rows)
+        if self.answerer is not None:
+            size = self.answerer.cfg.region.image_size
+            image = Image.new("RGB", (size, size), (127, 127, 127))
+            self.batcher.run_now([self.question_job(image, "What is in the picture?", {})])
+        log.info("warm-up compiled the common buckets in %.1f s", time.perf_counter() - start)
+
     def model_info(self) -> dict:
-        return {"checkpoint": str(self.checkpoint), "config": self.handle.cfg.to_dict(),
-                "sampler_defaults": self.defaults, "mask_id": self.handle.tokenizer.special.mask,
-                "max_batch": self.batcher.max_batch, "batch_wait_ms": self.batcher.wait_s * 1000,
-                "max_image_pixels": self.max_image_pixels,
+        info = {"checkpoint": str(self.checkpoint), "kind": "region" if self.captioner else "base",
+                "config": self.handle.cfg.to_dict(), "sampler_defaults": self.defaults,
+                "mask_id": self.handle.tokenizer.special.mask, "max_batch": self.batcher.max_batch,
+                "batch_wait_ms": self.batcher.wait_s * 1000, "max_image_pixels": self.max_image_pixels,
+                "limits": self.handle.limits.describe() | {"max_body_bytes": self.max_body_bytes},
                 "batches": {str(k): v for k, v in sorted(self.batcher.sizes.items())},
-                "compiled_programs": self.handle.program.num_compiled}
+                "compiled_programs": self.handle.program.num_compiled if self.captioner else None,
+                "ready": self.ready, "in_flight": self.in_flight}
+        if self.answerer is not None:
+            info["base"] = {"checkpoint": str(self.base_checkpoint or self.checkpoint),
+                            "sampler_defaults": self.answerer.defaults,
+                            "limits": self.answerer.limits.describe() | {"max_body_bytes": self.max_body_bytes}}
+        return info
 
 
 class MicroBatcher:
-    """One worker thread runs every caption call; requests queued within `wait_s` of each other are grouped
-    (`Job.group`) and each group runs as one `caption_batch` call. `sizes` counts the groups formed by size."""
+    """One worker thread runs every model call; requests queued within `wait_s` of each other are grouped
+    (`Job.group`) and each group runs as one `caption_batch` call whose rows are padded to a power of two
+    (`row_counts`), so few programs exist and the warm-up compiles them all. `sizes` counts the groups formed
+    by size."""
 
-    def __init__(self, handle, max_batch: int, wait_s: float):
+    def __init__(self, handle, max_batch: int, wait_s: float, answerer=None):
         if max_batch < 1:
             raise PDLMError(f"--max-batch must be a positive integer, got {max_batch}")
-        self.handle, self.max_batch, self.wait_s = handle, max_batch, wait_s
+        self.handle, self.answerer, self.max_batch, self.wait_s = handle, answerer, max_batch, wait_s
         self.sizes: collections.Counter[int] = collections.Counter()
         self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()  # one model call at a time (the warm-up and the worker)
         threading.Thread(target=self._loop, name="pdlm-serve-batcher", daemon=True).start()
+
+    @property
+    def row_counts(self) -> list[int]:
+        """The batch sizes of the programs: powers of two below max_batch, and max_batch."""
+        return sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
 
     def submit(self, job: Job) -> dict:
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._queue.put((job, future))
         return future.result()
+
+    def run_now(self, jobs: list[Job]) -> list[dict]:
+        """Run jobs of one group in this thread (the warm-up), not counted in `sizes`."""
+        with self._lock:
+            return self._call(jobs)
 
     def _collect(self) -> list:
         pending = [self._queue.get()]
@@ -215,14 +319,21 @@ class MicroBatcher:
             for job, future in self._collect():
                 groups.setdefault(job.group, []).append((job, future))
             for group in groups.values():
-                self._run(group)
+                with self._lock:
+                    self._run(group)
+
+    def _call(self, jobs: list[Job]) -> list[dict]:
+        if jobs[0].masks is None:
+            settings = dict(jobs[0].settings)
+            return [self.answerer.answer(jobs[0].image, settings.pop("question"), return_steps=True, **settings)]
+        rows = next(n for n in self.row_counts if n >= len(jobs))
+        return self.handle.caption_batch([(job.image, job.masks) for job in jobs], **jobs[0].settings,
+                                         batch_size=rows)
 
     def _run(self, group: list) -> None:
         jobs = [job for job, _ in group]
-        size = 1 << (len(jobs) - 1).bit_length()  # rows per call: a power of two, so few programs compile
         try:
-            results = self.handle.caption_batch([(job.image, job.masks) for job in jobs], **jobs[0].settings,
-                                                batch_size=min(size, self.max_batch))
+            results = self._call(jobs)
         except Exception as e:  # noqa: BLE001 — hand each request its own outcome
             if len(group) > 1:
                 log.warning("a batch of %d failed (%s); running its requests one by one", len(group), e)
@@ -233,18 +344,47 @@ class MicroBatcher:
             return
         self.sizes[len(jobs)] += 1
         log.info("ran a batch of %d request(s) in %.2f s", len(jobs), results[0]["seconds"])
-        for (_, future), result in zip(group, results):
-            future.set_result(result | {"batch": len(jobs)})
+        for (job, future), result in zip(group, results):
+            future.set_result(result | {"batch": len(jobs)} | ({"warnings": job.warnings} if job.masks else {}))
 
 
-def build_app(service: Service, max_body_bytes: int = 32 << 20, answerer=None):
-    """The FastAPI app: JSON routes, then the web page (`infer.serve_page`; a question tab with `answerer`)."""
+async def read_body(request, max_body_bytes: int) -> bytes:
+    """The request body, at most `max_body_bytes` (TooLarge beyond, checked as it arrives).
+
+    An over-size body is still read, and dropped, up to twice the limit before the 413 goes out: a client
+    that sends its whole body before reading the answer (most do) then gets the 413 instead of a broken pipe.
+    """
+    too_large = TooLarge(f"the request body is over the server's limit of {max_body_bytes} bytes "
+                         "(--max-body-bytes); send a smaller image")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > 2 * max_body_bytes:
+        raise too_large
+    body, size = bytearray(), 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > 2 * max_body_bytes:
+            break
+        if size <= max_body_bytes:
+            body += chunk
+    if size > max_body_bytes:
+        raise too_large
+    return bytes(body)
+
+
+def build_app(service: Service, max_body_bytes: int | None = None, api_key: str | None = None):
+    """The FastAPI app: JSON routes and the OpenAI-compatible routes first, then the page at `/`.
+
+    With `api_key`, every /v1 and /page route needs `Authorization: Bearer KEY` (401 otherwise; the page asks
+    for the key once and sends it)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 
+    from infer import openai_api
     from infer.serve_page import build_page
 
+    if max_body_bytes is not None:
+        service.max_body_bytes = max_body_bytes
     app = FastAPI(title="pdlm-serve", docs_url=None, redoc_url=None)
 
     def error(status: int, message: str) -> JSONResponse:
@@ -252,6 +392,10 @@ def build_app(service: Service, max_body_bytes: int = 32 << 20, answerer=None):
 
     @app.get("/healthz")
     def healthz():
+        if service.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if not service.ready:
+            return JSONResponse({"status": "warming"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/model")
@@ -260,16 +404,10 @@ def build_app(service: Service, max_body_bytes: int = 32 << 20, answerer=None):
 
     @app.post("/v1/regions/caption")
     async def caption(request: Request):
-        declared = request.headers.get("content-length")
-        too_large = (f"the request body is over the server's limit of {max_body_bytes} bytes (--max-body-bytes); "
-                     "send a smaller image")
-        if declared and declared.isdigit() and int(declared) > max_body_bytes:
-            return error(413, too_large)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
-                return error(413, too_large)
+        try:
+            body = await read_body(request, service.max_body_bytes)
+        except TooLarge as e:
+            return error(413, str(e))
         try:
             parsed = json.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -282,34 +420,111 @@ def build_app(service: Service, max_body_bytes: int = 32 << 20, answerer=None):
         except PDLMError as e:
             return error(400, str(e))
 
+    openai_api.add_routes(app, service)
+
+    @app.middleware("http")
+    async def admission(request: Request, call_next):
+        """The API key, the shutdown (503 for new requests while in-flight ones finish), in-flight counting."""
+        if not request.url.path.startswith(("/v1/", "/page/")):  # the page itself and /healthz
+            return await call_next(request)
+        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
+            return error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' "
+                              "(--api-key / PDLM_API_KEY of the server)")
+        if service.draining:
+            return error(503, "the server is shutting down; retry on another instance")
+        service.in_flight += 1
+        try:
+            return await call_next(request)
+        finally:
+            service.in_flight -= 1
+
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
         log.exception("internal error on %s", request.url.path)
         return error(500, f"internal error ({type(exc).__name__}); see the server log")
 
-    app.include_router(build_page(service, answerer, max_body_bytes))
+    app.include_router(build_page(service, service.answerer, service.max_body_bytes))
     return app
 
 
+class GracefulServer:
+    """uvicorn's server with a draining shutdown: on SIGTERM/SIGINT new /v1 requests get 503 while the ones in
+    flight finish (at most `drain_s`), then the server stops and the process exits 0."""
+
+    def __new__(cls, config, service: Service, drain_s: float):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                if service.draining:  # a second signal: stop now
+                    self.force_exit = True
+                    return
+                log.info("signal %d: finishing %d request(s) in flight, refusing new ones", sig, service.in_flight)
+                service.draining = True
+                threading.Thread(target=self._drain, name="pdlm-serve-drain", daemon=True).start()
+
+            def _drain(self):
+                deadline = time.monotonic() + drain_s
+                while service.in_flight and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                self.should_exit = True  # not uvicorn's handle_exit: it would re-raise the signal at exit
+
+        return Server(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pdlm-serve", description="Serve PerceptionDLM region captioning: a web demo "
-                                "at / and a JSON API at /v1/regions/caption, batching concurrent requests.")
+    p = argparse.ArgumentParser(prog="pdlm-serve", description="Serve PerceptionDLM region captioning (and "
+                                "PerceptionDLM-Base question answering): a web demo at /, a JSON API at "
+                                "/v1/regions/caption and OpenAI-compatible /v1/chat/completions, batching "
+                                "concurrent requests.")
     p.add_argument("--checkpoint", default=str(DEMO_MODEL),
-                   help="converted checkpoint directory; default: the embedded demo model")
+                   help="converted checkpoint directory (a PerceptionDLM-Base one is served for questions); "
+                        "default: the embedded demo model")
     p.add_argument("--base-checkpoint", metavar="DIR",
-                   help="a PerceptionDLM-Base checkpoint: the page gets a tab that answers questions about the image")
+                   help="a PerceptionDLM-Base checkpoint served beside --checkpoint for questions")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--api-key", default=os.environ.get("PDLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes and the key on the page "
+                        "(default: $PDLM_API_KEY; none: open)")
     p.add_argument("--max-batch", type=int, default=8, help="most requests run together in one call")
     p.add_argument("--batch-wait-ms", type=float, default=10.0,
                    help="how long to wait for the next request before running the ones queued")
     p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="larger request bodies get HTTP 413")
-    p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="larger images get HTTP 413")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                   help="larger images and masks get HTTP 413")
+    p.add_argument("--max-masks", type=int, default=64, help="more masks in one request get HTTP 400")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the common buckets before /healthz reports ready (on by default)")
+    p.add_argument("--warmup-masks", type=int, metavar="K",
+                   help="warm up mask counts 1..K (default: the model's regions per pass)")
+    p.add_argument("--drain-seconds", type=float, default=60.0,
+                   help="on SIGTERM, how long in-flight requests may take to finish before the server stops")
     p.add_argument("--mesh", metavar="SPEC", help="shard over devices, e.g. data:2,tensor:4 (see pdlm-infer)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
-    p.add_argument("--compilation-cache", metavar="DIR", help="persistent JAX compilation cache directory")
+    p.add_argument("--compilation-cache", metavar="DIR|none",
+                   help="persistent JAX compilation cache folder; default: $PDLM_COMPILATION_CACHE, else "
+                        "$XDG_CACHE_HOME/pdlm-jax/xla (~/.cache/pdlm-jax/xla); 'none' turns it off")
     return p
+
+
+def load_handles(args: argparse.Namespace) -> tuple:
+    """(captioner or None, answerer or None), checked before any weight is read."""
+    import pdlm_jax
+    from pdlm_jax.checkpoint import load_config
+
+    if args.base_checkpoint and not load_config(args.base_checkpoint).is_base:
+        raise PDLMError(f"--base-checkpoint {args.base_checkpoint} is a region-captioning checkpoint; give a "
+                        "PerceptionDLM-Base checkpoint (or serve it as --checkpoint)")
+    if args.base_checkpoint and load_config(args.checkpoint).is_base:
+        raise PDLMError(f"--checkpoint {args.checkpoint} is already a PerceptionDLM-Base checkpoint; give "
+                        "--base-checkpoint only beside a region-captioning --checkpoint")
+    load = lambda path: pdlm_jax.load(path, dtype=args.dtype, mesh=args.mesh, attention=args.attention)  # noqa: E731
+    first = load(args.checkpoint)
+    if first.cfg.is_base:
+        return None, first
+    return first, load(args.base_checkpoint) if args.base_checkpoint else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,24 +535,42 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
 
-        import pdlm_jax
+        from pdlm_jax import compilation_cache
 
-        if args.batch_wait_ms < 0:
-            raise PDLMError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
+        for flag, value in (("--batch-wait-ms", args.batch_wait_ms), ("--drain-seconds", args.drain_seconds)):
+            if value < 0:
+                raise PDLMError(f"{flag} must be >= 0, got {value}")
+        for flag, value in (("--max-masks", args.max_masks), ("--warmup-masks", args.warmup_masks or 1)):
+            if value < 1:
+                raise PDLMError(f"{flag} must be a positive integer, got {value}")
+        if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+            log.warning("listening on %s without --api-key: anyone who can reach this address can use the model",
+                        args.host)
         start = time.perf_counter()
-        handle = pdlm_jax.load(args.checkpoint, dtype=args.dtype, compilation_cache=args.compilation_cache,
-                               mesh=args.mesh, attention=args.attention)
-        answerer = None
-        if args.base_checkpoint:
-            answerer = pdlm_jax.load(args.base_checkpoint, dtype=args.dtype, compilation_cache=args.compilation_cache)
-            if not answerer.cfg.is_base:
-                raise PDLMError(f"--base-checkpoint {args.base_checkpoint} is a region checkpoint; give a "
-                                "PerceptionDLM-Base one (or leave the flag out)")
-        service = Service(handle, args.checkpoint, args.max_batch, args.batch_wait_ms, args.max_image_pixels)
-        app = build_app(service, args.max_body_bytes, answerer)
-        log.info("loaded %s in %.1f s; serving on http://%s:%d", args.checkpoint, time.perf_counter() - start,
-                 args.host, args.port)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        cache = compilation_cache.configure(args.compilation_cache)
+        captioner, answerer = load_handles(args)
+        service = Service(captioner, args.checkpoint, args.max_batch, args.batch_wait_ms, args.max_image_pixels,
+                          args.max_masks, answerer, args.base_checkpoint, args.max_body_bytes)
+        app = build_app(service, api_key=args.api_key)
+        log.info("loaded %s in %.1f s (compilation cache: %s); serving on http://%s:%d", args.checkpoint,
+                 time.perf_counter() - start, cache or "off", args.host, args.port)
+        if args.warmup:
+            per_pass = captioner.cfg.region.prompt_numbers if captioner else 0
+            counts = list(range(1, min(args.warmup_masks or per_pass, per_pass) + 1))
+
+            def warm():
+                try:
+                    service.warmup(counts)
+                except Exception:  # noqa: BLE001 — serve anyway; the first requests compile instead
+                    log.exception("warm-up failed")
+                service.ready = True
+
+            threading.Thread(target=warm, name="pdlm-serve-warmup", daemon=True).start()
+        else:
+            service.ready = True
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+        GracefulServer(config, service, args.drain_seconds).run()
+        log.info("stopped")
     except ImportError as e:
         print(f"pdlm-serve: error: {e.name or e} is missing; install the serve extra: pip install 'pdlm-jax[serve]'",
               file=sys.stderr)

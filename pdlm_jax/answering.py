@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 from pdlm_jax import block_sampling, sharding
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.limits import Limits
 from pdlm_jax.modeling.llada import put_rows, take_rows
 from pdlm_jax.modeling.pdm import PerceptionDLM
 from pdlm_jax.regions.prompt import ASSISTANT_HEADER, USER_HEADER
@@ -183,10 +184,11 @@ class QuestionAnswerer:
     """A loaded PerceptionDLM-Base model, its tokenizer and its compiled programs (one per bucket)."""
 
     def __init__(self, cfg: PDLMConfig, model: PerceptionDLM, tokenizer: Tokenizer, mesh: Mesh | None = None,
-                 defaults: dict | None = None):
+                 defaults: dict | None = None, limits: Limits | None = None):
         if not cfg.is_base:
             raise PDLMError("QuestionAnswerer needs a PerceptionDLM-Base checkpoint (config variant 'base')")
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
+        self.limits = limits or Limits(cfg, tokenizer)  # positions and pixels one call may use
         self.defaults = answer_defaults(defaults)
         self.graphdef, self.state = nnx.split(model)
         self._compiled: dict[Bucket, jax.stages.Compiled] = {}
@@ -207,6 +209,10 @@ class QuestionAnswerer:
         gen_length = self.defaults["gen_length"] if gen_length is None else gen_length
         block_length = self.defaults["block_length"] if block_length is None else block_length
         steps = self.defaults["steps"] if steps is None else steps
+        if not isinstance(question, str) or not question.strip():
+            raise PDLMError("question must be a non-empty string")
+        size = image.size if isinstance(image, TiledImage) else self.limits.check_image(image)
+        self.limits.check_answer(gen_length, steps, question, size)
         blocks, counts = block_sampling.block_schedule(gen_length, block_length, steps)
         if cache not in CACHE_MODES:
             raise PDLMError(f"cache mode must be one of {', '.join(CACHE_MODES)}, got {cache!r}")

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from pdlm_jax import keymap, pipeline, sharding
 from pdlm_jax.config import DTYPES, PDLMConfig, SamplerConfig, preset
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.limits import Limits, position_budget
 from pdlm_jax.modeling.pdm import PerceptionDLM, from_tree
 from pdlm_jax.regions.masks import MaskInput, area_order, load_masks
 from pdlm_jax.regions.prepare import PreparedRegions, prepare_regions
@@ -104,11 +105,14 @@ class RegionCaptioner:
 
     `sampler`: the gen_length and steps used when a call gives none (a checkpoint's sampler.json), else
     the reference's 32/32. `trace`: wraps the program's lowering (pdlm_jax.quantize for int8 weights).
+    `limits` (`pdlm_jax.limits.Limits`): the positions, masks and pixels one call may use; replace it
+    (`dataclasses.replace`) to change the mask or pixel limits.
     """
 
     def __init__(self, cfg: PDLMConfig, model: PerceptionDLM, tokenizer: Tokenizer, mesh: Mesh | None = None,
-                 sampler: dict | None = None, trace=None):
+                 sampler: dict | None = None, trace=None, limits: Limits | None = None):
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
+        self.limits = limits or Limits(cfg, tokenizer)
         self.sampler = sampler or {"gen_length": SamplerConfig.gen_length, "steps": SamplerConfig.steps}
         self.program = pipeline.CaptionProgram(model, cfg, tokenizer.special.mask, mesh, trace)
 
@@ -125,7 +129,8 @@ class RegionCaptioner:
         each other). `gen_length` / `steps` default to the checkpoint's (`self.sampler`), as in pdlm-infer;
         `steps` may not exceed k·gen_length for the smallest chunk's k. Greedy (temperature 0)
         reproduces the reference; temperature > 0 samples with `seed` (chunk c uses seed + c) and `top_p`
-        nucleus filtering (the reference ignores top_p).
+        nucleus filtering (the reference ignores top_p). Inputs over `self.limits` (positions, masks, pixels)
+        raise PDLMError (`TooLarge` for pixels) before any image is decoded or program compiled.
 
         `masks` is required (its default only serves the error for a call without it). `cache` / `unmask` select
         the opt-in fast modes
@@ -136,7 +141,8 @@ class RegionCaptioner:
         extents, as the reference), prompt_id, area, chunk], "image": {width, height, grid, tiles}, the
         settings, "mode", "parser", "seconds" (wall time of the call, compilation included),
         "compile_seconds", "forwards" (LM forward passes, all chunks), "tokens_per_forward" (generated tokens /
-        forwards)}. `reference_parser=True` takes captions from the reference demo's string parser (SPEC §10)
+        forwards), "warnings" (e.g. a mask of another size than the image, resized as the reference does)}.
+        `reference_parser=True` takes captions from the reference demo's string parser (SPEC §10)
         instead of decoding each block's own tokens without special tokens.
 
         `history=True` adds "history": the slot tokens after every forward, one entry per forward (all chunks
@@ -176,14 +182,19 @@ class RegionCaptioner:
         if not pairs:
             raise PDLMError("caption_batch takes a list of (image, masks) pairs; for one image call "
                             "caption_regions(image, masks)")
-        for _, masks in items:
+        for image, masks in items:
             check_settings(gen_length, steps, temperature, top_p, len(masks), per_pass)
+            size = image.size if isinstance(image, TiledImage) else self.limits.check_image(image)
+            for j, mask in enumerate(masks):
+                self.limits.check_image(mask, f"mask {j}")
+            self.limits.check_caption(len(masks), gen_length, question, size)
 
         images, passes = [], []
         for i, (image, masks) in enumerate(items):
             tiled = image if isinstance(image, TiledImage) else tile_image(image, self.cfg.region)
-            loaded = load_masks(masks, tiled.size)
-            images.append((tiled, len(loaded)))
+            notes: list[str] = []
+            loaded = load_masks(masks, tiled.size, notes)
+            images.append((tiled, len(loaded), notes))
             order = area_order([int(m.sum()) for m in loaded])
             for c in range(0, len(order), per_pass):
                 # Members in input order: the pass sorts them by area itself, with the same tie rule as above.
@@ -206,7 +217,7 @@ class RegionCaptioner:
                                              temperature, top_p, seed, len(passes))
 
         results = []
-        for i, (tiled, num_masks) in enumerate(images):
+        for i, (tiled, num_masks, notes) in enumerate(images):
             mine = [p for p in passes if p.item == i]
             records: list[dict | None] = [None] * num_masks
             for p in mine:
@@ -229,6 +240,7 @@ class RegionCaptioner:
                 "compile_seconds": compile_seconds,
                 "forwards": int(forwards),
                 "tokens_per_forward": num_masks * gen_length / forwards,
+                "warnings": notes,
             })
             if history:
                 results[-1]["history"] = self._history(mine, num_masks, gen_length).tolist()
@@ -301,6 +313,10 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     adapter: a LoRA adapter directory (pdlm-train's run.output_dir/adapter) trained on this checkpoint; its
     weights are merged into the base on load, and its tokenizer (if it has one) replaces the base's.
     quantize: "int8" stores every linear kernel as int8 with per-channel scales (pdlm_jax.quantize).
+    The handle's `limits` take the position budget from the checkpoint (`pdlm_jax.limits`).
+
+    A checkpoint whose files are damaged (a truncated or missing array file, a wrong dtype or shape on
+    disk) raises PDLMError naming it, before any weight is used.
     """
     from pdlm_jax.checkpoint import (SAMPLER_FILE, load_config, nest, params_metadata, read_sampler,
                                      restore_params, sampler_defaults, tokenizer_path)
@@ -343,14 +359,15 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
         pipeline.enable_compilation_cache(str(compilation_cache))
     model = from_tree(cfg, tree, dtype=DTYPES[dtype],
                       attention_implementation=attention_implementation(attention, DTYPES[dtype]))
+    limits = Limits(cfg, tokenizer, position_budget(checkpoint_dir))
     if cfg.is_base:  # PerceptionDLM-Base: question answering (pdlm_jax.answering)
         from pdlm_jax.answering import QuestionAnswerer
 
-        return QuestionAnswerer(cfg, model, tokenizer, mesh, defaults=read_sampler(sampler_source))
+        return QuestionAnswerer(cfg, model, tokenizer, mesh, defaults=read_sampler(sampler_source), limits=limits)
     trace = None
     if quantize is not None:
         model, trace = quantize_lib.quantize_model(model, quantize)
-    return RegionCaptioner(cfg, model, tokenizer, mesh, sampler_defaults(sampler_source), trace)
+    return RegionCaptioner(cfg, model, tokenizer, mesh, sampler_defaults(sampler_source), trace, limits)
 
 
 def load_random(cfg: PDLMConfig | str, tokenizer_dir: str | Path, dtype: str = "bfloat16", seed: int = 0,

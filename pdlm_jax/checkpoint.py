@@ -237,6 +237,8 @@ def params_metadata(ckpt_dir: str | Path) -> dict[str, tuple[tuple[int, ...], np
     problems += [f"{p}: not in the model" for p in stored if p not in expected]
     problems += [f"{p}: shape {stored[p][0]} != {expected[p]}" for p in expected
                  if p in stored and stored[p][0] != tuple(expected[p])]
+    problems += [f"{p}: dtype {d} is not a float type" for p, (_, d) in stored.items()
+                 if p in expected and not np.issubdtype(d, np.floating) and d.name != "bfloat16"]
     if problems:
         raise PDLMError(f"params in {ckpt_dir} do not match its {CONFIG_FILE}: " + "; ".join(problems[:5])
                         + f"; {_CONVERT_HINT}")
@@ -282,8 +284,13 @@ def restore_params(
                                    sharding=sharding_for(path))
         for path, (shape, stored_dtype) in stored.items()
     })
-    with _context():
-        params = ocp.load(ckpt_dir / PARAMS_DIR, abstract)
+    try:
+        with _context():
+            params = ocp.load(ckpt_dir / PARAMS_DIR, abstract)
+    except Exception as e:  # TensorStore reports a truncated/missing array file as a bare Exception
+        reason = str(e).split(". See full")[0].splitlines()[0][:200] if str(e) else type(e).__name__
+        raise PDLMError(f"checkpoint {ckpt_dir} is damaged: its weights in {PARAMS_DIR}/ cannot be read "
+                        f"({reason}); re-run pdlm-convert (or pdlm-train's export) to write it again") from None
     return cfg, params
 
 

@@ -53,7 +53,7 @@ def server(tmp_path_factory, converted):
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "infer.serve", "--port", str(port), "--max-batch", "2",
                                  "--batch-wait-ms", "50", "--max-body-bytes", str(MAX_BODY), "--max-image-pixels",
-                                 str(MAX_PIXELS), "--base-checkpoint", str(converted("base_tiny"))],
+                                 str(MAX_PIXELS), "--warmup-masks", "1", "--base-checkpoint", str(converted("base_tiny"))],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

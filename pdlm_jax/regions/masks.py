@@ -26,27 +26,33 @@ def _mask_image(mask: MaskInput, name: str) -> Image.Image:
     return open_image(mask, "L", name)
 
 
-def load_mask(mask: MaskInput, size: tuple[int, int], name: str = "mask") -> np.ndarray:
+def load_mask(mask: MaskInput, size: tuple[int, int], name: str = "mask",
+              notes: list[str] | None = None) -> np.ndarray:
     """Load one mask as a bool (H, W) array at the image size (W, H); binarised `> 0`.
 
-    A mask of another size is resized with NEAREST (what the reference demo does), with one log line.
+    A mask of another size is resized with NEAREST (what the reference demo does), with one log line that
+    is also appended to `notes` (the API returns it with the result).
     """
     im = _mask_image(mask, name)
     if im.size != tuple(size):
-        log.warning("%s is %dx%d but the image is %dx%d: resized to the image with nearest-neighbour", name,
-                    im.width, im.height, size[0], size[1])
+        message = (f"{name} is {im.width}x{im.height} but the image is {size[0]}x{size[1]}: resized to the image "
+                   "with nearest-neighbour")
+        log.warning("%s", message)
+        if notes is not None:
+            notes.append(message)
         im = im.resize(tuple(size), Image.Resampling.NEAREST)
     return np.asarray(im) > 0
 
 
-def load_masks(masks: Sequence[MaskInput], size: tuple[int, int]) -> list[np.ndarray]:
-    """Load every mask; errors name the offending mask (index and file)."""
+def load_masks(masks: Sequence[MaskInput], size: tuple[int, int], notes: list[str] | None = None
+               ) -> list[np.ndarray]:
+    """Load every mask; errors name the offending mask (index and file); resizes are noted in `notes`."""
     if len(masks) == 0:
         raise PDLMError("no masks given: pass at least one binary mask per region to caption")
     loaded = []
     for i, m in enumerate(masks):
         name = f"mask {i}" + (f" ({m})" if isinstance(m, (str, Path)) else "")
-        b = load_mask(m, size, name)
+        b = load_mask(m, size, name, notes)
         if not b.any():
             raise PDLMError(f"{name} is empty (no pixel > 0); every mask must cover at least one pixel")
         loaded.append(b)

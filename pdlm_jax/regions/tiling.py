@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from pdlm_jax.config import RegionConfig
-from pdlm_jax.errors import PDLMError
+from pdlm_jax.errors import PDLMError, TooLarge
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
@@ -80,6 +80,8 @@ def read_image_file(path: str | Path, mode: str, what: str) -> Image.Image:
         with Image.open(path) as im:
             im.load()
             return im.convert(mode)
+    except Image.DecompressionBombError as e:  # Pillow's guard against tiny files of huge images
+        raise TooLarge(f"{what} file {path} is too large: {e}") from None
     except (OSError, ValueError) as e:
         raise PDLMError(f"cannot read {what} file {path}: {e}") from e
 
