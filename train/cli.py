@@ -259,12 +259,12 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
                           "grad_norm": metrics["grad_norm"], "step_time": dt,
                           "tokens_per_s": metrics["tokens"] / dt, "masked_tokens": int(metrics["masked_tokens"])}
                 if evaluator is not None and (step % cfg.eval.every == 0 or step == total):
-                    record.update(evaluator(state))
+                    record.update(evaluator(state, step))
                     t_prev = time.perf_counter()  # the next step_time leaves the evaluation out
                 losses.append(metrics["loss"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-                if is_main and step == start + ETA_AFTER_STEPS:  # the first step compiled; this one did not
+                if is_main and step == start + ETA_AFTER_STEPS < total:  # the first step compiled; this one did not
                     _log_eta(step, dt, total, cfg.run.save_every)
                 if run_log is not None:
                     run_log.write(record)
@@ -303,7 +303,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
         if jax.process_count() > 1:  # every process takes part in gathering the sharded params
             from jax.experimental import multihost_utils
             params, adapters = multihost_utils.process_allgather((params, adapters), tiled=True)
-        sampler = checkpointing.sampler_for(cfg.sampler(), cfg.model.init_from)
+        sampler = cfg.sampler()
         provenance = {"config": cfg.to_dict(), "steps": step, "planned_steps": planned, "complete": complete,
                       "skipped_records": len(pipe.skipped), "final_loss": losses[-1:]}
         path = checkpointing.export(out / "export", model_cfg, params, cfg.tokenizer_dir(), sampler, provenance)

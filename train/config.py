@@ -21,6 +21,7 @@ from pdlm_jax.errors import PDLMError
 from pdlm_jax.lora import LoraConfig
 from train.data import DataConfig
 
+SAMPLER_FIELDS = tuple(f.name for f in dataclasses.fields(SamplerConfig))
 MODULE_GROUPS = ("vision", "mask_embed", "projector", "lm")  # top-level parameter groups (freezable)
 
 
@@ -87,8 +88,9 @@ class EvalConfig:
     synthetic_scenes: int = 0  # or: that many synthetic scenes from a seed training never uses
     batch_size: int = 4  # loss batches (samples that do not fill the last batch are left out)
     max_records: int = 32  # records captioned for the accuracy (the first ones); 0 = loss only
-    gen_length: int | None = None  # caption slots per region; default: model.sampler, else 32
-    steps: int | None = None  # denoising steps; default: model.sampler, else gen_length
+    # caption slots per region and denoising steps; default: the exported model's (TrainConfig.sampler)
+    gen_length: int | None = None
+    steps: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +128,15 @@ class TrainConfig:
             raise PDLMError("model.tokenizer: give the directory holding tokenizer.json")
         return path
 
-    def sampler(self) -> SamplerConfig | None:
-        return SamplerConfig(**self.model.sampler) if self.model.sampler else None
+    def sampler(self) -> SamplerConfig:
+        """Generation settings of the trained model, stored with its export and used by periodic evaluation:
+        the sampler.json of the model training started from (model.init_from), with model.sampler's fields
+        over it, else the reference's. A model learns captions of the lengths it was trained on and pdlm-infer
+        gives every region gen_length slots: more slots than it learned to fill garble captions."""
+        from pdlm_jax.checkpoint import read_sampler
+
+        stored = read_sampler(self.model.init_from) if self.model.init_from else {}
+        return SamplerConfig(**{**{k: v for k, v in stored.items() if k in SAMPLER_FIELDS}, **(self.model.sampler or {})})
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -176,6 +185,8 @@ def from_dict(d: dict) -> TrainConfig:
     if unknown:
         raise PDLMError(f"unknown config sections {sorted(unknown)}; use {sorted(SECTIONS)}")
     cfg = TrainConfig(**{name: _build(cls, d.get(name) or {}, name) for name, cls in SECTIONS.items()})
+    if not isinstance(cfg.model.sampler or {}, dict) or set(cfg.model.sampler or {}) - set(SAMPLER_FIELDS):
+        raise PDLMError(f"model.sampler must be a mapping of {list(SAMPLER_FIELDS)}, got {cfg.model.sampler!r}")
     bad = set(cfg.model.freeze) - set(MODULE_GROUPS)
     if bad:
         raise PDLMError(f"model.freeze: unknown modules {sorted(bad)}; choose from {MODULE_GROUPS}")
