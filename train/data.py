@@ -134,9 +134,6 @@ class AnnotationSource:
                     if on_bad_record != "skip":
                         raise PDLMError(f"{e} (data.on_bad_record: skip leaves bad records out)") from e
                     self.skipped.append(str(e))
-        if not self.records:
-            raise PDLMError(f"no usable training records in {', '.join(map(str, paths))}"
-                            + (f" ({len(self.skipped)} skipped; first: {self.skipped[0]})" if self.skipped else ""))
 
     def _resolve_image(self, value: str, base) -> Any:
         if value.startswith("data:"):
@@ -254,6 +251,10 @@ def make_sources(cfg: DataConfig, limits: Limits | None = None) -> list[Annotati
                         f"({n_sources} in all) to mix them, got {list(cfg.weights)}")
     files = [[f] for f in cfg.annotations] if mixed else ([list(cfg.annotations)] if cfg.annotations else [])
     sources: list = [AnnotationSource(f, cfg.image_root, limits, cfg.on_bad_record) for f in files]
+    for source in sources:
+        if not source.records:
+            raise PDLMError(f"no usable training records in {source.name}" + (
+                f" ({len(source.skipped)} skipped; first: {source.skipped[0]})" if source.skipped else ""))
     if cfg.synthetic_scenes > 0:
         sources.append(SyntheticRecords(cfg.synthetic_scenes, cfg.synthetic_seed, cfg.synthetic_rotated))
     return sources
