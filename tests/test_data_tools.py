@@ -46,7 +46,8 @@ def test_the_walkthrough_runs_as_written(tmp_path, monkeypatch):
     assert [r["mask_rles"] for r in made] == [r["mask_rles"] for r in example]  # the committed example
     assert [r["captions"] for r in made] == [r["captions"] for r in example]
     assert (tmp_path / "runs/my_lora/adapter").is_dir()
-    assert [json.loads(line)["step"] for line in (tmp_path / "runs/my_lora/log.jsonl").read_text().splitlines()] == [1, 2]
+    log = (tmp_path / "runs/my_lora/log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2]
     caption = json.loads((tmp_path / "runs/my_lora/caption.json").read_text())
     assert len(caption["regions"]) == 2
 

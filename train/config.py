@@ -136,7 +136,8 @@ class TrainConfig:
         from pdlm_jax.checkpoint import read_sampler
 
         stored = read_sampler(self.model.init_from) if self.model.init_from else {}
-        return SamplerConfig(**{**{k: v for k, v in stored.items() if k in SAMPLER_FIELDS}, **(self.model.sampler or {})})
+        stored = {k: v for k, v in stored.items() if k in SAMPLER_FIELDS}
+        return SamplerConfig(**{**stored, **(self.model.sampler or {})})
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -155,7 +156,8 @@ def _build(cls, values: dict, where: str):
     types = typing.get_type_hints(cls)
     for name, value in values.items():
         default = getattr(cls(), name)
-        integer = types[name] in (int, int | None) and not isinstance(default, bool)
+        optional = types[name] == int | None  # None: "not set"
+        integer = (types[name] is int or optional) and not isinstance(default, bool)
         if isinstance(default, tuple) and isinstance(value, (list, tuple)):
             value = tuple(value)
         elif isinstance(default, tuple) and isinstance(value, (str, int)):
@@ -167,8 +169,7 @@ def _build(cls, values: dict, where: str):
                 raise PDLMError(f"{where}.{name} must be a number, got {value!r}") from None
         elif isinstance(default, bool) and not isinstance(value, bool):
             raise PDLMError(f"{where}.{name} must be true or false, got {value!r}")
-        elif integer and (isinstance(value, bool) or not isinstance(value, int)) and not (value is None and
-                                                                                          types[name] != int):
+        elif integer and not (value is None and optional) and (isinstance(value, bool) or not isinstance(value, int)):
             raise PDLMError(f"{where}.{name} must be an integer, got {value!r}")
         kwargs[name] = value
     return cls(**kwargs)

@@ -71,8 +71,8 @@ class DataConfig:
     answer_buckets: tuple[int, ...] = ()
     question: str = DEFAULT_QUESTION
     workers: int = 0  # grain worker processes (0 = in-process)
-    threads: int = 2  # grain reader threads per process
-    prefetch: int = 16
+    threads: int = 2  # grain reader threads per process (each builds whole batches)
+    prefetch: int = 4  # batches read ahead per process (each worker too)
 
 
 @dataclasses.dataclass

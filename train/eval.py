@@ -77,12 +77,12 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
     for i, (image, masks, captions) in enumerate(_scenes(scenes, seed, rotated, colors, annotations)):
         result, oks = judge(model, image, masks, captions, **settings)
         if plain is not None:
-            baseline = plain.caption_regions(image, masks, **settings)["regions"]
-            for a, b, truth in zip(result["regions"], baseline, captions):
+            baseline, plain_oks = judge(plain, image, masks, captions, **settings)
+            agree["plain_correct"] += sum(plain_oks)
+            for a, b in zip(result["regions"], baseline["regions"]):
                 agree["tokens"] += sum(x == y for x, y in zip(a["token_ids"], b["token_ids"]))
                 agree["slots"] += len(a["token_ids"])
                 agree["captions"] += a["caption"] == b["caption"]
-                agree["plain_correct"] += normalise(b["caption"]) == normalise(truth)
         tally = by_shapes.setdefault(len(masks), [0, 0])
         for truth, region, ok in zip(captions, result["regions"], oks):
             words = truth.split()
@@ -95,7 +95,8 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
                 if verbose:
                     print(f"scene {i}: {key}", file=sys.stderr)
     correct, total = (sum(t[j] for t in by_shapes.values()) for j in (0, 1))
-    return {"scenes": scenes, "annotations": annotations, "regions": total, "correct": correct, "accuracy": correct / max(total, 1),
+    return {"scenes": scenes, "annotations": annotations, "regions": total, "correct": correct,
+            "accuracy": correct / max(total, 1),
             "by_num_shapes": {k: {"correct": c, "regions": n, "accuracy": c / n}
                               for k, (c, n) in sorted(by_shapes.items())},
             "by_color": {k: {"correct": c, "regions": n, "accuracy": c / n} for k, (c, n) in sorted(by_color.items())},
