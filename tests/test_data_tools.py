@@ -1,5 +1,6 @@
 """`pdlm-data` (from-masks, validate, stats) and the "Fine-tune on your own data" walkthrough of docs/TRAINING.md,
-run command by command as the doc gives them (with run.max_steps=2)."""
+run command by command as the doc gives them (with run.max_steps=2), which also checks that periodic evaluation
+reports what `python -m train.eval` reports."""
 
 from __future__ import annotations
 
@@ -25,29 +26,45 @@ def walkthrough_commands() -> list[list[str]]:
     return [shlex.split(line) for line in block.group(1).replace("\\\n", " ").splitlines() if line.strip()]
 
 
-def test_the_walkthrough_runs_as_written(tmp_path, monkeypatch):
+def test_the_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys, caplog):
+    """Also the honest-evaluation check: pdlm-train's periodic evaluation of the held-out image reports the
+    accuracy `python -m train.eval` reports for the exported adapter on the same records."""
     from infer import cli as infer_cli
-    from train import cli as train_cli
+    from train import cli as train_cli, eval as train_eval
 
-    programs = {"pdlm-data": data_tools.main, "pdlm-train": train_cli.main, "pdlm-infer": infer_cli.main}
+    programs = {"pdlm-data": data_tools.main, "pdlm-train": train_cli.main, "pdlm-infer": infer_cli.main,
+                "python": lambda args: train_eval.main(args[2:])}  # python -m train.eval ...
     for name in ("examples", "configs", "pdlm_jax"):  # the repository as the doc's working directory
         (tmp_path / name).symlink_to(ROOT / name)
     monkeypatch.chdir(tmp_path)
     commands = walkthrough_commands()
-    assert [c[0] for c in commands] == ["pdlm-data"] * 5 + ["pdlm-train", "pdlm-infer"]
+    assert [c[0] for c in commands] == ["pdlm-data"] * 5 + ["pdlm-train", "python", "pdlm-infer"]
+    assert commands[6][:3] == ["python", "-m", "train.eval"]
     for program, *args in commands:
         args = [re.sub(r"^run.max_steps=\d+$", "run.max_steps=2", a) for a in args]  # tiny: 2 steps
-        if program == "pdlm-train":
-            args = ["--no-progress", *args, f"run.compilation_cache={tmp_path / 'cache'}"]
-        assert programs[program](args) == 0, (program, args)
+        if program == "pdlm-train":  # the overrides stay one group at the end
+            args = ["--no-progress", *args, f"run.compilation_cache={tmp_path / 'cache'}", "run.tensorboard=false"]
+        capsys.readouterr()
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            assert programs[program](args) == 0, (program, args)
+        if program == "pdlm-train":  # one summary line for the evaluation, none of the inference path's lines
+            assert sum("eval at step 2:" in m and "gen_length 3, steps 3" in m for m in caplog.messages) == 1
+            assert not any(r.name.startswith("pdlm_jax") for r in caplog.records)
+        if program == "python":
+            out = capsys.readouterr().out
+            report = json.loads(out[:out.rindex("}") + 1])
 
-    made = json.loads((tmp_path / "runs/my_data/annotations.json").read_text())
+    made = [json.loads((tmp_path / "runs/my_data" / f).read_text()) for f in ("train.json", "held_out.json")]
     example = json.loads((EXAMPLES / "annotations.json").read_text())
-    assert [r["mask_rles"] for r in made] == [r["mask_rles"] for r in example]  # the committed example
-    assert [r["captions"] for r in made] == [r["captions"] for r in example]
-    assert (tmp_path / "runs/my_lora/adapter").is_dir()
-    log = (tmp_path / "runs/my_lora/log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in log] == [1, 2]
+    assert [r["mask_rles"] for r in made[0] + made[1]] == [r["mask_rles"] for r in example]  # the committed one
+    assert [r["captions"] for r in made[0] + made[1]] == [r["captions"] for r in example]
+    log = [json.loads(line) for line in (tmp_path / "runs/my_lora/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    # the held-out image: the purple circle is new to the demo model, the blue and yellow shapes are not
+    assert (report["gen_length"], report["steps"], report["regions"]) == (3, 3, 3)
+    assert (log[-1]["eval_accuracy"], log[-1]["eval_regions"]) == (report["accuracy"], report["regions"])
+    assert 0 < report["accuracy"] < 1, report
     caption = json.loads((tmp_path / "runs/my_lora/caption.json").read_text())
     assert len(caption["regions"]) == 2
 

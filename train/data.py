@@ -452,12 +452,13 @@ def _grain_flags_parsed() -> None:
 
 
 def build_pipeline(data: DataConfig, model: PDLMConfig, tokenizer: Tokenizer, *, process_index: int = 0,
-                   process_count: int = 1, grad_accum: int = 1) -> Pipeline:
+                   process_count: int = 1, grad_accum: int = 1, batch_name: str = "data.batch_size") -> Pipeline:
     """Deterministic, checkpointable iterator of per-process batches of one update: data.batch_size x
-    `grad_accum` samples in all processes together, batch / process_count in each."""
+    `grad_accum` samples in all processes together, batch / process_count in each. `batch_name`: the setting
+    data.batch_size came from, for messages."""
     batch = data.batch_size * grad_accum
-    batch_text = f"{batch}" + (f" = data.batch_size {data.batch_size} x optim.grad_accum {grad_accum}"
-                               if grad_accum > 1 else " (data.batch_size)")
+    batch_text = f"{batch}" + (f" = {batch_name} {data.batch_size} x optim.grad_accum {grad_accum}"
+                               if grad_accum > 1 else f" ({batch_name})")
     if batch % process_count:
         raise PDLMError(f"a batch of {batch_text} does not divide by the number of processes {process_count}")
     limits = Limits(model.region, tokenizer, data.question, data.group_divisor, max(data.tile_buckets),

@@ -116,7 +116,7 @@ class Evaluator:
             synthetic_seed=train_eval.HELD_OUT_SEED, weights=(), batch_size=e.batch_size, epochs=1, loop=False,
             on_bad_record="error", workers=0)
         self.pipe = data.build_pipeline(self.data_cfg, model_cfg, tokenizer, process_index=process_index,
-                                        process_count=process_count)
+                                        process_count=process_count, batch_name="eval.batch_size")
         # caption with the generation settings the exported model will have, unless eval.gen_length / steps
         exported = cfg.sampler()
         gen_length = e.gen_length or exported.gen_length
