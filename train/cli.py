@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
-
-import numpy as np
 
 from pdlm_jax.errors import PDLMError
 from train import preemption
@@ -122,7 +121,7 @@ ETA_AFTER_STEPS = 2  # the time to the first checkpoint is estimated from this s
 def _count(tree) -> int:
     import jax
 
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)) if tree else 0
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree)) if tree else 0
 
 
 def _log_summary(cfg, pipe, start: int, total: int, abstract: dict, mesh_sizes: dict) -> None:
@@ -137,7 +136,7 @@ def _log_summary(cfg, pipe, start: int, total: int, abstract: dict, mesh_sizes: 
     log.info("parameters: %s trainable%s, %s frozen", f"{_count(abstract['params']):,}",
              " (LoRA adapters)" if cfg.lora.enabled else "", f"{_count(abstract['frozen']):,}")
     log.info("mesh: %s over %d devices; first checkpoint at step %d (time estimated after step %d)",
-             " x ".join(f"{a} {n}" for a, n in mesh_sizes.items()), int(np.prod(list(mesh_sizes.values()))),
+             " x ".join(f"{a} {n}" for a, n in mesh_sizes.items()), math.prod(mesh_sizes.values()),
              min(total, (start // cfg.run.save_every + 1) * cfg.run.save_every), start + ETA_AFTER_STEPS)
 
 
@@ -168,6 +167,8 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     from pdlm_jax import sharding as shd
     from pdlm_jax.files import atomic_write
     from pdlm_jax.regions.tokenizer import Tokenizer
+    import numpy as np
+
     from train import checkpointing, data, monitor, step as step_lib
     from train.config import CONFIG_FILE
     from pdlm_jax.files import as_path
