@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import jax
+import numpy as np
 from helpers import ROOT, fixture_dir
 
 from pdlm_jax.config import preset
