@@ -193,6 +193,16 @@ def test_pipeline_is_deterministic_and_resumable(tokenizer):
     ("run.profile_steps=[5, 2]", "profile_steps"),
     ("eval.every=10", "eval.every"),
     ("data.weights=[1, -1]", "weights"),
+    ("optim.lr=-1", "optim.lr must be a positive learning rate, got -1.0"),
+    ("optim.lr=0", "optim.lr must be a positive"),
+    ("run.max_steps=0", "run.max_steps must be at least 1"),
+    ("run.max_steps=-5", "run.max_steps must be at least 1"),
+    ("run.max_steps=abc", "run.max_steps must be an integer, got 'abc'"),
+    ("run.max_steps=2.5", "run.max_steps must be an integer"),
+    ("run.save_every=0", "run.save_every must be at least 1"),
+    ("data.workers=-1", "data.workers must be at least 0"),
+    ("data.length_buckets=[512, x]", "data.length_buckets must be a list of positive integers"),
+    ("eval.gen_length=true", "eval.gen_length must be an integer"),
 ])
 def test_bad_config_values_are_named(override, message):
     with pytest.raises(PDLMError, match=message):

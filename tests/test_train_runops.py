@@ -210,3 +210,39 @@ def test_resume_check_fills_in_entries_older_configs_lack(tmp_path):
     with pytest.raises(PDLMError, match=r"step 3 .*run.max_steps: 5 -> 6"):
         cli._check_resume(as_path(tmp_path), train_config.load(None, ["run.max_steps=6"]).to_dict(), 3,
                           allow_changes=False, write=True)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-1", "optim.lr must be a positive learning rate"),
+    ("run.max_steps=0", "run.max_steps must be at least 1"),
+    ("run.max_steps=abc", "run.max_steps must be an integer, got 'abc'"),
+    ("run.mesh=data:2", "run.mesh: mesh spec 'data:2' needs 2 devices but 1 are available"),
+    ("run.mesh=data:3,fsdp:-1", "devices do not divide by 3"),
+])
+def test_bad_settings_stop_before_any_data_is_read(tmp_path, capsys, override, message):
+    """One line, exit 2, no run folder; the annotation file does not exist, so reading data would have
+    failed with another message."""
+    out = tmp_path / "run"
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump({**CONFIG, "data": {**CONFIG["data"], "annotations": ["missing.json"]},
+                                        "run": {**CONFIG["run"], "output_dir": str(out)}}))
+    assert cli.main(["--config", str(cfg_file), "--no-progress", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("pdlm-train: error:") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_batch_must_split_over_the_batch_axes_of_the_mesh():
+    cfg = train_config.load(None, ["run.mesh=data:8", "data.batch_size=2"])
+    with pytest.raises(PDLMError, match=r"data.batch_size 2 does not split .*data 8 x fsdp 1 = 8 devices"):
+        cli.check_devices(cfg, 8)
+    sizes = cli.check_devices(train_config.load(None, ["run.mesh=fsdp:4,tensor:2", "data.batch_size=4"]), 8)
+    assert sizes == {"data": 1, "fsdp": 4, "tensor": 2}
+
+
+def test_too_little_data_names_both_factors_of_the_batch(tokenizer):
+    cfg = train_config.from_dict({**CONFIG, "data": {**CONFIG["data"], "batch_size": 4},
+                                  "optim": {**CONFIG["optim"], "grad_accum": 4}})
+    with pytest.raises(PDLMError, match=r"8 training items are fewer than one batch of 16 = data.batch_size 4 x "
+                                        r"optim.grad_accum 4"):
+        data.build_pipeline(cfg.data, cfg.model_config(), tokenizer, grad_accum=cfg.optim.grad_accum)

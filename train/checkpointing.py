@@ -9,7 +9,6 @@ and `pdlm_jax.load` read directly; a LoRA run also exports its adapters (`export
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -70,16 +69,6 @@ def export(out_dir: str | Path, cfg: PDLMConfig, params: dict, tokenizer_dir: st
 
 def full_params(state: dict) -> dict[str, Any]:
     return {**state["params"], **state["frozen"]}
-
-
-def sampler_for(sampler: SamplerConfig | None, init_from: str | None) -> SamplerConfig:
-    """Generation defaults to store with an export: model.sampler, else those of the model training started
-    from (its sampler.json), else the reference's. A model learns captions of the lengths it was trained on
-    and pdlm-infer gives every region gen_length slots: more slots than it learned to fill garble captions."""
-    if sampler is not None:
-        return sampler
-    stored = pdlm_ckpt.read_sampler(init_from) if init_from else {}
-    return SamplerConfig(**{f.name: stored[f.name] for f in dataclasses.fields(SamplerConfig) if f.name in stored})
 
 
 def export_adapter(out_dir: str | Path, adapters: dict, lora, cfg: PDLMConfig, tokenizer_dir: str | Path,

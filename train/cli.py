@@ -5,19 +5,22 @@ multi-host pod (see docs/TRAINING.md). Resumes automatically from the latest che
 `run.output_dir/checkpoints`; writes `run.output_dir/log.jsonl`, TensorBoard events in
 `run.output_dir/tensorboard` and, at the end, a pdlm-infer checkpoint in `run.output_dir/export`.
 `run.output_dir` may be local, `file://` or any etils-epath URL (`gs://bucket/run`).
-Exit codes: 0 done, 2 bad input (one-line error), 3 the data ran out before run.max_steps.
+Exit codes: 0 done, 2 bad input (one-line error, before any data is read), 3 the data ran out before
+run.max_steps, 4 stopped by SIGTERM / SIGINT / a preemption notice after saving a checkpoint (run the same
+command again to resume).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 
 from pdlm_jax.errors import PDLMError
+from train import preemption
 
 log = logging.getLogger("pdlm-train")
 
@@ -54,6 +57,25 @@ RESUME_SETTINGS = ("run.max_steps", "run.mesh", "data.batch_size", "data.epochs"
                    "optim.lr", "optim.warmup_ratio", "optim.end_lr_ratio", "optim.grad_accum", "lora.rank",
                    "lora.alpha", "lora.target")
 EXIT_INCOMPLETE = 3  # the data ran out before run.max_steps (data.loop: false)
+
+
+def check_devices(cfg, num_devices: int) -> dict[str, int]:
+    """The mesh axis sizes of run.mesh over `num_devices`; PDLMError if the mesh does not fit the devices or
+    the batch does not split evenly over the batch axes (data x fsdp)."""
+    from pdlm_jax import sharding as shd
+
+    try:
+        sizes = shd.parse_mesh(cfg.run.mesh, num_devices)
+    except PDLMError as e:
+        raise PDLMError(f"run.mesh: {e}") from None
+    ways = sizes["data"] * sizes["fsdp"]
+    if cfg.data.batch_size % ways:
+        # the batch would be replicated: every device computing every sample of it
+        raise PDLMError(f"data.batch_size {cfg.data.batch_size} does not split over the mesh's batch axes (data "
+                        f"{sizes['data']} x fsdp {sizes['fsdp']} = {ways} devices): each device would compute the "
+                        f"whole batch. Make data.batch_size a multiple of {ways}, or put devices on the tensor axis "
+                        "(e.g. run.mesh=tensor:-1)")
+    return sizes
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -93,6 +115,43 @@ def _check_resume(out, new: dict, step: int, allow_changes: bool, write: bool) -
         atomic_write(archive, (out / CONFIG_FILE).read_text())
 
 
+ETA_AFTER_STEPS = 2  # the time to the first checkpoint is estimated from this step (the first one compiles)
+
+
+def _count(tree) -> int:
+    import jax
+
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree)) if tree else 0
+
+
+def _log_summary(cfg, pipe, start: int, total: int, abstract: dict, mesh_sizes: dict) -> None:
+    """What the run is about to do, before the first (compiling) step."""
+    batch = cfg.data.batch_size * cfg.optim.grad_accum
+    records = "; ".join(f"{name}: {n} records" for name, n in pipe.records.items())
+    log.info("data: %s (%d items a pass%s)", records, pipe.num_items,
+             f", {len(pipe.skipped)} records skipped" if pipe.skipped else "")
+    log.info("steps %d..%d of %d; %d samples a step (data.batch_size %d x optim.grad_accum %d), at most %d tokens "
+             "a step (padded to data.length_buckets)", start + 1, total, total, batch, cfg.data.batch_size,
+             cfg.optim.grad_accum, batch * max(cfg.data.length_buckets))
+    log.info("parameters: %s trainable%s, %s frozen", f"{_count(abstract['params']):,}",
+             " (LoRA adapters)" if cfg.lora.enabled else "", f"{_count(abstract['frozen']):,}")
+    log.info("mesh: %s over %d devices; first checkpoint at step %d (time estimated after step %d)",
+             " x ".join(f"{a} {n}" for a, n in mesh_sizes.items()), math.prod(mesh_sizes.values()),
+             min(total, (start // cfg.run.save_every + 1) * cfg.run.save_every), start + ETA_AFTER_STEPS)
+
+
+def _log_eta(step: int, step_time: float, total: int, save_every: int) -> None:
+    checkpoint = min(total, (step // save_every + 1) * save_every)
+    log.info("step %d took %.3g s: at that pace the checkpoint of step %d comes in %s and the end (step %d) in %s",
+             step, step_time, checkpoint, _duration((checkpoint - step) * step_time), total,
+             _duration((total - step) * step_time))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3g} s" if seconds < 120 else (f"{seconds / 60:.0f} min" if seconds < 7200 else
+                                                      f"{seconds / 3600:.1f} h")
+
+
 def train(cfg, progress: bool = True, callback=None, allow_changed_settings: bool = False) -> dict:
     """Run training for a TrainConfig; returns {'losses': [...], 'export': path or None, 'state': ...,
     'steps': steps done in all, 'planned_steps': ..., 'complete': False if the data ran out first}.
@@ -101,7 +160,6 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     an exception it raises stops training like an interruption would.
     """
     import jax
-    import numpy as np
     from tqdm import tqdm
 
     from pdlm_jax import checkpoint as pdlm_ckpt
@@ -109,10 +167,13 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     from pdlm_jax import sharding as shd
     from pdlm_jax.files import atomic_write
     from pdlm_jax.regions.tokenizer import Tokenizer
+    import numpy as np
+
     from train import checkpointing, data, monitor, step as step_lib
     from train.config import CONFIG_FILE
     from pdlm_jax.files import as_path
 
+    mesh_sizes = check_devices(cfg, jax.device_count())
     if cfg.run.compilation_cache:
         from pdlm_jax.pipeline import enable_compilation_cache
 
@@ -127,9 +188,8 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
         # each host pads its own samples, so with several buckets hosts could disagree on the batch shape
         raise PDLMError("multi-host training needs one bucket per padded axis: set data.tile_buckets, "
                         "data.length_buckets and data.answer_buckets (if given) to a single value each")
-    per_update = cfg.data.batch_size * cfg.optim.grad_accum
-    pipe = data.build_pipeline(dataclasses.replace(cfg.data, batch_size=per_update), model_cfg, tokenizer,
-                               process_index=jax.process_index(), process_count=jax.process_count())
+    pipe = data.build_pipeline(cfg.data, model_cfg, tokenizer, process_index=jax.process_index(),
+                               process_count=jax.process_count(), grad_accum=cfg.optim.grad_accum)
     if pipe.skipped:
         log.warning("data.on_bad_record=skip: skipped %d bad annotation records, e.g. %s", len(pipe.skipped),
                     "; ".join(pipe.skipped[:3]))
@@ -138,7 +198,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     if total < planned:
         log.warning("the data runs out after %d steps, before run.max_steps=%d: training %d steps with the lr "
                     "schedule sized for them (set data.loop: true to repeat the data)", total, planned, total)
-    mesh = shd.make_mesh(cfg.run.mesh)
+    mesh = shd.make_mesh(mesh_sizes)
     trainer = step_lib.trainer_for(cfg, model_cfg, mesh, total, tokenizer.special.mask)
     out = as_path(cfg.run.output_dir)
     is_main = jax.process_index() == 0
@@ -173,45 +233,54 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     profiler = monitor.Profiler(cfg.run.profile_steps, out / monitor.PROFILE_DIR)
 
     run_log = monitor.RunLog(out, start, cfg.run.tensorboard) if is_main else None
+    if is_main:
+        _log_summary(cfg, pipe, start, total, abstract, mesh_sizes)
     losses = []
     step = start
     saved = start if resumed is not None else None
     bar = tqdm(total=total, initial=start, disable=not (progress and is_main), desc="train", dynamic_ncols=True)
     t_prev = time.perf_counter()
+    stop, preempted = preemption.StopRequest(multi_process=jax.process_count() > 1), False
     try:
-        while step < total:
-            try:
-                batch = next(iterator)
-            except StopIteration:  # not expected: steps_available counts the batches
-                log.warning("data exhausted after %d steps", step)
-                break
-            profiler.before(step + 1)
-            state, metrics = trainer.step(state, trainer.put_batch(batch))
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            step += 1
-            profiler.after(step)
-            now = time.perf_counter()
-            dt, t_prev = now - t_prev, now
-            record = {"step": step, "loss": metrics["loss"], "lr": metrics["lr"],
-                      "grad_norm": metrics["grad_norm"], "step_time": dt, "tokens_per_s": metrics["tokens"] / dt,
-                      "masked_tokens": int(metrics["masked_tokens"])}
-            if evaluator is not None and (step % cfg.eval.every == 0 or step == total):
-                record.update(evaluator(state))
-                t_prev = time.perf_counter()  # the next step_time leaves the evaluation out
-            losses.append(metrics["loss"])
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-            if run_log is not None:
-                run_log.write(record)
-                if step % cfg.run.log_every == 0:
-                    run_log.flush()
-                    bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                       for k, v in record.items()))
-            if step % cfg.run.save_every == 0 or step == total:
-                checkpointing.save(mgr, step, trainer.checkpointed(state), iterator)
-                saved = step
-            if callback is not None:
-                callback(step, record)
+        with stop:
+            while step < total:
+                try:
+                    batch = next(iterator)
+                except StopIteration:  # not expected: steps_available counts the batches
+                    log.warning("data exhausted after %d steps", step)
+                    break
+                profiler.before(step + 1)
+                state, metrics = trainer.step(state, trainer.put_batch(batch))
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                step += 1
+                profiler.after(step)
+                now = time.perf_counter()
+                dt, t_prev = now - t_prev, now
+                record = {"step": step, "loss": metrics["loss"], "lr": metrics["lr"],
+                          "grad_norm": metrics["grad_norm"], "step_time": dt,
+                          "tokens_per_s": metrics["tokens"] / dt, "masked_tokens": int(metrics["masked_tokens"])}
+                if evaluator is not None and (step % cfg.eval.every == 0 or step == total):
+                    record.update(evaluator(state, step))
+                    t_prev = time.perf_counter()  # the next step_time leaves the evaluation out
+                losses.append(metrics["loss"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                if is_main and step == start + ETA_AFTER_STEPS < total:  # the first step compiled; this one did not
+                    _log_eta(step, dt, total, cfg.run.save_every)
+                if run_log is not None:
+                    run_log.write(record)
+                    if step % cfg.run.log_every == 0:
+                        run_log.flush()
+                        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in record.items()))
+                if step % cfg.run.save_every == 0 or step == total:
+                    checkpointing.save(mgr, step, trainer.checkpointed(state), iterator)
+                    saved = step
+                if callback is not None:
+                    callback(step, record)
+                if step < total and stop.should_stop(step, mgr):
+                    preempted = True
+                    break
         if saved != step:  # stopped early: keep what was trained
             checkpointing.save(mgr, step, trainer.checkpointed(state), iterator)
         mgr.wait_until_finished()
@@ -221,6 +290,13 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
         mgr.close()
         if run_log is not None:
             run_log.close()
+        if hasattr(iterator, "close"):  # data.workers: ends the worker processes
+            iterator.close()
+    if preempted:
+        log.warning("stopped at step %d of %d (%s); checkpoint saved in %s", step, total,
+                    stop.signalled or "preemption notice", mgr.directory)
+        return {"losses": losses, "export": None, "state": state, "steps": step, "planned_steps": planned,
+                "complete": False, "preempted": True}
     complete = step >= planned
     exported = None
     if cfg.run.export:
@@ -228,7 +304,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
         if jax.process_count() > 1:  # every process takes part in gathering the sharded params
             from jax.experimental import multihost_utils
             params, adapters = multihost_utils.process_allgather((params, adapters), tiled=True)
-        sampler = checkpointing.sampler_for(cfg.sampler(), cfg.model.init_from)
+        sampler = cfg.sampler()
         provenance = {"config": cfg.to_dict(), "steps": step, "planned_steps": planned, "complete": complete,
                       "skipped_records": len(pipe.skipped), "final_loss": losses[-1:]}
         path = checkpointing.export(out / "export", model_cfg, params, cfg.tokenizer_dir(), sampler, provenance)
@@ -242,7 +318,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
             if adapters is not None:
                 log.info("exported the LoRA adapters to %s", adapter_path)
     return {"losses": losses, "export": exported, "state": state, "steps": step, "planned_steps": planned,
-            "complete": complete}
+            "complete": complete, "preempted": False}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     except PDLMError as e:
         print(f"pdlm-train: error: {e}", file=sys.stderr)
         return 2
+    if result["preempted"]:
+        return preemption.EXIT_PREEMPTED
     if not result["complete"]:
         print(f"pdlm-train: stopped after {result['steps']} of run.max_steps={result['planned_steps']} steps: the "
               "data ran out (set data.loop: true to repeat it)", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from pdlm_jax.errors import PDLMError
 from pdlm_jax.lora import LoraConfig
 from train.data import DataConfig
 
+SAMPLER_FIELDS = tuple(f.name for f in dataclasses.fields(SamplerConfig))
 MODULE_GROUPS = ("vision", "mask_embed", "projector", "lm")  # top-level parameter groups (freezable)
 
 
@@ -86,8 +88,9 @@ class EvalConfig:
     synthetic_scenes: int = 0  # or: that many synthetic scenes from a seed training never uses
     batch_size: int = 4  # loss batches (samples that do not fill the last batch are left out)
     max_records: int = 32  # records captioned for the accuracy (the first ones); 0 = loss only
-    gen_length: int | None = None  # caption slots per region; default: model.sampler, else 32
-    steps: int | None = None  # denoising steps; default: model.sampler, else gen_length
+    # caption slots per region and denoising steps; default: the exported model's (TrainConfig.sampler)
+    gen_length: int | None = None
+    steps: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +130,16 @@ class TrainConfig:
             raise PDLMError("model.tokenizer: give the directory holding tokenizer.json")
         return str(local_directory(path, "model.tokenizer"))  # a bucket folder or hf:// id: its local copy
 
-    def sampler(self) -> SamplerConfig | None:
-        return SamplerConfig(**self.model.sampler) if self.model.sampler else None
+    def sampler(self) -> SamplerConfig:
+        """Generation settings of the trained model, stored with its export and used by periodic evaluation:
+        the sampler.json of the model training started from (model.init_from), with model.sampler's fields
+        over it, else the reference's. A model learns captions of the lengths it was trained on and pdlm-infer
+        gives every region gen_length slots: more slots than it learned to fill garble captions."""
+        from pdlm_jax.checkpoint import read_sampler
+
+        stored = read_sampler(self.model.init_from) if self.model.init_from else {}
+        stored = {k: v for k, v in stored.items() if k in SAMPLER_FIELDS}
+        return SamplerConfig(**{**stored, **(self.model.sampler or {})})
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -144,8 +155,11 @@ def _build(cls, values: dict, where: str):
     if unknown:
         raise PDLMError(f"config section {where!r}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
     kwargs = {}
+    types = typing.get_type_hints(cls)
     for name, value in values.items():
         default = getattr(cls(), name)
+        optional = types[name] == int | None  # None: "not set"
+        integer = (types[name] is int or optional) and not isinstance(default, bool)
         if isinstance(default, tuple) and isinstance(value, (list, tuple)):
             value = tuple(value)
         elif isinstance(default, tuple) and isinstance(value, (str, int)):
@@ -157,7 +171,7 @@ def _build(cls, values: dict, where: str):
                 raise PDLMError(f"{where}.{name} must be a number, got {value!r}") from None
         elif isinstance(default, bool) and not isinstance(value, bool):
             raise PDLMError(f"{where}.{name} must be true or false, got {value!r}")
-        elif isinstance(default, int) and not isinstance(default, bool) and not isinstance(value, int):
+        elif integer and not (value is None and optional) and (isinstance(value, bool) or not isinstance(value, int)):
             raise PDLMError(f"{where}.{name} must be an integer, got {value!r}")
         kwargs[name] = value
     return cls(**kwargs)
@@ -174,11 +188,11 @@ def from_dict(d: dict) -> TrainConfig:
     if unknown:
         raise PDLMError(f"unknown config sections {sorted(unknown)}; use {sorted(SECTIONS)}")
     cfg = TrainConfig(**{name: _build(cls, d.get(name) or {}, name) for name, cls in SECTIONS.items()})
+    if not isinstance(cfg.model.sampler or {}, dict) or set(cfg.model.sampler or {}) - set(SAMPLER_FIELDS):
+        raise PDLMError(f"model.sampler must be a mapping of {list(SAMPLER_FIELDS)}, got {cfg.model.sampler!r}")
     bad = set(cfg.model.freeze) - set(MODULE_GROUPS)
     if bad:
         raise PDLMError(f"model.freeze: unknown modules {sorted(bad)}; choose from {MODULE_GROUPS}")
-    if cfg.optim.grad_accum < 1 or cfg.data.batch_size < 1:
-        raise PDLMError("optim.grad_accum and data.batch_size must be at least 1")
     if cfg.model.dtype not in ("bfloat16", "float32"):
         raise PDLMError(f"model.dtype must be bfloat16 or float32, got {cfg.model.dtype!r}")
     if cfg.model.vision_pos_embed_init not in VISION_POS_EMBED_INITS:
@@ -195,8 +209,44 @@ def from_dict(d: dict) -> TrainConfig:
     return cfg
 
 
+# (setting, test, what it must be): value checks a config passes before anything is loaded
+RANGES = (
+    ("optim.lr", lambda v: v > 0, "a positive learning rate"),
+    ("optim.warmup_ratio", lambda v: 0 <= v <= 1, "a fraction of the run in [0, 1]"),
+    ("optim.end_lr_ratio", lambda v: v >= 0, "at least 0"),
+    ("optim.clip_norm", lambda v: v > 0, "positive"),
+    ("optim.weight_decay", lambda v: v >= 0, "at least 0"),
+    ("optim.grad_accum", lambda v: v >= 1, "at least 1"),
+    ("run.max_steps", lambda v: v is None or v >= 1, "at least 1 (or left out: the epochs of data)"),
+    ("run.save_every", lambda v: v >= 1, "at least 1"),
+    ("run.log_every", lambda v: v >= 1, "at least 1"),
+    ("run.keep", lambda v: v >= 1, "at least 1"),
+    ("data.batch_size", lambda v: v >= 1, "at least 1"),
+    ("data.epochs", lambda v: v >= 1, "at least 1"),
+    ("data.workers", lambda v: v >= 0, "at least 0 (0 = load in the training process)"),
+    ("data.threads", lambda v: v >= 1, "at least 1"),
+    ("data.prefetch", lambda v: v >= 0, "at least 0"),
+    ("data.synthetic_scenes", lambda v: v >= 0, "at least 0"),
+    ("data.group_divisor", lambda v: v > 0, "positive"),
+    ("eval.batch_size", lambda v: v >= 1, "at least 1"),
+    ("eval.max_records", lambda v: v >= 0, "at least 0"),
+    ("eval.gen_length", lambda v: v is None or v >= 1, "at least 1"),
+    ("eval.steps", lambda v: v is None or v >= 1, "at least 1"),
+)
+
+
 def _check_run_data_eval(cfg: TrainConfig) -> None:
     from train.data import BAD_RECORD_POLICIES
+
+    for key, ok, requirement in RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise PDLMError(f"{key} must be {requirement}, got {value!r}")
+    for key in ("data.tile_buckets", "data.length_buckets", "data.answer_buckets"):
+        values = getattr(cfg.data, key.split(".")[1])
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise PDLMError(f"{key} must be a list of positive integers, got {list(values)}")
 
     if cfg.data.on_bad_record not in BAD_RECORD_POLICIES:
         raise PDLMError(f"data.on_bad_record must be one of {BAD_RECORD_POLICIES}, not {cfg.data.on_bad_record!r}")

@@ -71,8 +71,8 @@ class DataConfig:
     answer_buckets: tuple[int, ...] = ()
     question: str = DEFAULT_QUESTION
     workers: int = 0  # grain worker processes (0 = in-process)
-    threads: int = 2  # grain reader threads per process
-    prefetch: int = 16
+    threads: int = 2  # grain reader threads per process (each builds whole batches)
+    prefetch: int = 4  # batches read ahead per process (each worker too)
 
 
 @dataclasses.dataclass
@@ -120,6 +120,7 @@ class AnnotationSource:
 
     def __init__(self, paths: Sequence[str | Path], image_root: str | None = None, limits: Limits | None = None,
                  on_bad_record: str = "error"):
+        self.name = ", ".join(map(str, paths))
         self.records: list[tuple[annotation_files.ImageRecord, Any]] = []  # (record, image path or data URL)
         self.skipped: list[str] = []  # messages of the records left out
         self.image_root = image_root
@@ -133,9 +134,6 @@ class AnnotationSource:
                     if on_bad_record != "skip":
                         raise PDLMError(f"{e} (data.on_bad_record: skip leaves bad records out)") from e
                     self.skipped.append(str(e))
-        if not self.records:
-            raise PDLMError(f"no usable training records in {', '.join(map(str, paths))}"
-                            + (f" ({len(self.skipped)} skipped; first: {self.skipped[0]})" if self.skipped else ""))
 
     def _resolve_image(self, value: str, base) -> Any:
         if value.startswith("data:"):
@@ -223,6 +221,7 @@ class SyntheticRecords:
     def __init__(self, num_scenes: int, seed: int = 0, rotated: float = 0.0):
         from train import synthetic
 
+        self.name = "synthetic task"
         self.scenes = synthetic.SyntheticSource(num_scenes, seed, rotated)
         self.max_masks = synthetic.MAX_SHAPES
 
@@ -252,6 +251,10 @@ def make_sources(cfg: DataConfig, limits: Limits | None = None) -> list[Annotati
                         f"({n_sources} in all) to mix them, got {list(cfg.weights)}")
     files = [[f] for f in cfg.annotations] if mixed else ([list(cfg.annotations)] if cfg.annotations else [])
     sources: list = [AnnotationSource(f, cfg.image_root, limits, cfg.on_bad_record) for f in files]
+    for source in sources:
+        if not source.records:
+            raise PDLMError(f"no usable training records in {source.name}" + (
+                f" ({len(source.skipped)} skipped; first: {source.skipped[0]})" if source.skipped else ""))
     if cfg.synthetic_scenes > 0:
         sources.append(SyntheticRecords(cfg.synthetic_scenes, cfg.synthetic_seed, cfg.synthetic_rotated))
     return sources
@@ -435,13 +438,29 @@ class Pipeline:
     steps_per_epoch: int
     steps_available: int | None  # batches before the data runs out (None: data.loop repeats it forever)
     skipped: list[str]  # messages of the annotation records left out (data.on_bad_record: skip)
+    records: dict[str, int]  # usable records per source (annotation files or "synthetic task")
+
+
+def _grain_flags_parsed() -> None:
+    """Grain reads its absl flags (e.g. --grain_enable_multiprocess_worker_profiling) when it starts worker
+    processes, which fails unless absl parsed them; a program that is not an absl app never does, so they keep
+    their defaults (grain settings go through `grain.config.update`)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def build_pipeline(data: DataConfig, model: PDLMConfig, tokenizer: Tokenizer, *, process_index: int = 0,
-                   process_count: int = 1) -> Pipeline:
-    """Deterministic, checkpointable iterator of per-process batches (global batch / process_count)."""
-    if data.batch_size % process_count:
-        raise PDLMError(f"data.batch_size {data.batch_size} must divide by the number of processes {process_count}")
+                   process_count: int = 1, grad_accum: int = 1, batch_name: str = "data.batch_size") -> Pipeline:
+    """Deterministic, checkpointable iterator of per-process batches of one update: data.batch_size x
+    `grad_accum` samples in all processes together, batch / process_count in each. `batch_name`: the setting
+    data.batch_size came from, for messages."""
+    batch = data.batch_size * grad_accum
+    batch_text = f"{batch}" + (f" = {batch_name} {data.batch_size} x optim.grad_accum {grad_accum}"
+                               if grad_accum > 1 else f" ({batch_name})")
+    if batch % process_count:
+        raise PDLMError(f"a batch of {batch_text} does not divide by the number of processes {process_count}")
     limits = Limits(model.region, tokenizer, data.question, data.group_divisor, max(data.tile_buckets),
                     max(data.length_buckets), max(data.answer_buckets, default=None))
     sources = make_sources(data, limits)
@@ -456,17 +475,22 @@ def build_pipeline(data: DataConfig, model: PDLMConfig, tokenizer: Tokenizer, *,
         ds, epoch_items = per_source[0], len(one_pass[0])
     else:
         ds, epoch_items = grain.MapDataset.mix(per_source, data.weights), len(grain.MapDataset.mix(one_pass, data.weights))
-    steps_per_epoch = epoch_items // data.batch_size
+    steps_per_epoch = epoch_items // batch
     if steps_per_epoch == 0:
-        raise PDLMError(f"{epoch_items} training items are fewer than one batch of {data.batch_size}")
-    per_process = data.batch_size // process_count
+        raise PDLMError(f"{epoch_items} training items are fewer than one batch of {batch_text}: add data or "
+                        "make the batch smaller")
+    per_process = batch // process_count
     steps_available = None if data.loop else (len(ds) // process_count) // per_process
-    ds = ds[process_index::process_count]
+    # batched before the iterator: worker w of data.workers builds whole batches w, w + workers, ... and grain
+    # interleaves them back in order, so the batches do not depend on the number of workers
+    ds = ds[process_index::process_count].batch(
+        per_process, drop_remainder=True,
+        batch_fn=Collate(tuple(data.tile_buckets), tuple(data.length_buckets), model.region.prompt_numbers,
+                         tokenizer.special.eot, tuple(data.answer_buckets)))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.threads, prefetch_buffer_size=data.prefetch))
-    it = it.batch(per_process, drop_remainder=True,
-                  batch_fn=Collate(tuple(data.tile_buckets), tuple(data.length_buckets),
-                                   model.region.prompt_numbers, tokenizer.special.eot, tuple(data.answer_buckets)))
     if data.workers > 0:
+        _grain_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
     skipped = [m for s in sources for m in getattr(s, "skipped", [])]
-    return Pipeline(it, sum(len(p) for p in one_pass), steps_per_epoch, steps_available, skipped)
+    records = {source.name: len(source) for source in sources}
+    return Pipeline(it, sum(len(p) for p in one_pass), steps_per_epoch, steps_available, skipped, records)

@@ -1,11 +1,14 @@
-"""Exact-caption accuracy of a model on freshly generated synthetic scenes (the demo task).
+"""Exact-caption accuracy of a model on freshly generated synthetic scenes (the demo task) or the records of an
+annotation file.
 
     python -m train.eval --checkpoint DIR --scenes N [--seed S]
+    python -m train.eval --checkpoint DIR [--adapter DIR] --annotations FILE [--scenes N]
 
 Scenes come from a seed stream the training never used; every region is captioned through the real
 inference path (`pdlm_jax.load(...).caption_regions`, as `pdlm-infer`) with the generation settings
 stored with the model (sampler.json) unless given. A region counts as correct when its caption equals
-"a {color} {shape}" ignoring case and punctuation.
+the annotation ("a {color} {shape}") ignoring case and punctuation. pdlm-train's periodic evaluation
+judges captions with the same function (`judge`).
 """
 
 from __future__ import annotations
@@ -28,12 +31,35 @@ def normalise(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
+def judge(model, image, masks, captions, **settings) -> tuple[dict, list[bool]]:
+    """Caption `masks` of `image` with `model.caption_regions(**settings)` (a RegionCaptioner: the inference
+    path); returns its result and, per region, whether the caption equals the annotation in `captions`."""
+    result = model.caption_regions(image, masks, **settings)
+    return result, [normalise(r["caption"]) == normalise(truth) for truth, r in zip(captions, result["regions"])]
+
+
+def _scenes(scenes: int, seed: int, rotated: float, colors: tuple[str, ...], annotations: str | None):
+    """(image, masks, captions) of the first `scenes` records of `annotations`, else of synthetic scenes."""
+    if annotations is None:
+        for i in range(scenes):
+            scene = synthetic.make_scene(seed, i, rotated=rotated, colors=colors)
+            yield scene.image, scene.masks, scene.captions
+        return
+    from train.data import AnnotationSource
+
+    source = AnnotationSource([annotations])
+    for i in range(min(scenes, len(source))):
+        record = source[i]
+        yield record.image, record.masks, record.captions
+
+
 def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen_length: int | None = None,
              steps: int | None = None, dtype: str = "auto", verbose: bool = False, cache: str = "none",
              unmask: str = "remask", rotated: float = 0.0, quantize: str | None = None, adapter: str | None = None,
-             colors: tuple[str, ...] = synthetic.COLORS, compare: bool = False) -> dict:
+             colors: tuple[str, ...] = synthetic.COLORS, compare: bool = False, annotations: str | None = None) -> dict:
     """`quantize` / `adapter` as `pdlm_jax.load`; `compare`: also run the plain checkpoint (same dtype) and
-    report the fraction of generated tokens and of captions that agree with it."""
+    report the fraction of generated tokens and of captions that agree with it; `annotations`: judge the
+    first `scenes` records of this annotation file instead of synthetic scenes."""
     import pdlm_jax
     from pdlm_jax.checkpoint import SAMPLER_FILE, sampler_defaults
 
@@ -47,21 +73,20 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
     by_shapes: dict[int, list[int]] = {}  # number of shapes in the scene -> [correct, regions]
     by_color: dict[str, list[int]] = {}  # colour word of the true caption -> [correct, regions]
     start = time.perf_counter()
-    for i in range(scenes):
-        scene = synthetic.make_scene(seed, i, rotated=rotated, colors=colors)
-        settings = dict(gen_length=gen_length, steps=steps, cache=cache, unmask=unmask)
-        result = model.caption_regions(scene.image, scene.masks, **settings)
+    settings = dict(gen_length=gen_length, steps=steps, cache=cache, unmask=unmask)
+    for i, (image, masks, captions) in enumerate(_scenes(scenes, seed, rotated, colors, annotations)):
+        result, oks = judge(model, image, masks, captions, **settings)
         if plain is not None:
-            baseline = plain.caption_regions(scene.image, scene.masks, **settings)["regions"]
-            for a, b, truth in zip(result["regions"], baseline, scene.captions):
+            baseline, plain_oks = judge(plain, image, masks, captions, **settings)
+            agree["plain_correct"] += sum(plain_oks)
+            for a, b in zip(result["regions"], baseline["regions"]):
                 agree["tokens"] += sum(x == y for x, y in zip(a["token_ids"], b["token_ids"]))
                 agree["slots"] += len(a["token_ids"])
                 agree["captions"] += a["caption"] == b["caption"]
-                agree["plain_correct"] += normalise(b["caption"]) == normalise(truth)
-        tally = by_shapes.setdefault(len(scene.masks), [0, 0])
-        for truth, region in zip(scene.captions, result["regions"]):
-            ok = normalise(region["caption"]) == normalise(truth)
-            for t in (tally, by_color.setdefault(truth.split()[1], [0, 0])):
+        tally = by_shapes.setdefault(len(masks), [0, 0])
+        for truth, region, ok in zip(captions, result["regions"], oks):
+            words = truth.split()
+            for t in (tally, by_color.setdefault(words[1] if len(words) == 3 else "other", [0, 0])):
                 t[0] += ok
                 t[1] += 1
             if not ok:
@@ -70,7 +95,8 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
                 if verbose:
                     print(f"scene {i}: {key}", file=sys.stderr)
     correct, total = (sum(t[j] for t in by_shapes.values()) for j in (0, 1))
-    return {"scenes": scenes, "regions": total, "correct": correct, "accuracy": correct / max(total, 1),
+    return {"scenes": scenes, "annotations": annotations, "regions": total, "correct": correct,
+            "accuracy": correct / max(total, 1),
             "by_num_shapes": {k: {"correct": c, "regions": n, "accuracy": c / n}
                               for k, (c, n) in sorted(by_shapes.items())},
             "by_color": {k: {"correct": c, "regions": n, "accuracy": c / n} for k, (c, n) in sorted(by_color.items())},
@@ -86,7 +112,8 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None, help="model directory (default: the embedded demo model)")
-    ap.add_argument("--scenes", type=int, default=100)
+    ap.add_argument("--scenes", type=int, default=100, help="scenes (or records of --annotations) to caption")
+    ap.add_argument("--annotations", help="judge the records of this annotation file instead of synthetic scenes")
     ap.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="scene stream (default: a held-out one)")
     ap.add_argument("--gen-length", type=int)
     ap.add_argument("--steps", type=int)
@@ -108,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = evaluate(checkpoint, args.scenes, args.seed, args.gen_length, args.steps, args.dtype, args.verbose,
                           args.cache, args.unmask, args.rotated, None if args.quantize == "none" else args.quantize,
-                          args.adapter, args.colors, args.compare)
+                          args.adapter, args.colors, args.compare, args.annotations)
     except PDLMError as e:
         print(f"train.eval: error: {e}", file=sys.stderr)
         return 2

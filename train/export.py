@@ -30,7 +30,7 @@ def export_step(run_dir: str | Path, out: str | Path, step: int | None = None, a
     if step is None or step not in mgr.all_steps():
         raise PDLMError(f"no checkpoint for step {step} in {mgr.directory} (have {mgr.all_steps()})")
     state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    model_cfg, sampler = cfg.model_config(), checkpointing.sampler_for(cfg.sampler(), cfg.model.init_from)
+    model_cfg, sampler = cfg.model_config(), cfg.sampler()
     provenance = {"config": cfg.to_dict(), "steps": step}
     if adapter:
         if not cfg.lora.enabled:

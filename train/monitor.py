@@ -116,10 +116,11 @@ class Evaluator:
             synthetic_seed=train_eval.HELD_OUT_SEED, weights=(), batch_size=e.batch_size, epochs=1, loop=False,
             on_bad_record="error", workers=0)
         self.pipe = data.build_pipeline(self.data_cfg, model_cfg, tokenizer, process_index=process_index,
-                                        process_count=process_count)
-        sampler = cfg.sampler()
-        self.gen_length = e.gen_length or (sampler.gen_length if sampler else 32)
-        self.steps = e.steps or (sampler.steps if sampler else self.gen_length)
+                                        process_count=process_count, batch_name="eval.batch_size")
+        # caption with the generation settings the exported model will have, unless eval.gen_length / steps
+        exported = cfg.sampler()
+        gen_length = e.gen_length or exported.gen_length
+        self.sampler = {"gen_length": gen_length, "steps": e.steps or (gen_length if e.gen_length else exported.steps)}
         # captioning runs the inference program on one process's view of the weights
         self.records = []
         if e.max_records > 0 and process_count == 1:
@@ -159,31 +160,33 @@ class Evaluator:
         from pdlm_jax.api import RegionCaptioner, attention_implementation
         from pdlm_jax.config import DTYPES
         from pdlm_jax.modeling.pdm import from_tree
-        from train.eval import normalise
+        from train.eval import judge
 
         dtype = DTYPES[self.cfg.model.dtype]
         model = from_tree(self.model_cfg, self.trainer.model_params(state), dtype=dtype,
                           attention_implementation=attention_implementation("auto", dtype))
         if self._captioner is None:
-            self._captioner = RegionCaptioner(self.model_cfg, model, self.tokenizer, self.trainer.mesh)
+            self._captioner = RegionCaptioner(self.model_cfg, model, self.tokenizer, self.trainer.mesh, self.sampler)
         else:  # same shapes: the compiled caption programs are reused with the new weights
             self._captioner.program.state = nnx.split(model)[1]
-        correct = total = 0
-        for record in self.records:
-            result = self._captioner.caption_regions(record.image, record.masks, gen_length=self.gen_length,
-                                                     steps=self.steps)
-            for truth, region in zip(record.captions, result["regions"]):
-                correct += normalise(region["caption"]) == normalise(truth)
-                total += 1
-        return correct / max(total, 1), total
+        oks = [ok for r in self.records for ok in judge(self._captioner, r.image, r.masks, r.captions)[1]]
+        return sum(oks) / max(len(oks), 1), len(oks)
 
-    def __call__(self, state: dict) -> dict:
+    def __call__(self, state: dict, step: int) -> dict:
         start = time.perf_counter()
+        library_log = logging.getLogger("pdlm_jax")  # the inference path logs every image it captions
+        level = library_log.level
+        library_log.setLevel(logging.WARNING)
         try:
             out = {"eval_loss": self._loss(state)}
             if self.records:
                 out["eval_accuracy"], out["eval_regions"] = self._accuracy(state)
         except PDLMError as e:
             raise PDLMError(f"evaluation failed: {e}") from e
+        finally:
+            library_log.setLevel(level)
         out["eval_seconds"] = time.perf_counter() - start
+        accuracy = (f", exact captions {out['eval_accuracy']:.1%} of {out['eval_regions']} regions (gen_length "
+                    f"{self.sampler['gen_length']}, steps {self.sampler['steps']})" if self.records else "")
+        log.info("eval at step %d: loss %.4g%s, %.1f s", step, out["eval_loss"], accuracy, out["eval_seconds"])
         return out
