@@ -137,16 +137,6 @@ class AnnotationSource:
             raise PDLMError(f"no usable training records in {', '.join(map(str, paths))}"
                             + (f" ({len(self.skipped)} skipped; first: {self.skipped[0]})" if self.skipped else ""))
 
-    def _resolve_image(self, value: str, base) -> Any:
-        if value.startswith("data:"):
-            return value
-        candidates = [as_path(value)] + ([as_path(self.image_root) / value] if self.image_root else []) + [base / value]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise PDLMError(f"image {value!r} not found (looked in the working directory"
-                            f"{', data.image_root' if self.image_root else ''} and {base}); set data.image_root")
-        return found
-
     def _validate(self, record: annotation_files.ImageRecord, base, limits: Limits | None) -> Any:
         """The record's image (path or data URL) if the record is usable for training, else PDLMError."""
         if not record.regions:
@@ -161,7 +151,7 @@ class AnnotationSource:
                 raise PDLMError(f"{record.where}: caption {region.index} must be a non-empty string, not "
                                 f"{region.caption!r}")
         try:
-            image = self._resolve_image(record.image, base)
+            image = resolve_image(record.image, base, self.image_root)
             with _open_image_file(image) as im:  # reads the header only
                 w, h = im.size
             if min(w, h) < MIN_IMAGE_SIDE:
@@ -201,6 +191,19 @@ class AnnotationSource:
         hw = (image.height, image.width)
         masks = [annotation_files.region_mask(record, r, hw, resize=True) for r in record.regions]
         return Record(image, masks, [r.caption for r in record.regions])
+
+
+def resolve_image(value: str, base, image_root: str | None = None) -> Any:
+    """A record's image: a data URL as it is, a path tried against the working directory, image_root, then
+    `base` (the annotation file's folder); PDLMError if none exists."""
+    if value.startswith("data:"):
+        return value
+    candidates = [as_path(value)] + ([as_path(image_root) / value] if image_root else []) + [base / value]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise PDLMError(f"image {value!r} not found (looked in the working directory"
+                        f"{', data.image_root' if image_root else ''} and {base}); set data.image_root")
+    return found
 
 
 @contextlib.contextmanager
@@ -442,16 +445,21 @@ def build_pipeline(data: DataConfig, model: PDLMConfig, tokenizer: Tokenizer, *,
     """Deterministic, checkpointable iterator of per-process batches (global batch / process_count)."""
     if data.batch_size % process_count:
         raise PDLMError(f"data.batch_size {data.batch_size} must divide by the number of processes {process_count}")
-    limits = Limits(model.region, tokenizer, data.question, data.group_divisor, max(data.tile_buckets),
-                    max(data.length_buckets), max(data.answer_buckets, default=None))
-    sources = make_sources(data, limits)
+    if model.is_base:  # image + conversation records (train.conversations)
+        from train import conversations
+
+        sources, builder = conversations.make_sources(data, model, tokenizer), conversations.SampleBuilder
+    else:
+        limits = Limits(model.region, tokenizer, data.question, data.group_divisor, max(data.tile_buckets),
+                        max(data.length_buckets), max(data.answer_buckets, default=None))
+        sources, builder = make_sources(data, limits), SampleBuilder
     per_source, one_pass = [], []
     for i, source in enumerate(sources):
-        items = build_items(source, data.group_divisor)
+        items = source.items() if model.is_base else build_items(source, data.group_divisor)
         shuffled = grain.MapDataset.source(items).shuffle(seed=data.seed + i)
         one_pass.append(shuffled)
         ds = shuffled.repeat(None if data.loop else data.epochs)
-        per_source.append(ds.map_with_index(SampleBuilder(source, data, model, str(tokenizer.file), len(items))))
+        per_source.append(ds.map_with_index(builder(source, data, model, str(tokenizer.file), len(items))))
     if len(sources) == 1:
         ds, epoch_items = per_source[0], len(one_pass[0])
     else:
@@ -465,7 +473,8 @@ def build_pipeline(data: DataConfig, model: PDLMConfig, tokenizer: Tokenizer, *,
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.threads, prefetch_buffer_size=data.prefetch))
     it = it.batch(per_process, drop_remainder=True,
                   batch_fn=Collate(tuple(data.tile_buckets), tuple(data.length_buckets),
-                                   model.region.prompt_numbers, tokenizer.special.eot, tuple(data.answer_buckets)))
+                                   0 if model.is_base else model.region.prompt_numbers, tokenizer.special.eot,
+                                   tuple(data.answer_buckets)))
     if data.workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
     skipped = [m for s in sources for m in getattr(s, "skipped", [])]
