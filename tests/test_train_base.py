@@ -4,6 +4,7 @@ initialised from a Base checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -153,7 +154,6 @@ def _scene_records(tmp_path, n):
 
 
 def _batch(tmp_path, cfg, tok, n=2, length=128, tiles=7):
-    from pdlm_jax.regions.tiling import tile_image  # noqa: F401  (the sample builder tiles)
     from train.data import Collate
 
     path = tmp_path / "conv.json"
@@ -168,6 +168,8 @@ def test_loss_matches_the_reference_formula(tmp_path, base_ckpt, base_cfg, base_
     """T6.3 recomputed from the plain pieces: image rows of the inference path scattered at <IMG_CONTEXT>, masked
     answer tokens replaced by embed[<|mdm_mask|>], full attention among the real tokens, per sample
     Σ_masked CE / p_b / A_b, mean over the batch."""
+    from flax import nnx
+
     from pdlm_jax.modeling.pdm import from_tree
     from train.loss import draw_noise, mask_probability
     from train.step import batch_loss
@@ -177,7 +179,8 @@ def test_loss_matches_the_reference_formula(tmp_path, base_ckpt, base_cfg, base_
     batch, samples = _batch(tmp_path, base_cfg, base_tok)
     assert len({len(s.labels) for s in samples}) == 2  # different lengths: padding is exercised
     key, mask_id = jax.random.key(7), base_tok.special.mask
-    loss, masked = batch_loss(model, jax.tree.map(jnp.asarray, batch), key, mask_id)
+    loss, masked = nnx.jit(batch_loss, static_argnums=3)(model, jax.tree.map(jnp.asarray, batch), key, mask_id)
+    forward = nnx.jit(lambda model, noisy, keys: model.lm.logits(model.lm(noisy, keys)))
 
     t, u = (np.asarray(x) for x in draw_noise(key, batch.labels.shape))
     p = np.asarray(mask_probability(jnp.asarray(t)))
@@ -191,7 +194,7 @@ def test_loss_matches_the_reference_formula(tmp_path, base_ckpt, base_cfg, base_
         chosen = (u[b] < p[b]) & (labels != IGNORE)
         noisy = jnp.where(jnp.asarray(chosen)[:, None], model.lm.embed(jnp.asarray(mask_id)), embeds)
         keys = jnp.asarray(np.arange(L) < n)[None, None, None, :]
-        logits = np.asarray(model.lm.logits(model.lm(noisy[None], keys)), np.float64)[0]
+        logits = np.asarray(forward(model, noisy[None], keys), np.float64)[0]
         logp = logits - logits.max(-1, keepdims=True)
         logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
         ce = -logp[np.arange(L), np.where(labels == IGNORE, 0, labels)]
@@ -211,6 +214,7 @@ def test_frozen_modules_keep_their_weights_and_get_no_optimizer_state(tmp_path, 
     optim = SimpleNamespace(lr=1e-2, warmup_ratio=0.0, end_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-8,
                             weight_decay=0.0, clip_norm=1.0, grad_accum=1, noise_t_min=0.0)
     mesh = shd.make_mesh("data:-1")
+    base_cfg = base_cfg.replace(region=dataclasses.replace(base_cfg.region, max_tiles=1))  # stage 1's one tile
     trainer = make_trainer(base_cfg, "bfloat16", mesh, optim, total_steps=3, mask_id=base_tok.special.mask)
     _, params = pdlm_ckpt.restore_params(base_ckpt, dtype=np.float32)
     start = {k: np.asarray(v) for k, v in flatten(params).items()}
@@ -219,7 +223,7 @@ def test_frozen_modules_keep_their_weights_and_get_no_optimizer_state(tmp_path, 
     opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state["opt"])[0]]
     assert opt_paths and not [p for p in opt_paths if "'vision'" in p or "'lm'" in p]
     assert any("'projector'" in p for p in opt_paths)
-    batch, _ = _batch(tmp_path, base_cfg, base_tok)
+    batch, _ = _batch(tmp_path, base_cfg, base_tok, tiles=1)
     for _ in range(3):
         state, metrics = trainer.step(state, trainer.put_batch(batch))
     after = {k: np.asarray(v, np.float32) for k, v in flatten(trainer.model_params(state)).items()}
