@@ -41,7 +41,7 @@ class ModelConfig:
     # subset of MODULE_GROUPS kept fixed, held in model.dtype with no optimizer state (the region model trains
     # all; the Base stages freeze the vision tower, stage 1 the LM too)
     freeze: tuple[str, ...] = ()
-    # std of the random mask-id embedding (random init only); 1.0 = PyTorch's nn.Embedding, as the reference
+    # std of a new mask-id embedding (random init, or a region model from Base); 1.0 = nn.Embedding, as the reference
     mask_embed_init_std: float = 1.0
     # one of VISION_POS_EMBED_INITS: "random" (flax default) or "sincos" (a 2-D sine-cosine start)
     vision_pos_embed_init: str = "random"
