@@ -72,10 +72,13 @@ def full_params(state: dict) -> dict[str, Any]:
     return {**state["params"], **state["frozen"]}
 
 
-def sampler_for(sampler: SamplerConfig | None, init_from: str | None) -> SamplerConfig:
+def sampler_for(sampler: SamplerConfig | None, init_from: str | None, base: bool = False) -> SamplerConfig | None:
     """Generation defaults to store with an export: model.sampler, else those of the model training started
     from (its sampler.json), else the reference's. A model learns captions of the lengths it was trained on
-    and pdlm-infer gives every region gen_length slots: more slots than it learned to fill garble captions."""
+    and pdlm-infer gives every region gen_length slots: more slots than it learned to fill garble captions.
+    None for a PerceptionDLM-Base model: `pdlm-infer --question` then uses the reference demo's block schedule."""
+    if base:
+        return None
     if sampler is not None:
         return sampler
     stored = pdlm_ckpt.read_sampler(init_from) if init_from else {}

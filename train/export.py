@@ -30,7 +30,8 @@ def export_step(run_dir: str | Path, out: str | Path, step: int | None = None, a
     if step is None or step not in mgr.all_steps():
         raise PDLMError(f"no checkpoint for step {step} in {mgr.directory} (have {mgr.all_steps()})")
     state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    model_cfg, sampler = cfg.model_config(), checkpointing.sampler_for(cfg.sampler(), cfg.model.init_from)
+    model_cfg = cfg.model_config()
+    sampler = checkpointing.sampler_for(cfg.sampler(), cfg.model.init_from, model_cfg.is_base)
     provenance = {"config": cfg.to_dict(), "steps": step}
     tokenizer_dir = init_from.training_tokenizer(cfg, model_cfg, run_dir)
     if adapter:
