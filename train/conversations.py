@@ -35,7 +35,7 @@ from pdlm_jax.files import as_path
 from pdlm_jax.region_batch import RegionBatch
 from pdlm_jax.regions.tiling import select_grid, tile_image
 from pdlm_jax.regions.tokenizer import Tokenizer
-from train.data import TrainBatch, _open_image_file, resolve_image
+from train.data import TrainBatch, _open_image_file, bad_record_policy, resolve_image
 from train.loss import IGNORE
 
 SYSTEM_TURN = "<|start_header_id|>system<|end_header_id|>\nYou are a helpful assistant.<|eot_id|>\n"
@@ -258,30 +258,29 @@ class ConversationSource:
         self.skipped: list[str] = []
         for path in paths:
             for where, raw in read_conversation_file(path):
-                try:
+                with bad_record_policy(on_bad_record, self.skipped):
                     conv = parse_conversation(raw, where)
-                    image, tiles = None, 1
-                    if conv.image is not None:
-                        try:
-                            image = resolve_image(conv.image, as_path(path).parent, image_root)
-                            tiles = _num_tiles(_image_size(image), cfg)
-                        except PDLMError as e:
-                            raise PDLMError(f"{where}: {e}") from None
-                    if tiles > max_tiles:
-                        raise PDLMError(f"{where}: the image needs {tiles} tiles but the largest of "
-                                        f"data.tile_buckets is {max_tiles}")
                     try:
-                        sample_tokens(conv, tiles, cfg, tokenizer, max_length)
+                        image = self._check(conv, as_path(path).parent, image_root, cfg, tokenizer, max_length,
+                                            max_tiles)
                     except PDLMError as e:
                         raise PDLMError(f"{where}: {e}") from None
                     self.records.append((conv, image))
-                except PDLMError as e:
-                    if on_bad_record != "skip":
-                        raise PDLMError(f"{e} (data.on_bad_record: skip leaves bad records out)") from e
-                    self.skipped.append(str(e))
         if not self.records:
             raise PDLMError(f"no usable conversation records in {', '.join(map(str, paths))}"
                             + (f" ({len(self.skipped)} skipped; first: {self.skipped[0]})" if self.skipped else ""))
+
+    @staticmethod
+    def _check(conv: Conversation, base, image_root, cfg, tokenizer, max_length: int, max_tiles: int) -> Any:
+        """The record's image (resolved path, data URL or None) if its sample fits, else PDLMError."""
+        image, tiles = None, 1
+        if conv.image is not None:
+            image = resolve_image(conv.image, base, image_root)
+            tiles = _num_tiles(_image_size(image), cfg)
+        if tiles > max_tiles:
+            raise PDLMError(f"the image needs {tiles} tiles but the largest of data.tile_buckets is {max_tiles}")
+        sample_tokens(conv, tiles, cfg, tokenizer, max_length)
+        return image
 
     def __len__(self) -> int:
         return len(self.records)

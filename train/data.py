@@ -126,13 +126,9 @@ class AnnotationSource:
         for path in paths:
             path = as_path(path)
             for i, raw in enumerate(annotation_files.read_records(path)):
-                try:
+                with bad_record_policy(on_bad_record, self.skipped):
                     record = annotation_files.parse_record(raw, i, path)
                     self.records.append((record, self._validate(record, path.parent, limits)))
-                except PDLMError as e:
-                    if on_bad_record != "skip":
-                        raise PDLMError(f"{e} (data.on_bad_record: skip leaves bad records out)") from e
-                    self.skipped.append(str(e))
         if not self.records:
             raise PDLMError(f"no usable training records in {', '.join(map(str, paths))}"
                             + (f" ({len(self.skipped)} skipped; first: {self.skipped[0]})" if self.skipped else ""))
@@ -191,6 +187,18 @@ class AnnotationSource:
         hw = (image.height, image.width)
         masks = [annotation_files.region_mask(record, r, hw, resize=True) for r in record.regions]
         return Record(image, masks, [r.caption for r in record.regions])
+
+
+@contextlib.contextmanager
+def bad_record_policy(on_bad_record: str, skipped: list[str]):
+    """Around the reading of one record: a PDLMError stops (naming the policy), or with "skip" is kept in
+    `skipped` and the record left out."""
+    try:
+        yield
+    except PDLMError as e:
+        if on_bad_record != "skip":
+            raise PDLMError(f"{e} (data.on_bad_record: skip leaves bad records out)") from e
+        skipped.append(str(e))
 
 
 def resolve_image(value: str, base, image_root: str | None = None) -> Any:
