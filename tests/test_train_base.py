@@ -225,7 +225,7 @@ def test_frozen_modules_keep_their_weights_and_get_no_optimizer_state(tmp_path, 
     assert any("'projector'" in p for p in opt_paths)
     batch, _ = _batch(tmp_path, base_cfg, base_tok, tiles=1)
     for _ in range(3):
-        state, metrics = trainer.step(state, trainer.put_batch(batch))
+        state, _ = trainer.step(state, trainer.put_batch(batch))
     after = {k: np.asarray(v, np.float32) for k, v in flatten(trainer.model_params(state)).items()}
     for path, value in after.items():
         same = np.array_equal(value, start[path])  # bf16 checkpoint: the bf16 copy of a frozen weight is exact

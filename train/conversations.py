@@ -180,7 +180,7 @@ def sample_tokens(conv: Conversation, num_tiles: int, cfg: PDLMConfig, tokenizer
     ids, answer = tokenizer.encode_marked(*render(conv.turns, image_text))
     image_token = tokenizer.special.image_context
     if int(np.sum(ids == image_token)) != n:
-        raise PDLMError(f"the text contains '<IMG_CONTEXT>', reserved for image features; remove it")
+        raise PDLMError("the text contains '<IMG_CONTEXT>', reserved for image features; remove it")
     labels = np.where(answer & (ids != image_token), ids, IGNORE).astype(np.int32)
     if len(ids) > max_length:
         if np.any(ids[max_length:] == image_token):
