@@ -41,7 +41,9 @@ MIN_IMAGE_SIDE = 10  # the reference skips smaller images
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    annotations: tuple[str, ...] = ()  # JSON files in the SPEC §11.2 schema (local, file:// or gs:// paths)
+    # JSON files in the SPEC §11.2 schema (local, file:// or gs:// paths); for a PerceptionDLM-Base model,
+    # conversation files (JSON or JSONL, train.conversations)
+    annotations: tuple[str, ...] = ()
     synthetic_scenes: int = 0  # >0: that many scenes of the synthetic task (train.synthetic), alone or mixed in
     # Mixing: one weight per annotation file, then one for the synthetic task (if any); items are drawn from
     # the sources in these proportions (grain MapDataset.mix). Empty: the annotation files as one source.
