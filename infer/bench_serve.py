@@ -17,7 +17,6 @@ import argparse
 import base64
 import concurrent.futures
 import json
-import os
 import random
 import signal
 import socket

@@ -258,7 +258,7 @@ def train_program(args, target) -> dict:
     else:
         cfg = train_config.from_dict(train_config.apply_overrides(base, overrides + list(args.set)))
     model_cfg = cfg.model_config()
-    tokenizer = Tokenizer(cfg.model.tokenizer or cfg.model.init_from or args.tokenizer)
+    tokenizer = Tokenizer(cfg.model.tokenizer or cfg.model.init_from or args.tokenizer, base=model_cfg.is_base)
     length = max(cfg.data.length_buckets)
     tiles = max(cfg.data.tile_buckets)
 
@@ -266,12 +266,20 @@ def train_program(args, target) -> dict:
     # sample takes): the batch has a real run's shapes and dtypes; the global batch repeats its shape.
     region = model_cfg.region
     image = synthetic_image(tiles, region)
-    k = min(region.prompt_numbers, math.ceil(cfg.data.group_divisor))
-    record = data.Record(image, rectangle_masks(k, image.size), ["a region"] * k)
-    sample = data.build_sample(record, range(k), np.random.default_rng(0), model_cfg, tokenizer, cfg.data.question,
-                               cfg.data.random_prompt_ids)
+    if model_cfg.is_base:  # PerceptionDLM-Base: an image + conversation sample without regions
+        from train import conversations
+
+        conv = conversations.Conversation("pdlm-aot", "image", (conversations.Turn("user", "<image>\nDescribe it."),
+                                                                 conversations.Turn("assistant", "An image.")))
+        sample, regions = conversations.build_sample(conv, image, model_cfg, tokenizer, length), 0
+    else:
+        k = min(region.prompt_numbers, math.ceil(cfg.data.group_divisor))
+        record = data.Record(image, rectangle_masks(k, image.size), ["a region"] * k)
+        sample = data.build_sample(record, range(k), np.random.default_rng(0), model_cfg, tokenizer,
+                                   cfg.data.question, cfg.data.random_prompt_ids)
+        regions = region.prompt_numbers
     answer = min(max(cfg.data.answer_buckets, default=length), length)  # logits at the largest answer bucket
-    sample = data.Collate((tiles,), (length,), region.prompt_numbers, tokenizer.special.eot, (answer,))([sample])
+    sample = data.Collate((tiles,), (length,), regions, tokenizer.special.eot, (answer,))([sample])
     B = cfg.data.batch_size * cfg.optim.grad_accum
     mesh = sharding.make_mesh(cfg.run.mesh, target.devices())
     trainer = step_lib.trainer_for(cfg, model_cfg, mesh, 1000, tokenizer.special.mask)

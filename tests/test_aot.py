@@ -109,3 +109,22 @@ def test_tiny_train_compiles_for_a_tpu_slice(capsys, tmp_path):
     answer = json.loads(answer_out.read_text())
     assert code == 0 and (answer["settings"]["answer"], result["settings"]["answer"]) == (32, 256)
     assert answer["model_flops_per_step"] < result["model_flops_per_step"]  # lm_head at 32 rows instead of 256
+
+
+@pytest.mark.skipif(not HAS_TPU, reason="the aot extra's libtpu is not installed (pip install '.[aot]')")
+def test_tiny_base_stage1_plan_holds_frozen_modules_in_bf16_without_moments(capsys, tmp_path):
+    """configs/base_s1.yaml (PerceptionDLM-Base, an image + conversation batch) on a tiny model: the vision tower
+    and the LM are frozen (bf16, no AdamW moments), so the step's arguments are a fraction of training all."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    common = ["--target", "v5e:2x2", "--task", "train", "--config", str(configs / "base_s1.yaml"), "--batch", "4",
+              "--length", "128", "--mesh", "fsdp:4", "--set", "model.init_from=null", "--set", "model.preset=tiny"]
+    results = {}
+    for name, freeze in (("s1", []), ("all", ["--set", "model.freeze=[]"])):
+        out = tmp_path / f"{name}.json"
+        assert run_cli(capsys, *common, *freeze, "--json", str(out))[0] == 0
+        results[name] = json.loads(out.read_text())
+    assert results["s1"]["settings"]["freeze"] == ["vision", "lm"] and results["s1"]["settings"]["tiles"] == 1
+    frozen, full = (results[k]["memory_per_device_bytes"]["arguments"] for k in ("s1", "all"))
+    assert frozen < 0.3 * full  # float32 params + 2 moments (12 bytes) vs bf16 (2 bytes) for all but the projector

@@ -140,18 +140,18 @@ def test_over_limit_requests_get_one_line_before_any_compile(server, tmp_path):
     assert status == 200 and len(result["warnings"]) == 1 and "resized" in result["warnings"][0]
 
 
-def test_api_key_is_required_on_v1_routes(server):
+def test_api_key_is_required_on_v1_and_page_routes(server):
     assert _request(server + "/v1/model")[0] == 401
     assert _request(server + "/v1/regions/caption", DEMO, {"Authorization": "Bearer wrong"})[0] == 401
     assert _request(server + "/healthz")[0] == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
-    # The page asks for the key: its config needs a login, which takes the key as the password.
-    status, config = _request(server + "/config")
-    assert status == 401 and "API key" in config["detail"]["auth_message"]
-    form = {"Content-Type": "application/x-www-form-urlencoded"}
-    assert _request(server + "/login", b"username=me&password=wrong", form)[0] == 400
-    assert _request(server + "/login", f"username=me&password={KEY}".encode(), form)[0] == 200
+    # The page's routes need the key too (the page asks for it once and sends it); the page itself loads.
+    select = json.dumps({"image": DEMO["image"], "x": 1, "y": 1}).encode()
+    assert _request(server + "/page/select", select)[0] == 401
+    assert _request(server + "/page/select", select, {"Authorization": f"Bearer {KEY}"})[0] == 200
+    with urllib.request.urlopen(server + "/", timeout=300) as page:
+        assert page.status == 200 and b"<canvas" in page.read()
 
 
 def test_openai_client_answers_with_the_base_checkpoint(client):

@@ -11,7 +11,6 @@ never run. `startup_s` is the time to the first batch (worker processes start an
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 

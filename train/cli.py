@@ -160,6 +160,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     an exception it raises stops training like an interruption would.
     """
     import jax
+    import numpy as np
     from tqdm import tqdm
 
     from pdlm_jax import checkpoint as pdlm_ckpt
@@ -167,9 +168,8 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     from pdlm_jax import sharding as shd
     from pdlm_jax.files import atomic_write
     from pdlm_jax.regions.tokenizer import Tokenizer
-    import numpy as np
 
-    from train import checkpointing, data, monitor, step as step_lib
+    from train import checkpointing, data, init_from, monitor, step as step_lib
     from train.config import CONFIG_FILE
     from pdlm_jax.files import as_path
 
@@ -179,7 +179,9 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
 
         enable_compilation_cache(cfg.run.compilation_cache)
     model_cfg = cfg.model_config()
-    tokenizer = Tokenizer(cfg.tokenizer_dir())
+    out = as_path(cfg.run.output_dir)
+    tokenizer_dir = init_from.training_tokenizer(cfg, model_cfg, out)
+    tokenizer = Tokenizer(tokenizer_dir, base=model_cfg.is_base)
     if tokenizer.vocab_size > model_cfg.lm.vocab_size:
         raise PDLMError(f"the tokenizer has {tokenizer.vocab_size} tokens but lm.vocab_size is "
                         f"{model_cfg.lm.vocab_size}; use the checkpoint's tokenizer or a larger vocab")
@@ -200,7 +202,6 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
                     "schedule sized for them (set data.loop: true to repeat the data)", total, planned, total)
     mesh = shd.make_mesh(mesh_sizes)
     trainer = step_lib.trainer_for(cfg, model_cfg, mesh, total, tokenizer.special.mask)
-    out = as_path(cfg.run.output_dir)
     is_main = jax.process_index() == 0
     out.mkdir(parents=True, exist_ok=True)
     iterator = iter(pipe.dataset)
@@ -215,12 +216,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     if resumed is not None:
         log.info("resumed from %s at step %d", mgr.directory, start)
     if state is None or cfg.lora.enabled:  # LoRA checkpoints hold the adapters; the base is loaded again
-        if cfg.model.init_from:
-            _, params = pdlm_ckpt.restore_params(cfg.model.init_from, dtype=np.float32,
-                                                 shardings=shd.param_shardings(pdlm_ckpt.nest(shapes), mesh, model_cfg))
-        else:
-            params = step_lib.init_params(model_cfg, cfg.run.seed, mesh, cfg.model.mask_embed_init_std,
-                                          cfg.model.vision_pos_embed_init)
+        params = init_from.initial_params(cfg, model_cfg, mesh)
         state = {**trainer.init_state(params, cfg.model.freeze), **(state or {})}
         del params
     if is_main:
@@ -304,13 +300,13 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
         if jax.process_count() > 1:  # every process takes part in gathering the sharded params
             from jax.experimental import multihost_utils
             params, adapters = multihost_utils.process_allgather((params, adapters), tiled=True)
-        sampler = cfg.sampler()
+        sampler = None if model_cfg.is_base else cfg.sampler()
         provenance = {"config": cfg.to_dict(), "steps": step, "planned_steps": planned, "complete": complete,
                       "skipped_records": len(pipe.skipped), "final_loss": losses[-1:]}
-        path = checkpointing.export(out / "export", model_cfg, params, cfg.tokenizer_dir(), sampler, provenance)
+        path = checkpointing.export(out / "export", model_cfg, params, tokenizer_dir, sampler, provenance)
         if adapters is not None:  # collective too
             adapter_path = checkpointing.export_adapter(out / "adapter", adapters, cfg.lora, model_cfg,
-                                                        cfg.tokenizer_dir(), sampler,
+                                                        tokenizer_dir, sampler,
                                                         {**provenance, "base": cfg.model.init_from})
         if is_main:  # process 0 reports the exports
             exported = path

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from pdlm_jax.config import PDLMConfig, SamplerConfig, preset
+from pdlm_jax.config import PDLMConfig, Quirks, RegionConfig, SamplerConfig, preset
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.lora import LoraConfig
 from train.data import DataConfig
@@ -26,18 +26,24 @@ MODULE_GROUPS = ("vision", "mask_embed", "projector", "lm")  # top-level paramet
 
 
 VISION_POS_EMBED_INITS = ("random", "sincos")
+MODEL_KINDS = ("region", "base")  # PerceptionDLM (region captioning) or PerceptionDLM-Base (questions)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     init_from: str | None = None  # pdlm-jax checkpoint directory (pdlm-convert output or an export)
+    # one of MODEL_KINDS; default: init_from's kind (else region). "region" from a Base checkpoint is the
+    # reference's PerceptionDLM initialisation (SPEC-train-base T7): every Base tensor plus a new mask-id embedding
+    kind: str | None = None
     preset: str | None = None  # or a preset name (random init)...
     config: dict | None = None  # ...with these fields merged over it (PDLMConfig.to_dict layout)
     tokenizer: str | None = None  # directory with tokenizer.json; default: init_from
     dtype: str = "bfloat16"  # compute dtype; parameters (master weights) are float32
     remat: bool = True  # recompute each layer's activations in the backward pass
-    freeze: tuple[str, ...] = ()  # subset of MODULE_GROUPS kept fixed (the reference trains all)
-    # std of the random mask-id embedding (random init only); 1.0 = PyTorch's nn.Embedding, as the reference
+    # subset of MODULE_GROUPS kept fixed, held in model.dtype with no optimizer state (the region model trains
+    # all; the Base stages freeze the vision tower, stage 1 the LM too)
+    freeze: tuple[str, ...] = ()
+    # std of a new mask-id embedding (random init, or a region model from Base); 1.0 = nn.Embedding, as the reference
     mask_embed_init_std: float = 1.0
     # one of VISION_POS_EMBED_INITS: "random" (flax default) or "sincos" (a 2-D sine-cosine start)
     vision_pos_embed_init: str = "random"
@@ -118,6 +124,8 @@ class TrainConfig:
             base = PDLMConfig()
         else:
             raise PDLMError("model: set init_from (a pdlm-jax checkpoint), preset or config")
+        if m.kind is not None:
+            base = with_kind(base, m.kind, from_checkpoint=bool(m.init_from))
         if not m.config:
             return base
         return PDLMConfig.from_dict(_merge(base.to_dict(), m.config))
@@ -140,6 +148,20 @@ class TrainConfig:
         stored = read_sampler(self.model.init_from) if self.model.init_from else {}
         stored = {k: v for k, v in stored.items() if k in SAMPLER_FIELDS}
         return SamplerConfig(**{**stored, **(self.model.sampler or {})})
+
+
+def with_kind(cfg: PDLMConfig, kind: str, from_checkpoint: bool = False) -> PDLMConfig:
+    """`cfg` as a model of `kind`. A region model from Base geometry gets the region model's own vision code
+    (Quirks defaults) and its 6 prompt ids (T7.2); a Base model reads HF's hidden-state list (SPEC-base §B2)."""
+    if kind == cfg.variant:
+        return cfg
+    if kind == "region":
+        region = dataclasses.replace(cfg.region, prompt_numbers=RegionConfig().prompt_numbers)
+        return cfg.replace(variant="region", quirks=Quirks(), region=region).validate()
+    if from_checkpoint:
+        raise PDLMError("model.kind: base from a region checkpoint is not supported (the recipe goes Base -> "
+                        "region); start Base training from a Base checkpoint or a preset")
+    return cfg.replace(variant="base", quirks=Quirks(select_layer_skips_embeddings=False)).validate()
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -193,6 +215,8 @@ def from_dict(d: dict) -> TrainConfig:
     bad = set(cfg.model.freeze) - set(MODULE_GROUPS)
     if bad:
         raise PDLMError(f"model.freeze: unknown modules {sorted(bad)}; choose from {MODULE_GROUPS}")
+    if cfg.model.kind not in (None, *MODEL_KINDS):
+        raise PDLMError(f"model.kind must be one of {MODEL_KINDS}, not {cfg.model.kind!r}")
     if cfg.model.dtype not in ("bfloat16", "float32"):
         raise PDLMError(f"model.dtype must be bfloat16 or float32, got {cfg.model.dtype!r}")
     if cfg.model.vision_pos_embed_init not in VISION_POS_EMBED_INITS:

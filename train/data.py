@@ -41,7 +41,9 @@ MIN_IMAGE_SIDE = 10  # the reference skips smaller images
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    annotations: tuple[str, ...] = ()  # JSON files in the SPEC §11.2 schema (local, file:// or gs:// paths)
+    # JSON files in the SPEC §11.2 schema (local, file:// or gs:// paths); for a PerceptionDLM-Base model,
+    # conversation files (JSON or JSONL, train.conversations)
+    annotations: tuple[str, ...] = ()
     synthetic_scenes: int = 0  # >0: that many scenes of the synthetic task (train.synthetic), alone or mixed in
     # Mixing: one weight per annotation file, then one for the synthetic task (if any); items are drawn from
     # the sources in these proportions (grain MapDataset.mix). Empty: the annotation files as one source.
@@ -127,23 +129,9 @@ class AnnotationSource:
         for path in paths:
             path = as_path(path)
             for i, raw in enumerate(annotation_files.read_records(path)):
-                try:
+                with bad_record_policy(on_bad_record, self.skipped):
                     record = annotation_files.parse_record(raw, i, path)
                     self.records.append((record, self._validate(record, path.parent, limits)))
-                except PDLMError as e:
-                    if on_bad_record != "skip":
-                        raise PDLMError(f"{e} (data.on_bad_record: skip leaves bad records out)") from e
-                    self.skipped.append(str(e))
-
-    def _resolve_image(self, value: str, base) -> Any:
-        if value.startswith("data:"):
-            return value
-        candidates = [as_path(value)] + ([as_path(self.image_root) / value] if self.image_root else []) + [base / value]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise PDLMError(f"image {value!r} not found (looked in the working directory"
-                            f"{', data.image_root' if self.image_root else ''} and {base}); set data.image_root")
-        return found
 
     def _validate(self, record: annotation_files.ImageRecord, base, limits: Limits | None) -> Any:
         """The record's image (path or data URL) if the record is usable for training, else PDLMError."""
@@ -159,7 +147,7 @@ class AnnotationSource:
                 raise PDLMError(f"{record.where}: caption {region.index} must be a non-empty string, not "
                                 f"{region.caption!r}")
         try:
-            image = self._resolve_image(record.image, base)
+            image = resolve_image(record.image, base, self.image_root)
             with _open_image_file(image) as im:  # reads the header only
                 w, h = im.size
             if min(w, h) < MIN_IMAGE_SIDE:
@@ -199,6 +187,31 @@ class AnnotationSource:
         hw = (image.height, image.width)
         masks = [annotation_files.region_mask(record, r, hw, resize=True) for r in record.regions]
         return Record(image, masks, [r.caption for r in record.regions])
+
+
+@contextlib.contextmanager
+def bad_record_policy(on_bad_record: str, skipped: list[str]):
+    """Around the reading of one record: a PDLMError stops (naming the policy), or with "skip" is kept in
+    `skipped` and the record left out."""
+    try:
+        yield
+    except PDLMError as e:
+        if on_bad_record != "skip":
+            raise PDLMError(f"{e} (data.on_bad_record: skip leaves bad records out)") from e
+        skipped.append(str(e))
+
+
+def resolve_image(value: str, base, image_root: str | None = None) -> Any:
+    """A record's image: a data URL as it is, a path tried against the working directory, image_root, then
+    `base` (the annotation file's folder); PDLMError if none exists."""
+    if value.startswith("data:"):
+        return value
+    candidates = [as_path(value)] + ([as_path(image_root) / value] if image_root else []) + [base / value]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise PDLMError(f"image {value!r} not found (looked in the working directory"
+                        f"{', data.image_root' if image_root else ''} and {base}); set data.image_root")
+    return found
 
 
 @contextlib.contextmanager
@@ -461,16 +474,21 @@ def build_pipeline(data: DataConfig, model: PDLMConfig, tokenizer: Tokenizer, *,
                                if grad_accum > 1 else f" ({batch_name})")
     if batch % process_count:
         raise PDLMError(f"a batch of {batch_text} does not divide by the number of processes {process_count}")
-    limits = Limits(model.region, tokenizer, data.question, data.group_divisor, max(data.tile_buckets),
-                    max(data.length_buckets), max(data.answer_buckets, default=None))
-    sources = make_sources(data, limits)
+    if model.is_base:  # image + conversation records (train.conversations)
+        from train import conversations
+
+        sources, builder = conversations.make_sources(data, model, tokenizer), conversations.SampleBuilder
+    else:
+        limits = Limits(model.region, tokenizer, data.question, data.group_divisor, max(data.tile_buckets),
+                        max(data.length_buckets), max(data.answer_buckets, default=None))
+        sources, builder = make_sources(data, limits), SampleBuilder
     per_source, one_pass = [], []
     for i, source in enumerate(sources):
-        items = build_items(source, data.group_divisor)
+        items = source.items() if model.is_base else build_items(source, data.group_divisor)
         shuffled = grain.MapDataset.source(items).shuffle(seed=data.seed + i)
         one_pass.append(shuffled)
         ds = shuffled.repeat(None if data.loop else data.epochs)
-        per_source.append(ds.map_with_index(SampleBuilder(source, data, model, str(tokenizer.file), len(items))))
+        per_source.append(ds.map_with_index(builder(source, data, model, str(tokenizer.file), len(items))))
     if len(sources) == 1:
         ds, epoch_items = per_source[0], len(one_pass[0])
     else:
@@ -485,8 +503,9 @@ def build_pipeline(data: DataConfig, model: PDLMConfig, tokenizer: Tokenizer, *,
     # interleaves them back in order, so the batches do not depend on the number of workers
     ds = ds[process_index::process_count].batch(
         per_process, drop_remainder=True,
-        batch_fn=Collate(tuple(data.tile_buckets), tuple(data.length_buckets), model.region.prompt_numbers,
-                         tokenizer.special.eot, tuple(data.answer_buckets)))
+        batch_fn=Collate(tuple(data.tile_buckets), tuple(data.length_buckets),
+                         0 if model.is_base else model.region.prompt_numbers, tokenizer.special.eot,
+                         tuple(data.answer_buckets)))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.threads, prefetch_buffer_size=data.prefetch))
     if data.workers > 0:
         _grain_flags_parsed()

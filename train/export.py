@@ -19,7 +19,7 @@ from pdlm_jax.errors import PDLMError
 def export_step(run_dir: str | Path, out: str | Path, step: int | None = None, adapter: bool = False) -> Path:
     import orbax.checkpoint as ocp
 
-    from train import checkpointing, config
+    from train import checkpointing, config, init_from
 
     saved = config.read_saved(run_dir)
     if saved is None:
@@ -30,12 +30,14 @@ def export_step(run_dir: str | Path, out: str | Path, step: int | None = None, a
     if step is None or step not in mgr.all_steps():
         raise PDLMError(f"no checkpoint for step {step} in {mgr.directory} (have {mgr.all_steps()})")
     state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    model_cfg, sampler = cfg.model_config(), cfg.sampler()
+    model_cfg = cfg.model_config()
+    sampler = None if model_cfg.is_base else cfg.sampler()
     provenance = {"config": cfg.to_dict(), "steps": step}
+    tokenizer_dir = init_from.training_tokenizer(cfg, model_cfg, run_dir)
     if adapter:
         if not cfg.lora.enabled:
             raise PDLMError(f"--adapter: {run_dir} is not a LoRA run (lora.rank is 0)")
-        return checkpointing.export_adapter(out, state["params"], cfg.lora, model_cfg, cfg.tokenizer_dir(), sampler,
+        return checkpointing.export_adapter(out, state["params"], cfg.lora, model_cfg, tokenizer_dir, sampler,
                                             {**provenance, "base": cfg.model.init_from})
     if cfg.lora.enabled:  # the checkpoint holds the adapters; the frozen base comes from where training began
         from pdlm_jax import lora
@@ -43,7 +45,7 @@ def export_step(run_dir: str | Path, out: str | Path, step: int | None = None, a
         params = lora.merge(_base_params(cfg, model_cfg), state["params"], cfg.lora)
     else:
         params = checkpointing.full_params(state)
-    return checkpointing.export(out, model_cfg, params, cfg.tokenizer_dir(), sampler, provenance)
+    return checkpointing.export(out, model_cfg, params, tokenizer_dir, sampler, provenance)
 
 
 def _base_params(cfg, model_cfg) -> dict:

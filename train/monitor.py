@@ -123,7 +123,9 @@ class Evaluator:
         self.sampler = {"gen_length": gen_length, "steps": e.steps or (gen_length if e.gen_length else exported.steps)}
         # captioning runs the inference program on one process's view of the weights
         self.records = []
-        if e.max_records > 0 and process_count == 1:
+        if e.max_records > 0 and model_cfg.is_base:
+            log.info("eval: a PerceptionDLM-Base model reports the held-out loss (captions need a region model)")
+        elif e.max_records > 0 and process_count == 1:
             for source in data.make_sources(self.data_cfg):
                 self.records += [source[i] for i in range(min(len(source), e.max_records - len(self.records)))]
         elif e.max_records > 0:

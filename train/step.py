@@ -100,8 +100,9 @@ class Trainer:
     def _new_state(self, params: dict, freeze: tuple[str, ...]) -> dict:
         if self.lora.enabled:  # train the adapters; every base weight stays fixed
             trainable, frozen = lora_lib.init_adapters(self.adapter_shapes, self.lora, self.seed), params
-        else:
+        else:  # frozen modules are only read: held in the compute dtype, with no optimizer state
             trainable, frozen = split_params(params, freeze)
+            frozen = jax.tree.map(lambda x: x.astype(self.compute_dtype), frozen)
         return {"params": trainable, "frozen": frozen, "opt": self.tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
 
     def abstract_state(self, params_shape: dict, freeze: tuple[str, ...]) -> dict:
@@ -213,6 +214,12 @@ def sincos_2d(grid: int, dim: int) -> np.ndarray:
     return np.pad(table, ((0, 0), (0, dim - table.shape[1]))).astype(np.float32)
 
 
+def new_mask_embedding(cfg: PDLMConfig, seed: int, std: float = 1.0) -> jax.Array:
+    """A fresh mask-id embedding table (prompt_numbers, vision hidden) ~ N(0, std²), float32."""
+    shape = (cfg.region.prompt_numbers, cfg.vision.hidden_size)
+    return std * jax.random.normal(jax.random.key(seed + 1), shape, jnp.float32)
+
+
 def init_params(cfg: PDLMConfig, seed: int, mesh: Mesh, mask_embed_std: float = 1.0,
                 vision_pos_embed: str = "random") -> dict:
     """Randomly initialised float32 params, created directly in their shardings.
@@ -230,9 +237,8 @@ def init_params(cfg: PDLMConfig, seed: int, mesh: Mesh, mask_embed_std: float = 
 
     def make():
         params = nnx.to_pure_dict(nnx.state(build_model(cfg, "float32", seed), nnx.Param))
-        table = params["mask_embed"]["embedding"]
-        params["mask_embed"]["embedding"] = mask_embed_std * jax.random.normal(jax.random.key(seed + 1), table.shape,
-                                                                              table.dtype)
+        if not cfg.is_base:
+            params["mask_embed"]["embedding"] = new_mask_embedding(cfg, seed, mask_embed_std)
         if vision_pos_embed == "sincos":
             params["vision"]["pos_embed"]["embedding"] = jnp.asarray(sincos_2d(cfg.vision.grid_size,
                                                                                 cfg.vision.hidden_size))

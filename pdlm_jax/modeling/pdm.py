@@ -72,16 +72,22 @@ class PerceptionDLM(nnx.Module):
             return x if mesh is None else jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.shape))
 
         # The vision tower over all B·T tiles as one leading axis (a constraint under a vmap cannot name the batch).
+        # PerceptionDLM-Base (no mask-id embedding, batches without regions) embeds the plain tiles.
         pixels, (B, T) = batch.pixel_values, batch.pixel_values.shape[:2]
-        offsets = jax.vmap(self.mask_offsets)(batch.mask_patches, batch.prompt_ids)
-        features = self.vision(split_batch(pixels.reshape(B * T, *pixels.shape[2:]).astype(self.dtype)),
-                               split_batch(offsets.reshape(B * T, *offsets.shape[2:])))
+        offsets = None
+        if self.mask_embed is not None:
+            offsets = jax.vmap(self.mask_offsets)(batch.mask_patches, batch.prompt_ids)
+            offsets = split_batch(offsets.reshape(B * T, *offsets.shape[2:]))
+        features = self.vision(split_batch(pixels.reshape(B * T, *pixels.shape[2:]).astype(self.dtype)), offsets)
         vision = self.projector(pixel_shuffle(split_batch(features)))
         vision = split_batch(vision.reshape(B, T, *vision.shape[1:]))
 
         def one(vision, row: RegionBatch):
-            rois = roi_replay(vision, row.grid, row.roi_boxes, self.cfg.region, self.cfg.quirks, training=training,
-                              num_tiles=row.num_tiles)
+            if self.mask_embed is None:
+                rois = jnp.zeros((0, self.cfg.region.roi_tokens, vision.shape[-1]), vision.dtype)
+            else:
+                rois = roi_replay(vision, row.grid, row.roi_boxes, self.cfg.region, self.cfg.quirks,
+                                  training=training, num_tiles=row.num_tiles)
             return assemble_embeddings(self.lm.embed(row.input_ids), vision, rois, row.image_positions,
                                        row.roi_positions)
 

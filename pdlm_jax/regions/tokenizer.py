@@ -13,6 +13,9 @@ from pdlm_jax.errors import PDLMError
 
 NUM_MASK_CAP_TOKENS = 16  # <|Mask_Cap_0..15|> exist in the saved tokenizer
 NUM_RESERVED_TOKENS = 6  # <|reserved_token_0..5|> are the RoI placeholders (one per prompt id)
+# What the region model's processor adds to PerceptionDLM-Base's tokenizer, in this order (SPEC-train-base T7.1-2)
+REGION_TOKENS = (*(f"<|Mask_Cap_{i}|>" for i in range(NUM_MASK_CAP_TOKENS)), *(f"<Prompt{i}>" for i in range(6)),
+                 "<NO_Prompt>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,5 +94,28 @@ class Tokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=True).ids, dtype=np.int32)
 
+    def encode_marked(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, marked): `encode(text)` and, per token, whether it covers a character of one of the [start, end)
+        character `spans` — the tokens from `char_to_token(start)` through `char_to_token(end - 1)`, as
+        transformers marks a chat template's generation spans."""
+        encoding = self._tok.encode(text, add_special_tokens=True)
+        marked = np.zeros(len(encoding.ids), bool)
+        for start, end in spans:
+            first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
+            if first is not None:
+                marked[first:(len(marked) if last is None else last + 1)] = True
+        return np.asarray(encoding.ids, dtype=np.int32), marked
+
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+def extended_tokenizer(src: str | Path, tokens: Sequence[str]) -> tuple[str, list[str]]:
+    """(tokenizer.json text, tokens added): `src`'s tokenizer with those of `tokens` it lacks added as special
+    tokens, in order, after its last id (as transformers' `add_special_tokens`)."""
+    from tokenizers import AddedToken
+
+    tok = Tokenizer(src, base=True)._tok
+    missing = [t for t in tokens if tok.token_to_id(t) is None]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    return tok.to_str(), missing
