@@ -36,6 +36,14 @@ def converted(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def components(tmp_path_factory):
+    """Tiny LLaDA and SigLIP folders written by transformers (tests/components.py), once per session."""
+    from components import write_components
+
+    return write_components(tmp_path_factory.mktemp("components"))
+
+
 @pytest.fixture
 def annotation_file():
     """annotation_file(path, seed, num_shapes, caption=None, copies=1) -> (path, scene): writes a training

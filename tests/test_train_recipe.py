@@ -1,5 +1,6 @@
 """The whole recipe on tiny models through `pdlm-train` and the shipped configs (SPEC-train-base T2, T3, T7):
-Base stage 1 -> stage 2 -> the region model from Base, a few steps each with data and step overrides.
+tiny LLaDA + SigLIP composed by `pdlm-convert --compose` -> Base stage 1 -> stage 2 -> the region model from
+Base, a few steps each with data and step overrides.
 
 Stage 1 changes only the projector, stage 2 the projector and the LM but not the vision tower, the region model
 starts from stage 2's tensors; stage 1 and the region stage resume exactly after an interruption (the other
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import fixture_dir
 from PIL import Image
 
 from pdlm_jax import checkpoint as pdlm_ckpt
@@ -27,13 +27,13 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
-def start_checkpoint(tmp_path_factory) -> Path:
-    """The checkpoint stage 1 starts from: the tiny Base fixture, converted in bfloat16 as released
-    checkpoints are. (A `pdlm-convert --compose` of tiny LLaDA + SigLIP folders fits here just as well.)"""
-    from convert.writer import convert
+def start_checkpoint(tmp_path_factory, components) -> Path:
+    """The checkpoint stage 1 starts from: tiny LLaDA + SigLIP folders written by transformers, composed by
+    `pdlm-convert --compose` in bfloat16 as the 8B recipe does (configs/base_s1.yaml)."""
+    from convert.compose import compose
 
     out = tmp_path_factory.mktemp("recipe") / "start"
-    convert(fixture_dir("base_tiny"), out, dtype="bfloat16")
+    compose(components["lm"], components["siglip"], out, dtype="bfloat16", seed=0)
     return out
 
 
