@@ -25,8 +25,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pdlm_jax import keymap, pipeline, sharding
+from pdlm_jax.asset_paths import DEMO_MODEL
 from pdlm_jax.config import DTYPES, PDLMConfig, SamplerConfig, preset
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.modeling.layout import param_shardings
 from pdlm_jax.modeling.pdm import PerceptionDLM, from_tree
 from pdlm_jax.regions.masks import MaskInput, area_order, load_masks
 from pdlm_jax.regions.prepare import PreparedRegions, prepare_regions
@@ -36,9 +38,6 @@ from pdlm_jax.regions.tokenizer import Tokenizer
 
 log = logging.getLogger("pdlm_jax")
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEMO_MODEL = ASSETS / "demo_model"  # the embedded model trained on the synthetic shapes task (train/)
-DEMO_SCENE = ASSETS / "demo_scene"  # its demo picture, masks and true captions
 
 
 def reference_captions(text: str, num_regions: int) -> list[str]:
@@ -298,8 +297,9 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     weights are merged into the base on load, and its tokenizer (if it has one) replaces the base's.
     quantize: "int8" stores every linear kernel as int8 with per-channel scales (pdlm_jax.quantize).
     """
-    from pdlm_jax.checkpoint import (SAMPLER_FILE, load_config, nest, params_metadata, read_sampler,
-                                     restore_params, sampler_defaults, tokenizer_path)
+    from pdlm_jax.checkpoint import (SAMPLER_FILE, load_config, params_metadata, read_sampler, restore_params,
+                                     sampler_defaults, tokenizer_path)
+    from pdlm_jax.trees import nest
 
     if dtype == "auto":
         stored = {np.dtype(d) for _, d in params_metadata(checkpoint_dir).values()}
@@ -311,7 +311,7 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     if mesh is not None:
         ckpt_cfg = load_config(checkpoint_dir)
         shapes = keymap.expected_shapes(ckpt_cfg)
-        shardings = sharding.param_shardings(nest({p: jax.ShapeDtypeStruct(s, DTYPES[dtype])
+        shardings = param_shardings(nest({p: jax.ShapeDtypeStruct(s, DTYPES[dtype])
                                                    for p, s in shapes.items()}), mesh, ckpt_cfg)
     # PDLMError if not a converted checkpoint
     if quantize is not None:
@@ -363,7 +363,7 @@ def load_random(cfg: PDLMConfig | str, tokenizer_dir: str | Path, dtype: str = "
     make = lambda: PerceptionDLM(cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(seed),  # noqa: E731
                                  attention_implementation=attention_implementation(attention, dt))
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    out = None if mesh is None else sharding.param_shardings(abstract, mesh, cfg)
+    out = None if mesh is None else param_shardings(abstract, mesh, cfg)
     state = jax.jit(lambda: nnx.split(make())[1], out_shardings=out)()
     return RegionCaptioner(cfg, nnx.merge(graphdef, state), tokenizer, mesh)
 

@@ -107,7 +107,9 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     from pdlm_jax import checkpoint as pdlm_ckpt
     from pdlm_jax import keymap
     from pdlm_jax import sharding as shd
+    from pdlm_jax import trees
     from pdlm_jax.files import atomic_write
+    from pdlm_jax.modeling.layout import param_shardings
     from pdlm_jax.regions.tokenizer import Tokenizer
     from train import checkpointing, data, monitor, step as step_lib
     from train.config import CONFIG_FILE
@@ -147,7 +149,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     mgr = checkpointing.manager(out, cfg.run.keep, cfg.run.async_save)
 
     shapes = {p: jax.ShapeDtypeStruct(s, np.float32) for p, s in keymap.expected_shapes(model_cfg).items()}
-    abstract = trainer.abstract_state(pdlm_ckpt.nest(shapes), cfg.model.freeze)
+    abstract = trainer.abstract_state(trees.nest(shapes), cfg.model.freeze)
     if mgr.latest_step() is not None:  # before restoring: a changed mesh or batch would fail there
         _check_resume(out, cfg.to_dict(), mgr.latest_step(), allow_changed_settings, write=is_main)
     resumed = checkpointing.restore(mgr, trainer.checkpointed(abstract), iterator)
@@ -157,7 +159,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     if state is None or cfg.lora.enabled:  # LoRA checkpoints hold the adapters; the base is loaded again
         if cfg.model.init_from:
             _, params = pdlm_ckpt.restore_params(cfg.model.init_from, dtype=np.float32,
-                                                 shardings=shd.param_shardings(pdlm_ckpt.nest(shapes), mesh, model_cfg))
+                                                 shardings=param_shardings(trees.nest(shapes), mesh, model_cfg))
         else:
             params = step_lib.init_params(model_cfg, cfg.run.seed, mesh, cfg.model.mask_embed_init_std,
                                           cfg.model.vision_pos_embed_init)
