@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import encode_rle, fixture_dir
+from helpers import FakeDevices, encode_rle, fixture_dir
 
 # JAX's persistent compilation cache, set once for the session (pytest_configure). A test that turns on a
 # cache of its own (run.compilation_cache, load(compilation_cache=...)) changes JAX's global config: the autouse
@@ -22,8 +22,6 @@ def pytest_configure(config):
     the server and the multi-device subprocesses instead of being compiled again. Every program is cached,
     however fast it compiled. It lives in .pytest_cache (kept between runs; `--cache-clear` starts cold), or in
     JAX_COMPILATION_CACHE_DIR if that is set."""
-    import jax
-
     directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
         config.cache.mkdir("jax-compilation-cache") if getattr(config, "cache", None)
         else tempfile.mkdtemp(prefix="pdlm-jax-cache-"))
@@ -46,6 +44,14 @@ def restore_jax_cache_settings():
 def session_jax_cache():
     yield
     restore_jax_cache_settings()
+
+
+@pytest.fixture(scope="session")
+def fake_devices():
+    """One subprocess with 8 fake CPU devices for the session's multi-device bodies (helpers.FakeDevices)."""
+    worker = FakeDevices(8)
+    yield worker
+    worker.close()
 
 
 @pytest.fixture(scope="session")
