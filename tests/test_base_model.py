@@ -212,4 +212,3 @@ def test_sharded_mesh_is_token_exact(checkpoint, handle, tmp_path, fake_devices)
     assert prefix["q_spec"] == [None, "fsdp", None]  # really sharded
     single = handle.answer(fixture_dir(NAME) / "image.png", oracle["question"], cache="prefix", **_settings(oracle))
     assert prefix["token_ids"] == single["token_ids"]
-

@@ -107,4 +107,3 @@ def test_parameters_are_really_sharded(sharded_results):
     # ... but a vocabulary of 402 does not: the lm_head falls back to replication.
     assert sharded_results[("tiny_v1", "tensor:8", "none")]["vocab_spec"] == [None, None]
     assert sharded_results[("tiny_v1_wide", "data:-1,tensor:2", "none")]["mesh_shape"]["data"] == 4
-

@@ -71,4 +71,3 @@ def test_mesh_spec_errors():
     for bad in ("data:3", "model:2", "data=2", "data:-1,fsdp:-1"):
         with pytest.raises(PDLMError):
             shd.parse_mesh(bad, 8)
-
