@@ -27,8 +27,8 @@ def pytest_configure(config):
         else tempfile.mkdtemp(prefix="pdlm-jax-cache-"))
     os.environ.update(JAX_COMPILATION_CACHE_DIR=directory, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    SESSION_JAX_CACHE.update(jax_compilation_cache_dir=directory, jax_persistent_cache_min_compile_time_secs=0.0,
-                             jax_persistent_cache_min_entry_size_bytes=0)
+    SESSION_JAX_CACHE.update(jax_enable_compilation_cache=True, jax_compilation_cache_dir=directory,
+                             jax_persistent_cache_min_compile_time_secs=0.0, jax_persistent_cache_min_entry_size_bytes=0)
     restore_jax_cache_settings()  # this process imported jax before the variables were set
 
 
@@ -44,6 +44,14 @@ def restore_jax_cache_settings():
 def session_jax_cache():
     yield
     restore_jax_cache_settings()
+
+
+@pytest.fixture
+def without_compilation_cache():
+    """For a test that counts XLA's compiles: a program read back from the persistent cache is not compiled."""
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)  # session_jax_cache turns it back on
 
 
 @pytest.fixture(scope="session")
