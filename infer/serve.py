@@ -32,7 +32,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import numpy as np
 from PIL import Image
 
-from pdlm_jax.asset_paths import DEMO_MODEL, DEMO_SCENE
+from pdlm_jax import DEMO_MODEL, DEMO_SCENE
 from pdlm_jax.errors import PDLMError
 
 log = logging.getLogger("pdlm-serve")

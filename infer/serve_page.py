@@ -15,7 +15,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from pdlm_jax.asset_paths import DEMO_SCENE
+from pdlm_jax import DEMO_SCENE
 from infer.visualize import PALETTE, overlay
 from pdlm_jax.errors import PDLMError
 

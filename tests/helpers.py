@@ -102,22 +102,6 @@ def encode_rle(mask: np.ndarray) -> dict:
     return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode()}
 
 
-# Compiling is most of a multi-device subprocess's time; these flags cut it by about a third. They change
-# how LLVM optimises, not what is computed (no fast-math): the sharded tests stay token-exact.
-FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
-
-
-def fake_devices_env(devices: int) -> dict[str, str]:
-    """The environment of a subprocess that sees `devices` CPU devices and compiles fast (FAST_COMPILE).
-
-    XLA_FLAGS acts only when JAX starts, so the tests that need several devices run their body in a
-    subprocess and the session keeps its one device (most tests assume it: meshes default to all devices).
-    """
-    return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *FAST_COMPILE]),
-                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-
-
 class FakeDevices:
     """A subprocess with `devices` fake CPU devices (fake_devices_env) that runs the multi-device tests' bodies
     one after another: they share one start (importing JAX and the library takes 10-20 s on a loaded 2-core
@@ -157,3 +141,20 @@ class FakeDevices:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+# Compiling is most of a multi-device subprocess's time; these flags cut it by about a third. They change
+# how LLVM optimises, not what is computed (no fast-math): the sharded tests stay token-exact.
+FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+
+
+def fake_devices_env(devices: int) -> dict[str, str]:
+    """The environment of a subprocess that sees `devices` CPU devices and compiles fast (FAST_COMPILE).
+
+    XLA_FLAGS acts only when JAX starts, so the tests that need several devices run their body in a
+    subprocess and the session keeps its one device (most tests assume it: meshes default to all devices).
+    """
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *FAST_COMPILE]),
+                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+
