@@ -157,4 +157,3 @@ def fake_devices_env(devices: int) -> dict[str, str]:
     return dict(os.environ, JAX_PLATFORMS="cpu",
                 XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *FAST_COMPILE]),
                 PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-
