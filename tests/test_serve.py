@@ -242,7 +242,7 @@ def test_page_runs_the_preset_replays_the_steps_and_captions_a_drawn_mask(server
                   "--no-first-run"])
         page = browser.new_page()
         page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(server) else None)
-        page.set_default_timeout(300_000)  # a first compile on a loaded machine can take minutes
+        page.set_default_timeout(120_000)
         page.goto(server + "/")
         page.locator("#presets button.thumbnail-item").first.click()
         page.wait_for_function("() => document.querySelectorAll('#mask-files tr').length == 5")  # its mask files
