@@ -6,7 +6,7 @@
 Writes an annotation file of synthetic scenes (`train.synthetic`, the embedded demo model's task: 1–6 shapes per
 image, or K with --shapes, in the training schema) and captions every region of it, in one process:
 
-* `per-image`: the runner's path before it batched (main before issue 16): one `caption_regions` call per
+* `per-image`: the baseline without cross-image batching: one `caption_regions` call per
   image (each scene has <= 6 regions, so one pass), the passes one after another;
 * `batched`: `run_annotations` with --batch-size B (rows per compiled program, filled across images) and
   --images-per-call N, for every B of --batch-sizes with N = B and with N = all images.
@@ -37,7 +37,7 @@ COLUMNS = ("path", "batch_size", "images_per_call", "images", "regions", "second
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pdlm_jax.api import DEMO_MODEL
+    from pdlm_jax.asset_paths import DEMO_MODEL
 
     p = argparse.ArgumentParser(prog="python -m infer.bench_dataset", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=str(DEMO_MODEL), help="default: the embedded demo model")

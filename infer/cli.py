@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from pdlm_jax.files import write_json_atomic
-from pdlm_jax.api import DEMO_MODEL, DEMO_SCENE
+from pdlm_jax.asset_paths import DEMO_MODEL, DEMO_SCENE
 from pdlm_jax.errors import PDLMError
 
 log = logging.getLogger("pdlm-infer")

@@ -42,9 +42,7 @@ from tqdm import tqdm
 from infer.files import exclusive_lock
 from pdlm_jax.files import atomic_write
 from pdlm_jax.annotation_files import ImageRecord, Region, parse_record, read_records, region_mask
-from pdlm_jax.api import check_settings
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.pipeline import Mode
 from pdlm_jax.regions.prompt import DEFAULT_QUESTION
 
 # ----------------------------------------------------------------------------------------------- annotations
@@ -212,6 +210,9 @@ class DatasetSettings:
                 raise PDLMError(f"{flag} {value}: expected a positive integer.")
         if not self.image_root.is_dir():
             raise PDLMError(f"--image-root {self.image_root}: not a folder.")
+        from pdlm_jax.api import check_settings  # here: it imports JAX, which `pdlm-infer --help` does not need
+        from pdlm_jax.pipeline import Mode
+
         if self.gen_length is not None and self.steps is not None:
             check_settings(self.gen_length, self.steps, self.temperature, self.top_p)
         Mode.parse(self.cache, self.unmask)

@@ -34,7 +34,7 @@ from pdlm_jax.errors import PDLMError
 from pdlm_jax.limits import Limits
 from pdlm_jax.modeling.llada import put_rows, take_rows
 from pdlm_jax.modeling.pdm import PerceptionDLM
-from pdlm_jax.regions.prompt import ASSISTANT_HEADER, USER_HEADER
+from pdlm_jax.regions.prompt import build_question_text
 from pdlm_jax.regions.tiling import ImageInput, TiledImage, tile_image
 from pdlm_jax.regions.tokenizer import Tokenizer
 
@@ -42,26 +42,12 @@ log = logging.getLogger("pdlm_jax")
 
 LENGTH_MULTIPLE = 64
 DEFAULTS = {"gen_length": 128, "block_length": 128, "steps": 128}  # the reference demo's settings
-ASSISTANT_TURN = "<|eot_id|>" + ASSISTANT_HEADER  # chat's turn end: no \n after <|eot_id|>, unlike the region prompt
 CACHE_MODES = ("none", "prefix")
 
 
 def answer_defaults(sampler: dict | None = None) -> dict:
     """gen_length, block_length and steps: a checkpoint's sampler.json values over the reference demo's."""
     return {key: (sampler or {}).get(key, value) for key, value in DEFAULTS.items()}
-
-
-def build_prompt_text(question: str, num_tiles: int, num_image_tokens: int) -> str:
-    """`chat`'s prompt for the demo's question `"<image>\\n" + question` (SPEC-base §B3).
-
-    No system turn. The reference replaces `<image>` on the reversed string, i.e. the LAST `<image>` of the
-    text receives the image; an earlier one (e.g. the demo's own prefix when the question has `<image>`)
-    stays as plain text.
-    """
-    text = USER_HEADER + "<image>\n" + question + ASSISTANT_TURN
-    at = text.rfind("<image>")
-    image = "<img>" + "<IMG_CONTEXT>" * (num_tiles * num_image_tokens) + "</img>"
-    return text[:at] + image + text[at + len("<image>"):]
 
 
 def answer_text(tokenizer: Tokenizer, ids: np.ndarray) -> tuple[str, str]:
@@ -106,7 +92,7 @@ def prepare_question(image: ImageInput | TiledImage, question: str, tokenizer: T
         raise PDLMError(f"image tile(s) {zero} sum to exactly 0 after normalisation; the reference would drop "
                         "them as padding and misplace the image features. Crop or pad the image slightly")
     n = tiled.num_tiles * cfg.region.num_image_tokens
-    text = build_prompt_text(question, tiled.num_tiles, cfg.region.num_image_tokens)
+    text = build_question_text(question, tiled.num_tiles, cfg.region.num_image_tokens)
     ids = tokenizer.encode(text)
     image_positions = np.flatnonzero(ids == special.image_context).astype(np.int32)
     if len(image_positions) != n:  # the question itself holds <IMG_CONTEXT>: the reference misplaces features

@@ -147,6 +147,7 @@ def infer_program(args, target) -> dict:
     from flax import nnx
 
     from pdlm_jax import api, flops, pipeline, sharding
+    from pdlm_jax.modeling.layout import param_shardings
     from pdlm_jax.modeling.pdm import PerceptionDLM
     from pdlm_jax.regions.prepare import prepare_regions
     from pdlm_jax.regions.tiling import tile_image
@@ -190,7 +191,7 @@ def infer_program(args, target) -> dict:
         graphdef, abstract, trace = quantize.abstract(lambda: make(attention), args.quantize)
     else:
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(attention)))
-    state = _abstract(abstract, sharding.param_shardings(abstract, mesh, cfg))
+    state = _abstract(abstract, param_shardings(abstract, mesh, cfg))
     program = pipeline.CaptionProgram((graphdef, state), cfg, tokenizer.special.mask, mesh, trace)
     placed = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
                                                          sharding=program.input_sharding(v)), inputs)
@@ -236,8 +237,8 @@ def train_program(args, target) -> dict:
     import numpy as np
 
     from pdlm_jax import flops, keymap, sharding
-    from pdlm_jax.checkpoint import nest
     from pdlm_jax.regions.tokenizer import Tokenizer
+    from pdlm_jax.trees import nest
     from train import config as train_config
     from train import data, step as step_lib
 

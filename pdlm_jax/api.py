@@ -25,9 +25,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pdlm_jax import keymap, pipeline, sharding
+from pdlm_jax.asset_paths import DEMO_MODEL
 from pdlm_jax.config import DTYPES, PDLMConfig, SamplerConfig, preset
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.limits import Limits, position_budget
+from pdlm_jax.modeling.layout import param_shardings
 from pdlm_jax.modeling.pdm import PerceptionDLM, from_tree
 from pdlm_jax.regions.masks import MaskInput, area_order, load_masks
 from pdlm_jax.regions.prepare import PreparedRegions, prepare_regions
@@ -37,9 +39,6 @@ from pdlm_jax.regions.tokenizer import Tokenizer
 
 log = logging.getLogger("pdlm_jax")
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEMO_MODEL = ASSETS / "demo_model"  # the embedded model trained on the synthetic shapes task (train/)
-DEMO_SCENE = ASSETS / "demo_scene"  # its demo picture, masks and true captions
 
 
 def reference_captions(text: str, num_regions: int) -> list[str]:
@@ -318,9 +317,10 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     A checkpoint whose files are damaged (a truncated or missing array file, a wrong dtype or shape on
     disk) raises PDLMError naming it, before any weight is used.
     """
-    from pdlm_jax.checkpoint import (SAMPLER_FILE, load_config, nest, params_metadata, read_sampler,
-                                     restore_params, sampler_defaults, tokenizer_path)
+    from pdlm_jax.checkpoint import (SAMPLER_FILE, load_config, params_metadata, read_sampler, restore_params,
+                                     sampler_defaults, tokenizer_path)
     from pdlm_jax.files import local_directory
+    from pdlm_jax.trees import nest
 
     # A bucket URL or hf:// id becomes a local folder once (a cached copy / the Hub snapshot).
     checkpoint_dir = local_directory(checkpoint_dir, "checkpoint")
@@ -336,7 +336,7 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     if mesh is not None:
         ckpt_cfg = load_config(checkpoint_dir)
         shapes = keymap.expected_shapes(ckpt_cfg)
-        shardings = sharding.param_shardings(nest({p: jax.ShapeDtypeStruct(s, DTYPES[dtype])
+        shardings = param_shardings(nest({p: jax.ShapeDtypeStruct(s, DTYPES[dtype])
                                                    for p, s in shapes.items()}), mesh, ckpt_cfg)
     # PDLMError if not a converted checkpoint
     if quantize is not None:
@@ -389,7 +389,7 @@ def load_random(cfg: PDLMConfig | str, tokenizer_dir: str | Path, dtype: str = "
     make = lambda: PerceptionDLM(cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(seed),  # noqa: E731
                                  attention_implementation=attention_implementation(attention, dt))
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    out = None if mesh is None else sharding.param_shardings(abstract, mesh, cfg)
+    out = None if mesh is None else param_shardings(abstract, mesh, cfg)
     state = jax.jit(lambda: nnx.split(make())[1], out_shardings=out)()
     return RegionCaptioner(cfg, nnx.merge(graphdef, state), tokenizer, mesh)
 

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from pdlm_jax.errors import PDLMError
@@ -295,8 +294,16 @@ def check_remasking(value: Any, where: str = "remasking") -> None:
                         f"slots of each step: use {' or '.join(map(repr, REMASKING))}")
 
 
-# The dtypes a model is stored or computed in, by their CLI / config names (jax and flax take numpy dtypes).
-DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+def __getattr__(name: str) -> Any:
+    """`DTYPES`: the dtypes a model is stored or computed in, by their CLI / config names (jax and flax take
+    numpy dtypes). Built on first use: importing ml_dtypes takes about a second, which reading a config (and
+    every command's `--help`) should not pay."""
+    if name != "DTYPES":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import ml_dtypes
+
+    globals()["DTYPES"] = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+    return globals()["DTYPES"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ from PIL import Image
 
 from pdlm_jax.config import PDLMConfig, RegionConfig
 from pdlm_jax.errors import PDLMError, TooLarge
+from pdlm_jax.regions.prompt import build_prompt_text, build_question_text
 
 DEFAULT_MAX_POSITIONS = 4096  # LLaDA-8B's max_position_embeddings
 DEFAULT_MAX_MASKS = 64
@@ -98,17 +99,13 @@ class Limits:
 
     def region_positions(self, num_regions: int, gen_length: int, question: str, tiles: int) -> int:
         """Sequence length of a region pass: the tokenized prompt with RoI spans, plus k·G slots."""
-        from pdlm_jax.regions.prompt import build_prompt_text
-
         r = self.cfg.region
         text = build_prompt_text(tiles, r.num_image_tokens, num_regions, 0, question)
         return len(self.tokenizer.encode(text)) + num_regions * (r.roi_tokens - 1 + gen_length)
 
     def answer_positions(self, gen_length: int, question: str, tiles: int) -> int:
         """Sequence length of a Base answer: the tokenized chat prompt plus G answer rows."""
-        from pdlm_jax.answering import build_prompt_text
-
-        text = build_prompt_text(question, tiles, self.cfg.region.num_image_tokens)
+        text = build_question_text(question, tiles, self.cfg.region.num_image_tokens)
         return len(self.tokenizer.encode(text)) + gen_length
 
     def max_gen_length(self, num_regions: int | None = None, question: str | None = None,

@@ -91,7 +91,7 @@ def init_adapters(shapes: dict[str, tuple], lora: LoraConfig, seed: int = 0) -> 
     """Initial adapters for {'<module>/kernel_lora_a' | '<module>/kernel_lora_b': shape} (leading axes =
     stacked layers): A from qwix's LoraRule initializer (he-uniform), drawn per layer; B zeros, so the
     adapted model starts equal to the base. Float32 (master weights). Returns a nested tree."""
-    from pdlm_jax.checkpoint import nest
+    from pdlm_jax.trees import nest
 
     a_init = rule(lora).lora_a_initializer
     out = {}
@@ -177,14 +177,14 @@ def under(qwix_provider) -> Callable[[Callable], Callable]:
 
 
 def flat(tree: Any) -> dict[str, Any]:
-    from pdlm_jax.checkpoint import flatten
+    from pdlm_jax.trees import flatten
 
     return flatten(tree)
 
 
 def merge(params: dict, adapters: dict, lora: LoraConfig) -> dict:
     """Base params with each targeted kernel replaced by W + A·B·alpha/rank (a plain parameter tree)."""
-    from pdlm_jax.checkpoint import nest
+    from pdlm_jax.trees import nest
 
     merged, pairs = flat(params), flat(adapters)
     for path, a in pairs.items():
@@ -200,7 +200,7 @@ def merge(params: dict, adapters: dict, lora: LoraConfig) -> dict:
 
 def combine(params: dict, adapters: dict) -> dict:
     """One nested tree holding base params and adapter params (the state of a model with adapters)."""
-    from pdlm_jax.checkpoint import nest
+    from pdlm_jax.trees import nest
 
     return nest({**flat(params), **flat(adapters)})
 

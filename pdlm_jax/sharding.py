@@ -5,6 +5,9 @@ Parameters and activations are described by *logical* axis names ('embed', 'head
 (`pdlm_jax.modeling.param_layout`); a rules table maps each name to mesh axes of a ('data', 'fsdp', 'tensor')
 mesh. A dimension that does not divide evenly over its mesh axes falls back to replication, so one
 rules table serves every model size and mesh shape (1 CPU, 8 fake devices, a pod).
+
+This module knows nothing of the model (the model imports it): the parameters' specs and shardings, which read
+the model's layout, are `pdlm_jax.modeling.layout.param_specs` / `param_shardings`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
 
 log = logging.getLogger(__name__)
@@ -123,20 +125,6 @@ def logical_spec(
     return PartitionSpec(*out)
 
 
-def param_logical_axes(path: str, ndim: int, cfg: PDLMConfig) -> tuple[str | None, ...]:
-    """Logical axes of the leaf at `path`: those the model declares for the parameter whose path `path` ends
-    in ('lm/embed/embedding', 'params/lm/embed/embedding', 'opt/0/mu/lm/embed/embedding'). Any other leaf
-    (LoRA adapters, quantization scales, step counters) or a leaf of another rank is replicated."""
-    from pdlm_jax.modeling.layout import param_layout  # here: the model imports this module (batch_sharding)
-
-    layout, parts = param_layout(cfg), path.split("/")
-    for i in range(len(parts)):
-        info = layout.get("/".join(parts[i:]))
-        if info is not None and len(info.axes) == ndim:
-            return info.axes
-    return (None,) * ndim
-
-
 def path_str(key_path: tuple) -> str:
     """'/'-joined path of a pytree leaf (dict keys and attribute names; nnx's `.value` is dropped)."""
     parts = []
@@ -151,19 +139,6 @@ def path_str(key_path: tuple) -> str:
         else:
             parts.append(str(k))
     return "/".join(parts)
-
-
-def param_specs(tree: Any, mesh: Mesh, cfg: PDLMConfig, rules: dict[str, Any] = DEFAULT_RULES) -> Any:
-    """Tree of PartitionSpecs (same structure as `tree`, leaves arrays or ShapeDtypeStructs) for the
-    parameters of `PerceptionDLM(cfg)` in any container: the parameter tree, an nnx state, a train state
-    with its optimizer moments (see `param_logical_axes`)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, x: logical_spec(x.shape, param_logical_axes(path_str(kp), len(x.shape), cfg), mesh, rules), tree
-    )
-
-
-def param_shardings(tree: Any, mesh: Mesh, cfg: PDLMConfig, rules: dict[str, Any] = DEFAULT_RULES) -> Any:
-    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), param_specs(tree, mesh, cfg, rules))
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: dict[str, Any] = DEFAULT_RULES) -> NamedSharding:

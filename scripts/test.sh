@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Run the test suite on CPU, on one device. The tests that need several devices (sharding, multi-process
-# training) run their body in a subprocess with fake CPU devices (tests/helpers.py fake_devices_env).
+# Check the import layers (pyproject.toml [tool.importlinter], docs/ARCHITECTURE.md), then run the test suite on
+# CPU, on one device, and list its 30 slowest tests. The tests that need several devices (sharding, multi-process
+# training) run their body in a subprocess with fake CPU devices (tests/helpers.py fake_devices_env). Compiled
+# programs are kept in .pytest_cache/jax-compilation-cache (tests/conftest.py); `--cache-clear` starts cold.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS=cpu
-exec .venv/bin/python -m pytest -q "$@"
+.venv/bin/lint-imports --no-logo
+exec .venv/bin/python -m pytest -q --durations=30 "$@"

@@ -3,10 +3,63 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import encode_rle, fixture_dir
+from helpers import FakeDevices, encode_rle, fixture_dir
+
+# JAX's persistent compilation cache, set once for the session (pytest_configure). A test that turns on a
+# cache of its own (run.compilation_cache, load(compilation_cache=...)) changes JAX's global config: the autouse
+# fixture below puts these values back after every test.
+SESSION_JAX_CACHE: dict = {}
+
+
+def pytest_configure(config):
+    """One persistent compilation cache for the session and every subprocess it starts (they inherit the
+    environment): a program compiled once (the demo model's, a fixture's) is read back by later test modules,
+    the server and the multi-device subprocesses instead of being compiled again. Every program is cached,
+    however fast it compiled. It lives in .pytest_cache (kept between runs; `--cache-clear` starts cold), or in
+    JAX_COMPILATION_CACHE_DIR if that is set."""
+    directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
+        config.cache.mkdir("jax-compilation-cache") if getattr(config, "cache", None)
+        else tempfile.mkdtemp(prefix="pdlm-jax-cache-"))
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=directory, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    SESSION_JAX_CACHE.update(jax_enable_compilation_cache=True, jax_compilation_cache_dir=directory,
+                             jax_persistent_cache_min_compile_time_secs=0.0, jax_persistent_cache_min_entry_size_bytes=0)
+    restore_jax_cache_settings()  # this process imported jax before the variables were set
+
+
+def restore_jax_cache_settings():
+    import jax
+
+    for name, value in SESSION_JAX_CACHE.items():
+        if getattr(jax.config, name) != value:
+            jax.config.update(name, value)
+
+
+@pytest.fixture(autouse=True)
+def session_jax_cache():
+    yield
+    restore_jax_cache_settings()
+
+
+@pytest.fixture
+def without_compilation_cache():
+    """For a test that counts XLA's compiles: a program read back from the persistent cache is not compiled."""
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)  # session_jax_cache turns it back on
+
+
+@pytest.fixture(scope="session")
+def fake_devices():
+    """One subprocess with 8 fake CPU devices for the session's multi-device bodies (helpers.FakeDevices)."""
+    worker = FakeDevices(8)
+    yield worker
+    worker.close()
 
 
 @pytest.fixture(scope="session")

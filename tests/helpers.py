@@ -6,6 +6,10 @@ import contextlib
 import functools
 import json
 import os
+import select
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +101,47 @@ def encode_rle(mask: np.ndarray) -> dict:
 
     encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode()}
+
+
+class FakeDevices:
+    """A subprocess with `devices` fake CPU devices (fake_devices_env) that runs the multi-device tests' bodies
+    one after another: they share one start (importing JAX and the library takes 10-20 s on a loaded 2-core
+    machine) instead of each starting a process. tests/conftest.py holds one for the session (`fake_devices`)."""
+
+    def __init__(self, devices: int):
+        self.log = tempfile.TemporaryFile("a+")  # appended to: reading it back never moves where the child writes
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "fake_devices_worker.py")],
+                                     cwd=ROOT, env=fake_devices_env(devices), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
+
+    def run(self, module: str, function: str, *args, timeout: float = 1800):
+        """`module.function(*args)` (a test file's body; args and result JSON) in the subprocess. An exception
+        there fails the caller with the subprocess's traceback and log; `timeout` bounds a hang."""
+        assert self.proc.poll() is None, f"the fake-devices process has exited:\n{self._log_tail()}"
+        self.proc.stdin.write(json.dumps([module, function, list(args)]) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.close()
+            raise AssertionError(f"{module}.{function} ran past {timeout} s:\n{self._log_tail()}")
+        line = self.proc.stdout.readline()
+        assert line, f"the fake-devices process died in {module}.{function}:\n{self._log_tail()}"
+        answer = json.loads(line)
+        assert "error" not in answer, f"{answer['error']}\n{self._log_tail()}"
+        return answer["result"]
+
+    def _log_tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
 
 
 # Compiling is most of a multi-device subprocess's time; these flags cut it by about a third. They change

@@ -2,16 +2,12 @@
 token-exact against the reference fixture `base_tiny`, forward by forward; the block schedule; bad input."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import fake_devices_env, fixture_dir, fixture_oracle, fixture_tensors
+from helpers import fixture_dir, fixture_oracle, fixture_tensors
 
-ROOT = Path(__file__).resolve().parents[1]
 NAME = "base_tiny"
 
 
@@ -181,7 +177,7 @@ def test_base_tokenizer_needs_only_the_image_tokens(tmp_path):
         Tokenizer(tmp_path)
 
 
-# ---- sharded: 8 fake CPU devices in a subprocess ------------------------------------------------------------
+# ---- sharded: 8 fake CPU devices in the session's subprocess -----------------------------------------------
 
 # The CLI on all three axes (exact mode), the API on fsdp:8 in the prefix-cache mode (vs its single-device run).
 MESHES = [("data:2,fsdp:2,tensor:2", "none"), ("fsdp:8", "prefix")]
@@ -208,18 +204,11 @@ def _child(checkpoint: str, cli_output: str) -> list[dict]:
     return out
 
 
-def test_sharded_mesh_is_token_exact(checkpoint, handle, tmp_path):
+def test_sharded_mesh_is_token_exact(checkpoint, handle, tmp_path, fake_devices):
     cli_output = tmp_path / "cli.json"
-    proc = subprocess.run([sys.executable, __file__, str(checkpoint), str(cli_output)], cwd=ROOT,
-                          env=fake_devices_env(8), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    (prefix,) = fake_devices.run("test_base_model", "_child", str(checkpoint), str(cli_output))
     oracle = fixture_oracle(NAME)
     assert json.loads(cli_output.read_text())["token_ids"] == oracle["generated_ids"]
-    (prefix,) = json.loads(proc.stdout.splitlines()[-1])
     assert prefix["q_spec"] == [None, "fsdp", None]  # really sharded
     single = handle.answer(fixture_dir(NAME) / "image.png", oracle["question"], cache="prefix", **_settings(oracle))
     assert prefix["token_ids"] == single["token_ids"]
-
-
-if __name__ == "__main__":
-    print(json.dumps(_child(sys.argv[1], sys.argv[2])))

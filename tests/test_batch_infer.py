@@ -82,7 +82,7 @@ def test_batch_equals_one_at_a_time(mode):
         assert batched[0]["forwards"] == oracle["generation"]["num_forwards"]
 
 
-def test_fixed_batch_size_pads_the_last_call():
+def test_fixed_batch_size_pads_the_last_call(without_compilation_cache):
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"

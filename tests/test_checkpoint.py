@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from helpers import fixture_config, fixture_dir, load_reference_tree
-from pdlm_jax import checkpoint, keymap
+from pdlm_jax import checkpoint, keymap, trees
 from pdlm_jax.config import SamplerConfig
 from pdlm_jax.errors import PDLMError
 
@@ -24,7 +24,7 @@ def ours(converted) -> Path:
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, np.ndarray]:
-    return checkpoint.flatten(load_reference_tree(fixture_dir("tiny_v1"), fixture_config("tiny_v1")))
+    return trees.flatten(load_reference_tree(fixture_dir("tiny_v1"), fixture_config("tiny_v1")))
 
 
 def test_load_config_and_tokenizer(ours):
@@ -40,10 +40,10 @@ def test_restore_into_mesh_shardings(ours, reference):
         return NamedSharding(mesh, P(*([None] * (len(reference[path].shape) - 1)), "tensor")
                              if path.endswith("kernel") else P())
 
-    tree = checkpoint.nest({path: spec(path) for path in reference})
+    tree = trees.nest({path: spec(path) for path in reference})
     for shardings in (tree, spec):  # ... or a callable path -> sharding
         cfg, params = checkpoint.restore_params(ours, shardings=shardings)
-        flat = checkpoint.flatten(params)
+        flat = trees.flatten(params)
         assert set(flat) == set(keymap.expected_shapes(cfg)) == set(reference)
         for path, array in flat.items():
             assert isinstance(array, jax.Array) and array.sharding == spec(path), path
@@ -52,7 +52,7 @@ def test_restore_into_mesh_shardings(ours, reference):
 
 def test_restore_to_bf16(ours, reference):
     _, params = checkpoint.restore_params(ours, dtype="bfloat16")
-    for path, array in checkpoint.flatten(params).items():
+    for path, array in trees.flatten(params).items():
         assert array.dtype == ml_dtypes.bfloat16, path
         want = reference[path].astype(ml_dtypes.bfloat16)  # round-to-nearest-even, by ml_dtypes
         assert np.array_equal(np.asarray(array).view(np.uint16), want.view(np.uint16)), path
@@ -67,7 +67,7 @@ def test_writer_in_many_partial_saves_and_streaming_reads(tmp_path, reference):
             out.params.add(path, array)
         out.commit({"producer": "test"})
     _, params = checkpoint.restore_params(ckpt)
-    assert all(np.array_equal(np.asarray(a), reference[p]) for p, a in checkpoint.flatten(params).items())
+    assert all(np.array_equal(np.asarray(a), reference[p]) for p, a in trees.flatten(params).items())
     streamed = dict(checkpoint.iter_leaves(ckpt, list(reference), batch_bytes=1))  # one leaf per read
     assert list(streamed) == list(reference)
     assert all(isinstance(a, np.ndarray) and np.array_equal(a, reference[p]) for p, a in streamed.items())
@@ -121,7 +121,7 @@ def test_checkpoint_writer_layout_and_atomic_swap(tmp_path, reference):
     write(dst, force=True)
     assert not (dst / checkpoint.SAMPLER_FILE).exists() and [p.name for p in tmp_path.iterdir()] == ["out"]
     _, params = checkpoint.restore_params(dst)
-    assert all(np.array_equal(np.asarray(a), reference[p]) for p, a in checkpoint.flatten(params).items())
+    assert all(np.array_equal(np.asarray(a), reference[p]) for p, a in trees.flatten(params).items())
     with pytest.raises(PDLMError, match="no tokenizer.json"):
         with checkpoint.checkpoint_writer(tmp_path / "other") as out:
             out.copy_tokenizer(tmp_path)

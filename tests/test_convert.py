@@ -25,7 +25,7 @@ from convert.reader import open_reference
 from convert.safetensors_file import Entry, FileWriter
 from convert.writer import convert
 from helpers import FIXTURE_NAMES, fixture_config, fixture_dir, load_reference_tree
-from pdlm_jax import checkpoint, keymap
+from pdlm_jax import checkpoint, keymap, trees
 from pdlm_jax.config import PDLMConfig, preset
 from pdlm_jax.errors import PDLMError
 
@@ -55,7 +55,7 @@ def nothing_left(dst: Path) -> bool:
 
 
 def assert_tree_equal(restored: dict, expected: dict) -> None:
-    got, want = checkpoint.flatten(restored), checkpoint.flatten(expected)
+    got, want = trees.flatten(restored), trees.flatten(expected)
     assert set(got) == set(want)
     for path in want:
         a = np.asarray(got[path])
@@ -164,8 +164,8 @@ def test_convert_to_bf16_rounds_like_ml_dtypes(tmp_path):
     convert(fixture_dir("tiny_v1"), tmp_path / "ours", dtype="bfloat16")
     _, params = checkpoint.restore_params(tmp_path / "ours")
     want = load_reference_tree(fixture_dir("tiny_v1"), fixture_config("tiny_v1"))
-    want = {p: a.astype(ml_dtypes.bfloat16) for p, a in checkpoint.flatten(want).items()}
-    assert_tree_equal(params, checkpoint.nest(want))
+    want = {p: a.astype(ml_dtypes.bfloat16) for p, a in trees.flatten(want).items()}
+    assert_tree_equal(params, trees.nest(want))
 
 
 # ---- bad inputs: culprit named, nothing left behind -----------------------------------------------

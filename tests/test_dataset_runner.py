@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,8 +34,8 @@ class FakeCaptioner:
     """Follows the caption_batch contract (per image, passes of <= 6 masks in area order, pass c seeded with
     seed + c); the caption names the region's area and its whole pass, so tests can see how regions were grouped."""
 
-    def __init__(self, delay: float = 0.0, fail_area: int | None = None):
-        self.delay = delay
+    def __init__(self, fail_area: int | None = None, hang_after: int | None = None):
+        self.hang_after = hang_after  # calls after the first `hang_after` never return (the process gets killed)
         self.fail_area = fail_area  # a call with a mask of this area raises, as a bad model input would
         self.calls: list[tuple[int, list[int]]] = []  # per pass: (id of the image object, areas in area order)
         self.seeds: list[int] = []
@@ -44,8 +45,9 @@ class FakeCaptioner:
     def caption_batch(self, items, gen_length=32, steps=32, temperature=0.0, top_p=1.0,
                       question="Describe each masked region in detail.", seed=0, reference_parser=False,
                       cache="none", unmask="remask", batch_size=None):
+        if self.hang_after is not None and len(self.batches) >= self.hang_after:
+            threading.Event().wait()
         self.batches.append((len(items), batch_size))
-        time.sleep(self.delay)
         results, passes = [], 0
         for image, masks in items:
             areas = [int(np.asarray(m).sum()) for m in masks]
@@ -360,7 +362,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from test_dataset_runner import FakeCaptioner, parse
 from infer.dataset import DatasetSettings, run_annotations
-sys.exit(run_annotations(DatasetSettings.from_args(parse(*sys.argv[1:])), FakeCaptioner(delay={delay})))
+sys.exit(run_annotations(DatasetSettings.from_args(parse(*sys.argv[1:])), FakeCaptioner(hang_after=1)))
 """
 
 
@@ -368,16 +370,18 @@ def test_hard_kill_then_two_reruns_gives_one_record_per_region(tmp_path):
     make_dataset(tmp_path)
     _, uninterrupted = run(tmp_path, output="reference.jsonl")
     output = tmp_path / "out/results.jsonl"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_RUN.format(tests=str(Path(__file__).parent), delay=0.4),
+    proc = subprocess.Popen(  # it writes the records of its first call, then hangs until killed
+        [sys.executable, "-c", _KILLED_RUN.format(tests=str(Path(__file__).parent)),
          "--annotations", tmp_path / "annotations.json", "--image-root", tmp_path / "images", "--output", output],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not (output.exists() and output.read_bytes().count(b"\n") >= 1):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first record"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 600
+        while not (output.exists() and output.read_bytes().count(b"\n") >= 1):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first record"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     killed = read_jsonl(output)
     assert 1 <= len(killed) < len(ALL_IDS)
 
@@ -394,12 +398,12 @@ def test_second_run_on_a_busy_output_exits_2_and_writes_nothing(tmp_path, capsys
 
     make_dataset(tmp_path)
     output = tmp_path / "out/results.jsonl"
-    first = subprocess.Popen(  # slow calls: it still holds the lock when the second run starts (it is killed)
-        [sys.executable, "-c", _KILLED_RUN.format(tests=str(Path(__file__).parent), delay=3),
+    first = subprocess.Popen(  # hangs after its first call: it holds the lock when the second run starts (it is killed)
+        [sys.executable, "-c", _KILLED_RUN.format(tests=str(Path(__file__).parent)),
          "--annotations", tmp_path / "annotations.json", "--image-root", tmp_path / "images", "--output", output],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 600
         while not (output.exists() and output.read_bytes().count(b"\n") >= 1):
             assert first.poll() is None and time.monotonic() < deadline, "the first run ended before its first record"
             time.sleep(0.02)

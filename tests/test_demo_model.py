@@ -29,10 +29,10 @@ def test_demo_command_captions_the_bundled_scene(tmp_path, monkeypatch):
     assert (tmp_path / "demo_overlay.png").stat().st_size > 0
 
 
-def test_readme_snippet_prints_the_true_captions(capsys):
-    """The README's `pdlm_jax.load()` snippet runs as written: the demo model with its own sampler settings."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "pdlm_jax.load()" in b)
+def test_usage_snippet_prints_the_true_captions(capsys):
+    """docs/USAGE.md's `pdlm_jax.load()` snippet runs as written: the demo model with its own sampler settings."""
+    usage = (Path(__file__).resolve().parents[1] / "docs" / "USAGE.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", usage, re.S) if "pdlm_jax.load()" in b)
     namespace: dict = {}
     exec(snippet, namespace)
     assert capsys.readouterr().out.splitlines() == json.loads((DEMO_SCENE / "captions.json").read_text())

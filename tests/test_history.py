@@ -1,20 +1,18 @@
 """`pdlm-infer --history`: the slot tokens after every forward, across the chunks of more than 6 masks."""
 
 import json
-from pathlib import Path
 
-from infer.cli import DEMO_MODEL, main as infer_main
+from infer.cli import main as infer_main
+from pdlm_jax.asset_paths import DEMO_MODEL, DEMO_SCENE
 from pdlm_jax.checkpoint import tokenizer_path
 from pdlm_jax.regions.tokenizer import Tokenizer
 
-SCENE = Path(__file__).resolve().parent.parent / "pdlm_jax" / "assets" / "demo_scene"
-
 
 def test_history_spans_every_chunk_and_ends_with_the_tokens(tmp_path):
-    masks = sorted(str(p) for p in SCENE.glob("mask_*.png"))
+    masks = sorted(str(p) for p in DEMO_SCENE.glob("mask_*.png"))
     masks += masks[:2]  # 7 masks: a pass of 6, then a pass of 1
     out = tmp_path / "result.json"
-    assert infer_main(["--image", str(SCENE / "image.png"), "--masks", *masks, "--history", "--output", str(out),
+    assert infer_main(["--image", str(DEMO_SCENE / "image.png"), "--masks", *masks, "--history", "--output", str(out),
                        "--quiet"]) == 0
     result = json.loads(out.read_text())
     history, regions = result["history"], result["regions"]

@@ -11,6 +11,7 @@ from PIL import Image
 
 from helpers import FIXTURE_NAMES, fixture_dir, fixture_oracle
 from infer.cli import main as infer_main
+from pdlm_jax.asset_paths import DEMO_SCENE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,9 +75,8 @@ def test_json_schema_and_overlay(checkpoints, tmp_path, caplog, capsys):
 
 def test_closed_pipe_ends_quietly():
     """`pdlm-infer ... | head -c 300`: the reader leaves early; no BrokenPipeError traceback, status 141."""
-    scene = ROOT / "pdlm_jax" / "assets" / "demo_scene"
-    proc = subprocess.Popen([sys.executable, "-m", "infer", "--quiet", "--image", str(scene / "image.png"),
-                             "--masks", str(scene / "mask_0.png")], cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "infer", "--quiet", "--image", str(DEMO_SCENE / "image.png"),
+                             "--masks", str(DEMO_SCENE / "mask_0.png")], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before the JSON is written
     err = proc.stderr.read().decode()

@@ -14,10 +14,11 @@ from helpers import fixture_dir
 
 import pdlm_jax
 from pdlm_jax import lora
-from pdlm_jax.checkpoint import SAMPLER_FILE, flatten, restore_params
+from pdlm_jax.checkpoint import SAMPLER_FILE, restore_params
 from pdlm_jax.config import preset
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.pdm import PerceptionDLM
+from pdlm_jax.trees import flatten
 from train import checkpointing, synthetic
 from train import config as train_config
 from train.cli import train

@@ -18,6 +18,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 from pdlm_jax import keymap, sharding
 from pdlm_jax.config import PRESETS, preset
 from pdlm_jax.modeling import PerceptionDLM, param_layout
+from pdlm_jax.modeling.layout import param_shardings, param_specs
 from pdlm_jax.trees import nest
 
 
@@ -70,7 +71,7 @@ def test_every_param_has_logical_axes_and_shardings(name):
         assert set(info.axes) - {None} <= set(sharding.DEFAULT_RULES), (path, info.axes)
     abstract = nest({p: jax.ShapeDtypeStruct(i.shape, np.float32) for p, i in layout.items()})
     for mesh in MESHES:
-        shardings = _flat(sharding.param_shardings(abstract, mesh, cfg))
+        shardings = _flat(param_shardings(abstract, mesh, cfg))
         assert set(shardings) == set(layout)
         per_device = 0
         for path, info in layout.items():
@@ -114,7 +115,7 @@ def test_annotations_reach_the_shardings():
              "opt": ({"count": jax.ShapeDtypeStruct((), np.int32), "mu": params, "nu": params},),
              "step": jax.ShapeDtypeStruct((), np.int32),
              "adapters": {"lm/layers/attn/q/kernel_lora_a": jax.ShapeDtypeStruct((32, 4096, 16), np.float32)}}
-    specs = _flat(sharding.param_specs(state, mesh, cfg))
+    specs = _flat(param_specs(state, mesh, cfg))
     assert specs["params/lm/layers/attn/q/kernel"] == PartitionSpec(None, "fsdp", "tensor")
     assert specs["params/projector/fc1/kernel"] == PartitionSpec("fsdp", "tensor")
     assert specs["params/lm/layers/input_norm/scale"] == PartitionSpec(None, None)  # 'norm': replicated
@@ -146,7 +147,7 @@ def test_make_mesh_follows_the_tpu_torus_for_any_split(caplog):
     target = hardware.target("v5p:4x4x4")
     hardware.quiet_tpu_environment(target)
     devices = target.devices()  # compile-only devices with torus coordinates
-    # data:2 splits a physical axis of 4: jax refuses that unless asked, and make_mesh used to fall back to
+    # data:2 splits a physical axis of 4: jax refuses that unless asked, and make_mesh must not fall back to
     # plain row-major order silently
     mesh = sharding.make_mesh("data:2,fsdp:32", devices)
     assert mesh.shape == {"data": 2, "fsdp": 32, "tensor": 1}

@@ -113,7 +113,7 @@ def _random_masks(rng, size, n, min_side=6):
     return masks
 
 
-def test_images_of_one_bucket_compile_once():
+def test_images_of_one_bucket_compile_once(without_compilation_cache):
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from infer.cli import DEMO_SCENE, main
+from infer.cli import main
 from pdlm_jax import quantize
+from pdlm_jax.asset_paths import DEMO_SCENE
 from pdlm_jax.config import preset
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.pdm import PerceptionDLM

@@ -3,6 +3,7 @@ Base fixture for the page's question tab), its JSON API, the micro-batcher under
 page in headless Chromium (Debian's package + Playwright)."""
 
 import base64
+import collections
 import concurrent.futures
 import io
 import json
@@ -11,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -57,7 +59,7 @@ def server(tmp_path_factory, converted):
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600  # generous: a loaded machine imports and loads slowly
         while True:
             assert proc.poll() is None, f"server exited: {log.read_text()}"
             assert time.monotonic() < deadline, f"server did not come up: {log.read_text()}"
@@ -69,11 +71,15 @@ def server(tmp_path_factory, converted):
         yield url
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:  # a server that does not stop when asked must not fail a test
+            proc.kill()
+            proc.wait()
 
 
 def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=30) as r:
+    with urllib.request.urlopen(url, timeout=300) as r:
         return json.load(r)
 
 
@@ -174,8 +180,49 @@ def test_concurrent_requests_are_batched_and_each_equals_its_sequential_result(s
     after = _get(server + "/v1/model")["batches"]
     formed = {int(k): v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
     assert sum(size * count for size, count in formed.items()) == 16
-    assert max(formed) > 1, formed
-    assert max(result["batch"] for result in together) > 1
+    # How many requests meet in one batch depends on how fast they arrive (a loaded machine may serve them one
+    # by one); that they do meet is test_micro_batcher_groups_the_requests_queued_while_it_works's, exactly.
+    # Here: every request was told the size of the batch it ran in.
+    sizes = collections.Counter(result["batch"] for result in together)
+    assert sizes == {size: size * count for size, count in formed.items()}, (sizes, formed)
+
+
+class BlockingCaptioner:
+    """A stand-in for the model handle: `caption_batch` says it `started`, waits for `release` and records the
+    batches it ran."""
+
+    def __init__(self):
+        self.started, self.release, self.calls = threading.Event(), threading.Event(), []
+
+    def caption_batch(self, pairs, batch_size, **settings):
+        self.started.set()
+        assert self.release.wait(timeout=300)
+        self.calls.append(([image for image, _ in pairs], batch_size))
+        return [{"image": image, "seconds": 0.0} for image, _ in pairs]
+
+
+def test_micro_batcher_groups_the_requests_queued_while_it_works():
+    """While one batch runs, the requests that arrive queue up; the next batches take them max_batch at a time,
+    each answered with its own result. Condition-based: nothing here depends on how fast the machine is."""
+    from infer.serve import Job, MicroBatcher
+
+    handle = BlockingCaptioner()
+    batcher = MicroBatcher(handle, max_batch=2, wait_s=0.0)
+    settings = {"unmask": "remask", "gen_length": 3}
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        first = pool.submit(batcher.submit, Job(0, [None], settings))
+        assert handle.started.wait(timeout=300)  # the worker runs the first request alone, and waits
+        rest = [pool.submit(batcher.submit, Job(n, [None], settings)) for n in range(1, 5)]
+        deadline = time.monotonic() + 300
+        while batcher._queue.qsize() < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        handle.release.set()
+        results = [f.result(timeout=300) for f in [first, *rest]]
+    assert [r["image"] for r in results] == [0, 1, 2, 3, 4]
+    assert [r["batch"] for r in results] == [1, 2, 2, 2, 2]
+    assert handle.calls == [([0], 1), ([1, 2], 2), ([3, 4], 2)]
+    assert batcher.sizes == {1: 1, 2: 2}
 
 
 def _page_post(url: str, route: str, body: dict) -> tuple[int, dict]:

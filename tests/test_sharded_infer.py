@@ -1,19 +1,14 @@
 """Sharded inference on 8 fake CPU devices: token-exact fixture results under several meshes.
 
-The body runs in a subprocess with 8 fake devices (helpers.fake_devices_env; this file run as a script), so
-the rest of the suite keeps its single device.
+The body runs in the session's subprocess with 8 fake devices (conftest's `fake_devices`), so the rest of the
+suite keeps its single device.
 """
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from helpers import fake_devices_env, fixture_dir, fixture_oracle
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import fixture_dir, fixture_oracle
 
 # (fixture, mesh, images per call, cache mode): data larger than the batch, pure fsdp, pure tensor (the
 # vocabulary of 402 does not divide 8: replicated), all three axes with a batch that divides data × fsdp and
@@ -65,14 +60,11 @@ def _child(checkpoints: dict[str, str], cli_output: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def sharded_results(converted, tmp_path_factory):
+def sharded_results(converted, tmp_path_factory, fake_devices):
     checkpoints = {name: str(converted(name, "float32")) for name in sorted({c[0] for c in CASES} | {CLI_CASE[0]})}
     cli_output = tmp_path_factory.mktemp("sharded") / "cli.json"
-    proc = subprocess.run([sys.executable, __file__, json.dumps(checkpoints), str(cli_output)], cwd=ROOT,
-                          env=fake_devices_env(8),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = {(r["name"], r["mesh"], r["cache"]): r for r in json.loads(proc.stdout.splitlines()[-1])}
+    results = {(r["name"], r["mesh"], r["cache"]): r
+               for r in fake_devices.run("test_sharded_infer", "_child", checkpoints, str(cli_output))}
     results[CLI_CASE] = json.loads(cli_output.read_text())
     results["checkpoints"] = checkpoints
     return results
@@ -115,7 +107,3 @@ def test_parameters_are_really_sharded(sharded_results):
     # ... but a vocabulary of 402 does not: the lm_head falls back to replication.
     assert sharded_results[("tiny_v1", "tensor:8", "none")]["vocab_spec"] == [None, None]
     assert sharded_results[("tiny_v1_wide", "data:-1,tensor:2", "none")]["mesh_shape"]["data"] == 4
-
-
-if __name__ == "__main__":
-    print(json.dumps(_child(json.loads(sys.argv[1]), sys.argv[2])))

@@ -1,4 +1,4 @@
-"""Running a training job as a user would (issue #15 part B): file:// and gs:// paths, data running out
+"""Running a training job as a user would: file:// and gs:// paths, data running out
 (stop with exit 3, or loop), resume refusing changed settings and trimming log.jsonl, config.yaml kept,
 TensorBoard events, periodic evaluation, the profiler switch, and mixing annotation files with the synthetic
 task."""

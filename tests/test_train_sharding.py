@@ -1,31 +1,22 @@
 """A sharded train step equals the single-device step (8 fake CPU devices, in a subprocess).
 
-The subprocess sets XLA_FLAGS (helpers.fake_devices_env) so the rest of the test session keeps one device. It runs the same step (same batch, same noise, no warmup so the update is
+The body runs in the session's subprocess with 8 fake devices (conftest's `fake_devices`), so the rest of the
+test session keeps one device. It runs the same step (same batch, same noise, no warmup so the update is
 not zero) on a 1-device mesh, on fsdp=4 × tensor=2 and on data=8, and reports the largest differences of
 the updated parameters, the loss and the gradient norm.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from helpers import fake_devices_env
+from helpers import fixture_dir
 
 from pdlm_jax.errors import PDLMError
 
-HERE = Path(__file__).resolve().parent
 
-
-def _worker() -> None:
+def _child() -> dict:
     import jax
     import numpy as np
-
-    sys.path.insert(0, str(HERE))
-    from helpers import fixture_dir
 
     from pdlm_jax import sharding as shd
     from pdlm_jax.config import preset
@@ -60,15 +51,11 @@ def _worker() -> None:
         diffs = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref_params))]
         report[name] = {"param_max_abs_diff": max(diffs), "loss_diff": abs(loss - ref_loss),
                         "grad_norm_rel_diff": abs(norm - ref_norm) / ref_norm}
-    print("RESULT " + json.dumps(report))
+    return report
 
 
-def test_sharded_step_equals_single_device():
-    proc = subprocess.run([sys.executable, __file__], env=fake_devices_env(8), capture_output=True, text=True, timeout=1200,
-                          cwd=HERE.parent)
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-4000:]
-    report = json.loads(line[0][len("RESULT "):])
+def test_sharded_step_equals_single_device(fake_devices):
+    report = fake_devices.run("test_train_sharding", "_child")
     print(report)
     for name in ("fsdp4_tensor2", "data8"):
         r = report[name]
@@ -84,7 +71,3 @@ def test_mesh_spec_errors():
     for bad in ("data:3", "model:2", "data=2", "data:-1,fsdp:-1"):
         with pytest.raises(PDLMError):
             shd.parse_mesh(bad, 8)
-
-
-if __name__ == "__main__":
-    _worker()

@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pdlm_jax import checkpoint as pdlm_ckpt
+from pdlm_jax import trees
 from pdlm_jax.config import PDLMConfig, SamplerConfig
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.files import as_path
@@ -58,7 +59,7 @@ def export(out_dir: str | Path, cfg: PDLMConfig, params: dict, tokenizer_dir: st
     """Write `params` (full tree) as a pdlm-jax checkpoint directory (pdlm_jax.checkpoint.CheckpointWriter:
     atomic, replacing an earlier export). Collective: every process calls it."""
     with pdlm_ckpt.checkpoint_writer(out_dir, force=True) as out:
-        for path, leaf in pdlm_ckpt.flatten(params).items():
+        for path, leaf in trees.flatten(params).items():
             out.params.add(path, np.asarray(jax.device_get(leaf), dtype=np.float32))
         out.write_config(cfg)
         out.copy_tokenizer(tokenizer_dir)

@@ -163,9 +163,9 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     import numpy as np
     from tqdm import tqdm
 
-    from pdlm_jax import checkpoint as pdlm_ckpt
     from pdlm_jax import keymap
     from pdlm_jax import sharding as shd
+    from pdlm_jax import trees
     from pdlm_jax.files import atomic_write
     from pdlm_jax.regions.tokenizer import Tokenizer
 
@@ -208,7 +208,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     mgr = checkpointing.manager(out, cfg.run.keep, cfg.run.async_save)
 
     shapes = {p: jax.ShapeDtypeStruct(s, np.float32) for p, s in keymap.expected_shapes(model_cfg).items()}
-    abstract = trainer.abstract_state(pdlm_ckpt.nest(shapes), cfg.model.freeze)
+    abstract = trainer.abstract_state(trees.nest(shapes), cfg.model.freeze)
     if mgr.latest_step() is not None:  # before restoring: a changed mesh or batch would fail there
         _check_resume(out, cfg.to_dict(), mgr.latest_step(), allow_changed_settings, write=is_main)
     resumed = checkpointing.restore(mgr, trainer.checkpointed(abstract), iterator)

@@ -70,7 +70,7 @@ def add_words(out_dir: str | Path, words: list[str], base_dir: str | Path | None
 
     from tokenizers import AddedToken, Tokenizer
 
-    from infer.cli import DEMO_MODEL
+    from pdlm_jax.asset_paths import DEMO_MODEL
     from pdlm_jax.checkpoint import TOKENIZER_FILES
 
     base, out = Path(base_dir or DEMO_MODEL), Path(out_dir)

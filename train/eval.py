@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from pdlm_jax.api import DEMO_MODEL
+from pdlm_jax.asset_paths import DEMO_MODEL
 from pdlm_jax.errors import PDLMError
 from train import synthetic
 

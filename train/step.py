@@ -25,6 +25,7 @@ from pdlm_jax import lora as lora_lib
 from pdlm_jax import sharding as shd
 from pdlm_jax.config import DTYPES, PDLMConfig
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.modeling.layout import param_shardings
 from pdlm_jax.modeling.pdm import PerceptionDLM
 from train.config import VISION_POS_EMBED_INITS
 from train.data import TrainBatch
@@ -108,7 +109,7 @@ class Trainer:
     def abstract_state(self, params_shape: dict, freeze: tuple[str, ...]) -> dict:
         """ShapeDtypeStructs (with shardings) of the train state; also fixes `state_shardings`."""
         abstract = jax.eval_shape(functools.partial(self._new_state, freeze=tuple(freeze)), params_shape)
-        self.state_shardings = shd.param_shardings(abstract, self.mesh, self.cfg)
+        self.state_shardings = param_shardings(abstract, self.mesh, self.cfg)
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                             self.state_shardings)
 
@@ -230,7 +231,7 @@ def init_params(cfg: PDLMConfig, seed: int, mesh: Mesh, mask_embed_std: float = 
     so a vision tower trained from scratch knows which patches are neighbours from the first step.
     """
     abstract = nnx.to_pure_dict(nnx.state(build_model(cfg, "float32", abstract=True), nnx.Param))
-    shardings = shd.param_shardings(abstract, mesh, cfg)
+    shardings = param_shardings(abstract, mesh, cfg)
     if vision_pos_embed not in VISION_POS_EMBED_INITS:
         raise PDLMError(f"model.vision_pos_embed_init must be one of {VISION_POS_EMBED_INITS}, not "
                         f"{vision_pos_embed!r}")

@@ -2,8 +2,8 @@
 
 The model is built abstractly (`nnx.eval_shape`, nothing allocated, fast even for the 8B preset); each
 parameter's logical axes are the names its initialiser is annotated with (`common.init`, plus 'layers' for
-stacked layers). The converter's contract (`keymap.expected_shapes`) and the shardings
-(`sharding.param_specs`, through the logical-rules table) are both read from here.
+stacked layers). The converter's contract (`keymap.expected_shapes`) and the parameters' shardings
+(`param_specs`, through `sharding`'s logical-rules table) are both read from here.
 """
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
-from typing import Mapping
+from typing import Any, Mapping
 
+import jax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
+from pdlm_jax import sharding
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.modeling.pdm import PerceptionDLM
 
@@ -35,3 +38,31 @@ def param_layout(cfg: PDLMConfig) -> Mapping[str, ParamInfo]:
     for path, var in nnx.to_flat_state(state):
         layout["/".join(map(str, path))] = ParamInfo(tuple(var.shape), tuple(specs[path].get_value()))
     return types.MappingProxyType(layout)
+
+
+def param_logical_axes(path: str, ndim: int, cfg: PDLMConfig) -> tuple[str | None, ...]:
+    """Logical axes of the leaf at `path`: those the model declares for the parameter whose path `path` ends
+    in ('lm/embed/embedding', 'params/lm/embed/embedding', 'opt/0/mu/lm/embed/embedding'). Any other leaf
+    (LoRA adapters, quantization scales, step counters) or a leaf of another rank is replicated."""
+    layout, parts = param_layout(cfg), path.split("/")
+    for i in range(len(parts)):
+        info = layout.get("/".join(parts[i:]))
+        if info is not None and len(info.axes) == ndim:
+            return info.axes
+    return (None,) * ndim
+
+
+def param_specs(tree: Any, mesh: Mesh, cfg: PDLMConfig, rules: dict[str, Any] = sharding.DEFAULT_RULES) -> Any:
+    """Tree of PartitionSpecs (same structure as `tree`, leaves arrays or ShapeDtypeStructs) for the
+    parameters of `PerceptionDLM(cfg)` in any container: the parameter tree, an nnx state, a train state
+    with its optimizer moments (see `param_logical_axes`)."""
+
+    def spec(key_path, x):
+        axes = param_logical_axes(sharding.path_str(key_path), len(x.shape), cfg)
+        return sharding.logical_spec(x.shape, axes, mesh, rules)
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def param_shardings(tree: Any, mesh: Mesh, cfg: PDLMConfig, rules: dict[str, Any] = sharding.DEFAULT_RULES) -> Any:
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), param_specs(tree, mesh, cfg, rules))

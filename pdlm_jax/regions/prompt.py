@@ -32,6 +32,23 @@ def build_prompt_text(num_tiles: int, num_image_tokens: int, k: int, gen_length:
             + blocks + "<|eot_id|>")
 
 
+# chat's turn end: no \n after <|eot_id|>, unlike the region prompt
+ASSISTANT_TURN = "<|eot_id|>" + ASSISTANT_HEADER
+
+
+def build_question_text(question: str, num_tiles: int, num_image_tokens: int) -> str:
+    """PerceptionDLM-Base `chat`'s prompt for the demo's question `"<image>\\n" + question` (SPEC-base §B3).
+
+    No system turn. The reference replaces `<image>` on the reversed string, i.e. the LAST `<image>` of the
+    text receives the image; an earlier one (e.g. the demo's own prefix when the question has `<image>`)
+    stays as plain text.
+    """
+    text = USER_HEADER + "<image>\n" + question + ASSISTANT_TURN
+    at = text.rfind("<image>")
+    image = "<img>" + "<IMG_CONTEXT>" * (num_tiles * num_image_tokens) + "</img>"
+    return text[:at] + image + text[at + len("<image>"):]
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptLayout:
     input_ids: np.ndarray  # (L,) int32, RoI-expanded (each reserved token repeated roi_tokens times)
