@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from pdlm_jax import PDLMError, aot, hardware
+from aot import cli as aot
+from pdlm_jax import PDLMError, hardware
 
 HAS_TPU = importlib.util.find_spec("libtpu") is not None
 HAS_CUDA = importlib.util.find_spec("jax_cuda13_plugin") is not None or \

@@ -29,13 +29,13 @@ import sys
 import time
 from pathlib import Path
 
+from pdlm_jax.api import DEMO_MODEL
 from pdlm_jax.config import DTYPES
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.files import write_json_atomic
 
 log = logging.getLogger("pdlm-aot")
 
-DEMO_TOKENIZER = Path(__file__).parent / "assets" / "demo_model"
 SCHEMA_KEYS = ("target", "devices", "task", "settings", "fits", "device_memory_bytes", "memory_per_device_bytes",
                "compile_seconds", "peak_flops", "memory_bandwidth")
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
                      help="auto: cuDNN's fused kernel on GPU in bf16, else XLA's")
     inf.add_argument("--quantize", choices=("int8",), help="int8 weight-only (pdlm-infer --quantize)")
-    inf.add_argument("--tokenizer", default=str(DEMO_TOKENIZER),
+    inf.add_argument("--tokenizer", default=str(DEMO_MODEL),
                      help="tokenizer directory (prompt length; any tokenizer with the special tokens)")
     tr = p.add_argument_group("train")
     tr.add_argument("--length", type=int, help="padded sequence length (default: the config's largest bucket)")
@@ -206,9 +206,8 @@ def infer_program(args, target) -> dict:
     return dict(settings=settings, compile=lambda: program.compiled(bucket, placed),
                 flops=per_image, bytes=bytes_per_image, unit="image",
                 xla_check=lambda: _xla_flops_once(
-                    jax.jit(lambda s, x: pipeline._caption_pass(cpu_graphdef, s, x, cfg=cfg, mask_id=tokenizer.special.mask,
-                                                                bucket=bucket)), (cpu_abstract, inputs),
-                    batch * _loop_body_flops(cfg, tiled.num_tiles, bucket)))
+                    lambda: pipeline.CaptionProgram((cpu_graphdef, cpu_abstract), cfg, tokenizer.special.mask)
+                    .lower(bucket, inputs), batch * _loop_body_flops(cfg, tiled.num_tiles, bucket)))
 
 
 def _loop_body_flops(cfg, tiles: int, bucket) -> float:
@@ -300,10 +299,10 @@ def _timed_compile(fn, *args):
     return fn.lower(*args).compile(), time.perf_counter() - start
 
 
-def _xla_flops_once(fn, args, analytic_once: float) -> dict | None:
-    """XLA's FLOP count of `fn` lowered for the CPU vs our analytic count of one loop iteration."""
+def _xla_flops_once(lower, analytic_once: float) -> dict | None:
+    """XLA's FLOP count of the program `lower()` lowers for the CPU vs our analytic count of one loop iteration."""
     try:
-        cost = fn.lower(*args).cost_analysis()
+        cost = lower().cost_analysis()
         xla = float((cost[0] if isinstance(cost, list) else cost)["flops"])
     except Exception as e:  # the check is informative; a backend without cost analysis skips it
         log.warning("no XLA cost analysis on the CPU (%s)", e)
