@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     inf.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
                      help="auto: cuDNN's fused kernel on GPU in bf16, else XLA's")
-    inf.add_argument("--quantize", choices=("int8",), help="int8 weight-only (pdlm-infer --quantize)")
+    inf.add_argument("--quantize", choices=("int8", "int4"), help="weight-only int8 or int4 (pdlm-infer --quantize)")
     inf.add_argument("--tokenizer", default=str(DEMO_MODEL),
                      help="tokenizer directory (prompt length; any tokenizer with the special tokens)")
     tr = p.add_argument_group("train")

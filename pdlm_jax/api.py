@@ -296,7 +296,8 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     mesh axes is replicated) and batches are split over data × fsdp. attention: see `attention_implementation`.
     adapter: a LoRA adapter directory (pdlm-train's run.output_dir/adapter) trained on this checkpoint; its
     weights are merged into the base on load, and its tokenizer (if it has one) replaces the base's.
-    quantize: "int8" stores every linear kernel as int8 with per-channel scales (pdlm_jax.quantize).
+    quantize: "int8" stores every linear kernel as int8 with per-channel scales, "int4" as int4 with a scale
+    per output channel and group of 128 input rows (pdlm_jax.quantize).
     """
     from pdlm_jax.checkpoint import (SAMPLER_FILE, load_config, nest, params_metadata, read_sampler,
                                      restore_params, sampler_defaults, tokenizer_path)
