@@ -24,7 +24,7 @@ import functools
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,10 @@ from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
 
 ADAPTER_FILE = "adapter.json"
+# How training holds the frozen base: "auto" in the compute dtype (model.dtype), "f32" / "bf16" as such, or
+# "int8" / "int4" with every linear kernel quantized once at load (QLoRA; pdlm_jax.quantize) and the other
+# base weights in the compute dtype.
+BASES = ("auto", "f32", "bf16", "int8", "int4")
 # LLaDA's attention and MLP projections (peft's usual choice for Llama blocks)
 DEFAULT_TARGET = r"lm/layers/(attn/[qkvo]|mlp/(gate|up|down))"
 SUFFIXES = ("kernel_lora_a", "kernel_lora_b")
@@ -45,6 +49,7 @@ class LoraConfig:
     rank: int = 0  # 0: no LoRA (full fine-tuning, or model.freeze)
     alpha: float = 16.0  # the update is scaled by alpha / rank
     target: str = DEFAULT_TARGET  # regex, full match, over the module paths of nnx.Linear layers
+    base: str = "auto"  # storage of the frozen base weights during training (BASES)
     # No dropout: qwix draws LoRA dropout masks from an nnx.Rngs stored on each module, which a layer stack
     # run by lax.scan over split state cannot carry.
 
@@ -57,6 +62,8 @@ class LoraConfig:
             raise PDLMError(f"lora.rank must be a non-negative integer (0 = off), got {self.rank!r}")
         if not self.alpha > 0:
             raise PDLMError(f"lora.alpha must be positive, got {self.alpha!r}")
+        if self.base not in BASES:
+            raise PDLMError(f"lora.base must be one of {', '.join(BASES)}, got {self.base!r}")
         try:
             re.compile(self.target)
         except re.error as e:
@@ -65,6 +72,15 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def quantized_base(self) -> str | None:
+        """"int8" / "int4" when the frozen base's kernels are quantized (pdlm_jax.quantize modes), else None."""
+        return self.base if self.base in ("int8", "int4") else None
+
+    def base_float_dtype(self, compute_dtype) -> jnp.dtype:
+        """The dtype of the frozen base's float leaves (all of them, or those left unquantized)."""
+        return {"f32": jnp.dtype(jnp.float32), "bf16": jnp.dtype(jnp.bfloat16)}.get(self.base, jnp.dtype(compute_dtype))
 
 
 # ---- adapter parameters ----------------------------------------------------------------------------
@@ -144,16 +160,43 @@ def adapter_shapes(model: nnx.Module) -> dict[str, tuple]:
 
 
 def rule(lora: LoraConfig):
-    """The qwix rule: adapters on the dot_general of every module whose path matches `lora.target`."""
+    """The qwix rule: adapters on the dot_general of every module whose path matches `lora.target` (whose
+    kernel, with a quantized base, is the quantized one)."""
     import qwix
 
-    return qwix.LoraRule(module_path=lora.target, op_names=("dot_general",), rank=lora.rank, alpha=float(lora.alpha))
+    qtype = None
+    if lora.quantized_base:
+        from pdlm_jax.quantize import MODES  # it builds on this module (tag_paths, under)
+
+        qtype = MODES[lora.quantized_base]
+    return qwix.LoraRule(module_path=lora.target, op_names=("dot_general",), rank=lora.rank, alpha=float(lora.alpha),
+                         weight_qtype=qtype)
 
 
-def provider(lora: LoraConfig):
+def provider(lora: LoraConfig, quantized_paths: Sequence[str] = ()):
+    """The LoRA forward's qwix provider; with a quantized base, `quantized_paths` (pdlm_jax.quantize's
+    `linear_paths`) names the quantized layers: the adapted ones match the LoRA rule first, the rest the
+    plain quantization rule."""
     import qwix
 
-    return qwix.LoraProvider([rule(lora)])
+    rules = [rule(lora)]
+    if lora.quantized_base:
+        from pdlm_jax import quantize
+
+        rules.append(quantize.rule(quantized_paths, lora.quantized_base))
+    return qwix.LoraProvider(rules)
+
+
+def store_base(params: dict, lora: LoraConfig, compute_dtype, quantized_paths: Sequence[str] = ()) -> dict:
+    """The frozen base as LoRA training holds it: float leaves in `lora.base_float_dtype`, and with an int8 /
+    int4 base the kernels of `quantized_paths` quantized once (laid out as a quantized model's state)."""
+    dtype = lora.base_float_dtype(compute_dtype)
+    tree = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    if lora.quantized_base:
+        from pdlm_jax import quantize
+
+        tree = quantize.quantize_params(tree, quantized_paths, lora.quantized_base)
+    return tree
 
 
 class _Call(nnx.Module):

@@ -97,10 +97,10 @@ def quantize_model(model: nnx.Module, mode: str = "int8") -> tuple[nnx.Module, C
         group = group_size(kernel.shape[-2], mode)
         how = HowToQuantize(qtype=MODES[mode], channelwise_axes=(1,), tiled_axes={0: group} if group else {})
         q = jax.jit(quantize_kernel, static_argnums=1)(kernel, mode)
-        if mode == "int4":
-            # jax 0.10.2's CPU client reports an int4 array made by a jitted function as unpacked while a
-            # compiled program wants it packed, and refuses the committed array; one through the host is
-            # uncommitted, which the program accepts
+        # jax 0.10.2's CPU client reports an int4 array made by a jitted function as unpacked while a
+        # compiled program wants it packed, and refuses the committed array; one through the host is
+        # uncommitted, which the program accepts (`abstract` traces this: no array to move then)
+        if mode == "int4" and not isinstance(q.qvalue, jax.core.Tracer):
             q = q.replace(qvalue=jnp.asarray(jax.device_get(q.qvalue)))
         module.kernel = WithAux(q, how)
     return model, under(qwix.PtqProvider([rule(paths, mode)]))
@@ -113,6 +113,19 @@ def quantize_params(params: dict, paths: Iterable[str], mode: str) -> dict:
     for path in paths:
         q = quantize_kernel(flat.pop(f"{path}/kernel"), mode)
         flat[f"{path}/kernel/array/qvalue"], flat[f"{path}/kernel/array/scale"] = q.qvalue, q.scale
+    return nest(flat)
+
+
+def dequantize_params(params: dict) -> dict:
+    """The inverse layout of `quantize_params`: every quantized kernel as the float array it stands for (in
+    its scales' dtype), e.g. to merge LoRA adapters into the base a QLoRA run trained against."""
+    import qwix
+
+    flat = flatten(params)
+    for path in [p for p in flat if p.endswith("/kernel/array/qvalue")]:
+        module = path[: -len("/kernel/array/qvalue")]
+        qvalue, scale = flat.pop(path), flat.pop(f"{module}/kernel/array/scale")
+        flat[f"{module}/kernel"] = qwix.dequantize(qwix.QArray(qvalue, scale, qtype=qvalue.dtype))
     return nest(flat)
 
 

@@ -161,3 +161,33 @@ def test_layers_read_without_their_call_are_no_lora_targets():
     paths = [p for p, _ in lora.targets(model, lora.LoraConfig(rank=2, target=".*"))]
     assert "vision/layers/attn/o" not in paths
     assert {"lm/layers/attn/o", "vision/layers/attn/q", "lm/lm_head"} <= set(paths)
+
+
+@pytest.mark.parametrize("base", ["int8", "int4"])
+def test_qlora_trains_on_a_quantized_base_and_exports_into_the_float_base(tmp_path, base):
+    from train.export import base_params
+
+    cfg = train_config.from_dict({
+        "model": {"preset": "tiny", "tokenizer": str(fixture_dir("tiny_v1")), "dtype": "bfloat16", "remat": True},
+        "data": {"synthetic_scenes": 40, "batch_size": 2, "group_divisor": 6, "tile_buckets": [7],
+                 "length_buckets": [320], "threads": 1, "prefetch": 2},
+        "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "noise_t_min": 0.8},  # most answer tokens masked: steadier
+        "lora": {"rank": 4, "alpha": 8.0, "base": base},
+        "run": {"output_dir": str(tmp_path / "run"), "max_steps": 6, "save_every": 6, "keep": 1,
+                "compilation_cache": str(tmp_path / "cache")},
+    })
+    out = train(cfg, progress=False)
+    frozen = flatten(out["state"]["frozen"])
+    # every linear kernel held quantized (int4: scales per group of input rows), the rest in bfloat16
+    assert str(frozen["lm/layers/mlp/up/kernel/array/qvalue"].dtype) == base
+    assert "lm/layers/mlp/up/kernel" not in frozen
+    assert {str(v.dtype) for p, v in frozen.items() if "/array/" not in p} == {"bfloat16"}
+    losses = out["losses"]
+    assert all(np.isfinite(losses)) and max(losses[-2:]) < losses[0], losses
+    # the export merges the adapters into the float32 base training began from, not into its quantized copy
+    spec, adapters = lora.load_adapter(tmp_path / "run" / "adapter", cfg.model_config())
+    assert spec.base == base
+    _, exported = restore_params(out["export"], dtype=np.float32)
+    expected = flatten(lora.merge(base_params(cfg, cfg.model_config()), adapters, spec))
+    np.testing.assert_allclose(flatten(exported)["lm/layers/mlp/up/kernel"], expected["lm/layers/mlp/up/kernel"],
+                               atol=1e-6)
