@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiles", type=int, help="tiles per image (default 7: a 3x2 grid + thumbnail, the demo "
                                              "photo's geometry); infer may give --image instead")
     p.add_argument("--json", type=Path, help="write the result here")
+    p.add_argument("--attention", choices=("auto", "xla", "cudnn", "splash"),
+                   help="the LM's attention kernel. infer (default auto): cuDNN's on GPU in bf16, else XLA's. train "
+                        "(default: the config's model.attention, xla): auto = splash (Pallas) on TPU, cuDNN on GPU "
+                        "in bf16, else XLA's")
     p.add_argument("--explain", action="store_true",
                    help="also list the compiled program's largest buffers (where the memory goes)")
     inf = p.add_argument_group("infer")
@@ -66,8 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--temperature", type=float, default=0.0)
     inf.add_argument("--image", help="image file whose tiling sets the geometry (instead of --tiles)")
     inf.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    inf.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
-                     help="auto: cuDNN's fused kernel on GPU in bf16, else XLA's")
     inf.add_argument("--quantize", choices=("int8", "int4"), help="weight-only int8 or int4 (pdlm-infer --quantize)")
     inf.add_argument("--tokenizer", default=str(DEMO_MODEL),
                      help="tokenizer directory (prompt length; any tokenizer with the special tokens)")
@@ -184,7 +186,9 @@ def infer_program(args, target) -> dict:
     mesh = sharding.make_mesh(args.mesh or "data:-1", devices)
     dtype = DTYPES[args.dtype]
     gpu = target.platform == "cuda"
-    attention = ("cudnn" if gpu and args.dtype == "bfloat16" else "xla") if args.attention == "auto" \
+    if args.attention == "splash":
+        raise PDLMError("--attention splash: the captioning program has no splash path yet (training has)")
+    attention = ("cudnn" if gpu and args.dtype == "bfloat16" else "xla") if args.attention in (None, "auto") \
         else api.attention_implementation(args.attention, dtype)
     make = lambda attention: PerceptionDLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),  # noqa: E731
                                            attention_implementation=attention)
@@ -248,6 +252,12 @@ def train_program(args, target) -> dict:
     from train import data, step as step_lib
 
     overrides = []
+    if args.attention == "auto":
+        compute = args.compute_dtype or "bfloat16"
+        overrides.append("model.attention=" + ("splash" if target.platform == "tpu" else
+                                               "cudnn" if compute == "bfloat16" else "xla"))
+    elif args.attention:
+        overrides.append(f"model.attention={args.attention}")
     if args.preset or not args.config:
         overrides.append(f"model.preset={args.preset or 'perceptiondlm-8b'}")
     for flag, template in TRAIN_FLAG_OVERRIDES:
@@ -294,7 +304,8 @@ def train_program(args, target) -> dict:
     step_bytes = n_params * (7 * 4 + 2 * compute_bytes)
     settings = dict(preset=cfg.model.preset, config=args.config, batch=B, micro_batch=cfg.data.batch_size,
                     grad_accum=cfg.optim.grad_accum, length=length, answer=answer, tiles=tiles, dtype=cfg.model.dtype,
-                    remat=cfg.model.remat, freeze=list(cfg.model.freeze), lora_rank=cfg.lora.rank,
+                    remat=cfg.model.remat, attention=cfg.model.attention, freeze=list(cfg.model.freeze),
+                    lora_rank=cfg.lora.rank,
                     lora_base=cfg.lora.base if cfg.lora.enabled else None, mesh=dict(mesh.shape),
                     optimizer="adamw (float32 master weights and moments)", overrides=overrides + list(args.set))
     return dict(settings=settings, lower=lambda: trainer.jit_step().lower(state, batch),

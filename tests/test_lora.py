@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -56,6 +57,7 @@ def test_adapted_forward_equals_merged_weights():
     ({"lora": {"rank": 4, "alpha": 0}}, "alpha"),
     ({"lora": {"rank": 4, "target": "lm/("}}, "regular expression"),
     ({"lora": {"rank": 4, "bogus": 1}}, "unknown keys"),
+    ({"lora": {"rank": 4, "base": "int3"}}, "lora.base must be one of auto, f32, bf16, int8, int4"),
     ({"lora": {"rank": 4}, "model": {"freeze": ["vision"]}}, "model.freeze has no effect"),
 ])
 def test_bad_lora_config(config, message):
@@ -95,12 +97,14 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(tmp_path):
     cache = tmp_path / "cache"
 
     full = train(_cfg(base, tmp_path / "a", cache), progress=False)
-    # the base weights are bit-identical after training; only the adapters moved
+    # the base weights are bit-identical after training, held in the compute dtype (lora.base: auto); only the
+    # adapters moved
     _, stored = restore_params(base, dtype=np.float32)
     frozen = flatten(full["state"]["frozen"])
     assert frozen.keys() == flatten(stored).keys()
     for path, value in flatten(stored).items():
-        np.testing.assert_array_equal(np.asarray(frozen[path]), np.asarray(value), err_msg=path)
+        assert frozen[path].dtype == jnp.bfloat16, path
+        np.testing.assert_array_equal(np.asarray(frozen[path]), np.asarray(value.astype(jnp.bfloat16)), err_msg=path)
     trained = flatten(full["state"]["params"])
     assert all(p.endswith(lora.SUFFIXES) for p in trained)
     assert np.abs(np.asarray(trained["lm/layers/attn/q/kernel_lora_b"])).max() > 0

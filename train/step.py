@@ -32,11 +32,12 @@ from train.loss import IGNORE, draw_noise, lm_diffusion_loss
 
 
 def build_model(cfg: PDLMConfig, dtype: str, seed: int = 0, abstract: bool = False, remat: bool = False,
-                lora: lora_lib.LoraConfig | None = None):
+                lora: lora_lib.LoraConfig | None = None, attention: str = "xla"):
     """A PerceptionDLM with float32 parameters computing in `dtype` (concrete or nnx.eval_shape), with
-    LoRA adapters when `lora` is enabled."""
+    LoRA adapters when `lora` is enabled and the LM's `attention` kernel (pdlm_jax.ops.attention)."""
     def make():
-        model = PerceptionDLM(cfg, dtype=DTYPES[dtype], param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
+        model = PerceptionDLM(cfg, dtype=DTYPES[dtype], param_dtype=jnp.float32, rngs=nnx.Rngs(seed),
+                              attention_implementation=attention)
         return lora_lib.add_adapters(model, lora, seed) if lora and lora.enabled else model
 
     model = nnx.eval_shape(make) if abstract else make()
@@ -91,6 +92,7 @@ class Trainer:
     adapter_shapes: dict = dataclasses.field(default_factory=dict)  # {path: shape} of the LoRA adapters
     quantized_paths: tuple = ()  # the linear layers whose kernels a quantized LoRA base holds as int8 / int4
     compute_dtype: Any = jnp.float32
+    attention: str = "xla"  # the LM's attention kernel (build_model)
     state_shardings: Any = None
     _step: Callable | None = None
 
@@ -153,7 +155,11 @@ class Trainer:
             model = nnx.merge(self.graphdef, {**p, **frozen})
             return batch_loss(model, batch, key, self.mask_id, self.noise_t_min, self.mesh)
 
-        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+        if self.attention != "splash":
+            return jax.value_and_grad(loss_fn, has_aux=True)(params)
+        # the mesh as context: the splash kernel, which XLA cannot partition, runs per device on it
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
     def _train_step(self, state: dict, batch: TrainBatch):
         params, frozen = state["params"], state["frozen"]
@@ -202,19 +208,20 @@ class Trainer:
 
 
 def make_trainer(cfg: PDLMConfig, dtype: str, mesh: Mesh, optim, total_steps: int, mask_id: int,
-                 seed: int = 0, remat: bool = False, lora: lora_lib.LoraConfig = lora_lib.LoraConfig()) -> Trainer:
-    model = build_model(cfg, dtype, seed, abstract=True, remat=remat, lora=lora)
+                 seed: int = 0, remat: bool = False, lora: lora_lib.LoraConfig = lora_lib.LoraConfig(),
+                 attention: str = "xla") -> Trainer:
+    model = build_model(cfg, dtype, seed, abstract=True, remat=remat, lora=lora, attention=attention)
     graphdef, _ = nnx.split(model)
     quantized_paths = ()
     if lora.enabled and lora.quantized_base:  # QLoRA: the graph of the model with quantized kernels
         from pdlm_jax import quantize
 
         quantized_paths = tuple(quantize.linear_paths(model))
-        graphdef, _, _ = quantize.abstract(lambda: build_model(cfg, dtype, seed, remat=remat, lora=lora),
-                                           lora.quantized_base)
+        graphdef, _, _ = quantize.abstract(
+            lambda: build_model(cfg, dtype, seed, remat=remat, lora=lora, attention=attention), lora.quantized_base)
     tx, schedule = make_optimizer(optim, total_steps)
     return Trainer(graphdef, cfg, mesh, tx, schedule, mask_id, optim.grad_accum, seed, optim.noise_t_min, lora,
-                   lora_lib.adapter_shapes(model), quantized_paths, DTYPES[dtype])
+                   lora_lib.adapter_shapes(model), quantized_paths, DTYPES[dtype], attention)
 
 
 def trainer_for(train_cfg, model_cfg: PDLMConfig, mesh: Mesh, total_steps: int, mask_id: int) -> Trainer:
@@ -222,7 +229,7 @@ def trainer_for(train_cfg, model_cfg: PDLMConfig, mesh: Mesh, total_steps: int, 
     runs and what an ahead-of-time plan should compile."""
     m = train_cfg.model
     return make_trainer(model_cfg, m.dtype, mesh, train_cfg.optim, total_steps, mask_id, seed=train_cfg.run.seed,
-                        remat=m.remat, lora=train_cfg.lora)
+                        remat=m.remat, lora=train_cfg.lora, attention=m.attention)
 
 
 def sincos_2d(grid: int, dim: int) -> np.ndarray:

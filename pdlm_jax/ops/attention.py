@@ -95,7 +95,18 @@ def splash_attention(q, k, v, mask, scale: float, interpret: bool = False) -> ja
                                               **kernel.kwargs)
         return kernel(q, k, v)
 
-    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
-    out = jax.lax.map(lambda xs: one(*xs), (heads_first((q * scale).astype(q.dtype)), heads_first(k),
-                                            heads_first(v), mask))
-    return heads_first(out).astype(q.dtype)
+    def examples(q, k, v, mask):  # (B, L, heads, head_dim) -> one kernel call per example
+        heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+        out = jax.lax.map(lambda xs: one(*xs), (heads_first(q), heads_first(k), heads_first(v), mask))
+        return heads_first(out)
+
+    q = (q * scale).astype(q.dtype)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return examples(q, k, v, mask)
+    # XLA cannot partition a Pallas kernel: under a mesh (the training step sets it) each device runs it on
+    # its own examples (the batch split as `sharding.batch_sharding` splits it), every other axis whole
+    from pdlm_jax.sharding import logical_spec
+
+    spec = logical_spec((B,), ("batch",), mesh)
+    return jax.shard_map(examples, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)(q, k, v, mask)
