@@ -12,7 +12,8 @@ image of T tiles or --image, k rectangular masks), or `train.step.Trainer`'s jit
 Prints a table and (--json) writes {"target", "devices", "task", "settings", "fits", "device_memory_bytes",
 "memory_per_device_bytes": {"arguments", "outputs", "temporaries", "total"}, "compile_seconds",
 "model_flops_per_image" | "model_flops_per_step", "roofline_seconds_per_image" | "roofline_seconds_per_step",
-"peak_flops", "memory_bandwidth", ...; with --explain "largest_buffers"}. Exit 0: compiles and fits; 1: compiles, does not fit; 2: bad input.
+"peak_flops", "memory_bandwidth", ...; with --explain "largest_buffers"}. Exit 0: compiles and fits; 1: compiles,
+does not fit; 2: bad input.
 The roofline is a lower bound, max(FLOPs / peak, bytes / bandwidth) over all devices with the chip's
 published peaks; FLOPs are analytic (`pdlm_jax.flops`) and cross-checked against XLA's cost analysis of the
 same program lowered for the CPU (XLA counts a loop body once, so the check compares one loop iteration).

@@ -80,7 +80,8 @@ class LoraConfig:
 
     def base_float_dtype(self, compute_dtype) -> jnp.dtype:
         """The dtype of the frozen base's float leaves (all of them, or those left unquantized)."""
-        return {"f32": jnp.dtype(jnp.float32), "bf16": jnp.dtype(jnp.bfloat16)}.get(self.base, jnp.dtype(compute_dtype))
+        named = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+        return jnp.dtype(named.get(self.base, compute_dtype))
 
 
 # ---- adapter parameters ----------------------------------------------------------------------------
