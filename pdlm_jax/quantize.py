@@ -49,13 +49,12 @@ def group_size(rows: int, mode: str) -> int | None:
     return max(g for g in range(1, min(rows, INT4_GROUP) + 1) if rows % g == 0)
 
 
-def quantize_kernel(kernel: jax.Array, mode: str):
-    """A (..., in, out) kernel as a qwix QArray: scales per output channel (and per input group for int4),
-    separately for every leading (stacked-layer) index."""
+def quantize_kernel(kernel: jax.Array, mode: str, group: int | None = None):
+    """A (..., in, out) kernel as a qwix QArray: scales per output channel and, with `group`, per `group`
+    input rows (int4: `group_size`), separately for every leading (stacked-layer) index."""
     import qwix
 
     check_mode(mode)
-    group = group_size(kernel.shape[-2], mode)
 
     def one(k):
         return qwix.quantize(k, MODES[mode], channelwise_axes=(1,), tiled_axes={0: group} if group else None)
@@ -96,7 +95,7 @@ def quantize_model(model: nnx.Module, mode: str = "int8") -> tuple[nnx.Module, C
         kernel = module.kernel.get_value()
         group = group_size(kernel.shape[-2], mode)
         how = HowToQuantize(qtype=MODES[mode], channelwise_axes=(1,), tiled_axes={0: group} if group else {})
-        q = jax.jit(quantize_kernel, static_argnums=1)(kernel, mode)
+        q = jax.jit(quantize_kernel, static_argnums=(1, 2))(kernel, mode, group)
         # jax 0.10.2's CPU client reports an int4 array made by a jitted function as unpacked while a
         # compiled program wants it packed, and refuses the committed array; one through the host is
         # uncommitted, which the program accepts (`abstract` traces this: no array to move then)
@@ -111,7 +110,8 @@ def quantize_params(params: dict, paths: Iterable[str], mode: str) -> dict:
     a model `quantize_model` quantized ('<module>/kernel/array/qvalue' and '.../scale')."""
     flat = flatten(params)
     for path in paths:
-        q = quantize_kernel(flat.pop(f"{path}/kernel"), mode)
+        kernel = flat.pop(f"{path}/kernel")
+        q = quantize_kernel(kernel, mode, group_size(kernel.shape[-2], mode))
         flat[f"{path}/kernel/array/qvalue"], flat[f"{path}/kernel/array/scale"] = q.qvalue, q.scale
     return nest(flat)
 

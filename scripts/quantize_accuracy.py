@@ -18,10 +18,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenes", type=int, default=100)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--only", help="comma-separated row names to run (default: all)")
     args = ap.parse_args()
     rows = []
-    for name, mode, group in [("float32", None, None), ("int8", "int8", None), ("int4, group 128", "int4", 128),
-                              ("int4, group 64", "int4", 64), ("int4, group 32", "int4", 32)]:
+    for name, mode, group in [("float32", None, None), ("int8", "int8", None), ("int4 group 128", "int4", 128),
+                              ("int4 group 64", "int4", 64), ("int4 group 32", "int4", 32)]:
+        if args.only and name not in args.only.split(","):
+            continue
         if group:
             quantize.INT4_GROUP = group
         result = evaluate(DEMO_MODEL, args.scenes, dtype="float32", quantize=mode, compare=mode is not None)

@@ -45,7 +45,7 @@ def test_int4_groups_of_input_rows():
     assert [quantize.group_size(n, "int4") for n in (4096, 12288, 1152, 4304, 96)] == [128, 128, 128, 16, 96]
     assert quantize.group_size(4096, "int8") is None
     kernel = jax.random.normal(jax.random.key(0), (2, 512, 8)) * jnp.linspace(0.1, 10.0, 512)[:, None]
-    q = quantize.quantize_kernel(kernel, "int4")
+    q = quantize.quantize_kernel(kernel, "int4", quantize.group_size(512, "int4"))
     assert q.qvalue.dtype == jnp.int4 and q.qvalue.shape == kernel.shape and q.scale.shape == (2, 4, 8)
     grouped = np.abs(np.asarray(qwix.dequantize(q))[0, :128] - kernel[0, :128]).mean()
     per_channel = np.abs(np.asarray(qwix.dequantize(qwix.quantize(kernel[0], jnp.int4, channelwise_axes=(1,))))
