@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Compile the 8B programs for H100, H200, 8×H100, RTX 4090, L4, TPU v5e (1 and 8 chips) and v5p-64 without the
-# hardware (pdlm-aot) and print the table of docs/HARDWARE.md. Installs the `aot` extra into its own venv (.venv-aot, ~2.7 GB on top
-# of the base install); rows run one after another, each writing $OUT/NAME.json, and rows already written are
-# kept (rerun to resume). On 2 CPU cores the whole table takes about an hour.
+# hardware (pdlm-aot) and print the table of docs/HARDWARE.md. Installs the `aot` extra into its own venv
+# (.venv-aot, ~2.7 GB on top of the base install); rows run one after another, each writing $OUT/NAME.json,
+# and rows already written are kept (rerun to resume). On 2 CPU cores the whole table takes hours.
 #
 #   bash scripts/aot_check.sh                # OUT=/tmp/pdlm-aot
 #   ROWS=h100_k6_b8_prefix bash scripts/aot_check.sh   # one row
