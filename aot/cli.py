@@ -36,6 +36,7 @@ from pdlm_jax.api import DEMO_MODEL
 from pdlm_jax.config import DTYPES
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.files import write_json_atomic
+from pdlm_jax.lora import BASES
 
 log = logging.getLogger("pdlm-aot")
 
@@ -45,7 +46,8 @@ SCHEMA_KEYS = ("target", "devices", "task", "settings", "fits", "device_memory_b
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdlm-aot", description=__doc__.split("\n\n")[0])
-    p.add_argument("--target", required=True, help="h100, h200, h100x8, h200x8 or a TPU topology like v5p:4x4x4")
+    p.add_argument("--target", required=True, help="h100, h200, h100x8, h200x8, l4, rtx4090 or a TPU topology like "
+                                                    "v5e:1x1 or v5p:4x4x4")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help="model preset (perceptiondlm-8b, tiny, ...)")
     src.add_argument("--config", help="infer: a pdlm-jax config.json (a converted checkpoint's); "
@@ -84,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--freeze", help="comma-separated frozen modules: vision, mask_embed, projector, lm")
     tr.add_argument("--compute-dtype", choices=("bfloat16", "float32"), help="model.dtype (default bfloat16)")
     tr.add_argument("--lora-rank", type=int, help="LoRA rank (alias of --set lora.rank=N)")
-    tr.add_argument("--lora-base", choices=("auto", "f32", "bf16", "int8", "int4"),
-                    help="storage of LoRA's frozen base (lora.base; default auto: the compute dtype; int8/int4: QLoRA)")
+    tr.add_argument("--lora-base", choices=BASES,
+                    help="how LoRA's frozen base is stored (lora.base; default auto: the compute dtype; int8, int4: "
+                         "QLoRA)")
     tr.add_argument("--set", action="append", default=[], metavar="section.key=value",
                     help="any TrainConfig override, as pdlm-train takes them (repeatable)")
     return p

@@ -43,6 +43,7 @@ def test_target_names():
     (["--target", "h100", "--task", "infer", "--preset", "tiny", "--steps", "99", "--masks", "1",
       "--gen-length", "4"], "steps=99 exceeds"),
     (["--target", "h100", "--task", "infer", "--preset", "nope"], "unknown preset 'nope'"),
+    (["--target", "v5e:2x4", "--task", "infer", "--preset", "tiny", "--attention", "splash"], "no splash path"),
     (["--target", "v5p:2x2x1", "--task", "train", "--preset", "tiny", "--set", "optim.nope=1"],
      "unknown keys ['nope']"),
     (["--target", "v5p:2x2x1", "--task", "train", "--preset", "tiny", "--set", "optim.lr"], "expected section.key"),
