@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="DIR",
                    help="LoRA adapter directory (pdlm-train's run.output_dir/adapter) to apply to --checkpoint; "
                         "its sampler.json and tokenizer take precedence")
-    p.add_argument("--quantize", choices=("none", "int8"), default="none",
-                   help="int8: linear-layer weights stored as int8 with per-channel scales (qwix PTQ; half of bf16)")
+    p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                   help="linear-layer weights stored as int8 (per-channel scales; half of bf16) or int4 (scales per "
+                        "channel and group of 128 inputs; a quarter of bf16), qwix PTQ")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
                    help="attention kernel; auto = cuDNN flash attention on GPU in bf16, else XLA")
     p.add_argument("--output", type=Path, help="write the result JSON here (default: print it)")

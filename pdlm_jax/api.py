@@ -311,7 +311,8 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     mesh axes is replicated) and batches are split over data × fsdp. attention: see `attention_implementation`.
     adapter: a LoRA adapter directory (pdlm-train's run.output_dir/adapter) trained on this checkpoint; its
     weights are merged into the base on load, and its tokenizer (if it has one) replaces the base's.
-    quantize: "int8" stores every linear kernel as int8 with per-channel scales (pdlm_jax.quantize).
+    quantize: "int8" stores every linear kernel as int8 with per-channel scales, "int4" as int4 with a scale
+    per output channel and group of 128 input rows (pdlm_jax.quantize).
     The handle's `limits` take the position budget from the checkpoint (`pdlm_jax.limits`).
 
     A checkpoint whose files are damaged (a truncated or missing array file, a wrong dtype or shape on

@@ -4,8 +4,9 @@
 use the same peaks for MFU and rooflines. Peak FLOP/s are dense bf16 (no sparsity); memory bandwidth is
 HBM bandwidth; device memory is the published capacity of one chip (decimal GB where the vendor says GB).
 
-Targets by name: `h100`, `h200` (one GPU), `h100x8` / `h200x8` (one host of 8 GPUs), and TPU topologies as
-JAX names them: `v5e:2x4`, `v5p:2x2x1`, `v5p:4x4x4`, `v6e:2x4`, `v4:2x2x1`, ... (generation:shape).
+Targets by name: `h100`, `h200` (one GPU), `h100x8` / `h200x8` (one host of 8 GPUs), the 24 GB cards `l4` and
+`rtx4090`, and TPU topologies as JAX names them: `v5e:1x1` (one chip), `v5e:2x4`, `v5p:2x2x1`, `v5p:4x4x4`,
+`v6e:2x4`, `v4:2x2x1`, ... (generation:shape).
 GPU targets need the CUDA plugin and TPU targets libtpu: `pip install 'pdlm-jax[aot]'`.
 """
 
@@ -43,6 +44,11 @@ CHIPS = {
     # NVIDIA H100 / H200 datasheets (SXM): 989 TFLOP/s dense bf16 tensor core.
     "h100": Chip("NVIDIA H100 SXM 80GB", 989e12, 3.35e12, 80 * 10**9, "NVIDIA H100 datasheet (SXM5)"),
     "h200": Chip("NVIDIA H200 SXM 141GB", 989e12, 4.8e12, 141 * 10**9, "NVIDIA H200 datasheet (SXM)"),
+    # Ada Lovelace: dense bf16 tensor FLOP/s with float32 accumulation (NVIDIA's L4 datasheet: 121 TFLOP/s,
+    # 242 with sparsity; the Ada architecture whitepaper, RTX 4090: 165.2, 330.4 with sparsity).
+    "l4": Chip("NVIDIA L4 24GB", 121e12, 300e9, 24 * 10**9, "NVIDIA L4 datasheet"),
+    "rtx4090": Chip("NVIDIA GeForce RTX 4090 24GB", 165.2e12, 1008e9, 24 * 10**9,
+                    "NVIDIA Ada Lovelace architecture whitepaper (RTX 4090)"),
     # Google Cloud TPU system architecture pages (per chip).
     "v4": Chip("TPU v4", 275e12, 1.2e12, 32 * GiB, "Cloud TPU v4 system architecture"),
     "v5e": Chip("TPU v5e", 197e12, 819e9, 16 * GiB, "Cloud TPU v5e system architecture"),
@@ -50,9 +56,10 @@ CHIPS = {
     "v6e": Chip("TPU v6e", 918e12, 1640e9, 32 * GiB, "Cloud TPU v6e (Trillium) system architecture"),
 }
 
-GPU_TARGETS = {"h100": ("h100", 1), "h200": ("h200", 1), "h100x8": ("h100", 8), "h200x8": ("h200", 8)}
+GPU_TARGETS = {"h100": ("h100", 1), "h200": ("h200", 1), "h100x8": ("h100", 8), "h200x8": ("h200", 8),
+               "l4": ("l4", 1), "rtx4090": ("rtx4090", 1)}
 TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
-TPU_EXAMPLES = ("v5e:2x2", "v5e:2x4", "v5p:2x2x1", "v5p:4x4x4", "v6e:2x4")
+TPU_EXAMPLES = ("v5e:1x1", "v5e:2x2", "v5e:2x4", "v5p:2x2x1", "v5p:4x4x4", "v6e:2x4")
 _TPU_NAME = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
 
 
@@ -66,7 +73,7 @@ class Target:
 
     @property
     def gpu_spec(self) -> Path | None:
-        return GPU_SPECS / f"{GPU_TARGETS[self.name][0]}_sxm.textproto" if self.platform == "cuda" else None
+        return GPU_SPECS / f"{GPU_TARGETS[self.name][0]}.textproto" if self.platform == "cuda" else None
 
     def devices(self) -> list:
         """Compile-only devices of the target (no hardware needed; needs the `aot` extra installed)."""
@@ -78,7 +85,10 @@ class Target:
                 topo = topologies.get_topology_desc(self.name, "cuda", target_config=self.gpu_spec.read_text(),
                                                     topology=self.topology)
             else:
-                topo = topologies.get_topology_desc(topology_name=self.name, platform="tpu")
+                # libtpu assumes a host of 2x2 chips; a smaller slice (v5e:1x1) is one host of its own shape
+                dims = [int(d) for d in self.topology.split("x")]
+                host = {} if self.num_devices >= 4 else {"chips_per_host_bounds": dims + [1] * (3 - len(dims))}
+                topo = topologies.get_topology_desc(topology_name=self.name, platform="tpu", **host)
         except Exception as e:  # a missing plugin surfaces as one of several jax errors
             extra = "jax-cuda13-plugin" if self.platform == "cuda" else "libtpu"
             raise PDLMError(f"cannot build compile-only devices for {self.name} ({type(e).__name__}: "

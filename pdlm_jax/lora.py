@@ -24,7 +24,7 @@ import functools
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +33,14 @@ from flax import nnx
 
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
+from pdlm_jax import quantize
+from pdlm_jax.qwix_tracing import module_path, tag_paths
 
 ADAPTER_FILE = "adapter.json"
+# How training holds the frozen base: "auto" in the compute dtype (model.dtype), "f32" / "bf16" as such, or
+# "int8" / "int4" with every linear kernel quantized once at load (QLoRA; pdlm_jax.quantize) and the other
+# base weights in the compute dtype.
+BASES = ("auto", "f32", "bf16", "int8", "int4")
 # LLaDA's attention and MLP projections (peft's usual choice for Llama blocks)
 DEFAULT_TARGET = r"lm/layers/(attn/[qkvo]|mlp/(gate|up|down))"
 SUFFIXES = ("kernel_lora_a", "kernel_lora_b")
@@ -45,6 +51,7 @@ class LoraConfig:
     rank: int = 0  # 0: no LoRA (full fine-tuning, or model.freeze)
     alpha: float = 16.0  # the update is scaled by alpha / rank
     target: str = DEFAULT_TARGET  # regex, full match, over the module paths of nnx.Linear layers
+    base: str = "auto"  # storage of the frozen base weights during training (BASES)
     # No dropout: qwix draws LoRA dropout masks from an nnx.Rngs stored on each module, which a layer stack
     # run by lax.scan over split state cannot carry.
 
@@ -57,6 +64,8 @@ class LoraConfig:
             raise PDLMError(f"lora.rank must be a non-negative integer (0 = off), got {self.rank!r}")
         if not self.alpha > 0:
             raise PDLMError(f"lora.alpha must be positive, got {self.alpha!r}")
+        if self.base not in BASES:
+            raise PDLMError(f"lora.base must be one of {', '.join(BASES)}, got {self.base!r}")
         try:
             re.compile(self.target)
         except re.error as e:
@@ -66,19 +75,25 @@ class LoraConfig:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def quantized_base(self) -> str | None:
+        """"int8" / "int4" when the frozen base's kernels are quantized (pdlm_jax.quantize modes), else None."""
+        return self.base if self.base in ("int8", "int4") else None
+
+    def base_float_dtype(self, compute_dtype) -> jnp.dtype:
+        """The dtype of the frozen base's float leaves (all of them, or those left unquantized)."""
+        named = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+        return jnp.dtype(named.get(self.base, compute_dtype))
+
 
 # ---- adapter parameters ----------------------------------------------------------------------------
-
-
-def _path(path: tuple) -> str:
-    return "/".join(map(str, path))
 
 
 def targets(model: nnx.Module, lora: LoraConfig) -> list[tuple[str, nnx.Linear]]:
     """The adaptable nnx.Linear layers whose module path fully matches `lora.target` (PDLMError if none)."""
     # qwix adds the adapter inside Linear.__call__: a layer whose kernel the model reads itself (SigLIP's
     # attention output, modeling/siglip.py) cannot be adapted and is not a candidate
-    linears = [(_path(p), m) for p, m in nnx.iter_modules(model)
+    linears = [(module_path(p), m) for p, m in nnx.iter_modules(model)
                if isinstance(m, nnx.Linear) and getattr(m, "called_as_linear", True)]
     chosen = [(p, m) for p, m in linears if re.fullmatch(lora.target, p)]
     if not chosen:
@@ -125,16 +140,6 @@ def add_adapters(model: nnx.Module, lora: LoraConfig, seed: int = 0) -> nnx.Modu
     return model
 
 
-def tag_paths(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
-    """Set `qwix_path` on every module (qwix matches its rules' module_path against it; a module merged
-    from a graphdef keeps it); returns [(path, module)]."""
-    out = []
-    for path, module in nnx.iter_modules(model):
-        module.qwix_path = path
-        out.append((_path(path), module))
-    return out
-
-
 def adapter_shapes(model: nnx.Module) -> dict[str, tuple]:
     """{'<module>/kernel_lora_a': shape, ...} of a model with adapters (concrete or abstract)."""
     return {path: tuple(x.shape) for path, x in flat(nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))).items()}
@@ -144,33 +149,35 @@ def adapter_shapes(model: nnx.Module) -> dict[str, tuple]:
 
 
 def rule(lora: LoraConfig):
-    """The qwix rule: adapters on the dot_general of every module whose path matches `lora.target`."""
+    """The qwix rule: adapters on the dot_general of every module whose path matches `lora.target` (whose
+    kernel, with a quantized base, is the quantized one)."""
     import qwix
 
-    return qwix.LoraRule(module_path=lora.target, op_names=("dot_general",), rank=lora.rank, alpha=float(lora.alpha))
+    qtype = quantize.MODES[lora.quantized_base] if lora.quantized_base else None
+    return qwix.LoraRule(module_path=lora.target, op_names=("dot_general",), rank=lora.rank, alpha=float(lora.alpha),
+                         weight_qtype=qtype)
 
 
-def provider(lora: LoraConfig):
+def provider(lora: LoraConfig, quantized_paths: Sequence[str] = ()):
+    """The LoRA forward's qwix provider; with a quantized base, `quantized_paths` (pdlm_jax.quantize's
+    `linear_paths`) names the quantized layers: the adapted ones match the LoRA rule first, the rest the
+    plain quantization rule."""
     import qwix
 
-    return qwix.LoraProvider([rule(lora)])
+    rules = [rule(lora)]
+    if lora.quantized_base:
+        rules.append(quantize.rule(quantized_paths, lora.quantized_base))
+    return qwix.LoraProvider(rules)
 
 
-class _Call(nnx.Module):
-    """A module whose call runs any function: qwix intercepts the ops of everything traced inside it."""
-
-    def __call__(self, fn: Callable, *args, **kwargs):
-        return fn(*args, **kwargs)
-
-
-def under(qwix_provider) -> Callable[[Callable], Callable]:
-    """`under(p)(fn)` runs fn with qwix provider p active (p's rules apply to the modules fn calls; the
-    modules need a `qwix_path`, see `add_adapters`). Use it around tracing: the jitted code keeps the
-    intercepted ops."""
-    import qwix
-
-    runner = qwix.quantize_model(_Call(), qwix_provider, skip_nnx_init=True)
-    return lambda fn: functools.wraps(fn)(functools.partial(runner, fn))
+def store_base(params: dict, lora: LoraConfig, compute_dtype, quantized_paths: Sequence[str] = ()) -> dict:
+    """The frozen base as LoRA training holds it: float leaves in `lora.base_float_dtype`, and with an int8 /
+    int4 base the kernels of `quantized_paths` quantized once (laid out as a quantized model's state)."""
+    dtype = lora.base_float_dtype(compute_dtype)
+    tree = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    if lora.quantized_base:
+        tree = quantize.quantize_params(tree, quantized_paths, lora.quantized_base)
+    return tree
 
 
 # ---- merging and files -------------------------------------------------------------------------------

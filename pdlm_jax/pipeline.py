@@ -337,12 +337,17 @@ class CaptionProgram:
             return self._compiled[bucket], 0.0
         log.info("compiling the captioning program for %s (once per bucket)", bucket)
         start = time.perf_counter()
+        self._compiled[bucket] = self.lower(bucket, inputs).compile()
+        return self._compiled[bucket], time.perf_counter() - start
+
+    def lower(self, bucket: Bucket, inputs: ProgramInputs) -> jax.stages.Lowered:
+        """The pass of `bucket` traced and lowered for these inputs (abstract ones will do: `pdlm-aot` plans with
+        it), not compiled."""
         fn = jax.jit(functools.partial(_caption_pass, self.graphdef, cfg=self.cfg, mask_id=self.mask_id,
                                        bucket=bucket),
                      out_shardings=None if self.mesh is None else sharding.replicated(self.mesh))
-        lower = lambda: fn.lower(self.state, inputs).compile()  # noqa: E731
-        self._compiled[bucket] = self.trace(lower)() if self.trace else lower()
-        return self._compiled[bucket], time.perf_counter() - start
+        lower = lambda: fn.lower(self.state, inputs)  # noqa: E731
+        return self.trace(lower)() if self.trace else lower()
 
     def run(self, bucket: Bucket, inputs: ProgramInputs) -> tuple[np.ndarray, int, float]:
         """Slot tokens (batch, regions, G) int32, forwards run, compile seconds.

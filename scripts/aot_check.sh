@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Compile the 8B programs for H100, H200, 8×H100, TPU v5e-8 and v5p-64 without the hardware (pdlm-aot) and
-# print the table of docs/HARDWARE.md. Installs the `aot` extra into its own venv (.venv-aot, ~2.7 GB on top
-# of the base install); rows run one after another, each writing $OUT/NAME.json, and rows already written are
-# kept (rerun to resume). On 2 CPU cores the whole table takes about an hour.
+# Compile the 8B programs for H100, H200, 8×H100, RTX 4090, L4, TPU v5e (1 and 8 chips) and v5p-64 without the
+# hardware (pdlm-aot) and print the table of docs/HARDWARE.md. Installs the `aot` extra into its own venv
+# (.venv-aot, ~2.7 GB on top of the base install); rows run one after another, each writing $OUT/NAME.json,
+# and rows already written are kept (rerun to resume). On 2 CPU cores the whole table takes hours.
 #
 #   bash scripts/aot_check.sh                # OUT=/tmp/pdlm-aot
 #   ROWS=h100_k6_b8_prefix bash scripts/aot_check.sh   # one row
@@ -26,6 +26,14 @@ rows+=("v5e8_k3_b8_exact|--target v5e:2x4 $INFER --masks 3 --batch 8 --mode exac
 rows+=("v5e8_k3_b8_prefix|--target v5e:2x4 $INFER --masks 3 --batch 8 --mode prefix --mesh tensor:8")
 rows+=("v5p64_train|--target v5p:4x4x4 $TRAIN --mesh fsdp:64 --batch 64")
 rows+=("h100x8_train|--target h100x8 $TRAIN --mesh fsdp:8 --batch 8")
+# one 24 GB GPU / one TPU v5e chip: QLoRA, int4 and int8 weights (docs/HARDWARE.md "24 GB GPUs")
+QLORA="--preset perceptiondlm-8b --task train --lora-rank 16 --batch 1"
+for L in 2048 4096; do for t in rtx4090 l4; do
+  rows+=("${t}_lora_int4_L${L}|--target $t $QLORA --lora-base int4 --length $L"); done; done
+for k in 3 6; do for m in exact prefix; do
+  rows+=("rtx4090_k${k}_${m}_int4|--target rtx4090 $INFER --masks $k --mode $m --quantize int4")
+  rows+=("v5e1_k${k}_${m}_int8|--target v5e:1x1 $INFER --masks $k --mode $m --quantize int8"); done; done
+rows+=("v5p64_train_splash|--target v5p:4x4x4 $TRAIN --mesh fsdp:64 --batch 64 --attention splash")
 
 status=0
 for row in "${rows[@]}"; do

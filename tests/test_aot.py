@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from pdlm_jax import PDLMError, aot, hardware
+from aot import cli as aot
+from pdlm_jax import PDLMError, hardware
 
 HAS_TPU = importlib.util.find_spec("libtpu") is not None
 HAS_CUDA = importlib.util.find_spec("jax_cuda13_plugin") is not None or \
@@ -26,6 +27,10 @@ def test_target_names():
     assert (v5p.platform, v5p.num_devices, v5p.chip.kind) == ("tpu", 64, "TPU v5p")
     assert hardware.target("v5e:2x4").chip.device_memory_bytes == 16 * 2**30
     assert hardware.target("h200").gpu_spec.read_text().count("device_memory_size: 141000000000") == 1
+    for name in ("l4", "rtx4090"):  # the 24 GB cards: compute capability 8.9
+        assert "major: 8\n    minor: 9" in hardware.target(name).gpu_spec.read_text()
+        assert hardware.target(name).chip.device_memory_bytes == 24 * 10**9
+    assert hardware.target("v5e:1x1").num_devices == 1
     with pytest.raises(PDLMError, match="known: h100, h200, h100x8"):
         hardware.target("a100")
 
@@ -38,6 +43,7 @@ def test_target_names():
     (["--target", "h100", "--task", "infer", "--preset", "tiny", "--steps", "99", "--masks", "1",
       "--gen-length", "4"], "steps=99 exceeds"),
     (["--target", "h100", "--task", "infer", "--preset", "nope"], "unknown preset 'nope'"),
+    (["--target", "v5e:2x4", "--task", "infer", "--preset", "tiny", "--attention", "splash"], "no splash path"),
     (["--target", "v5p:2x2x1", "--task", "train", "--preset", "tiny", "--set", "optim.nope=1"],
      "unknown keys ['nope']"),
     (["--target", "v5p:2x2x1", "--task", "train", "--preset", "tiny", "--set", "optim.lr"], "expected section.key"),
@@ -81,6 +87,31 @@ def test_tiny_infer_compiles_for_h100(capsys, tmp_path):
     assert int8["memory_per_device_bytes"]["arguments"] < result["memory_per_device_bytes"]["arguments"]
     # The analytic count of one loop iteration agrees with XLA's count of the same program on the CPU.
     assert 0.5 < result["flops_check"]["ratio"] < 1.5
+
+
+@pytest.mark.skipif(not HAS_TPU, reason="the aot extra's libtpu is not installed (pip install '.[aot]')")
+def test_single_chip_tpu_devices():
+    # libtpu assumes hosts of 2x2 chips; one v5e chip is a host of its own
+    assert [d.device_kind for d in hardware.target("v5e:1x1").devices()] == ["TPU v5 lite"]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the aot extra's CUDA plugin is not installed (pip install '.[aot]')")
+def test_qlora_step_on_a_24gb_card_and_explain(capsys, tmp_path):
+    # --lora-base int4: the frozen base's linear kernels held as int4 (QLoRA); --explain lists the largest buffers
+    results = {}
+    for base in ("bf16", "int4"):
+        out = tmp_path / f"{base}.json"
+        code, table, _ = run_cli(capsys, "--target", "rtx4090", "--task", "train", "--preset", "tiny", "--batch", "1",
+                                 "--length", "256", "--tiles", "3", "--lora-rank", "4", "--lora-base", base,
+                                 "--attention", "xla", "--explain", "--json", str(out))
+        assert code == 0 and "largest buffers" in table
+        results[base] = json.loads(out.read_text())
+        check_schema(results[base], "step")
+    assert results["int4"]["settings"]["lora_base"] == "int4"
+    assert (results["int4"]["memory_per_device_bytes"]["arguments"]
+            < results["bf16"]["memory_per_device_bytes"]["arguments"])
+    buffers = results["int4"]["largest_buffers"]
+    assert buffers and buffers[0]["bytes"] >= buffers[-1]["bytes"] > 0 and "[" in buffers[0]["shapes"]
 
 
 @pytest.mark.skipif(not HAS_TPU, reason="the aot extra's libtpu is not installed (pip install '.[aot]')")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,6 +19,7 @@ from pdlm_jax.checkpoint import SAMPLER_FILE, restore_params
 from pdlm_jax.config import preset
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.pdm import PerceptionDLM
+from pdlm_jax.qwix_tracing import under
 from pdlm_jax.trees import flatten
 from train import checkpointing, synthetic
 from train import config as train_config
@@ -44,7 +46,7 @@ def test_adapted_forward_equals_merged_weights():
     def forward(state):
         return nnx.merge(graphdef, state).lm(x)
 
-    adapted = jax.jit(lora.under(lora.provider(spec))(forward))(lora.combine(base, adapters))
+    adapted = jax.jit(under(lora.provider(spec))(forward))(lora.combine(base, adapters))
     ignored = jax.jit(forward)(lora.combine(base, adapters))  # no qwix: the adapters do nothing
     plain_graphdef = nnx.split(PerceptionDLM(cfg, rngs=nnx.Rngs(0)))[0]
     merged = jax.jit(lambda s: nnx.merge(plain_graphdef, s).lm(x))(lora.merge(base, adapters, spec))
@@ -57,6 +59,7 @@ def test_adapted_forward_equals_merged_weights():
     ({"lora": {"rank": 4, "alpha": 0}}, "alpha"),
     ({"lora": {"rank": 4, "target": "lm/("}}, "regular expression"),
     ({"lora": {"rank": 4, "bogus": 1}}, "unknown keys"),
+    ({"lora": {"rank": 4, "base": "int3"}}, "lora.base must be one of auto, f32, bf16, int8, int4"),
     ({"lora": {"rank": 4}, "model": {"freeze": ["vision"]}}, "model.freeze has no effect"),
 ])
 def test_bad_lora_config(config, message):
@@ -96,12 +99,14 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(tmp_path):
     cache = tmp_path / "cache"
 
     full = train(_cfg(base, tmp_path / "a", cache), progress=False)
-    # the base weights are bit-identical after training; only the adapters moved
+    # the base weights are bit-identical after training, held in the compute dtype (lora.base: auto); only the
+    # adapters moved
     _, stored = restore_params(base, dtype=np.float32)
     frozen = flatten(full["state"]["frozen"])
     assert frozen.keys() == flatten(stored).keys()
     for path, value in flatten(stored).items():
-        np.testing.assert_array_equal(np.asarray(frozen[path]), np.asarray(value), err_msg=path)
+        assert frozen[path].dtype == jnp.bfloat16, path
+        np.testing.assert_array_equal(np.asarray(frozen[path]), np.asarray(value.astype(jnp.bfloat16)), err_msg=path)
     trained = flatten(full["state"]["params"])
     assert all(p.endswith(lora.SUFFIXES) for p in trained)
     assert np.abs(np.asarray(trained["lm/layers/attn/q/kernel_lora_b"])).max() > 0
@@ -162,3 +167,33 @@ def test_layers_read_without_their_call_are_no_lora_targets():
     paths = [p for p, _ in lora.targets(model, lora.LoraConfig(rank=2, target=".*"))]
     assert "vision/layers/attn/o" not in paths
     assert {"lm/layers/attn/o", "vision/layers/attn/q", "lm/lm_head"} <= set(paths)
+
+
+@pytest.mark.parametrize("base", ["int8", "int4"])
+def test_qlora_trains_on_a_quantized_base_and_exports_into_the_float_base(tmp_path, base):
+    from train.export import base_params
+
+    cfg = train_config.from_dict({
+        "model": {"preset": "tiny", "tokenizer": str(fixture_dir("tiny_v1")), "dtype": "bfloat16", "remat": True},
+        "data": {"synthetic_scenes": 40, "batch_size": 2, "group_divisor": 6, "tile_buckets": [7],
+                 "length_buckets": [320], "threads": 1, "prefetch": 2},
+        "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "noise_t_min": 0.8},  # most answer tokens masked: steadier
+        "lora": {"rank": 4, "alpha": 8.0, "base": base},
+        "run": {"output_dir": str(tmp_path / "run"), "max_steps": 6, "save_every": 6, "keep": 1,
+                "compilation_cache": str(tmp_path / "cache")},
+    })
+    out = train(cfg, progress=False)
+    frozen = flatten(out["state"]["frozen"])
+    # every linear kernel held quantized (int4: scales per group of input rows), the rest in bfloat16
+    assert str(frozen["lm/layers/mlp/up/kernel/array/qvalue"].dtype) == base
+    assert "lm/layers/mlp/up/kernel" not in frozen
+    assert {str(v.dtype) for p, v in frozen.items() if "/array/" not in p} == {"bfloat16"}
+    losses = out["losses"]
+    assert all(np.isfinite(losses)) and max(losses[-2:]) < losses[0], losses
+    # the export merges the adapters into the float32 base training began from, not into its quantized copy
+    spec, adapters = lora.load_adapter(tmp_path / "run" / "adapter", cfg.model_config())
+    assert spec.base == base
+    _, exported = restore_params(out["export"], dtype=np.float32)
+    expected = flatten(lora.merge(base_params(cfg, cfg.model_config()), adapters, spec))
+    np.testing.assert_allclose(flatten(exported)["lm/layers/mlp/up/kernel"], expected["lm/layers/mlp/up/kernel"],
+                               atol=1e-6)

@@ -1,13 +1,16 @@
-"""int8 weight-only inference (pdlm_jax.quantize, qwix PTQ): kernels stored as int8, the forward close to
-float, and the embedded demo model still captions its demo scene correctly through pdlm-infer."""
+"""int8 and int4 weight-only inference (pdlm_jax.quantize, qwix PTQ): kernels stored as int8 / int4 (with
+blockwise scales), the forward close to float, and the embedded demo model still captions its demo scene
+correctly through pdlm-infer."""
 
 from __future__ import annotations
 
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import qwix
 from flax import nnx
 
 from infer.cli import main
@@ -38,14 +41,42 @@ def test_int8_kernels_and_forward_close_to_float():
     assert 0 < err < 0.05, err  # int8 rounding is visible but small
 
 
+def test_int4_groups_of_input_rows():
+    # one scale per output channel and group of 128 input rows (the largest divisor up to 128 elsewhere)
+    assert [quantize.group_size(n, "int4") for n in (4096, 12288, 1152, 4304, 96)] == [128, 128, 128, 16, 96]
+    assert quantize.group_size(4096, "int8") is None
+    kernel = jax.random.normal(jax.random.key(0), (2, 512, 8)) * jnp.linspace(0.1, 10.0, 512)[:, None]
+    q = quantize.quantize_kernel(kernel, "int4", quantize.group_size(512, "int4"))
+    assert q.qvalue.dtype == jnp.int4 and q.qvalue.shape == kernel.shape and q.scale.shape == (2, 4, 8)
+    grouped = np.abs(np.asarray(qwix.dequantize(q))[0, :128] - kernel[0, :128]).mean()
+    per_channel = np.abs(np.asarray(qwix.dequantize(qwix.quantize(kernel[0], jnp.int4, channelwise_axes=(1,))))
+                         [:128] - kernel[0, :128]).mean()
+    assert grouped < 0.5 * per_channel  # rows of very different size: groups keep the small ones' precision
+
+
+def test_int4_forward_close_to_float():
+    cfg = preset("tiny")
+    model = PerceptionDLM(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (1, 7, cfg.lm.hidden_size))
+    reference = np.asarray(model.lm(x))
+    qmodel, tracer = quantize.quantize_model(nnx.clone(model), "int4")
+    assert qmodel.lm.layers.mlp.up.kernel.array.qvalue.dtype == jnp.int4
+    assert quantize.weight_bytes(qmodel) < 0.4 * quantize.weight_bytes(model)
+    graphdef, state = nnx.split(qmodel)
+    out = np.asarray(jax.jit(tracer(lambda s: nnx.merge(graphdef, s).lm(x)))(state))
+    err = np.abs(out - reference).max() / np.abs(reference).max()
+    assert 0 < err < 0.1, err
+
+
 def test_unknown_mode():
-    with pytest.raises(PDLMError, match="int8"):
-        quantize.check_mode("int4")
+    with pytest.raises(PDLMError, match="int8, int4"):
+        quantize.check_mode("int2")
 
 
-def test_infer_cli_int8_on_demo_model(tmp_path):
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_infer_cli_on_demo_model(tmp_path, mode):
     out = tmp_path / "result.json"
-    assert main(["--demo", "--quantize", "int8", "--output", str(out), "--visualize", str(tmp_path / "o.png"),
+    assert main(["--demo", "--quantize", mode, "--output", str(out), "--visualize", str(tmp_path / "o.png"),
                  "--quiet"]) == 0
     captions = [r["caption"] for r in json.loads(out.read_text())["regions"]]
     assert captions == json.loads((DEMO_SCENE / "captions.json").read_text())

@@ -40,6 +40,8 @@ class ModelConfig:
     tokenizer: str | None = None  # directory with tokenizer.json; default: init_from
     dtype: str = "bfloat16"  # compute dtype; parameters (master weights) are float32
     remat: bool = True  # recompute each layer's activations in the backward pass
+    # the LM's attention kernel: xla (ours), cudnn (GPU), splash (Pallas, TPU); pdlm_jax.ops.attention
+    attention: str = "xla"
     # subset of MODULE_GROUPS kept fixed, held in model.dtype with no optimizer state (the region model trains
     # all; the Base stages freeze the vision tower, stage 1 the LM too)
     freeze: tuple[str, ...] = ()
@@ -219,6 +221,8 @@ def from_dict(d: dict) -> TrainConfig:
         raise PDLMError(f"model.kind must be one of {MODEL_KINDS}, not {cfg.model.kind!r}")
     if cfg.model.dtype not in ("bfloat16", "float32"):
         raise PDLMError(f"model.dtype must be bfloat16 or float32, got {cfg.model.dtype!r}")
+    if cfg.model.attention not in ("xla", "cudnn", "splash"):
+        raise PDLMError(f"model.attention must be xla, cudnn or splash, got {cfg.model.attention!r}")
     if cfg.model.vision_pos_embed_init not in VISION_POS_EMBED_INITS:
         raise PDLMError(f"model.vision_pos_embed_init must be one of {VISION_POS_EMBED_INITS}, not "
                         f"{cfg.model.vision_pos_embed_init!r}")

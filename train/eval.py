@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unmask", default="remask", help="pdlm-infer --unmask mode (remask, threshold:TAU)")
     ap.add_argument("--rotated", type=synthetic.fraction, default=0.0,
                     help="fraction of squares and triangles drawn at any angle (0: upright, as in training)")
-    ap.add_argument("--quantize", choices=("none", "int8"), default="none", help="as pdlm-infer --quantize")
+    ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none", help="as pdlm-infer --quantize")
     ap.add_argument("--adapter", help="LoRA adapter directory applied to --checkpoint (as pdlm-infer --adapter)")
     ap.add_argument("--colors", type=synthetic.color_list, default=synthetic.COLORS,
                     help="colours of the scenes (comma-separated; default: the demo's four)")

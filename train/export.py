@@ -42,13 +42,14 @@ def export_step(run_dir: str | Path, out: str | Path, step: int | None = None, a
     if cfg.lora.enabled:  # the checkpoint holds the adapters; the frozen base comes from where training began
         from pdlm_jax import lora
 
-        params = lora.merge(_base_params(cfg, model_cfg), state["params"], cfg.lora)
+        params = lora.merge(base_params(cfg, model_cfg), state["params"], cfg.lora)
     else:
         params = checkpointing.full_params(state)
     return checkpointing.export(out, model_cfg, params, tokenizer_dir, sampler, provenance)
 
 
-def _base_params(cfg, model_cfg) -> dict:
+def base_params(cfg, model_cfg) -> dict:
+    """The float32 parameters training began from (model.init_from, else the seed's initialisation)."""
     import jax
     import numpy as np
 

@@ -3,8 +3,8 @@ diffusion loss, gradient accumulation, AdamW — sharded over a (data, fsdp, ten
 
 Train state is a plain dict of arrays (`params` = trainable float32 master weights, `frozen`, `opt`,
 `step`) so that Orbax, optax and the sharding rules see ordinary pytrees. With LoRA (`lora.rank > 0`),
-`params` holds only the adapters (pdlm_jax.lora), `frozen` every base weight, and the optimizer state
-covers the adapters alone.
+`params` holds only the adapters (pdlm_jax.lora), `frozen` every base weight as `lora.base` says (the compute
+dtype by default; int8 / int4 kernels for QLoRA), and the optimizer state covers the adapters alone.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from pdlm_jax import lora as lora_lib
 from pdlm_jax import sharding as shd
 from pdlm_jax.config import DTYPES, PDLMConfig
+from pdlm_jax.qwix_tracing import under
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.layout import param_shardings
 from pdlm_jax.modeling.pdm import PerceptionDLM
@@ -33,11 +34,12 @@ from train.loss import IGNORE, draw_noise, lm_diffusion_loss
 
 
 def build_model(cfg: PDLMConfig, dtype: str, seed: int = 0, abstract: bool = False, remat: bool = False,
-                lora: lora_lib.LoraConfig | None = None):
+                lora: lora_lib.LoraConfig | None = None, attention: str = "xla"):
     """A PerceptionDLM with float32 parameters computing in `dtype` (concrete or nnx.eval_shape), with
-    LoRA adapters when `lora` is enabled."""
+    LoRA adapters when `lora` is enabled and the LM's `attention` kernel (pdlm_jax.ops.attention)."""
     def make():
-        model = PerceptionDLM(cfg, dtype=DTYPES[dtype], param_dtype=jnp.float32, rngs=nnx.Rngs(seed))
+        model = PerceptionDLM(cfg, dtype=DTYPES[dtype], param_dtype=jnp.float32, rngs=nnx.Rngs(seed),
+                              attention_implementation=attention)
         return lora_lib.add_adapters(model, lora, seed) if lora and lora.enabled else model
 
     model = nnx.eval_shape(make) if abstract else make()
@@ -90,17 +92,21 @@ class Trainer:
     noise_t_min: float = 0.0
     lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
     adapter_shapes: dict = dataclasses.field(default_factory=dict)  # {path: shape} of the LoRA adapters
+    quantized_paths: tuple = ()  # the linear layers whose kernels a quantized LoRA base holds as int8 / int4
     compute_dtype: Any = jnp.float32
+    attention: str = "xla"  # the LM's attention kernel (build_model)
     state_shardings: Any = None
     _step: Callable | None = None
 
     def __post_init__(self):
         # the LoRA forward: qwix adds each adapter's term to its layer's dot_general while the step is traced
-        self._adapted = lora_lib.under(lora_lib.provider(self.lora)) if self.lora.enabled else None
+        self._adapted = (under(lora_lib.provider(self.lora, self.quantized_paths)) if self.lora.enabled
+                         else None)
 
     def _new_state(self, params: dict, freeze: tuple[str, ...]) -> dict:
-        if self.lora.enabled:  # train the adapters; every base weight stays fixed
-            trainable, frozen = lora_lib.init_adapters(self.adapter_shapes, self.lora, self.seed), params
+        if self.lora.enabled:  # train the adapters; every base weight stays fixed, stored as lora.base says
+            trainable = lora_lib.init_adapters(self.adapter_shapes, self.lora, self.seed)
+            frozen = lora_lib.store_base(params, self.lora, self.compute_dtype, self.quantized_paths)
         else:  # frozen modules are only read: held in the compute dtype, with no optimizer state
             trainable, frozen = split_params(params, freeze)
             frozen = jax.tree.map(lambda x: x.astype(self.compute_dtype), frozen)
@@ -124,10 +130,23 @@ class Trainer:
         base weights (they are reloaded from model.init_from / the seed on resume)."""
         return {k: v for k, v in state.items() if not (self.lora.enabled and k == "frozen")}
 
-    def model_params(self, state: dict) -> dict:
-        """The full parameter tree of the trained model (LoRA adapters merged into their kernels)."""
+    @property
+    def rounds_base(self) -> bool:
+        """Whether the LoRA run holds its frozen base below float32 (bf16, int8, int4): the export then merges
+        the adapters into the float base, not into the rounded copy (`model_params(float_base=...)`)."""
+        return self.lora.enabled and (self.lora.quantized_base is not None
+                                      or self.lora.base_float_dtype(self.compute_dtype) != jnp.float32)
+
+    def model_params(self, state: dict, float_base: dict | None = None) -> dict:
+        """The full parameter tree of the trained model (LoRA adapters merged into their kernels). With LoRA
+        the adapters go into `float_base` (the float32 base, for an export) or else into the stored base
+        (dequantized: the model the forward trains, e.g. for evaluation)."""
         if self.lora.enabled:
-            return lora_lib.merge(state["frozen"], state["params"], self.lora)
+            if float_base is None:
+                from pdlm_jax import quantize
+
+                float_base = quantize.dequantize_params(state["frozen"])
+            return lora_lib.merge(float_base, state["params"], self.lora)
         return {**state["params"], **state["frozen"]}
 
     def _loss_and_grad(self, params, frozen, batch, key):
@@ -139,7 +158,11 @@ class Trainer:
             model = nnx.merge(self.graphdef, {**p, **frozen})
             return batch_loss(model, batch, key, self.mask_id, self.noise_t_min, self.mesh)
 
-        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+        if self.attention != "splash":
+            return jax.value_and_grad(loss_fn, has_aux=True)(params)
+        # the mesh as context: the splash kernel, which XLA cannot partition, runs per device on it
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
     def _train_step(self, state: dict, batch: TrainBatch):
         params, frozen = state["params"], state["frozen"]
@@ -188,12 +211,20 @@ class Trainer:
 
 
 def make_trainer(cfg: PDLMConfig, dtype: str, mesh: Mesh, optim, total_steps: int, mask_id: int,
-                 seed: int = 0, remat: bool = False, lora: lora_lib.LoraConfig = lora_lib.LoraConfig()) -> Trainer:
-    model = build_model(cfg, dtype, seed, abstract=True, remat=remat, lora=lora)
+                 seed: int = 0, remat: bool = False, lora: lora_lib.LoraConfig = lora_lib.LoraConfig(),
+                 attention: str = "xla") -> Trainer:
+    model = build_model(cfg, dtype, seed, abstract=True, remat=remat, lora=lora, attention=attention)
     graphdef, _ = nnx.split(model)
+    quantized_paths = ()
+    if lora.enabled and lora.quantized_base:  # QLoRA: the graph of the model with quantized kernels
+        from pdlm_jax import quantize
+
+        quantized_paths = tuple(quantize.linear_paths(model))
+        graphdef, _, _ = quantize.abstract(
+            lambda: build_model(cfg, dtype, seed, remat=remat, lora=lora, attention=attention), lora.quantized_base)
     tx, schedule = make_optimizer(optim, total_steps)
     return Trainer(graphdef, cfg, mesh, tx, schedule, mask_id, optim.grad_accum, seed, optim.noise_t_min, lora,
-                   lora_lib.adapter_shapes(model), DTYPES[dtype])
+                   lora_lib.adapter_shapes(model), quantized_paths, DTYPES[dtype], attention)
 
 
 def trainer_for(train_cfg, model_cfg: PDLMConfig, mesh: Mesh, total_steps: int, mask_id: int) -> Trainer:
@@ -201,7 +232,7 @@ def trainer_for(train_cfg, model_cfg: PDLMConfig, mesh: Mesh, total_steps: int, 
     runs and what an ahead-of-time plan should compile."""
     m = train_cfg.model
     return make_trainer(model_cfg, m.dtype, mesh, train_cfg.optim, total_steps, mask_id, seed=train_cfg.run.seed,
-                        remat=m.remat, lora=train_cfg.lora)
+                        remat=m.remat, lora=train_cfg.lora, attention=m.attention)
 
 
 def sincos_2d(grid: int, dim: int) -> np.ndarray:

@@ -12,7 +12,8 @@ image of T tiles or --image, k rectangular masks), or `train.step.Trainer`'s jit
 Prints a table and (--json) writes {"target", "devices", "task", "settings", "fits", "device_memory_bytes",
 "memory_per_device_bytes": {"arguments", "outputs", "temporaries", "total"}, "compile_seconds",
 "model_flops_per_image" | "model_flops_per_step", "roofline_seconds_per_image" | "roofline_seconds_per_step",
-"peak_flops", "memory_bandwidth", ...}. Exit 0: compiles and fits; 1: compiles, does not fit; 2: bad input.
+"peak_flops", "memory_bandwidth", ...; with --explain "largest_buffers"}. Exit 0: compiles and fits; 1: compiles,
+does not fit; 2: bad input.
 The roofline is a lower bound, max(FLOPs / peak, bytes / bandwidth) over all devices with the chip's
 published peaks; FLOPs are analytic (`pdlm_jax.flops`) and cross-checked against XLA's cost analysis of the
 same program lowered for the CPU (XLA counts a loop body once, so the check compares one loop iteration).
@@ -25,24 +26,27 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from pdlm_jax.config import DTYPES
+from pdlm_jax.asset_paths import DEMO_MODEL
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.files import write_json_atomic
+from pdlm_jax.lora import BASES
 
 log = logging.getLogger("pdlm-aot")
 
-DEMO_TOKENIZER = Path(__file__).parent / "assets" / "demo_model"
 SCHEMA_KEYS = ("target", "devices", "task", "settings", "fits", "device_memory_bytes", "memory_per_device_bytes",
                "compile_seconds", "peak_flops", "memory_bandwidth")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdlm-aot", description=__doc__.split("\n\n")[0])
-    p.add_argument("--target", required=True, help="h100, h200, h100x8, h200x8 or a TPU topology like v5p:4x4x4")
+    p.add_argument("--target", required=True, help="h100, h200, h100x8, h200x8, l4, rtx4090 or a TPU topology like "
+                                                    "v5e:1x1 or v5p:4x4x4")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help="model preset (perceptiondlm-8b, tiny, ...)")
     src.add_argument("--config", help="infer: a pdlm-jax config.json (a converted checkpoint's); "
@@ -54,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiles", type=int, help="tiles per image (default 7: a 3x2 grid + thumbnail, the demo "
                                              "photo's geometry); infer may give --image instead")
     p.add_argument("--json", type=Path, help="write the result here")
+    p.add_argument("--attention", choices=("auto", "xla", "cudnn", "splash"),
+                   help="the LM's attention kernel. infer (default auto): cuDNN's on GPU in bf16, else XLA's. train "
+                        "(default: the config's model.attention, xla): auto = splash (Pallas) on TPU, cuDNN on GPU "
+                        "in bf16, else XLA's")
+    p.add_argument("--explain", action="store_true",
+                   help="also list the compiled program's largest buffers (where the memory goes)")
     inf = p.add_argument_group("infer")
     inf.add_argument("--masks", type=int, default=3, help="regions k per image (1..prompt_numbers)")
     inf.add_argument("--mode", default="exact", help="exact | prefix[:R] | threshold:TAU | prefix[:R]+threshold:TAU")
@@ -62,10 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--temperature", type=float, default=0.0)
     inf.add_argument("--image", help="image file whose tiling sets the geometry (instead of --tiles)")
     inf.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    inf.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
-                     help="auto: cuDNN's fused kernel on GPU in bf16, else XLA's")
-    inf.add_argument("--quantize", choices=("int8",), help="int8 weight-only (pdlm-infer --quantize)")
-    inf.add_argument("--tokenizer", default=str(DEMO_TOKENIZER),
+    inf.add_argument("--quantize", choices=("int8", "int4"), help="weight-only int8 or int4 (pdlm-infer --quantize)")
+    inf.add_argument("--tokenizer", default=str(DEMO_MODEL),
                      help="tokenizer directory (prompt length; any tokenizer with the special tokens)")
     tr = p.add_argument_group("train")
     tr.add_argument("--length", type=int, help="padded sequence length (default: the config's largest bucket)")
@@ -77,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--freeze", help="comma-separated frozen modules: vision, mask_embed, projector, lm")
     tr.add_argument("--compute-dtype", choices=("bfloat16", "float32"), help="model.dtype (default bfloat16)")
     tr.add_argument("--lora-rank", type=int, help="LoRA rank (alias of --set lora.rank=N)")
+    tr.add_argument("--lora-base", choices=BASES,
+                    help="how LoRA's frozen base is stored (lora.base; default auto: the compute dtype; int8, int4: "
+                         "QLoRA)")
     tr.add_argument("--set", action="append", default=[], metavar="section.key=value",
                     help="any TrainConfig override, as pdlm-train takes them (repeatable)")
     return p
@@ -147,6 +158,7 @@ def infer_program(args, target) -> dict:
     from flax import nnx
 
     from pdlm_jax import api, flops, pipeline, sharding
+    from pdlm_jax.config import DTYPES
     from pdlm_jax.modeling.layout import param_shardings
     from pdlm_jax.modeling.pdm import PerceptionDLM
     from pdlm_jax.regions.prepare import prepare_regions
@@ -179,7 +191,9 @@ def infer_program(args, target) -> dict:
     mesh = sharding.make_mesh(args.mesh or "data:-1", devices)
     dtype = DTYPES[args.dtype]
     gpu = target.platform == "cuda"
-    attention = ("cudnn" if gpu and args.dtype == "bfloat16" else "xla") if args.attention == "auto" \
+    if args.attention == "splash":
+        raise PDLMError("--attention splash: the captioning program has no splash path yet (training has)")
+    attention = ("cudnn" if gpu and args.dtype == "bfloat16" else "xla") if args.attention in (None, "auto") \
         else api.attention_implementation(args.attention, dtype)
     make = lambda attention: PerceptionDLM(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),  # noqa: E731
                                            attention_implementation=attention)
@@ -204,12 +218,11 @@ def infer_program(args, target) -> dict:
     settings = dict(preset=args.preset, config=args.config, masks=k, batch=batch, mode=mode.name, gen_length=G,
                     steps=S, temperature=args.temperature, tiles=tiled.num_tiles, length=bucket.length,
                     dtype=args.dtype, quantize=args.quantize, attention=attention, mesh=dict(mesh.shape))
-    return dict(settings=settings, compile=lambda: program.compiled(bucket, placed),
+    return dict(settings=settings, lower=lambda: program.lower(bucket, placed),
                 flops=per_image, bytes=bytes_per_image, unit="image",
                 xla_check=lambda: _xla_flops_once(
-                    jax.jit(lambda s, x: pipeline._caption_pass(cpu_graphdef, s, x, cfg=cfg, mask_id=tokenizer.special.mask,
-                                                                bucket=bucket)), (cpu_abstract, inputs),
-                    batch * _loop_body_flops(cfg, tiled.num_tiles, bucket)))
+                    lambda: pipeline.CaptionProgram((cpu_graphdef, cpu_abstract), cfg, tokenizer.special.mask)
+                    .lower(bucket, inputs), batch * _loop_body_flops(cfg, tiled.num_tiles, bucket)))
 
 
 def _loop_body_flops(cfg, tiles: int, bucket) -> float:
@@ -228,7 +241,8 @@ TRAIN_FLAG_OVERRIDES = (("batch", "data.batch_size={}"), ("length", "data.length
                         ("tiles", "data.tile_buckets=[{}]"), ("answer", "data.answer_buckets=[{}]"),
                         ("grad_accum", "optim.grad_accum={}"),
                         ("remat", "model.remat={}"), ("freeze", "model.freeze=[{}]"),
-                        ("compute_dtype", "model.dtype={}"), ("mesh", "run.mesh={}"), ("lora_rank", "lora.rank={}"))
+                        ("compute_dtype", "model.dtype={}"), ("mesh", "run.mesh={}"), ("lora_rank", "lora.rank={}"),
+                        ("lora_base", "lora.base={}"))
 
 
 def train_program(args, target) -> dict:
@@ -243,6 +257,12 @@ def train_program(args, target) -> dict:
     from train import data, step as step_lib
 
     overrides = []
+    if args.attention == "auto":
+        compute = args.compute_dtype or "bfloat16"
+        overrides.append("model.attention=" + ("splash" if target.platform == "tpu" else
+                                               "cudnn" if compute == "bfloat16" else "xla"))
+    elif args.attention:
+        overrides.append(f"model.attention={args.attention}")
     if args.preset or not args.config:
         overrides.append(f"model.preset={args.preset or 'perceptiondlm-8b'}")
     for flag, template in TRAIN_FLAG_OVERRIDES:
@@ -297,22 +317,50 @@ def train_program(args, target) -> dict:
     step_bytes = n_params * (7 * 4 + 2 * compute_bytes)
     settings = dict(preset=cfg.model.preset, config=args.config, batch=B, micro_batch=cfg.data.batch_size,
                     grad_accum=cfg.optim.grad_accum, length=length, answer=answer, tiles=tiles, dtype=cfg.model.dtype,
-                    remat=cfg.model.remat, freeze=list(cfg.model.freeze), lora_rank=cfg.lora.rank, mesh=dict(mesh.shape),
+                    remat=cfg.model.remat, attention=cfg.model.attention, freeze=list(cfg.model.freeze),
+                    lora_rank=cfg.lora.rank,
+                    lora_base=cfg.lora.base if cfg.lora.enabled else None, mesh=dict(mesh.shape),
                     optimizer="adamw (float32 master weights and moments)", overrides=overrides + list(args.set))
-    return dict(settings=settings, compile=lambda: _timed_compile(trainer.jit_step(), state, batch),
+    return dict(settings=settings, lower=lambda: trainer.jit_step().lower(state, batch),
                 flops=flops.train_step_flops(model_cfg, B, tiles, length, answer), bytes=step_bytes, unit="step",
                 xla_check=None)
 
 
-def _timed_compile(fn, *args):
+def _timed_compile(lower, dump_dir: str | None = None):
+    """(executable, seconds) of the program `lower()` lowers; `dump_dir`: XLA writes its buffer assignment
+    and memory-usage report there (--explain)."""
     start = time.perf_counter()
-    return fn.lower(*args).compile(), time.perf_counter() - start
+    options = {"xla_dump_to": dump_dir} if dump_dir else None
+    return lower().compile(compiler_options=options), time.perf_counter() - start
 
 
-def _xla_flops_once(fn, args, analytic_once: float) -> dict | None:
-    """XLA's FLOP count of `fn` lowered for the CPU vs our analytic count of one loop iteration."""
+def largest_buffers(dump_dir: str, count: int = 12) -> list[dict]:
+    """The `count` largest allocations of the compiled program, from XLA's memory-usage report in `dump_dir`
+    (the largest report there: the target's program, not the small host programs): bytes and the shapes of
+    the values sharing each allocation."""
+    reports = sorted(Path(dump_dir).glob("*memory-usage-report.txt"), key=lambda p: p.stat().st_size)
+    if not reports:
+        raise PDLMError(f"--explain: XLA wrote no memory-usage report to {dump_dir}")
+    units = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+    rows = []
+    for line in max(reports, key=_report_total).read_text().splitlines():
+        parts = [p.strip() for p in line.split(";")]
+        size = re.fullmatch(r"([\d.]+)(B|KiB|MiB|GiB|TiB)", parts[1]) if len(parts) == 5 else None
+        if size:
+            rows.append({"bytes": int(float(size[1]) * units[size[2]]), "values": int(parts[3]),
+                         "shapes": parts[4]})
+    return sorted(rows, key=lambda r: -r["bytes"])[:count]
+
+
+def _report_total(path: Path) -> int:
+    match = re.search(r"Total bytes: (\d+)", path.read_text())
+    return int(match[1]) if match else 0
+
+
+def _xla_flops_once(lower, analytic_once: float) -> dict | None:
+    """XLA's FLOP count of the program `lower()` lowers for the CPU vs our analytic count of one loop iteration."""
     try:
-        cost = fn.lower(*args).cost_analysis()
+        cost = lower().cost_analysis()
         xla = float((cost[0] if isinstance(cost, list) else cost)["flops"])
     except Exception as e:  # the check is informative; a backend without cost analysis skips it
         log.warning("no XLA cost analysis on the CPU (%s)", e)
@@ -334,7 +382,9 @@ def run(args) -> dict:
     devices = target.devices()
     log.info("compiling %s for %s (%d devices)...", args.task, target.name, len(devices))
     try:
-        exe, seconds = program["compile"]()
+        with tempfile.TemporaryDirectory(prefix="pdlm-aot-") as dump_dir:
+            exe, seconds = _timed_compile(program["lower"], dump_dir if args.explain else None)
+            buffers = largest_buffers(dump_dir) if args.explain else None
     except RuntimeError as e:
         if "cuDNN not found" not in str(e):
             raise
@@ -361,6 +411,8 @@ def run(args) -> dict:
         "peak_flops": chip.peak_flops, "memory_bandwidth": chip.memory_bandwidth,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
+    if buffers is not None:
+        result["largest_buffers"] = buffers
     if program["xla_check"] is not None:
         result["flops_check"] = program["xla_check"]()
     return result
@@ -391,7 +443,11 @@ def format_table(r: dict) -> str:
     if check:
         rows.append(("FLOPs check", f"analytic / XLA (CPU, one loop iteration) = {check['ratio']:.3f}"))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    table = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    if r.get("largest_buffers"):  # --explain
+        table += "\n\nlargest buffers (XLA's buffer assignment; values sharing one allocation):\n" + "\n".join(
+            f"  {b['bytes'] / 2**20:10.1f} MiB  {b['shapes'][:140]}" for b in r["largest_buffers"])
+    return table
 
 
 def write_json(path: Path, result: dict) -> None:
