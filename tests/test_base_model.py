@@ -82,9 +82,9 @@ def test_prompt_and_vision_match_the_reference(handle):
 
 
 def test_image_goes_to_the_last_image_tag():
-    from pdlm_jax.answering import build_prompt_text
+    from pdlm_jax.regions.prompt import build_question_text
 
-    text = build_prompt_text("Look: <image> {what}?", num_tiles=1, num_image_tokens=2)
+    text = build_question_text("Look: <image> {what}?", num_tiles=1, num_image_tokens=2)
     image = "<img><IMG_CONTEXT><IMG_CONTEXT></img>"
     assert text == ("<|start_header_id|>user<|end_header_id|>\n<image>\nLook: " + image + " {what}?"
                     "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n")
