@@ -458,6 +458,12 @@ def write_json(path: Path, result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    # the host only compiles (the targets are compile-only devices): without this, JAX starts the CUDA plugin
+    # as a backend, which fails on a machine without a GPU's libraries before any topology is built
+    if not os.environ.get("JAX_PLATFORMS"):
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
     try:
         result = run(args)
     except PDLMError as e:
