@@ -41,6 +41,7 @@ def wants_answer(args: argparse.Namespace) -> bool:
 
 def run_question(args: argparse.Namespace, load: Callable) -> int:
     """Check the arguments (before loading the model), answer, write or print the JSON."""
+    from pdlm_jax.api import answerer
     from pdlm_jax.files import write_json_atomic
     from pdlm_jax.answering import CACHE_MODES, answer_defaults
     from pdlm_jax.block_sampling import block_schedule
@@ -68,7 +69,7 @@ def run_question(args: argparse.Namespace, load: Callable) -> int:
     limits.check_answer(settings["gen_length"], settings["steps"], args.question, limits.check_image(args.image))
     block_schedule(**settings)
 
-    handle = load()
+    handle = answerer(load())
     log.info("answering about %s: gen_length=%d block_length=%d steps=%d", args.image, *settings.values())
     result = handle.answer(args.image, args.question, cache=args.cache, **settings)
     log.info("done in %.2f s (%.2f s compiling), %d forwards", result["seconds"], result["compile_seconds"],

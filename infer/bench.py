@@ -122,10 +122,10 @@ def _device_peak() -> int | None:
 
 def _load(args):
     import pdlm_jax
-    from pdlm_jax.api import load_random
+    from pdlm_jax.api import captioner, load_random
 
     if args.checkpoint:
-        return pdlm_jax.load(args.checkpoint, dtype=args.dtype, mesh=args.mesh, attention=args.attention)
+        return captioner(pdlm_jax.load(args.checkpoint, dtype=args.dtype, mesh=args.mesh, attention=args.attention))
     dtype = "bfloat16" if args.dtype == "auto" else args.dtype
     start = time.perf_counter()
     handle = load_random(args.random_weights, args.tokenizer, dtype=dtype, mesh=args.mesh, attention=args.attention)

@@ -117,6 +117,7 @@ def run(args) -> tuple[list[dict], dict]:
     import jax
 
     import pdlm_jax
+    from pdlm_jax.api import captioner
     from infer.dataset import DatasetSettings, load_annotations
 
     try:
@@ -125,7 +126,7 @@ def run(args) -> tuple[list[dict], dict]:
         sizes = [0]
     if args.images < 1 or args.repeats < 1 or min(sizes) < 1:
         raise PDLMError("--images, --repeats and every --batch-sizes value must be positive integers")
-    handle = pdlm_jax.load(args.checkpoint)
+    handle = captioner(pdlm_jax.load(args.checkpoint))
     gen_length = args.gen_length or handle.sampler["gen_length"]
     steps = args.steps or handle.sampler["steps"]
     rows = []

@@ -122,6 +122,7 @@ def _check_single_image_args(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> int:
     import pdlm_jax
     from pdlm_jax import compilation_cache
+    from pdlm_jax.api import captioner
     from pdlm_jax.regions.masks import load_masks
     from pdlm_jax.regions.tiling import open_rgb
 
@@ -138,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.annotations:  # dataset mode checks its own arguments, then calls load()
         return _dataset.run_annotations(_dataset.DatasetSettings.from_args(args), load)
     _check_single_image_args(args)
-    handle = load()
+    handle = captioner(load())  # wants_answer sent Base checkpoints to answering above
 
     log.info("captioning %d region(s) of %s: gen_length=%d steps=%d temperature=%g", len(args.masks),
              args.image, args.gen_length, args.steps, args.temperature)

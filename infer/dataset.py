@@ -275,7 +275,9 @@ def _run_selection(settings: DatasetSettings, handle, selection, started: float)
     skipped = len(selected_ids & results.done.keys())
     pending = [(entry, todo) for entry, ids in selection if (todo := set(ids) - results.done.keys())]
     if pending and not hasattr(handle, "caption_batch") and callable(handle):
-        handle = handle()  # load the model only when there is work
+        from pdlm_jax.api import captioner
+
+        handle = captioner(handle())  # load the model only when there is work
 
     stats = _Stats()
     bar = tqdm(total=len(selected_ids), initial=skipped, unit="region", desc="captioning", dynamic_ncols=True)

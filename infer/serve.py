@@ -512,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
 def load_handles(args: argparse.Namespace) -> tuple:
     """(captioner or None, answerer or None), checked before any weight is read."""
     import pdlm_jax
+    from pdlm_jax.answering import QuestionAnswerer
+    from pdlm_jax.api import answerer
     from pdlm_jax.checkpoint import load_config
 
     if args.base_checkpoint and not load_config(args.base_checkpoint).is_base:
@@ -522,9 +524,9 @@ def load_handles(args: argparse.Namespace) -> tuple:
                         "--base-checkpoint only beside a region-captioning --checkpoint")
     load = lambda path: pdlm_jax.load(path, dtype=args.dtype, mesh=args.mesh, attention=args.attention)  # noqa: E731
     first = load(args.checkpoint)
-    if first.cfg.is_base:
+    if isinstance(first, QuestionAnswerer):
         return None, first
-    return first, load(args.base_checkpoint) if args.base_checkpoint else None
+    return first, answerer(load(args.base_checkpoint)) if args.base_checkpoint else None
 
 
 def main(argv: list[str] | None = None) -> int:

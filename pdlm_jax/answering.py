@@ -226,10 +226,6 @@ class QuestionAnswerer:
             result["step_states"] = np.asarray(history)[:, 0].tolist()
         return result
 
-    def caption_regions(self, *args, **kwargs):
-        raise PDLMError("this is a PerceptionDLM-Base checkpoint: it answers questions about the whole image "
-                        "(answer(image, question)); region captioning needs a PerceptionDLM checkpoint")
-
     def _place(self, inputs: dict) -> dict:
         if self.mesh is None:
             return inputs

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pdlm_jax import keymap, pipeline, sharding
+from pdlm_jax.answering import QuestionAnswerer
 from pdlm_jax.asset_paths import DEMO_MODEL
 from pdlm_jax.config import DTYPES, PDLMConfig, SamplerConfig, preset
 from pdlm_jax.errors import PDLMError
@@ -263,10 +264,6 @@ class RegionCaptioner:
             log.info("compiled in %.1f s", compile_seconds)
         return compile_seconds
 
-    def answer(self, *args, **kwargs):
-        raise PDLMError("this is a PerceptionDLM region-captioning checkpoint: give masks to caption_regions; "
-                        "answering questions about a whole image needs a PerceptionDLM-Base checkpoint")
-
     def _history(self, passes: list[_Pass], num_masks: int, gen_length: int) -> np.ndarray:
         """(forwards, num_masks, G): one image's slot tokens after each forward of its passes, in chunk order."""
         current = np.full((num_masks, gen_length), self.tokenizer.special.mask, np.int32)
@@ -291,9 +288,31 @@ class RegionCaptioner:
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
 
+# What `load` returns: the checkpoint's kind decides which. The two share cfg, tokenizer, mesh and limits, but
+# not their methods (caption_regions/caption_batch vs answer); a caller that needs one kind says so with
+# `captioner(handle)` or `answerer(handle)`, which raise a clear PDLMError for the other kind.
+Handle = RegionCaptioner | QuestionAnswerer
+
+
+def captioner(handle: Handle) -> RegionCaptioner:
+    """`handle` itself, if it captions regions; PDLMError for a PerceptionDLM-Base checkpoint."""
+    if not isinstance(handle, RegionCaptioner):
+        raise PDLMError("this is a PerceptionDLM-Base checkpoint: it answers questions about the whole image "
+                        "(answer(image, question)); region captioning needs a PerceptionDLM checkpoint")
+    return handle
+
+
+def answerer(handle: Handle) -> QuestionAnswerer:
+    """`handle` itself, if it answers questions; PDLMError for a region-captioning checkpoint."""
+    if not isinstance(handle, QuestionAnswerer):
+        raise PDLMError("this is a PerceptionDLM region-captioning checkpoint: give masks to caption_regions; "
+                        "answering questions about a whole image needs a PerceptionDLM-Base checkpoint")
+    return handle
+
+
 def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilation_cache: str | Path | None = None,
          mesh: str | dict | Mesh | None = None, attention: str = "auto", adapter: str | Path | None = None,
-         quantize: str | None = None) -> RegionCaptioner:
+         quantize: str | None = None) -> Handle:
     """Load a checkpoint converted by `pdlm-convert` (config, weights, tokenizer) for region captioning (or, for
     a PerceptionDLM-Base checkpoint, question answering). `checkpoint_dir`: a folder, a bucket URL (`gs://...`,
     copied into a local cache once) or `hf://ORG/NAME[@REVISION]` of a Hub repository that holds a pdlm-jax
@@ -362,8 +381,6 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
                       attention_implementation=attention_implementation(attention, DTYPES[dtype]))
     limits = Limits(cfg, tokenizer, position_budget(checkpoint_dir))
     if cfg.is_base:  # PerceptionDLM-Base: question answering (pdlm_jax.answering)
-        from pdlm_jax.answering import QuestionAnswerer
-
         return QuestionAnswerer(cfg, model, tokenizer, mesh, defaults=read_sampler(sampler_source), limits=limits)
     trace = None
     if quantize is not None:

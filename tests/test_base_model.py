@@ -152,8 +152,12 @@ def test_wrong_checkpoint_kind_is_a_clear_error(checkpoint, handle, capsys):
     assert "region-captioning checkpoint" in capsys.readouterr().err
     assert infer_main(["--checkpoint", str(checkpoint), "--image", image]) == 2
     assert "--question is required" in capsys.readouterr().err
+    # the handle's type says what it can do: no caption_regions stub; a caller that needs a captioner asks
+    from pdlm_jax.api import answerer, captioner
+
+    assert not hasattr(handle, "caption_regions") and answerer(handle) is handle
     with pytest.raises(PDLMError, match="PerceptionDLM-Base"):
-        handle.caption_regions(image, [image])
+        captioner(handle)
     with pytest.raises(PDLMError, match="IMG_CONTEXT"):
         handle.answer(image, "what is <IMG_CONTEXT>?")
     half = np.zeros((64, 64, 3), np.uint8)

@@ -17,6 +17,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from pdlm_jax import keymap, sharding
 from pdlm_jax.config import PRESETS, preset
+from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling import PerceptionDLM, param_layout
 from pdlm_jax.modeling.layout import param_shardings, param_specs
 from pdlm_jax.trees import nest
@@ -125,7 +126,26 @@ def test_annotations_reach_the_shardings():
         if m:
             assert spec == specs[f"params/{m.group(2)}"], path
     assert specs["opt/0/count"] == specs["step"] == PartitionSpec()
-    assert specs["adapters/lm/layers/attn/q/kernel_lora_a"] == PartitionSpec(None, None, None)  # unknown: whole
+    assert specs["adapters/lm/layers/attn/q/kernel_lora_a"] == PartitionSpec(None, None, None)  # declared: whole
+
+
+def test_a_leaf_without_logical_axes_is_an_error():
+    """Only declared leaves are replicated: anything else that names no parameter of the model (or names one
+    with another rank) raises, naming the leaf, instead of being silently whole on every device."""
+    cfg = preset("tiny")
+    mesh = AbstractMesh((1, 2, 1), sharding.MESH_AXES)
+    leaf = jax.ShapeDtypeStruct((8, 16), np.float32)
+    with pytest.raises(PDLMError, match="'params/lm/embed/extra_table' is no parameter of the model"):
+        param_specs({"params": {"lm": {"embed": {"extra_table": leaf}}}}, mesh, cfg)
+    with pytest.raises(PDLMError, match="'params/lm/embed/embedding' has 3 dimension"):
+        param_specs({"params": {"lm": {"embed": {"embedding": jax.ShapeDtypeStruct((2, 8, 16), np.float32)}}}},
+                    mesh, cfg)
+    # declared: LoRA adapters, qwix's quantized kernels and scales, scalars (step, optimizer counts)
+    declared = {"adapters": {"lm/layers/attn/q/kernel_lora_a": leaf, "lm/layers/attn/q/kernel_lora_b": leaf},
+                "frozen": {"lm": {"layers": {"attn": {"q": {"kernel": {"array": {"qvalue": leaf, "scale": leaf}}}}}}},
+                "opt": ({"count": jax.ShapeDtypeStruct((), np.int32)},), "step": jax.ShapeDtypeStruct((), np.int32)}
+    for path, spec in _flat(param_specs(declared, mesh, cfg)).items():
+        assert all(axis is None for axis in spec), (path, spec)
 
 
 # ---- make_mesh: jax's device order, its real errors out ---------------------------------------------------

@@ -61,13 +61,14 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
     report the fraction of generated tokens and of captions that agree with it; `annotations`: judge the
     first `scenes` records of this annotation file instead of synthetic scenes."""
     import pdlm_jax
+    from pdlm_jax.api import captioner
     from pdlm_jax.checkpoint import SAMPLER_FILE, sampler_defaults
 
     defaults = sampler_defaults(adapter if adapter and (Path(adapter) / SAMPLER_FILE).exists() else checkpoint)
     gen_length = defaults["gen_length"] if gen_length is None else gen_length
     steps = defaults["steps"] if steps is None else steps
-    model = pdlm_jax.load(checkpoint, dtype=dtype, quantize=quantize, adapter=adapter)
-    plain = pdlm_jax.load(checkpoint, dtype=dtype) if compare else None
+    model = captioner(pdlm_jax.load(checkpoint, dtype=dtype, quantize=quantize, adapter=adapter))
+    plain = captioner(pdlm_jax.load(checkpoint, dtype=dtype)) if compare else None
     agree = {"tokens": 0, "captions": 0, "slots": 0, "plain_correct": 0}
     confusions: dict[str, int] = {}
     by_shapes: dict[int, list[int]] = {}  # number of shapes in the scene -> [correct, regions]
