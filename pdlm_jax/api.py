@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from pdlm_jax import compilation_cache as compilation_cache_lib
 from pdlm_jax import keymap, pipeline, sharding
 from pdlm_jax.answering import QuestionAnswerer
 from pdlm_jax.asset_paths import DEMO_MODEL
@@ -376,7 +377,7 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
         if (Path(adapter) / SAMPLER_FILE).exists():
             sampler_source = adapter
     if compilation_cache is not None:
-        pipeline.enable_compilation_cache(str(compilation_cache))
+        compilation_cache_lib.enable(compilation_cache)
     model = from_tree(cfg, tree, dtype=DTYPES[dtype],
                       attention_implementation=attention_implementation(attention, DTYPES[dtype]))
     limits = Limits(cfg, tokenizer, position_budget(checkpoint_dir))

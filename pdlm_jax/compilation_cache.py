@@ -21,14 +21,21 @@ def default_dir() -> Path:
     return Path(base) / "pdlm-jax" / "xla"
 
 
+def enable(directory: str | os.PathLike) -> None:
+    """Persist compiled programs in `directory` so later processes skip compilation (JAX's persistent cache)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def configure(flag: str | os.PathLike | None = None) -> str | None:
     """Turn the cache on for this process (or leave it off); returns the folder in use, None when off.
 
     flag: a folder, "none", or None for the default described in the module docstring.
     """
     import jax
-
-    from pdlm_jax.pipeline import enable_compilation_cache
 
     if flag is None:
         flag = os.environ.get(ENV)
@@ -37,5 +44,5 @@ def configure(flag: str | os.PathLike | None = None) -> str | None:
     flag = default_dir() if flag is None else flag
     if str(flag) == OFF:
         return None
-    enable_compilation_cache(str(flag))
+    enable(flag)
     return str(flag)

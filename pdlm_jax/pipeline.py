@@ -363,10 +363,3 @@ class CaptionProgram:
             return tokens, forwards, compile_seconds, np.asarray(jax.device_get(history[0]))[:forwards].reshape(
                 forwards, *shape)
         return tokens, forwards, compile_seconds
-
-
-def enable_compilation_cache(directory: str) -> None:
-    """Persist compiled programs on disk so later processes skip compilation (JAX's persistent cache)."""
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

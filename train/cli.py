@@ -176,9 +176,9 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
 
     mesh_sizes = check_devices(cfg, jax.device_count())
     if cfg.run.compilation_cache:
-        from pdlm_jax.pipeline import enable_compilation_cache
+        from pdlm_jax import compilation_cache
 
-        enable_compilation_cache(cfg.run.compilation_cache)
+        compilation_cache.enable(cfg.run.compilation_cache)
     model_cfg = cfg.model_config()
     out = as_path(cfg.run.output_dir)
     tokenizer_dir = init_from.training_tokenizer(cfg, model_cfg, out)
