@@ -26,9 +26,9 @@ def wants_answer(args: argparse.Namespace) -> bool:
     from pdlm_jax.checkpoint import load_config
 
     base = load_config(args.checkpoint).is_base
-    if base and (args.masks or args.demo or getattr(args, "annotations", None)):
+    if base and (args.masks or getattr(args, "annotations", None)):
         raise PDLMError(f"{args.checkpoint} is a PerceptionDLM-Base checkpoint: it answers --question about the "
-                        "whole image and takes no --masks/--demo/--annotations; captioning regions needs a "
+                        "whole image and takes no --masks/--annotations; captioning regions needs a "
                         "PerceptionDLM checkpoint")
     if not base and args.question is not None:
         raise PDLMError(f"{args.checkpoint} is a PerceptionDLM region-captioning checkpoint: --question needs a "
@@ -46,8 +46,12 @@ def run_question(args: argparse.Namespace, load: Callable) -> int:
     from pdlm_jax.answering import CACHE_MODES, answer_defaults
     from pdlm_jax.block_sampling import block_schedule
     from pdlm_jax.checkpoint import read_sampler
+    from pdlm_jax.asset_paths import DEMO_SCENE
     from pdlm_jax.limits import for_checkpoint
+    from pdlm_jax.pipeline import Mode
 
+    if args.demo:
+        args.image = args.image or str(DEMO_SCENE / "image.png")
     if not args.image:
         raise PDLMError("--image is required: the picture the question is about")
     if not Path(args.image).is_file():
@@ -59,9 +63,10 @@ def run_question(args: argparse.Namespace, load: Callable) -> int:
         raise PDLMError(f"--output {args.output}: folder {Path(args.output).resolve().parent} does not exist")
     if args.cache not in CACHE_MODES:
         raise PDLMError(f"--cache must be one of {', '.join(CACHE_MODES)} on a PerceptionDLM-Base checkpoint")
-    if args.unmask != "remask" or args.temperature != 0 or args.visualize:
-        raise PDLMError("PerceptionDLM-Base answering is greedy with the reference's block schedule: "
-                        "--unmask, --temperature and --visualize do not apply")
+    if args.temperature != 0 or args.visualize or args.visualize_steps:
+        raise PDLMError("PerceptionDLM-Base answering is greedy and draws no regions: --temperature, --visualize "
+                        "and --visualize-steps do not apply")
+    Mode.parse("none", args.unmask)
     defaults = answer_defaults(read_sampler(args.checkpoint))
     settings = {key: defaults[key] if getattr(args, key) is None else getattr(args, key)
                 for key in ("gen_length", "block_length", "steps")}
@@ -71,13 +76,15 @@ def run_question(args: argparse.Namespace, load: Callable) -> int:
 
     handle = answerer(load())
     log.info("answering about %s: gen_length=%d block_length=%d steps=%d", args.image, *settings.values())
-    result = handle.answer(args.image, args.question, cache=args.cache, **settings)
+    result = handle.answer(args.image, args.question, cache=args.cache, unmask=args.unmask,
+                           return_steps=args.history, **settings)
     log.info("done in %.2f s (%.2f s compiling), %d forwards", result["seconds"], result["compile_seconds"],
              result["forwards"])
     log.info("answer: %s", result["answer"])
-    if args.output:
+    if args.output:  # stdout is free: the answer, then the file written
         write_json_atomic(args.output, result)
-        log.info("wrote %s", args.output)
+        print(f"{args.question} {result['answer']}")
+        print(f"wrote {args.output}")
     else:
         json.dump(result, sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")

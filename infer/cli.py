@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from pdlm_jax.files import write_json_atomic
-from pdlm_jax.asset_paths import DEMO_MODEL, DEMO_SCENE
+from pdlm_jax.asset_paths import DEMO_BASE_MODEL, DEMO_MODEL, DEMO_SCENE
 from pdlm_jax.errors import PDLMError
 
 log = logging.getLogger("pdlm-infer")
@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="converted checkpoint directory (pdlm-convert or pdlm-train); default: the embedded demo model")
     p.add_argument("--demo", action="store_true",
                    help="caption the bundled demo scene; writes demo_result.json and demo_overlay.png unless "
-                        "--output/--visualize say otherwise")
+                        "--output/--visualize say otherwise. With --question: the embedded Base demo model "
+                        "answers it about the demo scene")
     p.add_argument("--image", help="input image (any format Pillow reads)")
     p.add_argument("--masks", nargs="+", default=[], metavar="MASK",
                    help="one binary mask image per region (nonzero = inside); results keep this order")
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "$XDG_CACHE_HOME/pdlm-jax/xla (~/.cache/pdlm-jax/xla); 'none' turns it off")
     p.add_argument("--history", action="store_true",
                    help="add \"history\" to the result: every region's slot tokens after each denoising step")
+    p.add_argument("--visualize-steps", metavar="PNG",
+                   help="draw the captions after every denoising step as a grid (steps x regions; masked slots "
+                        "as boxes, each step's new tokens highlighted); implies --history")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
     _dataset.add_annotation_args(p)
     _answer.add_question_args(p)
@@ -106,7 +110,8 @@ def _check_single_image_args(args: argparse.Namespace) -> None:
     for what, path in [("image", args.image)] + [(f"mask {i}", m) for i, m in enumerate(args.masks)]:
         if not Path(path).is_file():
             raise PDLMError(f"{what} file {path} does not exist")
-    for flag, path in (("--output", args.output), ("--visualize", args.visualize)):
+    for flag, path in (("--output", args.output), ("--visualize", args.visualize),
+                       ("--visualize-steps", args.visualize_steps)):
         if path and not Path(path).resolve().parent.is_dir():
             raise PDLMError(f"{flag} {path}: folder {Path(path).resolve().parent} does not exist")
     check_settings(args.gen_length, args.steps, args.temperature, args.top_p, len(args.masks),
@@ -133,6 +138,8 @@ def _run(args: argparse.Namespace) -> int:
                              mesh=args.mesh, attention=args.attention, adapter=args.adapter,
                              quantize=None if args.quantize == "none" else args.quantize)
 
+    if args.demo and args.question is not None and args.checkpoint == str(DEMO_MODEL):
+        args.checkpoint = str(DEMO_BASE_MODEL)  # the demo's questions go to the Base demo model
     if _answer.wants_answer(args):
         return _answer.run_question(args, load)
     _fill_defaults(args)
@@ -146,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
     result = handle.caption_regions(args.image, args.masks, gen_length=args.gen_length, steps=args.steps,
                                     temperature=args.temperature, top_p=args.top_p, question=args.prompt,
                                     seed=args.seed, reference_parser=args.reference_parser, cache=args.cache,
-                                    unmask=args.unmask, history=args.history)
+                                    unmask=args.unmask, history=args.history or bool(args.visualize_steps))
     log.info("done in %.2f s (%.2f s compiling), %d forwards, %.2f tokens/forward", result["seconds"],
              result["compile_seconds"], result["forwards"], result["tokens_per_forward"])
     if args.output:  # stdout is free: the captions, one line per region, then the files written
@@ -166,6 +173,13 @@ def _run(args: argparse.Namespace) -> int:
         masks = load_masks(args.masks, image.size)
         save_overlay(args.visualize, image, masks, [r["caption"] for r in result["regions"]])
         print(f"wrote {args.visualize}", file=sys.stdout if args.output else sys.stderr)
+    if args.visualize_steps:
+        from infer.visualize import save_steps
+
+        tokenizer = handle.tokenizer
+        save_steps(args.visualize_steps, result["history"], tokenizer.special.mask,
+                   lambda t: tokenizer.decode([t], skip_special_tokens=False), [r["caption"] for r in result["regions"]])
+        print(f"wrote {args.visualize_steps}", file=sys.stdout if args.output else sys.stderr)
     return 0
 
 

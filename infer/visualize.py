@@ -110,3 +110,67 @@ def save_overlay(path: str | Path, image: Image.Image, masks: Sequence[np.ndarra
     png = io.BytesIO()
     overlay(image, masks, captions).save(png, format="PNG")
     atomic_write(path, png.getvalue())
+
+
+# ---- the denoising steps as a grid ----------------------------------------------------------------------
+
+# slot colours: masked (a box), re-masked by this step (a box), committed by this step, committed earlier; labels
+MASKED, REMASKED, NEW, KEPT, LABEL = (110, 150, 200), (235, 80, 80), (255, 200, 60), (235, 235, 235), (160, 160, 160)
+
+
+def steps_grid(history: np.ndarray, mask_id: int, token_text, captions: Sequence[str] | None = None) -> Image.Image:
+    """One row per denoising step (forward), one column per region: each region's G slots after that step, a
+    masked slot as an empty box (red where the step re-masked a token), a token committed by this step in
+    amber, earlier ones in white. `history`: (steps, regions, G) ids (`caption_regions(history=True)`);
+    `token_text(id)`: one token's text. The last row is followed by the final captions if given."""
+    history = np.asarray(history)
+    steps, regions, slots = history.shape
+    font = ImageFont.load_default(size=15)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    box = int(font.size * 0.8)
+    space = font.size // 3
+
+    def word(t: int) -> str:
+        return token_text(int(t)).replace("\n", "\\n").strip() or "·"
+
+    def width(ids) -> int:
+        return sum((box if t == mask_id else int(measure.textlength(word(t), font=font))) + space for t in ids)
+
+    column = max(max(width(history[s, r]) for s in range(steps) for r in range(regions)), 120) + 2 * space
+    label = int(measure.textlength(f"step {steps}", font=font)) + 3 * space
+    row_h = int(font.size * 1.8)
+    footer = row_h * (1 + regions) if captions is not None else 0
+    canvas = Image.new("RGB", (label + column * regions, row_h * (steps + 1) + footer), (20, 20, 20))
+    draw = ImageDraw.Draw(canvas)
+    for r in range(regions):
+        _draw_tag(draw, (label + r * column + space, 4), str(r), PALETTE[r % len(PALETTE)], font)
+    for s in range(steps):
+        y = row_h * (s + 1) + 4
+        draw.text((space, y), f"step {s + 1}", fill=LABEL, font=font)
+        for r in range(regions):
+            x = label + r * column + space
+            for g, t in enumerate(history[s, r]):
+                before = history[s - 1, r, g] if s else mask_id
+                if t == mask_id:
+                    colour = REMASKED if before != mask_id else MASKED
+                    draw.rectangle((x, y + 3, x + box, y + 3 + box), outline=colour, width=2)
+                    x += box + space
+                    continue
+                text = word(t)
+                draw.text((x, y), text, fill=NEW if before != t else KEPT, font=font)
+                x += int(measure.textlength(text, font=font)) + space
+    if captions is not None:
+        y = row_h * (steps + 1) + 4
+        draw.text((space, y), "captions:", fill=LABEL, font=font)
+        for r, caption in enumerate(captions):
+            y += row_h
+            _draw_tag(draw, (space, y), str(r), PALETTE[r % len(PALETTE)], font)
+            draw.text((label, y), caption or "(empty caption)", fill=KEPT, font=font)
+    return canvas
+
+
+def save_steps(path: str | Path, history, mask_id: int, token_text, captions: Sequence[str] | None = None) -> None:
+    """Write `steps_grid` as a PNG atomically."""
+    png = io.BytesIO()
+    steps_grid(history, mask_id, token_text, captions).save(png, format="PNG")
+    atomic_write(path, png.getvalue())

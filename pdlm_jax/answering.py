@@ -34,6 +34,7 @@ from pdlm_jax.errors import PDLMError
 from pdlm_jax.limits import Limits
 from pdlm_jax.modeling.llada import put_rows, take_rows
 from pdlm_jax.modeling.pdm import PerceptionDLM
+from pdlm_jax.pipeline import Mode
 from pdlm_jax.regions.prompt import build_question_text
 from pdlm_jax.regions.tiling import ImageInput, TiledImage, tile_image
 from pdlm_jax.regions.tokenizer import Tokenizer
@@ -46,8 +47,10 @@ CACHE_MODES = ("none", "prefix")
 
 
 def answer_defaults(sampler: dict | None = None) -> dict:
-    """gen_length, block_length and steps: a checkpoint's sampler.json values over the reference demo's."""
-    return {key: (sampler or {}).get(key, value) for key, value in DEFAULTS.items()}
+    """gen_length, block_length and steps: a checkpoint's sampler.json values over the reference demo's (a
+    block_length it leaves unset is its gen_length: one block)."""
+    stored = {k: v for k, v in (sampler or {}).items() if k in DEFAULTS and v is not None}
+    return {**DEFAULTS, "block_length": stored.get("gen_length", DEFAULTS["block_length"]), **stored}
 
 
 def answer_text(tokenizer: Tokenizer, ids: np.ndarray) -> tuple[str, str]:
@@ -68,6 +71,7 @@ class Bucket:
     block_length: int
     steps: int
     cache: str = "none"
+    unmask: str = "remask"  # or "threshold" (its value is a runtime input)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +105,8 @@ def prepare_question(image: ImageInput | TiledImage, question: str, tokenizer: T
     return PreparedQuestion(tiled, text, ids, image_positions)
 
 
-def program_inputs(prep: PreparedQuestion, bucket: Bucket, pad_id: int) -> dict[str, np.ndarray]:
-    """Device inputs of one question (a batch of one row)."""
+def program_inputs(prep: PreparedQuestion, bucket: Bucket, pad_id: int, threshold: float = 0.9) -> dict[str, np.ndarray]:
+    """Device inputs of one question (a batch of one row); `threshold`: of threshold unmasking."""
     P = len(prep.input_ids)
     ids = np.full(bucket.length, pad_id, np.int32)
     ids[:P] = prep.input_ids
@@ -112,11 +116,13 @@ def program_inputs(prep: PreparedQuestion, bucket: Bucket, pad_id: int) -> dict[
         image_positions=prep.image_positions[None],
         answer_positions=(P + np.arange(bucket.gen_length, dtype=np.int32))[None],
         valid=(np.arange(bucket.length) < P + bucket.gen_length)[None],
+        threshold=np.float32(threshold),
     )
 
 
 def _answer_program(graphdef, state, x: dict, *, cfg: PDLMConfig, mask_id: int, bucket: Bucket):
-    """Answer tokens (Bt, G) and the tokens after every forward (F, Bt, G) for a batch of questions."""
+    """Answer tokens (Bt, G), the tokens after every forward (F, Bt, G; threshold unmasking: G entries, the first
+    `forwards` filled) and the forwards run, for a batch of questions."""
     model = nnx.merge(graphdef, state)
     lm, B = model.lm, bucket.block_length
 
@@ -160,10 +166,14 @@ def _answer_program(graphdef, state, x: dict, *, cfg: PDLMConfig, mask_id: int, 
 
         carry = embeds
 
+    banned = block_sampling.banned_ids(cfg.lm.vocab_size, mask_id)
+    if bucket.unmask == "threshold":
+        return block_sampling.denoise_blocks_threshold(logits_fn, embeds.shape[0], bucket.gen_length, B, x["threshold"],
+                                                       mask_id=mask_id, banned=banned, carry=carry)
     _, counts = block_sampling.block_schedule(bucket.gen_length, B, bucket.steps)
-    return block_sampling.denoise_blocks(logits_fn, embeds.shape[0], bucket.gen_length, B, counts,
-                                         mask_id=mask_id, banned=block_sampling.banned_ids(cfg.lm.vocab_size, mask_id),
-                                         carry=carry)
+    tokens, history = block_sampling.denoise_blocks(logits_fn, embeds.shape[0], bucket.gen_length, B, counts,
+                                                    mask_id=mask_id, banned=banned, carry=carry)
+    return tokens, history, jnp.int32(history.shape[0])
 
 
 class QuestionAnswerer:
@@ -181,9 +191,11 @@ class QuestionAnswerer:
 
     def answer(self, image: ImageInput | TiledImage, question: str, gen_length: int | None = None,
                block_length: int | None = None, steps: int | None = None, cache: str = "none",
-               return_steps: bool = False) -> dict:
+               unmask: str = "remask", return_steps: bool = False) -> dict:
         """Answer `question` about `image` (path, PIL image, uint8 array or `TiledImage`) as the reference's
         `demo/infer_dmllm.py` does (greedy; defaults 128/128/128 or the checkpoint's `sampler.json`).
+        `cache="prefix"` and `unmask="threshold:TAU"` are the opt-in fast modes (module docstring and
+        `block_sampling.denoise_blocks_threshold`); with a threshold, `steps` only has to divide as usual.
 
         Result: {"answer" (the demo's text), "response_raw" (the G tokens decoded with special tokens),
         "token_ids" (the G generated ids), "question", "prompt_length", "image": {width, height, grid, tiles},
@@ -199,31 +211,32 @@ class QuestionAnswerer:
             raise PDLMError("question must be a non-empty string")
         size = image.size if isinstance(image, TiledImage) else self.limits.check_image(image)
         self.limits.check_answer(gen_length, steps, question, size)
-        blocks, counts = block_sampling.block_schedule(gen_length, block_length, steps)
+        block_sampling.block_schedule(gen_length, block_length, steps)  # PDLMError for settings that do not divide
         if cache not in CACHE_MODES:
             raise PDLMError(f"cache mode must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+        mode = Mode.parse("none", unmask)
         prep = prepare_question(image, question, self.tokenizer, self.cfg)
         P = len(prep.input_ids)
         bucket = Bucket(tiles=prep.tiled.num_tiles, length=-(-(P + gen_length) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE,
-                        gen_length=gen_length, block_length=block_length, steps=steps, cache=cache)
-        inputs = self._place(program_inputs(prep, bucket, self.tokenizer.special.eot))
+                        gen_length=gen_length, block_length=block_length, steps=steps, cache=cache, unmask=mode.unmask)
+        inputs = self._place(program_inputs(prep, bucket, self.tokenizer.special.eot, mode.threshold))
         exe, compile_seconds = self._program(bucket, inputs)
-        tokens, history = jax.device_get(exe(self.state, inputs))
-        ids = np.asarray(tokens[0])
+        tokens, history, forwards = jax.device_get(exe(self.state, inputs))
+        ids, forwards = np.asarray(tokens[0]), int(forwards)
         answer, raw = answer_text(self.tokenizer, ids)
-        forwards = blocks * len(counts)
         result = {
             "answer": answer, "response_raw": raw, "token_ids": ids.tolist(), "question": question,
             "prompt_length": P,
             "image": {"width": prep.tiled.size[0], "height": prep.tiled.size[1], "grid": list(prep.tiled.grid),
                       "tiles": prep.tiled.num_tiles},
             "gen_length": gen_length, "block_length": block_length, "steps": steps,
-            "mode": "exact" if cache == "none" else cache,
+            "mode": "+".join(m for m in (cache if cache != "none" else "", mode.name if not mode.exact else "") if m)
+                    or "exact",
             "seconds": time.perf_counter() - start, "compile_seconds": compile_seconds,
             "forwards": forwards, "tokens_per_forward": gen_length / forwards,
         }
         if return_steps:
-            result["step_states"] = np.asarray(history)[:, 0].tolist()
+            result["step_states"] = np.asarray(history)[:forwards, 0].tolist()
         return result
 
     def _place(self, inputs: dict) -> dict:

@@ -315,6 +315,8 @@ class SamplerConfig:
     temperature: float = 0.0
     top_p: float = 1.0  # the reference accepts and ignores top_p; we implement it (nucleus filtering)
     remasking: str = "low_confidence"  # which masked slots a step commits (REMASKING)
+    # PerceptionDLM-Base's block sampler (SPEC-base §B5): answer positions per block; None = gen_length
+    block_length: int | None = None
 
     def __post_init__(self):
         check_remasking(self.remasking)

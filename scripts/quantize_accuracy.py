@@ -29,11 +29,11 @@ def main() -> None:
             quantize.INT4_GROUP = group
         result = evaluate(DEMO_MODEL, args.scenes, dtype="float32", quantize=mode, compare=mode is not None)
         rows.append({"weights": name, **{k: result.get(k, 1.0) for k in ("accuracy", "regions", "token_agreement",
-                                                                        "caption_agreement")}})
+                                                                        "answer_agreement")}})
         print(json.dumps(rows[-1]), flush=True)
     print("| weights | exact captions | captions equal to float32's | tokens equal to float32's |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['weights']} | {r['accuracy']:.1%} of {r['regions']} | {r['caption_agreement']:.1%} | "
+        print(f"| {r['weights']} | {r['accuracy']:.1%} of {r['regions']} | {r['answer_agreement']:.1%} | "
               f"{r['token_agreement']:.1%} |")
     if args.json:
         write_json_atomic(args.json, rows)

@@ -116,6 +116,24 @@ def test_other_schedules_run_with_the_right_forwards(handle):
     assert (states[3, 4:] == 372).all() and (states[3, :4] != 372).all()
 
 
+def test_threshold_unmasking_of_the_blocks(handle):
+    """A threshold near 1 (the random fixture's flat logits never reach it) commits the single most confident
+    position per forward: the exact sampler with one token a step. A threshold below 1/vocabulary, which every
+    argmax exceeds, commits a whole block per forward."""
+    oracle = fixture_oracle(NAME)
+    image = fixture_dir(NAME) / "image.png"
+    exact = handle.answer(image, oracle["question"], gen_length=8, block_length=4, steps=8, return_steps=True)
+    one = handle.answer(image, oracle["question"], gen_length=8, block_length=4, steps=8, unmask="threshold:0.999999",
+                        return_steps=True)
+    assert one["token_ids"] == exact["token_ids"] and one["step_states"] == exact["step_states"]
+    assert one["forwards"] == 8 and one["mode"] == "threshold:0.999999"
+    every = handle.answer(image, oracle["question"], gen_length=8, block_length=4, steps=8, unmask="threshold:1e-06",
+                          cache="prefix", return_steps=True)
+    assert every["forwards"] == 2 and every["mode"] == "prefix+threshold:1e-06"
+    states = np.array(every["step_states"])
+    assert (states[0, :4] != 372).all() and (states[0, 4:] == 372).all() and (states[1] != 372).all()
+
+
 def test_prefix_cache_is_exact_for_a_one_layer_lm(checkpoint):
     """With one LM layer the cached keys/values (the layer's input embeddings projected) cannot go stale: the
     prefix mode's cached steps must then reproduce the exact mode, whatever the schedule."""

@@ -72,6 +72,44 @@ def test_template_and_labels_of_a_multi_turn_record(base_tok, base_cfg):
     assert base_tok.decode(ids) == "".join(text for text, _ in pieces)
 
 
+def test_answer_padding_fills_the_final_answer_with_supervised_eot(base_tok, base_cfg):
+    """data.answer_padding: the last answer (with its <|eot_id|>) is extended with <|eot_id|> to that many tokens,
+    attended and supervised, as LLaDA's SFT pads with EOS; earlier answers and a text already that long are not."""
+    record = {"image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A box."},
+        {"from": "human", "value": "And its colour?"}, {"from": "gpt", "value": "Red."}]}
+    conv = conversations.parse_conversation(record, "f.json record 0")
+    plain_ids, plain_labels = conversations.sample_tokens(conv, 1, base_cfg, base_tok, 1000)
+    last = len(base_tok.encode("Red.<|eot_id|>"))
+    ids, labels = conversations.sample_tokens(conv, 1, base_cfg, base_tok, 1000, answer_padding=last + 5)
+    eot = base_tok.special.eot
+    np.testing.assert_array_equal(ids, np.concatenate([plain_ids, [eot] * 5]))
+    np.testing.assert_array_equal(labels, np.concatenate([plain_labels, [eot] * 5]))
+    short = conversations.sample_tokens(conv, 1, base_cfg, base_tok, 1000, answer_padding=last)
+    np.testing.assert_array_equal(short[0], plain_ids)
+
+
+def test_synthetic_questions_as_training_samples(base_tok, base_cfg):
+    """data.synthetic_scenes on a Base model: the scene's questions as turns, answers supervised, deterministic."""
+    from train import synthetic
+
+    source = conversations.SyntheticConversations(8, 3, base_cfg, base_tok, 4096, answer_padding=8)
+    for i in range(8):
+        conv, image = source.sample_input(i)
+        scene = synthetic.make_scene(3, i)
+        assert np.array_equal(np.asarray(image), scene.image)
+        truth = {q: a for _, q, a in synthetic.questions(scene)}
+        turns = [(u.text.removeprefix("<image>\n"), a.text) for u, a in zip(conv.turns[::2], conv.turns[1::2])]
+        assert 1 <= len(turns) <= source.QA_TURNS and all(truth[q] == a for q, a in turns)
+        sample = conversations.build_sample(conv, image, base_cfg, base_tok, 4096, answer_padding=8)
+        labels = sample.labels[sample.labels != IGNORE]
+        pad = max(8 - len(base_tok.encode(turns[-1][1] + "<|eot_id|>")), 0)  # the last answer, padded to 8 tokens
+        assert base_tok.decode(labels).endswith(turns[-1][1] + "<|eot_id|>" * (1 + pad))
+        assert source.sample_input(i)[0] == conv
+    with pytest.raises(PDLMError, match="length"):
+        conversations.SyntheticConversations(8, 3, base_cfg, base_tok, 10)  # the image would be cut
+
+
 def test_roles_follow_the_reference(base_tok, base_cfg):
     """{from, value}: system dropped. {role, content}: every role but user, system included, is a supervised
     assistant turn (T8.7)."""

@@ -1,4 +1,5 @@
-"""The synthetic demo task and the demo tokenizer."""
+"""The synthetic task of the demo models (its definition in train/synthetic.py, checked here from the pixels) and
+the demo tokenizer."""
 
 from __future__ import annotations
 
@@ -10,8 +11,17 @@ from pdlm_jax.regions.tokenizer import Tokenizer
 from train import demo, synthetic
 
 
+def _place(mask: np.ndarray) -> str:
+    """The task's place words, measured from a mask: its centroid's third of the height and of the width."""
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    row = ("top", "middle", "bottom")[int((ys.mean() + 0.5) / h * 3)]
+    column = ("left", "center", "right")[int((xs.mean() + 0.5) / w * 3)]
+    return "in the center" if (row, column) == ("middle", "center") else f"in the {row} {column}"
+
+
 def test_scenes_follow_the_task_definition():
-    counts = set()
+    counts, sizes = set(), set()
     for i in range(60):
         scene = synthetic.make_scene(11, i)
         h, w, _ = scene.image.shape
@@ -20,11 +30,16 @@ def test_scenes_follow_the_task_definition():
         counts.add(len(scene.masks))
         union = np.zeros((h, w), int)
         for mask, caption in zip(scene.masks, scene.captions):
-            a, color, shape = caption.split(" ")
+            words = caption.split(" ")
+            a, size, color, shape = words[:4]
             assert a == "a" and color in synthetic.COLORS and shape in synthetic.SHAPES
+            area = mask.mean()
+            assert {"small": 0.005 <= area <= 0.025, "large": 0.05 <= area <= 0.15}[size], (caption, area)
+            sizes.add(size)
+            assert " ".join(words[4:]) == _place(mask)
             ys, xs = np.nonzero(mask)
-            side = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
-            assert side >= min(h, w) / 8 - 1  # minimum width >= 1/8 of the shorter side, less rasterisation
+            for centre, side in (((xs.mean() + 0.5) / w, 1), ((ys.mean() + 0.5) / h, 1)):
+                assert min(abs(centre - 1 / 3), abs(centre - 2 / 3)) >= 0.04 * side  # clear of the third lines
             union += mask
             # the shape is drawn in a shade of its colour's hue
             r, g, b = scene.image[ys[len(ys) // 2], xs[len(xs) // 2]] / 255.0
@@ -37,8 +52,50 @@ def test_scenes_follow_the_task_definition():
         background = scene.image[union == 0]
         assert (background == background[0]).all()
         assert background[0].min() >= 190  # light: HSV value >= 0.88 and saturation <= 0.15
-    assert counts == set(range(1, 7))
+    assert counts == set(range(1, 7)) and sizes == {"small", "large"}
     np.testing.assert_array_equal(synthetic.make_scene(11, 3).image, synthetic.make_scene(11, 3).image)
+
+
+def test_questions_follow_the_task_definition():
+    """Every question a scene admits, checked against the captions; and only those questions."""
+    numbers = ["one", "two", "three", "four", "five", "six"]
+    for i in range(40):
+        scene = synthetic.make_scene(7, i)
+        described = [c.split(" ") for c in scene.captions]
+        things = [(w[2], w[3]) for w in described]  # (colour, shape)
+        asked = {q: (kind, a) for kind, q, a in synthetic.questions(scene)}
+        assert asked.pop("How many shapes are there?") == ("count", numbers[len(things) - 1])
+        for shape in synthetic.SHAPES:
+            of_shape = [c for c, s in things if s == shape]
+            expected = ("color", of_shape[0]) if len(of_shape) == 1 else None
+            assert asked.pop(f"What color is the {shape}?", None) == expected
+        for color in synthetic.COLORS:
+            of_color = [s for c, s in things if c == color]
+            expected = ("shape", of_color[0]) if len(of_color) == 1 else None
+            assert asked.pop(f"Which shape is {color}?", None) == expected
+            for shape in synthetic.SHAPES:
+                assert asked.pop(f"Is there a {color} {shape}?") == ("exists", "yes" if (color, shape) in things else "no")
+                n = things.count((color, shape))
+                expected = ("where", _place(scene.masks[things.index((color, shape))])) if n == 1 else None
+                assert asked.pop(f"Where is the {color} {shape}?", None) == expected
+        assert not asked
+        picked = synthetic.one_question_per_type(scene, np.random.default_rng(i))
+        assert [k for k, _, _ in picked] == [k for k in synthetic.QUESTION_TYPES
+                                             if any(q[0] == k for q in synthetic.questions(scene))]
+
+
+def test_conversations_ask_distinct_questions_and_balance_yes_and_no():
+    answers = []
+    for i in range(200):
+        scene = synthetic.make_scene(3, i)
+        messages = synthetic.conversation(scene, np.random.default_rng(i), 4)
+        questions = [m["value"].removeprefix("<image>\n") for m in messages[::2]]
+        assert messages[0]["value"].startswith("<image>\n") and 1 <= len(questions) <= 4
+        assert len(set(questions)) == len(questions)
+        truth = {q: a for _, q, a in synthetic.questions(scene)}
+        assert [m["value"] for m in messages[1::2]] == [truth[q] for q in questions]
+        answers += [truth[q] for q in questions if q.startswith("Is there")]
+    assert 0.4 < answers.count("yes") / len(answers) < 0.6
 
 
 def test_demo_tokenizer_has_every_special_token_and_one_token_per_word(tmp_path):
@@ -46,10 +103,11 @@ def test_demo_tokenizer_has_every_special_token_and_one_token_per_word(tmp_path)
     tok = Tokenizer(tmp_path)  # resolves every special token by string
     for token in demo.SPECIAL_TOKENS:
         assert tok.token_id(token) is not None
-    for color in synthetic.COLORS:
-        for shape in synthetic.SHAPES:
-            ids = tok.encode(f"a {color} {shape}")
-            assert len(ids) == 3 and tok.decode(ids) == f"a {color} {shape}"
+    for text in ["a small red circle in the top left", "a large yellow triangle in the center", "one", "six", "yes",
+                 "in the bottom right", "square", "green"]:
+        ids = tok.encode(text)
+        assert len(ids) == len(text.split()) and tok.decode(ids) == text
+    assert tok.vocab_size <= demo.VOCAB_SIZE
 
 
 def test_rotated_fraction_turns_squares_off_the_axes():
@@ -58,7 +116,7 @@ def test_rotated_fraction_turns_squares_off_the_axes():
         for i in range(40):
             scene = synthetic.make_scene(5, i, rotated=rotated)
             for mask, caption in zip(scene.masks, scene.captions):
-                if caption.endswith("square"):
+                if " square " in caption:
                     ys, xs = np.nonzero(mask)
                     fills.append(mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
     assert min(fill[0.0]) > 0.9  # axis-aligned squares fill their boxes

@@ -303,7 +303,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
         if jax.process_count() > 1:  # every process takes part in gathering the sharded params
             from jax.experimental import multihost_utils
             params, adapters = multihost_utils.process_allgather((params, adapters), tiled=True)
-        sampler = None if model_cfg.is_base else cfg.sampler()
+        sampler = cfg.exported_sampler(model_cfg)
         provenance = {"config": cfg.to_dict(), "steps": step, "planned_steps": planned, "complete": complete,
                       "skipped_records": len(pipe.skipped), "final_loss": losses[-1:]}
         path = checkpointing.export(out / "export", model_cfg, params, tokenizer_dir, sampler, provenance)

@@ -151,6 +151,11 @@ class TrainConfig:
         stored = {k: v for k, v in stored.items() if k in SAMPLER_FIELDS}
         return SamplerConfig(**{**stored, **(self.model.sampler or {})})
 
+    def exported_sampler(self, model_cfg: PDLMConfig) -> SamplerConfig | None:
+        """The sampler.json an export carries: `sampler()`; a Base model's only where model.sampler sets it (the
+        block sampler has its own defaults, answering.DEFAULTS)."""
+        return self.sampler() if not model_cfg.is_base or self.model.sampler else None
+
 
 def with_kind(cfg: PDLMConfig, kind: str, from_checkpoint: bool = False) -> PDLMConfig:
     """`cfg` as a model of `kind`. A region model from Base geometry gets the region model's own vision code
@@ -255,6 +260,7 @@ RANGES = (
     ("data.threads", lambda v: v >= 1, "at least 1"),
     ("data.prefetch", lambda v: v >= 0, "at least 0"),
     ("data.synthetic_scenes", lambda v: v >= 0, "at least 0"),
+    ("data.answer_padding", lambda v: v >= 0, "at least 0 (0: no padding)"),
     ("data.group_divisor", lambda v: v > 0, "positive"),
     ("eval.batch_size", lambda v: v >= 1, "at least 1"),
     ("eval.max_records", lambda v: v >= 0, "at least 0"),

@@ -172,9 +172,11 @@ def render(turns: Sequence[Turn], image_text: str | None) -> tuple[str, list[tup
 
 
 def sample_tokens(conv: Conversation, num_tiles: int, cfg: PDLMConfig, tokenizer: Tokenizer,
-                  max_length: int) -> tuple[np.ndarray, np.ndarray]:
+                  max_length: int, answer_padding: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(ids, labels) of a conversation whose image has `num_tiles` tiles, cut to `max_length` tokens; PDLMError
-    if the cut would drop image tokens or every answer token."""
+    if the cut would drop image tokens or every answer token. `answer_padding` (data.answer_padding): a
+    conversation ending in an answer gets `<|eot_id|>` tokens after it, attended and supervised, until that
+    answer spans this many tokens."""
     n = num_tiles * cfg.region.num_image_tokens if conv.image is not None else 0
     image_text = "<img>" + "<IMG_CONTEXT>" * n + "</img>" if conv.image is not None else None
     ids, answer = tokenizer.encode_marked(*render(conv.turns, image_text))
@@ -182,6 +184,10 @@ def sample_tokens(conv: Conversation, num_tiles: int, cfg: PDLMConfig, tokenizer
     if int(np.sum(ids == image_token)) != n:
         raise PDLMError("the text contains '<IMG_CONTEXT>', reserved for image features; remove it")
     labels = np.where(answer & (ids != image_token), ids, IGNORE).astype(np.int32)
+    if answer_padding and labels[-1] != IGNORE:
+        last = len(ids) - np.flatnonzero(labels[::-1] == IGNORE)[0]  # where the final answer starts
+        pad = np.full(max(answer_padding - (len(ids) - last), 0), tokenizer.special.eot, ids.dtype)
+        ids, labels = np.concatenate([ids, pad]), np.concatenate([labels, pad.astype(np.int32)])
     if len(ids) > max_length:
         if np.any(ids[max_length:] == image_token):
             raise PDLMError(f"the sample has {len(ids)} tokens and its image ends past the largest of "
@@ -217,7 +223,7 @@ def _load_image(ref: Any) -> Image.Image:
 
 
 def build_sample(conv: Conversation, image: Image.Image | None, cfg: PDLMConfig, tokenizer: Tokenizer,
-                 max_length: int):
+                 max_length: int, answer_padding: int = 0):
     """One unpadded training sample (train.data.TrainBatch, without regions): full attention among its tokens."""
     region = cfg.region
     if image is not None:
@@ -225,7 +231,7 @@ def build_sample(conv: Conversation, image: Image.Image | None, cfg: PDLMConfig,
         pixels, grid, num_tiles = tiled.pixel_values, tiled.grid, tiled.num_tiles
     else:  # the reference's all-zero dummy tile, whose features go nowhere
         pixels, grid, num_tiles = np.zeros((1, region.image_size, region.image_size, 3), np.float32), (1, 1), 1
-    ids, labels = sample_tokens(conv, num_tiles, cfg, tokenizer, max_length)
+    ids, labels = sample_tokens(conv, num_tiles, cfg, tokenizer, max_length, answer_padding)
     L, n, g = len(ids), num_tiles * region.num_image_tokens, cfg.vision.grid_size
     image_positions = np.flatnonzero(ids == tokenizer.special.image_context).astype(np.int32)
     if image is None:
@@ -253,7 +259,8 @@ class ConversationSource:
     docstring); `skipped` lists the messages of the records left out with on_bad_record="skip"."""
 
     def __init__(self, paths: Sequence[str], cfg: PDLMConfig, tokenizer: Tokenizer, max_length: int,
-                 max_tiles: int, image_root: str | None = None, on_bad_record: str = "error"):
+                 max_tiles: int, image_root: str | None = None, on_bad_record: str = "error",
+                 answer_padding: int = 0):
         self.name = ", ".join(map(str, paths))
         self.records: list[tuple[Conversation, Any]] = []  # (conversation, resolved image or None)
         self.skipped: list[str] = []
@@ -263,7 +270,7 @@ class ConversationSource:
                     conv = parse_conversation(raw, where)
                     try:
                         image = self._check(conv, as_path(path).parent, image_root, cfg, tokenizer, max_length,
-                                            max_tiles)
+                                            max_tiles, answer_padding)
                     except PDLMError as e:
                         raise PDLMError(f"{where}: {e}") from None
                     self.records.append((conv, image))
@@ -272,7 +279,8 @@ class ConversationSource:
                             + (f" ({len(self.skipped)} skipped; first: {self.skipped[0]})" if self.skipped else ""))
 
     @staticmethod
-    def _check(conv: Conversation, base, image_root, cfg, tokenizer, max_length: int, max_tiles: int) -> Any:
+    def _check(conv: Conversation, base, image_root, cfg, tokenizer, max_length: int, max_tiles: int,
+               answer_padding: int) -> Any:
         """The record's image (resolved path, data URL or None) if its sample fits, else PDLMError."""
         image, tiles = None, 1
         if conv.image is not None:
@@ -280,11 +288,18 @@ class ConversationSource:
             tiles = _num_tiles(_image_size(image), cfg)
         if tiles > max_tiles:
             raise PDLMError(f"the image needs {tiles} tiles but the largest of data.tile_buckets is {max_tiles}")
-        sample_tokens(conv, tiles, cfg, tokenizer, max_length)
+        sample_tokens(conv, tiles, cfg, tokenizer, max_length, answer_padding)
         return image
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def label(self, index: int) -> str:
+        return self.records[index][0].where
+
+    def sample_input(self, index: int) -> tuple[Conversation, Image.Image | None]:
+        conv, image_ref = self.records[index]
+        return conv, _load_image(image_ref) if image_ref is not None else None
 
     def items(self) -> np.ndarray:
         """(N, 3) items in the layout of train.data.build_items: one per record, (record, 0, 1)."""
@@ -292,19 +307,65 @@ class ConversationSource:
         return np.stack([np.arange(n), np.zeros(n, int), np.ones(n, int)], 1)
 
 
-def make_sources(data, cfg: PDLMConfig, tokenizer: Tokenizer) -> list[ConversationSource]:
-    """data.annotations as conversation files: one source, or (with data.weights) one per file."""
+class SyntheticConversations:
+    """The synthetic shapes task (train.synthetic) as Base conversations: scene `i` of data.synthetic_seed with
+    1..QA_TURNS questions about it, drawn from (seed, i) alone."""
+
+    QA_TURNS = 4
+
+    def __init__(self, num_scenes: int, seed: int, cfg: PDLMConfig, tokenizer: Tokenizer, max_length: int,
+                 answer_padding: int = 0):
+        from train import synthetic
+
+        self.name, self.num_scenes, self.seed, self.skipped = "synthetic task", int(num_scenes), int(seed), []
+        # the longest conversation there can be is checked as a record of a file is (T5.4)
+        longest = sorted(synthetic.questions(synthetic.make_scene(0, 0, num_shapes=1)), key=lambda q: -len(q[1]))
+        answer = synthetic.Item("circle", "red", "small", 0, 0).place  # "in the top left": the longest answer
+        turns = [Turn("user", IMAGE_TAG + q) if i == 0 else Turn("user", q) for i, (_, q, _) in
+                 enumerate(longest[: self.QA_TURNS])]
+        conv = Conversation(self.name, "synthetic", tuple(t for u in turns for t in (u, Turn("assistant", answer))))
+        region = cfg.region
+        sample_tokens(conv, region.max_tiles + (region.use_thumbnail and region.max_tiles > 1), cfg, tokenizer,
+                      max_length, answer_padding)
+
+    def __len__(self) -> int:
+        return self.num_scenes
+
+    def label(self, index: int) -> str:
+        return f"synthetic scene {index}"
+
+    def sample_input(self, index: int) -> tuple[Conversation, Image.Image]:
+        from train import synthetic
+
+        scene = synthetic.make_scene(self.seed, index)
+        messages = synthetic.conversation(scene, np.random.default_rng([self.seed, index, 1]), self.QA_TURNS)
+        conv = parse_conversation({"image": "synthetic", "conversations": messages}, self.label(index))
+        return conv, Image.fromarray(scene.image)
+
+    def items(self) -> np.ndarray:
+        n = len(self)
+        return np.stack([np.arange(n), np.zeros(n, int), np.ones(n, int)], 1)
+
+
+def make_sources(data, cfg: PDLMConfig, tokenizer: Tokenizer) -> list:
+    """data.annotations as conversation files (one source, or with data.weights one per file), then the
+    synthetic task's questions if data.synthetic_scenes > 0."""
+    if not data.annotations and data.synthetic_scenes <= 0:
+        raise PDLMError("no training data: set data.annotations to conversation files (JSON or JSONL) and/or "
+                        "data.synthetic_scenes")
+    n_sources = (len(data.annotations) if data.weights else min(len(data.annotations), 1)) + (data.synthetic_scenes > 0)
+    if data.weights and len(data.weights) != n_sources:
+        raise PDLMError(f"data.weights: give one weight per conversation file ({len(data.annotations)})"
+                        f"{' plus one for the synthetic task' if data.synthetic_scenes > 0 else ''} to mix them, "
+                        f"got {list(data.weights)}")
+    files = [[f] for f in data.annotations] if data.weights else [list(data.annotations)] if data.annotations else []
+    max_length = max(data.length_buckets)
+    sources: list = [ConversationSource(f, cfg, tokenizer, max_length, max(data.tile_buckets), data.image_root,
+                                        data.on_bad_record, data.answer_padding) for f in files]
     if data.synthetic_scenes > 0:
-        raise PDLMError("data.synthetic_scenes makes region-captioning samples; a PerceptionDLM-Base model trains "
-                        "on conversation files in data.annotations")
-    if not data.annotations:
-        raise PDLMError("no training data: set data.annotations to conversation files (JSON or JSONL)")
-    if data.weights and len(data.weights) != len(data.annotations):
-        raise PDLMError(f"data.weights: give one weight per conversation file ({len(data.annotations)}) to mix "
-                        f"them, got {list(data.weights)}")
-    files = [[f] for f in data.annotations] if data.weights else [list(data.annotations)]
-    return [ConversationSource(f, cfg, tokenizer, max(data.length_buckets), max(data.tile_buckets),
-                               data.image_root, data.on_bad_record) for f in files]
+        sources.append(SyntheticConversations(data.synthetic_scenes, data.synthetic_seed, cfg, tokenizer, max_length,
+                                              data.answer_padding))
+    return sources
 
 
 class SampleBuilder:
@@ -312,6 +373,7 @@ class SampleBuilder:
 
     def __init__(self, source: ConversationSource, data, model: PDLMConfig, tokenizer_path: str, num_items: int):
         self.source, self.model, self.max_length = source, model, max(data.length_buckets)
+        self.answer_padding = data.answer_padding
         self.tokenizer_path = tokenizer_path
         self._tokenizer: Tokenizer | None = None
 
@@ -321,9 +383,9 @@ class SampleBuilder:
     def __call__(self, index: int, item: np.ndarray):
         if self._tokenizer is None:
             self._tokenizer = Tokenizer(self.tokenizer_path, base=True)
-        conv, image_ref = self.source.records[int(item[0])]
+        index = int(item[0])
         try:
-            image = _load_image(image_ref) if image_ref is not None else None
-            return build_sample(conv, image, self.model, self._tokenizer, self.max_length)
+            conv, image = self.source.sample_input(index)
+            return build_sample(conv, image, self.model, self._tokenizer, self.max_length, self.answer_padding)
         except PDLMError as e:
-            raise PDLMError(f"{conv.where}: {e}") from e
+            raise PDLMError(f"{self.source.label(index)}: {e}") from e

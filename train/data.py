@@ -72,6 +72,10 @@ class DataConfig:
     # of these that fits the batch (at most its length bucket). Empty: A = the length bucket.
     answer_buckets: tuple[int, ...] = ()
     question: str = DEFAULT_QUESTION
+    # Base conversations: extend the final answer with <|eot_id|> to this many tokens, attended and supervised,
+    # as LLaDA's SFT pads with EOS (SPEC-train-base T8.4: the reference, 0, never teaches a model to fill the
+    # block sampler's G-token canvas; LLaDA-initialised models learned it before). Set it to the gen_length.
+    answer_padding: int = 0
     workers: int = 0  # grain worker processes (0 = in-process)
     threads: int = 2  # grain reader threads per process (each builds whole batches)
     prefetch: int = 4  # batches read ahead per process (each worker too)

@@ -24,11 +24,17 @@ SPECIAL_TOKENS = (
     + [f"<Prompt{i}>" for i in range(6)]
     + ["<NO_Prompt>"]
 )
-# Text the tokenizer must encode compactly: the fixed prompt and every caption word.
-CORPUS = (
-    ["system", "user", "assistant", "You are a helpful assistant.", "Describe each masked region in detail."]
-    + [f"a {c} {s}" for c in synthetic.COLORS for s in synthetic.SHAPES]
-)
+# Text the tokenizer must encode compactly: the fixed prompts, every question and every answer word
+# (captions and answers start right after a special token, hence the forms without a leading space too).
+ANSWERS = sorted({a for c in synthetic.COLORS for s in synthetic.SHAPES for a in (
+    *synthetic.NUMBERS, c, s, "yes", "no",
+    *(synthetic.Item(s, c, z, r, k).place for z in synthetic.SIZES for r in range(3) for k in range(3)))})
+CAPTIONS = sorted({synthetic.Item(s, c, z, r, k).caption for c in synthetic.COLORS for s in synthetic.SHAPES
+                   for z in synthetic.SIZES for r in range(3) for k in range(3)})
+QUESTIONS = sorted({q for i in range(200) for _, q, _ in synthetic.questions(synthetic.make_scene(0, i))})
+CORPUS = (["system", "user", "assistant", "You are a helpful assistant.", "Describe each masked region in detail."]
+          + CAPTIONS + QUESTIONS + ANSWERS)
+VOCAB_SIZE = 512  # the demo models' embedding rows: the tokenizer's ids rounded up
 DEMO_SCENE_INDEX = 4  # the first held-out 5-shape scene with all four colours and all three shapes
 DEMO_SCENE_SEED = 12345
 
@@ -40,14 +46,14 @@ def build_tokenizer(out_dir: str | Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, min_frequency=1, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - len(SPECIAL_TOKENS), min_frequency=1,
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS * 50, trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
-    for c in synthetic.COLORS:
-        for s in synthetic.SHAPES:
-            ids = tok.encode(f"a {c} {s}").ids
-            assert len(ids) == 3, (c, s, ids)  # the demo's gen_length is one slot per word
+    for text in CAPTIONS + ANSWERS:  # one token per word: caption slots and answer blocks stay short
+        ids = tok.encode(text).ids
+        assert len(ids) == len(text.split()), (text, tok.encode(text).tokens)
+    assert tok.get_vocab_size() <= VOCAB_SIZE, tok.get_vocab_size()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))

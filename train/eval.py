@@ -1,14 +1,21 @@
-"""Exact-caption accuracy of a model on freshly generated synthetic scenes (the demo task) or the records of an
-annotation file.
+"""Accuracy of a model on freshly generated held-out scenes of the synthetic task (the demo models) or on the
+records of an annotation file, through the real inference path.
 
-    python -m train.eval --checkpoint DIR --scenes N [--seed S]
-    python -m train.eval --checkpoint DIR [--adapter DIR] --annotations FILE [--scenes N]
+    python -m train.eval [--checkpoint DIR] --scenes N [--seed S]             # region model: exact captions
+    python -m train.eval --checkpoint DIR [--adapter DIR] --annotations FILE  # ... of annotation records
+    python -m train.eval --checkpoint BASE_DIR --scenes N                     # Base model: exact answers
+    python -m train.eval ... --modes exact,prefix,threshold:0.9 [--repeats 3] [--json FILE]   # fast modes
 
-Scenes come from a seed stream the training never used; every region is captioned through the real
-inference path (`pdlm_jax.load(...).caption_regions`, as `pdlm-infer`) with the generation settings
-stored with the model (sampler.json) unless given. A region counts as correct when its caption equals
-the annotation ("a {color} {shape}") ignoring case and punctuation. pdlm-train's periodic evaluation
-judges captions with the same function (`judge`).
+Scenes come from a seed stream the training never used. A region model captions every region
+(`pdlm_jax.load(...).caption_regions`, as `pdlm-infer`); a region counts as correct when its caption equals
+the annotation ignoring case and punctuation, and each attribute of the task's grammar (size, colour, shape,
+place) is scored on its own. A PerceptionDLM-Base model is asked one question of every type the scene admits
+(`train.synthetic.one_question_per_type`) and scored per type. Generation settings are the model's
+(sampler.json) unless given. pdlm-train's periodic evaluation judges captions with the same function (`judge`).
+
+`--modes` runs the held-out scenes once per sampler mode and prints one table (forwards per image, seconds per
+image as the median of `--repeats` timed passes with compilation left out, its ratio to the exact mode, accuracy,
+and token agreement with the exact mode).
 """
 
 from __future__ import annotations
@@ -16,15 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from pdlm_jax.asset_paths import DEMO_MODEL
 from pdlm_jax.errors import PDLMError
 from train import synthetic
 
 HELD_OUT_SEED = 1_000_003  # training uses small seeds
+ATTRIBUTES = ("size", "color", "shape", "place")
 
 
 def normalise(text: str) -> str:
@@ -53,75 +64,195 @@ def _scenes(scenes: int, seed: int, rotated: float, colors: tuple[str, ...], ann
         yield record.image, record.masks, record.captions
 
 
-def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen_length: int | None = None,
-             steps: int | None = None, dtype: str = "auto", verbose: bool = False, cache: str = "none",
-             unmask: str = "remask", rotated: float = 0.0, quantize: str | None = None, adapter: str | None = None,
-             colors: tuple[str, ...] = synthetic.COLORS, compare: bool = False, annotations: str | None = None) -> dict:
-    """`quantize` / `adapter` as `pdlm_jax.load`; `compare`: also run the plain checkpoint (same dtype) and
-    report the fraction of generated tokens and of captions that agree with it; `annotations`: judge the
-    first `scenes` records of this annotation file instead of synthetic scenes."""
-    import pdlm_jax
-    from pdlm_jax.api import captioner
-    from pdlm_jax.checkpoint import SAMPLER_FILE, sampler_defaults
+def _rate(tallies: dict) -> dict:
+    return {k: {"correct": c, "total": n, "accuracy": c / n} for k, (c, n) in sorted(tallies.items())}
 
-    defaults = sampler_defaults(adapter if adapter and (Path(adapter) / SAMPLER_FILE).exists() else checkpoint)
-    gen_length = defaults["gen_length"] if gen_length is None else gen_length
-    steps = defaults["steps"] if steps is None else steps
-    model = captioner(pdlm_jax.load(checkpoint, dtype=dtype, quantize=quantize, adapter=adapter))
-    plain = captioner(pdlm_jax.load(checkpoint, dtype=dtype)) if compare else None
-    agree = {"tokens": 0, "captions": 0, "slots": 0, "plain_correct": 0}
+
+def _add(tallies: dict, key, ok: bool) -> None:
+    t = tallies.setdefault(key, [0, 0])
+    t[0] += ok
+    t[1] += 1
+
+
+def caption_run(model, scenes: int, seed: int, settings: dict, rotated: float = 0.0,
+                colors: tuple[str, ...] = synthetic.COLORS, annotations: str | None = None,
+                verbose: bool = False) -> dict:
+    """One pass of a RegionCaptioner over the held-out scenes: the tallies and every region's tokens."""
+    tallies = {"all": {}, "by_num_shapes": {}, "by_color": {}, "by_attribute": {}}
     confusions: dict[str, int] = {}
-    by_shapes: dict[int, list[int]] = {}  # number of shapes in the scene -> [correct, regions]
-    by_color: dict[str, list[int]] = {}  # colour word of the true caption -> [correct, regions]
-    start = time.perf_counter()
-    settings = dict(gen_length=gen_length, steps=steps, cache=cache, unmask=unmask)
+    tokens, seconds, forwards = [], 0.0, []
     for i, (image, masks, captions) in enumerate(_scenes(scenes, seed, rotated, colors, annotations)):
         result, oks = judge(model, image, masks, captions, **settings)
-        if plain is not None:
-            baseline, plain_oks = judge(plain, image, masks, captions, **settings)
-            agree["plain_correct"] += sum(plain_oks)
-            for a, b in zip(result["regions"], baseline["regions"]):
-                agree["tokens"] += sum(x == y for x, y in zip(a["token_ids"], b["token_ids"]))
-                agree["slots"] += len(a["token_ids"])
-                agree["captions"] += a["caption"] == b["caption"]
-        tally = by_shapes.setdefault(len(masks), [0, 0])
+        seconds += result["seconds"] - result["compile_seconds"]
+        forwards.append(result["forwards"])
         for truth, region, ok in zip(captions, result["regions"], oks):
-            words = truth.split()
-            for t in (tally, by_color.setdefault(words[1] if len(words) == 3 else "other", [0, 0])):
-                t[0] += ok
-                t[1] += 1
+            tokens.append(region["token_ids"])
+            _add(tallies["all"], "regions", ok)
+            _add(tallies["by_num_shapes"], len(masks), ok)
+            true_words = synthetic.parse_caption(normalise(truth))
+            said = synthetic.parse_caption(normalise(region["caption"])) or {}
+            _add(tallies["by_color"], true_words["color"] if true_words else "other", ok)
+            for attribute in ATTRIBUTES if true_words else ():
+                _add(tallies["by_attribute"], attribute, said.get(attribute) == true_words[attribute])
             if not ok:
                 key = f"{truth} -> {region['caption']!r}"
                 confusions[key] = confusions.get(key, 0) + 1
                 if verbose:
                     print(f"scene {i}: {key}", file=sys.stderr)
-    correct, total = (sum(t[j] for t in by_shapes.values()) for j in (0, 1))
-    return {"scenes": scenes, "annotations": annotations, "regions": total, "correct": correct,
-            "accuracy": correct / max(total, 1),
-            "by_num_shapes": {k: {"correct": c, "regions": n, "accuracy": c / n}
-                              for k, (c, n) in sorted(by_shapes.items())},
-            "by_color": {k: {"correct": c, "regions": n, "accuracy": c / n} for k, (c, n) in sorted(by_color.items())},
-            "gen_length": gen_length, "steps": steps, "cache": cache, "unmask": unmask, "dtype": dtype,
-            "rotated": rotated, "colors": list(colors), "quantize": quantize, "adapter": adapter,
-            **({"token_agreement": agree["tokens"] / max(agree["slots"], 1),
-                "caption_agreement": agree["captions"] / max(total, 1),
-                "plain_accuracy": agree["plain_correct"] / max(total, 1)} if compare else {}),
-            "seconds": time.perf_counter() - start,
-            "top_errors": dict(sorted(confusions.items(), key=lambda kv: -kv[1])[:10])}
+    correct, total = tallies["all"].get("regions", [0, 0])
+    return {"regions": total, "correct": correct, "accuracy": correct / max(total, 1),
+            **{k: _rate(v) for k, v in tallies.items() if k != "all"},
+            "forwards_per_image": float(np.mean(forwards)) if forwards else 0.0,
+            "seconds_per_image": seconds / max(len(forwards), 1),
+            "top_errors": dict(sorted(confusions.items(), key=lambda kv: -kv[1])[:10]), "tokens": tokens}
+
+
+def question_run(model, scenes: int, seed: int, settings: dict, verbose: bool = False) -> dict:
+    """One pass of a QuestionAnswerer over the held-out scenes: one question of every type each scene admits."""
+    by_type: dict[str, list[int]] = {}
+    confusions: dict[str, int] = {}
+    tokens, seconds, forwards, images = [], 0.0, 0, 0
+    for i in range(scenes):
+        scene = synthetic.make_scene(seed, i)
+        rng = np.random.default_rng([seed, i, 2])
+        images += 1
+        for kind, question, truth in synthetic.one_question_per_type(scene, rng):
+            result = model.answer(scene.image, question, **settings)
+            seconds += result["seconds"] - result["compile_seconds"]
+            forwards += result["forwards"]
+            tokens.append(result["token_ids"])
+            ok = normalise(result["answer"]) == normalise(truth)
+            _add(by_type, kind, ok)
+            if not ok:
+                key = f"{question} {truth} -> {result['answer']!r}"
+                confusions[key] = confusions.get(key, 0) + 1
+                if verbose:
+                    print(f"scene {i}: {key}", file=sys.stderr)
+    correct, total = (sum(t[j] for t in by_type.values()) for j in (0, 1))
+    return {"questions": total, "correct": correct, "accuracy": correct / max(total, 1),
+            "by_type": {k: v for k, v in sorted(_rate(by_type).items(), key=lambda kv:
+                                                 synthetic.QUESTION_TYPES.index(kv[0]))},
+            "forwards_per_image": forwards / max(images, 1), "seconds_per_image": seconds / max(images, 1),
+            "top_errors": dict(sorted(confusions.items(), key=lambda kv: -kv[1])[:10]), "tokens": tokens}
+
+
+def _agreement(tokens: list, reference: list) -> float:
+    same = sum(int(np.sum(np.asarray(a) == np.asarray(b))) for a, b in zip(tokens, reference))
+    return same / max(sum(len(a) for a in reference), 1)
+
+
+def _settings(model, mode: str, gen_length: int | None, steps: int | None, block_length: int | None) -> dict:
+    """The answer/caption_regions keyword arguments of a mode name ('exact', 'prefix[:R]', 'threshold[:TAU]',
+    joined by '+')."""
+    from pdlm_jax import pipeline
+    from pdlm_jax.answering import QuestionAnswerer
+
+    settings = {"gen_length": gen_length, "steps": steps, **pipeline.Mode.from_name(mode).arguments}
+    if isinstance(model, QuestionAnswerer):
+        settings["block_length"] = block_length
+    elif block_length is not None:
+        raise PDLMError("--block-length is a setting of the Base block sampler; a region model has none")
+    return settings
+
+
+def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen_length: int | None = None,
+             steps: int | None = None, dtype: str = "auto", verbose: bool = False, cache: str = "none",
+             unmask: str = "remask", rotated: float = 0.0, quantize: str | None = None, adapter: str | None = None,
+             colors: tuple[str, ...] = synthetic.COLORS, compare: bool = False, annotations: str | None = None,
+             block_length: int | None = None) -> dict:
+    """Accuracy of `checkpoint` (a region model, or a Base model on the task's questions). `quantize` /
+    `adapter` as `pdlm_jax.load`; `compare`: also run the plain checkpoint (same dtype, same sampler) and report
+    the fraction of generated tokens and of captions/answers that agree with it; `annotations`: judge the first
+    `scenes` records of this annotation file instead of synthetic scenes (region models)."""
+    import pdlm_jax
+    from pdlm_jax.api import RegionCaptioner
+    from pdlm_jax.pipeline import Mode
+
+    model = pdlm_jax.load(checkpoint, dtype=dtype, quantize=quantize, adapter=adapter)
+    mode = Mode.parse(cache, unmask).name
+    report = _one_pass(model, mode, scenes, seed, gen_length, steps, block_length, rotated, colors, annotations,
+                       verbose)
+    if compare:
+        plain = _one_pass(pdlm_jax.load(checkpoint, dtype=dtype), mode, scenes, seed, gen_length, steps, block_length,
+                          rotated, colors, annotations, False)
+        report |= {"token_agreement": _agreement(report["tokens"], plain["tokens"]),
+                   "answer_agreement": float(np.mean([a == b for a, b in zip(report["tokens"], plain["tokens"])])),
+                   "plain_accuracy": plain["accuracy"]}
+    kind = "region" if isinstance(model, RegionCaptioner) else "base"
+    report.pop("tokens")
+    return {"checkpoint": str(checkpoint), "kind": kind, "scenes": scenes, "seed": seed, "annotations": annotations,
+            "mode": mode, "dtype": dtype, "rotated": rotated, "colors": list(colors), "quantize": quantize,
+            "adapter": adapter, **report}
+
+
+def _one_pass(model, mode: str, scenes: int, seed: int, gen_length, steps, block_length, rotated, colors,
+              annotations, verbose) -> dict:
+    from pdlm_jax.api import RegionCaptioner
+
+    settings = _settings(model, mode, gen_length, steps, block_length)
+    start = time.perf_counter()
+    if isinstance(model, RegionCaptioner):
+        report = caption_run(model, scenes, seed, settings, rotated, colors, annotations, verbose)
+        resolved = {"gen_length": gen_length or model.sampler["gen_length"], "steps": steps or model.sampler["steps"]}
+    else:
+        if annotations is not None:
+            raise PDLMError("--annotations: a PerceptionDLM-Base model is evaluated on the synthetic task's "
+                            "questions; give --scenes only")
+        report = question_run(model, scenes, seed, settings, verbose)
+        resolved = {k: settings[k] or model.defaults[k] for k in ("gen_length", "block_length", "steps")}
+    return {**resolved, **report, "seconds": time.perf_counter() - start}
+
+
+def mode_table(checkpoint: str | Path, scenes: int, modes: list[str], repeats: int = 3, seed: int = HELD_OUT_SEED,
+               dtype: str = "auto", gen_length: int | None = None, steps: int | None = None,
+               block_length: int | None = None) -> list[dict]:
+    """One row per sampler mode over the same held-out scenes (see the module docstring); the first mode is the
+    baseline of the ratios and agreements (put `exact` first)."""
+    import pdlm_jax
+
+    model = pdlm_jax.load(checkpoint, dtype=dtype)
+    rows, baseline = [], None
+    for mode in modes:
+        passes = [_one_pass(model, mode, scenes, seed, gen_length, steps, block_length, 0.0, synthetic.COLORS,
+                            None, False) for _ in range(max(repeats, 1))]
+        first = passes[0]
+        seconds = statistics.median(p["seconds_per_image"] for p in passes)
+        baseline = baseline or {"seconds": seconds, "tokens": first["tokens"]}
+        rows.append({"mode": mode, "forwards_per_image": first["forwards_per_image"], "seconds_per_image": seconds,
+                     "speedup": baseline["seconds"] / seconds, "accuracy": first["accuracy"],
+                     "total": first.get("regions", first.get("questions")),
+                     "token_agreement": _agreement(first["tokens"], baseline["tokens"]),
+                     **{k: first[k] for k in ("gen_length", "steps", "block_length") if k in first},
+                     **({"by_type": first["by_type"]} if "by_type" in first else
+                        {"by_attribute": first["by_attribute"]})})
+    return rows
+
+
+def print_table(rows: list[dict], unit: str) -> None:
+    print(f"| mode | forwards / image | s / image (CPU) | speed vs {rows[0]['mode']} | exact {unit} | "
+          f"tokens equal to {rows[0]['mode']}'s |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['forwards_per_image']:.2f} | {r['seconds_per_image']:.4f} | "
+              f"{r['speedup']:.2f}x | {r['accuracy']:.1%} | {r['token_agreement']:.1%} |")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None, help="model directory (default: the embedded demo model)")
-    ap.add_argument("--scenes", type=int, default=100, help="scenes (or records of --annotations) to caption")
+    ap.add_argument("--scenes", type=int, default=100, help="scenes (or records of --annotations) to evaluate")
     ap.add_argument("--annotations", help="judge the records of this annotation file instead of synthetic scenes")
     ap.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="scene stream (default: a held-out one)")
     ap.add_argument("--gen-length", type=int)
     ap.add_argument("--steps", type=int)
+    ap.add_argument("--block-length", type=int, help="Base models: positions per block of the block sampler")
     ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"),
                     help="compute dtype (auto: the stored dtype, as pdlm-infer)")
     ap.add_argument("--cache", default="none", help="pdlm-infer --cache mode (none, prefix, prefix:R)")
     ap.add_argument("--unmask", default="remask", help="pdlm-infer --unmask mode (remask, threshold:TAU)")
+    ap.add_argument("--modes", help="comma-separated sampler modes for the fast-mode table, e.g. "
+                                    "exact,prefix,prefix:2,threshold:0.9,prefix+threshold:0.9 (the first is the baseline)")
+    ap.add_argument("--repeats", type=int, default=3, help="--modes: timed passes per mode (the median is reported)")
+    ap.add_argument("--json", type=Path, help="also write the report (or the --modes table) to this file")
     ap.add_argument("--rotated", type=synthetic.fraction, default=0.0,
                     help="fraction of squares and triangles drawn at any angle (0: upright, as in training)")
     ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none", help="as pdlm-infer --quantize")
@@ -129,22 +260,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--colors", type=synthetic.color_list, default=synthetic.COLORS,
                     help="colours of the scenes (comma-separated; default: the demo's four)")
     ap.add_argument("--compare", action="store_true",
-                    help="also caption with the plain --checkpoint and report token and caption agreement")
-    ap.add_argument("--verbose", action="store_true", help="print every wrong caption")
+                    help="also run the plain --checkpoint and report token and caption agreement")
+    ap.add_argument("--verbose", action="store_true", help="print every wrong caption or answer")
     args = ap.parse_args(argv)
     checkpoint = args.checkpoint or str(DEMO_MODEL)
+    from pdlm_jax.files import write_json_atomic
+
     try:
+        if args.modes:
+            rows = mode_table(checkpoint, args.scenes, args.modes.split(","), args.repeats, args.seed, args.dtype,
+                              args.gen_length, args.steps, args.block_length)
+            print(json.dumps(rows, indent=2))
+            print_table(rows, "answers" if "by_type" in rows[0] else "captions")
+            if args.json:
+                write_json_atomic(args.json, rows)
+            return 0
         report = evaluate(checkpoint, args.scenes, args.seed, args.gen_length, args.steps, args.dtype, args.verbose,
                           args.cache, args.unmask, args.rotated, None if args.quantize == "none" else args.quantize,
-                          args.adapter, args.colors, args.compare, args.annotations)
+                          args.adapter, args.colors, args.compare, args.annotations, args.block_length)
     except PDLMError as e:
         print(f"train.eval: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2))
-    print(f"exact-caption accuracy: {report['correct']}/{report['regions']} = {report['accuracy']:.1%}")
+    if args.json:
+        write_json_atomic(args.json, report)
+    if report["kind"] == "base":
+        print("exact answers: " + ", ".join(f"{k} {v['correct']}/{v['total']} = {v['accuracy']:.1%}"
+                                            for k, v in report["by_type"].items()))
+        print(f"all questions: {report['correct']}/{report['questions']} = {report['accuracy']:.1%}")
+    else:
+        if report["by_attribute"]:
+            print("attributes: " + ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in report["by_attribute"].items()))
+        print(f"exact-caption accuracy: {report['correct']}/{report['regions']} = {report['accuracy']:.1%}")
     if args.compare:
-        print(f"plain model: {report['plain_accuracy']:.1%} exact captions; agreement with it: tokens "
-              f"{report['token_agreement']:.2%}, captions {report['caption_agreement']:.2%}")
+        print(f"plain model: {report['plain_accuracy']:.1%} exact; agreement with it: tokens "
+              f"{report['token_agreement']:.2%}, whole captions/answers {report['answer_agreement']:.2%}")
     return 0
 
 

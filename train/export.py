@@ -31,7 +31,7 @@ def export_step(run_dir: str | Path, out: str | Path, step: int | None = None, a
         raise PDLMError(f"no checkpoint for step {step} in {mgr.directory} (have {mgr.all_steps()})")
     state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     model_cfg = cfg.model_config()
-    sampler = None if model_cfg.is_base else cfg.sampler()
+    sampler = cfg.exported_sampler(model_cfg)
     provenance = {"config": cfg.to_dict(), "steps": step}
     tokenizer_dir = init_from.training_tokenizer(cfg, model_cfg, run_dir)
     if adapter:

@@ -1,12 +1,28 @@
-"""Synthetic region-captioning task of the embedded demo model.
+"""The synthetic shapes task of the embedded demo models.
 
 A scene is a uniform light background with 1–6 non-overlapping filled shapes from {circle, square,
-triangle} × {red, green, blue, yellow}; each shape gets one mask and the caption "a {color} {shape}".
-Colours name a hue: every shape is drawn in a random shade of it (hue, saturation and value jitter), so
-the model cannot key on one RGB value. Scene `i` of seed `s` is a pure function of (s, i).
+triangle} × {red, green, blue, yellow}. Colours name a hue: every shape is drawn in a random shade of it (hue,
+saturation and value jitter), so a model cannot key on one RGB value. Scene `i` of seed `s` is a pure function
+of (s, i).
 
-CLI: `python -m train.synthetic --out DIR --scenes N [--seed S]` writes N scenes in the training
-annotation schema (SPEC §11.2, variant A: image_file + mask_rles + captions).
+Region captions (the region demo model): "a {size} {color} {shape} {place}", e.g. "a small red circle in the
+top left".
+- size: "small" when the shape's mask covers 0.5–2.5% of the image, "large" when 5–15%; the generator draws
+  only sizes inside these two bands.
+- place: the mask centroid's row (top / middle / bottom) and column (left / center / right) by thirds of the
+  image height and width: "in the {row} {column}", except that middle + center is "in the center". Every
+  centroid is at least 4% of the side away from the third lines.
+
+Questions and answers (the Base demo model), `questions(scene)`:
+- "How many shapes are there?" → "one" … "six"
+- "What color is the {shape}?" (only when exactly one shape of that kind is present) → "{color}"
+- "Which shape is {color}?" (only when exactly one shape of that colour) → "{shape}"
+- "Is there a {color} {shape}?" → "yes" / "no"
+- "Where is the {color} {shape}?" (only when unique) → "{place}"
+
+CLI: `python -m train.synthetic --out DIR --scenes N [--seed S]` writes N scenes in the training annotation
+schema (SPEC §11.2, variant A: image_file + mask_rles + captions); `--qa` writes them as Base conversation
+records instead (train.conversations, one turn per question).
 """
 
 from __future__ import annotations
@@ -29,18 +45,48 @@ HUES = {
     "green": ((85.0, 150.0), 0.5, 0.45),
     "blue": ((195.0, 250.0), 0.55, 0.45),
     "yellow": ((47.0, 63.0), 0.6, 0.85),
-    # not in the demo model's training: the new colour word of configs/finetune_demo_lora.yaml
+    # not in the demo models' training: the new colour word of configs/finetune_demo_lora.yaml
     "purple": ((268.0, 295.0), 0.5, 0.45),
 }
+# mask area / image area of each size word
+SIZES = {"small": (0.005, 0.025), "large": (0.05, 0.15)}
+ROWS = ("top", "middle", "bottom")
+COLUMNS = ("left", "center", "right")
+PLACE_MARGIN = 0.04  # centroids keep this fraction of the side away from the third lines
+NUMBERS = ("one", "two", "three", "four", "five", "six")
+QUESTION_TYPES = ("count", "color", "shape", "exists", "where")
 MIN_SIDE, MAX_SIDE = 128, 512
 MAX_SHAPES = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One shape of a scene and the words that describe it."""
+
+    shape: str
+    color: str
+    size: str
+    row: int  # index into ROWS
+    column: int  # index into COLUMNS
+
+    @property
+    def place(self) -> str:
+        return "in the center" if (self.row, self.column) == (1, 1) else f"in the {ROWS[self.row]} {COLUMNS[self.column]}"
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.size} {self.color} {self.shape} {self.place}"
 
 
 @dataclasses.dataclass
 class Scene:
     image: np.ndarray  # (H, W, 3) uint8
     masks: list[np.ndarray]  # (H, W) bool, one per shape
-    captions: list[str]
+    items: list[Item]
+
+    @property
+    def captions(self) -> list[str]:
+        return [item.caption for item in self.items]
 
 
 def shade(rng: np.random.Generator, color: str) -> tuple[int, int, int]:
@@ -55,23 +101,24 @@ def background(rng: np.random.Generator) -> tuple[int, int, int]:
     return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
 
 
-def _outline(rng: np.random.Generator, shape: str, d: float, rotated: float) -> tuple[str, np.ndarray]:
-    """Drawing primitive of a shape of minimum width `d`, centred on the origin.
+def _outline(rng: np.random.Generator, shape: str, rotated: float) -> tuple[str, np.ndarray, float]:
+    """(drawing primitive, its points, its area) of a shape of unit minimum width with its area centroid at
+    the origin.
 
     Triangles range from flat to tall and from isosceles to right-angled. Squares sit axis-aligned and
     triangles on a side (within 15°), except a fraction `rotated` of them, which take any angle (a tilted
     square is still a square). Circles: the (2, 2) corners of their bounding box.
     """
     if shape == "circle":
-        return "ellipse", np.array([[-d / 2, -d / 2], [d / 2, d / 2]])
+        return "ellipse", np.array([[-0.5, -0.5], [0.5, 0.5]]), math.pi / 4
     if shape == "square":
-        pts = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]]) * (d / 2)
+        pts = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
     else:
         height = rng.uniform(0.6, 1.5)  # relative to a base of 1
         apex = rng.uniform(0.0, 1.0)  # along the base: 0 or 1 gives a right angle
         pts = np.array([[0.0, height], [1.0, height], [apex, 0.0]])
         sides = np.linalg.norm(pts - np.roll(pts, 1, axis=0), axis=1)
-        pts = (pts - pts.mean(axis=0)) * (d * sides.max() / height)  # smallest altitude = d
+        pts = (pts - pts.mean(axis=0)) * (sides.max() / height)  # smallest altitude = 1
     if rng.random() < rotated:
         turn = rng.uniform(0.0, 2.0 * math.pi)
     elif shape == "square":
@@ -79,11 +126,58 @@ def _outline(rng: np.random.Generator, shape: str, d: float, rotated: float) -> 
     else:
         turn = rng.integers(4) * math.pi / 2 + math.radians(rng.uniform(-15.0, 15.0))
     c, s = math.cos(turn), math.sin(turn)
-    return "polygon", pts @ np.array([[c, s], [-s, c]])
+    x, y = pts[:, 0], pts[:, 1]
+    area = 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))  # shoelace
+    return "polygon", pts @ np.array([[c, s], [-s, c]]), float(area)
 
 
 def _draw(canvas: ImageDraw.ImageDraw, kind: str, geom: np.ndarray, fill) -> None:
     getattr(canvas, kind)([tuple(p) for p in geom.tolist()], fill=fill)
+
+
+def _cell(fraction: float) -> int | None:
+    """The third a centroid coordinate (a fraction of the side) falls in; None within PLACE_MARGIN of a line."""
+    if min(abs(fraction - 1 / 3), abs(fraction - 2 / 3)) < PLACE_MARGIN:
+        return None
+    return min(int(fraction * 3), 2)
+
+
+def _place_shape(rng, w: int, h: int, shape: str, size: str, rotated: float, boxes: list):
+    """(primitive, points, mask, row, column) of one shape of `size` placed in a random third cell clear of
+    `boxes`, or None if this draw does not fit. The drawn mask, not the geometry, must meet the size band and
+    the centroid margin."""
+    kind, unit, unit_area = _outline(rng, shape, rotated)
+    lo_frac, hi_frac = SIZES[size]
+    # aim inside the band: rasterisation moves the area by a few pixels along the outline
+    target = rng.uniform(lo_frac + 0.1 * (hi_frac - lo_frac), hi_frac - 0.1 * (hi_frac - lo_frac)) * w * h
+    geom = unit * math.sqrt(target / unit_area)
+    lo, hi = geom.min(axis=0), geom.max(axis=0)  # extent around the centroid
+    row, column = (int(v) for v in rng.integers(3, size=2))
+    spans = []
+    for index, side, a, b in ((column, w, lo[0], hi[0]), (row, h, lo[1], hi[1])):
+        start = max((index / 3 + PLACE_MARGIN) * side, 1 - a)
+        stop = min(((index + 1) / 3 - PLACE_MARGIN) * side, side - 1 - b)
+        if start > stop:
+            return None
+        spans.append(rng.uniform(start, stop))
+    geom = geom + np.array(spans)
+    x0, y0 = geom.min(axis=0)
+    bw, bh = np.ptp(geom, axis=0)
+    gap = 3  # keep shapes (and their BICUBIC-blurred tiles) apart
+    if not all(x0 + bw + gap <= bx or bx + bbw + gap <= x0 or y0 + bh + gap <= by or by + bbh + gap <= y0
+               for bx, by, bbw, bbh in boxes):
+        return None
+    mask_img = Image.new("L", (w, h), 0)
+    _draw(ImageDraw.Draw(mask_img), kind, geom, 255)
+    mask = np.asarray(mask_img) > 0
+    ys, xs = np.nonzero(mask)
+    if not lo_frac <= len(ys) / (w * h) <= hi_frac:
+        return None
+    # the centroid of the drawn pixels (centres at +0.5), as a user's mask would be measured
+    if (_cell((xs.mean() + 0.5) / w), _cell((ys.mean() + 0.5) / h)) != (column, row):
+        return None
+    boxes.append((x0, y0, bw, bh))
+    return kind, geom, mask, row, column
 
 
 def make_scene(seed: int, index: int, num_shapes: int | None = None, rotated: float = 0.0,
@@ -92,43 +186,85 @@ def make_scene(seed: int, index: int, num_shapes: int | None = None, rotated: fl
     drawn at any angle; `colors`: the colour names drawn from (keys of HUES)."""
     rng = np.random.default_rng([seed, index])
     w, h = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
-    short = min(w, h)
     n = int(num_shapes or rng.integers(1, MAX_SHAPES + 1))
-    # minimum widths log-uniform from the task's minimum (1/8 of the shorter side) to what n shapes leave
-    # room for: small shapes, the hard case, are as common as large ones
-    d_min = short / 8
-    d_max = max(d_min, short * min(0.5, 0.8 / math.sqrt(n)))
     image = Image.new("RGB", (w, h), background(rng))
     canvas = ImageDraw.Draw(image)
     boxes: list[tuple[float, float, float, float]] = []
-    masks, captions = [], []
+    masks, items = [], []
     for _ in range(n):
         shape, color = SHAPES[rng.integers(len(SHAPES))], colors[rng.integers(len(colors))]
+        size = ("small", "large")[rng.integers(2)]
         placed = None
-        for attempt in range(200):
-            # shrink towards the minimum size when the scene gets crowded
-            hi = d_max if attempt < 100 else d_min
-            d = math.exp(rng.uniform(math.log(d_min), math.log(hi) + 1e-9))
-            kind, geom = _outline(rng, shape, d, rotated)
-            lo, size = geom.min(axis=0), np.ptp(geom, axis=0)
-            if size[0] > w - 2 or size[1] > h - 2:
-                continue
-            x, y = rng.uniform(1, w - 1 - size[0]), rng.uniform(1, h - 1 - size[1])
-            gap = 3  # keep shapes (and their BICUBIC-blurred tiles) apart
-            if all(x + size[0] + gap <= bx or bx + bw + gap <= x or y + size[1] + gap <= by or by + bh + gap <= y
-                   for bx, by, bw, bh in boxes):
-                placed = (kind, geom - lo + (x, y))
-                boxes.append((x, y, size[0], size[1]))
+        for attempt in range(400):
+            # a crowded scene leaves no room for a large shape: fall back to a small one
+            placed = _place_shape(rng, w, h, shape, size if attempt < 200 else "small", rotated, boxes)
+            if placed is not None:
                 break
         if placed is None:
             break
-        kind, geom = placed
+        kind, geom, mask, row, column = placed
         _draw(canvas, kind, geom, shade(rng, color))
-        mask_img = Image.new("L", (w, h), 0)
-        _draw(ImageDraw.Draw(mask_img), kind, geom, 255)
-        masks.append(np.asarray(mask_img) > 0)
-        captions.append(f"a {color} {shape}")
-    return Scene(np.asarray(image), masks, captions)
+        masks.append(mask)
+        items.append(Item(shape, color, size if attempt < 200 else "small", row, column))
+    return Scene(np.asarray(image), masks, items)
+
+
+# ---- questions and answers (the Base demo) --------------------------------------------------------------
+
+
+def questions(scene: Scene, colors: tuple[str, ...] = COLORS) -> list[tuple[str, str, str]]:
+    """(type, question, answer) of every question of the task that the scene admits (QUESTION_TYPES order)."""
+    items = scene.items
+    kinds = [i.shape for i in items]
+    hues = [i.color for i in items]
+    pairs = [(i.color, i.shape) for i in items]
+    out = [("count", "How many shapes are there?", NUMBERS[len(items) - 1])]
+    out += [("color", f"What color is the {s}?", items[kinds.index(s)].color) for s in SHAPES if kinds.count(s) == 1]
+    out += [("shape", f"Which shape is {c}?", items[hues.index(c)].shape) for c in colors if hues.count(c) == 1]
+    out += [("exists", f"Is there a {c} {s}?", "yes" if (c, s) in pairs else "no") for c in colors for s in SHAPES]
+    out += [("where", f"Where is the {c} {s}?", items[pairs.index((c, s))].place)
+            for c in colors for s in SHAPES if pairs.count((c, s)) == 1]
+    return out
+
+
+def _one_of(pool: list[tuple[str, str, str]], kind: str, rng: np.random.Generator) -> tuple[str, str, str]:
+    """A random question of type `kind` from `pool`; "Is there ...?" draws "yes" as often as "no"."""
+    of_kind = [q for q in pool if q[0] == kind]
+    if kind == "exists":
+        answers = sorted({q[2] for q in of_kind})
+        answer = answers[rng.integers(len(answers))]
+        of_kind = [q for q in of_kind if q[2] == answer]
+    return of_kind[rng.integers(len(of_kind))]
+
+
+def pick_questions(scene: Scene, rng: np.random.Generator, count: int) -> list[tuple[str, str, str]]:
+    """Questions of up to `count` different types, in random order, one random question of each: every type is
+    asked about as often, and "Is there ...?" is answered "yes" as often as "no"."""
+    pool = questions(scene)
+    types = [kind for kind in QUESTION_TYPES if any(q[0] == kind for q in pool)]
+    return [_one_of(pool, types[i], rng) for i in rng.permutation(len(types))[:count]]
+
+
+def one_question_per_type(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """One random question of every type the scene admits, in QUESTION_TYPES order (the held-out evaluation of
+    the Base demo)."""
+    pool = questions(scene)
+    return [_one_of(pool, kind, rng) for kind in QUESTION_TYPES if any(q[0] == kind for q in pool)]
+
+
+def parse_caption(text: str) -> dict[str, str] | None:
+    """{size, color, shape, place} of a caption in the task's grammar, else None."""
+    words = text.split()
+    if len(words) < 6 or words[0] != "a" or words[4:6] != ["in", "the"]:
+        return None
+    size, color, shape, place = words[1], words[2], words[3], " ".join(words[4:])
+    places = {Item("circle", "red", "small", r, c).place for r in range(3) for c in range(3)}
+    if size not in SIZES or color not in HUES or shape not in SHAPES or place not in places:
+        return None
+    return {"size": size, "color": color, "shape": shape, "place": place}
+
+
+# ---- sources for training ------------------------------------------------------------------------------
 
 
 class SyntheticSource:
@@ -143,6 +279,19 @@ class SyntheticSource:
     def __getitem__(self, index: int) -> dict:
         scene = make_scene(self.seed, int(index), rotated=self.rotated)
         return {"image": scene.image, "masks": scene.masks, "captions": scene.captions}
+
+
+def conversation(scene: Scene, rng: np.random.Generator, max_turns: int) -> list[dict]:
+    """1..max_turns question turns about `scene` as LLaVA-style messages, the image tag in the first."""
+    turns = pick_questions(scene, rng, int(rng.integers(1, max_turns + 1)))
+    messages = []
+    for i, (_, question, answer) in enumerate(turns):
+        messages.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
+        messages.append({"from": "gpt", "value": answer})
+    return messages
+
+
+# ---- files ---------------------------------------------------------------------------------------------
 
 
 def write_scene(scene: Scene, out_dir: str | Path, stem: str = "") -> tuple[Path, list[Path]]:
@@ -160,8 +309,9 @@ def write_scene(scene: Scene, out_dir: str | Path, stem: str = "") -> tuple[Path
 
 
 def write_dataset(out_dir: str | Path, num_scenes: int, seed: int = 0, rotated: float = 0.0,
-                  colors: tuple[str, ...] = COLORS) -> Path:
-    """Write scenes as PNGs plus `annotations.json` in the SPEC §11.2 schema (variant A)."""
+                  colors: tuple[str, ...] = COLORS, qa: bool = False) -> Path:
+    """Write scenes as PNGs plus `annotations.json`: the SPEC §11.2 schema (variant A), or with `qa` Base
+    conversation records with one record per question."""
     from pycocotools import mask as mask_utils
 
     out = Path(out_dir)
@@ -171,6 +321,11 @@ def write_dataset(out_dir: str | Path, num_scenes: int, seed: int = 0, rotated: 
         scene = make_scene(seed, i, rotated=rotated, colors=colors)
         name = f"images/{i:06d}.png"
         Image.fromarray(scene.image).save(out / name)
+        if qa:
+            records += [{"image": str(out / name), "question_type": kind,
+                         "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]}
+                        for kind, q, a in questions(scene, colors)]
+            continue
         rles = []
         for m in scene.masks:
             rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
@@ -209,8 +364,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rotated", type=fraction, default=0.0, help="fraction of squares and triangles at any angle")
     ap.add_argument("--colors", type=color_list, default=COLORS,
                     help=f"comma-separated colour names (default: {','.join(COLORS)}; also: purple)")
+    ap.add_argument("--qa", action="store_true", help="write Base conversation records (every question of a scene)")
     args = ap.parse_args(argv)
-    print(write_dataset(args.out, args.scenes, args.seed, args.rotated, args.colors))
+    print(write_dataset(args.out, args.scenes, args.seed, args.rotated, args.colors, args.qa))
 
 
 if __name__ == "__main__":
