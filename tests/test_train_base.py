@@ -20,6 +20,7 @@ from pdlm_jax.config import Quirks
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.regions.tokenizer import REGION_TOKENS, Tokenizer
 from train import conversations
+from train.conversations import TextFormat
 from train.loss import IGNORE
 
 SYSTEM = "<|start_header_id|>system<|end_header_id|>\nYou are a helpful assistant.<|eot_id|>\n"
@@ -60,7 +61,7 @@ def test_template_and_labels_of_a_multi_turn_record(base_tok, base_cfg):
         {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A box."},
         {"from": "human", "value": " And its colour? "}, {"from": "gpt", "value": "Red."}]}
     conv = conversations.parse_conversation(record, "f.json record 0")
-    ids, labels = conversations.sample_tokens(conv, 1, base_cfg, base_tok, 1000)
+    ids, labels = conversations.sample_tokens(conv, 1, base_cfg, base_tok, TextFormat(1000))
     image = "<img>" + "<IMG_CONTEXT>" * base_cfg.region.num_image_tokens + "</img>"
     # T5.1: default system turn; the image glued to the stripped question; "\n" after a user <|eot_id|> only;
     # T5.2: each answer and its <|eot_id|> supervised, nothing else
@@ -79,21 +80,39 @@ def test_answer_padding_fills_the_final_answer_with_supervised_eot(base_tok, bas
         {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A box."},
         {"from": "human", "value": "And its colour?"}, {"from": "gpt", "value": "Red."}]}
     conv = conversations.parse_conversation(record, "f.json record 0")
-    plain_ids, plain_labels = conversations.sample_tokens(conv, 1, base_cfg, base_tok, 1000)
+    plain_ids, plain_labels = conversations.sample_tokens(conv, 1, base_cfg, base_tok, TextFormat(1000))
     last = len(base_tok.encode("Red.<|eot_id|>"))
-    ids, labels = conversations.sample_tokens(conv, 1, base_cfg, base_tok, 1000, answer_padding=last + 5)
+    ids, labels = conversations.sample_tokens(conv, 1, base_cfg, base_tok, TextFormat(1000, answer_padding=last + 5))
     eot = base_tok.special.eot
     np.testing.assert_array_equal(ids, np.concatenate([plain_ids, [eot] * 5]))
     np.testing.assert_array_equal(labels, np.concatenate([plain_labels, [eot] * 5]))
-    short = conversations.sample_tokens(conv, 1, base_cfg, base_tok, 1000, answer_padding=last)
+    short = conversations.sample_tokens(conv, 1, base_cfg, base_tok, TextFormat(1000, answer_padding=last))
     np.testing.assert_array_equal(short[0], plain_ids)
+
+
+def test_chat_template_is_the_inference_prompt(base_tok, base_cfg):
+    """data.template: chat renders the first turn exactly as `answer()` prompts (SPEC-base §B3), and later turns
+    the same way; the labels are still each answer with its <|eot_id|>."""
+    from pdlm_jax.regions.prompt import build_question_text
+
+    record = {"image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A box."},
+        {"from": "human", "value": "And its colour?"}, {"from": "gpt", "value": "Red."}]}
+    conv = conversations.parse_conversation(record, "f.json record 0")
+    ids, labels = conversations.sample_tokens(conv, 1, base_cfg, base_tok, TextFormat(1000, template="chat"))
+    prompt = build_question_text("What is this?", 1, base_cfg.region.num_image_tokens)
+    pieces = [(prompt, False), ("A box.<|eot_id|>", True),
+              (USER + "And its colour?<|eot_id|>" + ASSISTANT, False), ("Red.<|eot_id|>", True)]
+    want_ids, want_labels = _expected(pieces, base_tok)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(labels, want_labels)
 
 
 def test_synthetic_questions_as_training_samples(base_tok, base_cfg):
     """data.synthetic_scenes on a Base model: the scene's questions as turns, answers supervised, deterministic."""
     from train import synthetic
 
-    source = conversations.SyntheticConversations(8, 3, base_cfg, base_tok, 4096, answer_padding=8)
+    source = conversations.SyntheticConversations(8, 3, base_cfg, base_tok, TextFormat(4096, answer_padding=8))
     for i in range(8):
         conv, image = source.sample_input(i)
         scene = synthetic.make_scene(3, i)
@@ -101,13 +120,13 @@ def test_synthetic_questions_as_training_samples(base_tok, base_cfg):
         truth = {q: a for _, q, a in synthetic.questions(scene)}
         turns = [(u.text.removeprefix("<image>\n"), a.text) for u, a in zip(conv.turns[::2], conv.turns[1::2])]
         assert 1 <= len(turns) <= source.QA_TURNS and all(truth[q] == a for q, a in turns)
-        sample = conversations.build_sample(conv, image, base_cfg, base_tok, 4096, answer_padding=8)
+        sample = conversations.build_sample(conv, image, base_cfg, base_tok, TextFormat(4096, answer_padding=8))
         labels = sample.labels[sample.labels != IGNORE]
         pad = max(8 - len(base_tok.encode(turns[-1][1] + "<|eot_id|>")), 0)  # the last answer, padded to 8 tokens
         assert base_tok.decode(labels).endswith(turns[-1][1] + "<|eot_id|>" * (1 + pad))
         assert source.sample_input(i)[0] == conv
     with pytest.raises(PDLMError, match="length"):
-        conversations.SyntheticConversations(8, 3, base_cfg, base_tok, 10)  # the image would be cut
+        conversations.SyntheticConversations(8, 3, base_cfg, base_tok, TextFormat(10))  # the image would be cut
 
 
 def test_roles_follow_the_reference(base_tok, base_cfg):
@@ -121,7 +140,7 @@ def test_roles_follow_the_reference(base_tok, base_cfg):
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello"}]}, "r")
     assert [t.role for t in kept.turns] == ["assistant", "user", "assistant"]
-    ids, labels = conversations.sample_tokens(kept, 1, base_cfg, base_tok, 1000)
+    ids, labels = conversations.sample_tokens(kept, 1, base_cfg, base_tok, TextFormat(1000))
     pieces = [(SYSTEM + ASSISTANT, False), ("Be brief.<|eot_id|>", True), (USER + "Hi<|eot_id|>\n" + ASSISTANT, False),
               ("Hello<|eot_id|>", True)]
     want_ids, want_labels = _expected(pieces, base_tok)  # text only: no image tokens
@@ -132,16 +151,16 @@ def test_roles_follow_the_reference(base_tok, base_cfg):
 def test_truncation_keeps_the_image_and_an_answer(base_tok, base_cfg):
     conv = conversations.parse_conversation({"image": "x.png", "conversations": [
         {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "one two three four five six"}]}, "r")
-    ids, labels = conversations.sample_tokens(conv, 1, base_cfg, base_tok, 1000)
+    ids, labels = conversations.sample_tokens(conv, 1, base_cfg, base_tok, TextFormat(1000))
     answer = np.flatnonzero(labels != IGNORE)
-    cut_ids, cut_labels = conversations.sample_tokens(conv, 1, base_cfg, base_tok, int(answer[2]))
+    cut_ids, cut_labels = conversations.sample_tokens(conv, 1, base_cfg, base_tok, TextFormat(int(answer[2])))
     np.testing.assert_array_equal(cut_ids, ids[:answer[2]])
     assert (cut_labels != IGNORE).sum() == 2  # the answer's tail and its <|eot_id|> are cut (T5.4)
     with pytest.raises(PDLMError, match="no answer token"):
-        conversations.sample_tokens(conv, 1, base_cfg, base_tok, int(answer[0]))
+        conversations.sample_tokens(conv, 1, base_cfg, base_tok, TextFormat(int(answer[0])))
     image_end = int(np.flatnonzero(ids == base_tok.special.image_context)[-1])
     with pytest.raises(PDLMError, match="image ends past"):
-        conversations.sample_tokens(conv, 1, base_cfg, base_tok, image_end)
+        conversations.sample_tokens(conv, 1, base_cfg, base_tok, TextFormat(image_end))
 
 
 BAD_RECORDS = [
@@ -168,9 +187,9 @@ def test_bad_records_are_named_at_load(tmp_path, base_tok, base_cfg, record, mes
     path = tmp_path / "conv.jsonl"
     path.write_text(json.dumps(good) + "\n\n" + json.dumps(record) + "\n")
     with pytest.raises(PDLMError, match=message) as e:
-        conversations.ConversationSource([str(path)], base_cfg, base_tok, 512, 7)
+        conversations.ConversationSource([str(path)], base_cfg, base_tok, TextFormat(512), 7)
     assert f"{path} line 3" in str(e.value) and "on_bad_record" in str(e.value)
-    source = conversations.ConversationSource([str(path)], base_cfg, base_tok, 512, 7, on_bad_record="skip")
+    source = conversations.ConversationSource([str(path)], base_cfg, base_tok, TextFormat(512), 7, on_bad_record="skip")
     assert len(source) == 1 and len(source.skipped) == 1
 
 
@@ -196,8 +215,8 @@ def _batch(tmp_path, cfg, tok, n=2, length=128, tiles=7):
 
     path = tmp_path / "conv.json"
     path.write_text(json.dumps(_scene_records(tmp_path, n)))
-    source = conversations.ConversationSource([str(path)], cfg, tok, length, tiles)
-    samples = [conversations.build_sample(conv, Image.open(img).convert("RGB"), cfg, tok, length)
+    source = conversations.ConversationSource([str(path)], cfg, tok, TextFormat(length), tiles)
+    samples = [conversations.build_sample(conv, Image.open(img).convert("RGB"), cfg, tok, TextFormat(length))
                for conv, img in source.records]
     return Collate((tiles,), (length,), 0, tok.special.eot)(samples), samples
 

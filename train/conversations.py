@@ -44,6 +44,27 @@ EXIF_ORIENTATION = 0x0112  # values 5–8 rotate by 90°: width and height swap
 NO_POSITION = 2**30  # image positions of a text-only sample: past any sequence, dropped by the scatter
 
 
+TEMPLATES = ("training", "chat")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextFormat:
+    """How a conversation becomes a sample's tokens (the data section's text settings)."""
+
+    max_length: int  # the largest of data.length_buckets: longer samples are cut (T5.4)
+    # data.answer_padding: a conversation ending in an answer gets <|eot_id|> after it, attended and supervised,
+    # until that answer spans this many tokens (LLaDA's SFT pads with EOS; SPEC-train-base T8.4)
+    answer_padding: int = 0
+    # data.template: "training" is the reference's training template (T5.1); "chat" is the prompt the model is
+    # asked with at inference (SPEC-base §B3: no system turn, the user's text as written, no newline after a
+    # user <|eot_id|>), for a model that learns the prompt from scratch (T8.3)
+    template: str = "training"
+
+    @classmethod
+    def of(cls, data) -> "TextFormat":
+        return cls(max(data.length_buckets), data.answer_padding, data.template)
+
+
 @dataclasses.dataclass(frozen=True)
 class Turn:
     role: str  # "user" or "assistant"
@@ -157,37 +178,39 @@ def _user_text(text: str, image_text: str | None) -> str:
     return "".join(out)
 
 
-def render(turns: Sequence[Turn], image_text: str | None) -> tuple[str, list[tuple[int, int]]]:
-    """(text, spans): the training chat template and the [start, end) characters of every assistant answer with
-    its `<|eot_id|>` (the template's generation spans)."""
-    text, spans = SYSTEM_TURN, []
+def render(turns: Sequence[Turn], image_text: str | None, template: str = "training") -> tuple[str, list[tuple[int, int]]]:
+    """(text, spans): the conversation in `template` (TextFormat) and the [start, end) characters of every
+    assistant answer with its `<|eot_id|>` (the template's generation spans)."""
+    chat = template == "chat"
+    text, spans = "" if chat else SYSTEM_TURN, []
     for turn in turns:
         text += f"<|start_header_id|>{turn.role}<|end_header_id|>\n"
         if turn.role == "assistant":
             spans.append((len(text), len(text) + len(turn.text) + len("<|eot_id|>")))
             text += turn.text + "<|eot_id|>"
+        elif chat:
+            text += (turn.text if image_text is None else turn.text.replace(IMAGE_TAG, image_text)) + "<|eot_id|>"
         else:
             text += _user_text(turn.text, image_text) + "<|eot_id|>\n"
     return text, spans
 
 
 def sample_tokens(conv: Conversation, num_tiles: int, cfg: PDLMConfig, tokenizer: Tokenizer,
-                  max_length: int, answer_padding: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, labels) of a conversation whose image has `num_tiles` tiles, cut to `max_length` tokens; PDLMError
-    if the cut would drop image tokens or every answer token. `answer_padding` (data.answer_padding): a
-    conversation ending in an answer gets `<|eot_id|>` tokens after it, attended and supervised, until that
-    answer spans this many tokens."""
+                  fmt: TextFormat) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, labels) of a conversation whose image has `num_tiles` tiles in `fmt`, cut to fmt.max_length tokens;
+    PDLMError if the cut would drop image tokens or every answer token."""
     n = num_tiles * cfg.region.num_image_tokens if conv.image is not None else 0
     image_text = "<img>" + "<IMG_CONTEXT>" * n + "</img>" if conv.image is not None else None
-    ids, answer = tokenizer.encode_marked(*render(conv.turns, image_text))
+    ids, answer = tokenizer.encode_marked(*render(conv.turns, image_text, fmt.template))
     image_token = tokenizer.special.image_context
     if int(np.sum(ids == image_token)) != n:
         raise PDLMError("the text contains '<IMG_CONTEXT>', reserved for image features; remove it")
     labels = np.where(answer & (ids != image_token), ids, IGNORE).astype(np.int32)
-    if answer_padding and labels[-1] != IGNORE:
+    if fmt.answer_padding and labels[-1] != IGNORE:
         last = len(ids) - np.flatnonzero(labels[::-1] == IGNORE)[0]  # where the final answer starts
-        pad = np.full(max(answer_padding - (len(ids) - last), 0), tokenizer.special.eot, ids.dtype)
+        pad = np.full(max(fmt.answer_padding - (len(ids) - last), 0), tokenizer.special.eot, ids.dtype)
         ids, labels = np.concatenate([ids, pad]), np.concatenate([labels, pad.astype(np.int32)])
+    max_length = fmt.max_length
     if len(ids) > max_length:
         if np.any(ids[max_length:] == image_token):
             raise PDLMError(f"the sample has {len(ids)} tokens and its image ends past the largest of "
@@ -223,7 +246,7 @@ def _load_image(ref: Any) -> Image.Image:
 
 
 def build_sample(conv: Conversation, image: Image.Image | None, cfg: PDLMConfig, tokenizer: Tokenizer,
-                 max_length: int, answer_padding: int = 0):
+                 fmt: TextFormat):
     """One unpadded training sample (train.data.TrainBatch, without regions): full attention among its tokens."""
     region = cfg.region
     if image is not None:
@@ -231,7 +254,7 @@ def build_sample(conv: Conversation, image: Image.Image | None, cfg: PDLMConfig,
         pixels, grid, num_tiles = tiled.pixel_values, tiled.grid, tiled.num_tiles
     else:  # the reference's all-zero dummy tile, whose features go nowhere
         pixels, grid, num_tiles = np.zeros((1, region.image_size, region.image_size, 3), np.float32), (1, 1), 1
-    ids, labels = sample_tokens(conv, num_tiles, cfg, tokenizer, max_length, answer_padding)
+    ids, labels = sample_tokens(conv, num_tiles, cfg, tokenizer, fmt)
     L, n, g = len(ids), num_tiles * region.num_image_tokens, cfg.vision.grid_size
     image_positions = np.flatnonzero(ids == tokenizer.special.image_context).astype(np.int32)
     if image is None:
@@ -258,9 +281,8 @@ class ConversationSource:
     """The conversation records of one or more files, every one validated when loaded (see the module
     docstring); `skipped` lists the messages of the records left out with on_bad_record="skip"."""
 
-    def __init__(self, paths: Sequence[str], cfg: PDLMConfig, tokenizer: Tokenizer, max_length: int,
-                 max_tiles: int, image_root: str | None = None, on_bad_record: str = "error",
-                 answer_padding: int = 0):
+    def __init__(self, paths: Sequence[str], cfg: PDLMConfig, tokenizer: Tokenizer, fmt: TextFormat,
+                 max_tiles: int, image_root: str | None = None, on_bad_record: str = "error"):
         self.name = ", ".join(map(str, paths))
         self.records: list[tuple[Conversation, Any]] = []  # (conversation, resolved image or None)
         self.skipped: list[str] = []
@@ -269,8 +291,8 @@ class ConversationSource:
                 with bad_record_policy(on_bad_record, self.skipped):
                     conv = parse_conversation(raw, where)
                     try:
-                        image = self._check(conv, as_path(path).parent, image_root, cfg, tokenizer, max_length,
-                                            max_tiles, answer_padding)
+                        image = self._check(conv, as_path(path).parent, image_root, cfg, tokenizer, fmt,
+                                            max_tiles)
                     except PDLMError as e:
                         raise PDLMError(f"{where}: {e}") from None
                     self.records.append((conv, image))
@@ -279,8 +301,7 @@ class ConversationSource:
                             + (f" ({len(self.skipped)} skipped; first: {self.skipped[0]})" if self.skipped else ""))
 
     @staticmethod
-    def _check(conv: Conversation, base, image_root, cfg, tokenizer, max_length: int, max_tiles: int,
-               answer_padding: int) -> Any:
+    def _check(conv: Conversation, base, image_root, cfg, tokenizer, fmt: TextFormat, max_tiles: int) -> Any:
         """The record's image (resolved path, data URL or None) if its sample fits, else PDLMError."""
         image, tiles = None, 1
         if conv.image is not None:
@@ -288,7 +309,7 @@ class ConversationSource:
             tiles = _num_tiles(_image_size(image), cfg)
         if tiles > max_tiles:
             raise PDLMError(f"the image needs {tiles} tiles but the largest of data.tile_buckets is {max_tiles}")
-        sample_tokens(conv, tiles, cfg, tokenizer, max_length, answer_padding)
+        sample_tokens(conv, tiles, cfg, tokenizer, fmt)
         return image
 
     def __len__(self) -> int:
@@ -311,10 +332,9 @@ class SyntheticConversations:
     """The synthetic shapes task (train.synthetic) as Base conversations: scene `i` of data.synthetic_seed with
     1..QA_TURNS questions about it, drawn from (seed, i) alone."""
 
-    QA_TURNS = 4
+    QA_TURNS = 5
 
-    def __init__(self, num_scenes: int, seed: int, cfg: PDLMConfig, tokenizer: Tokenizer, max_length: int,
-                 answer_padding: int = 0):
+    def __init__(self, num_scenes: int, seed: int, cfg: PDLMConfig, tokenizer: Tokenizer, fmt: TextFormat):
         from train import synthetic
 
         self.name, self.num_scenes, self.seed, self.skipped = "synthetic task", int(num_scenes), int(seed), []
@@ -325,8 +345,7 @@ class SyntheticConversations:
                  enumerate(longest[: self.QA_TURNS])]
         conv = Conversation(self.name, "synthetic", tuple(t for u in turns for t in (u, Turn("assistant", answer))))
         region = cfg.region
-        sample_tokens(conv, region.max_tiles + (region.use_thumbnail and region.max_tiles > 1), cfg, tokenizer,
-                      max_length, answer_padding)
+        sample_tokens(conv, region.max_tiles + (region.use_thumbnail and region.max_tiles > 1), cfg, tokenizer, fmt)
 
     def __len__(self) -> int:
         return self.num_scenes
@@ -359,12 +378,11 @@ def make_sources(data, cfg: PDLMConfig, tokenizer: Tokenizer) -> list:
                         f"{' plus one for the synthetic task' if data.synthetic_scenes > 0 else ''} to mix them, "
                         f"got {list(data.weights)}")
     files = [[f] for f in data.annotations] if data.weights else [list(data.annotations)] if data.annotations else []
-    max_length = max(data.length_buckets)
-    sources: list = [ConversationSource(f, cfg, tokenizer, max_length, max(data.tile_buckets), data.image_root,
-                                        data.on_bad_record, data.answer_padding) for f in files]
+    fmt = TextFormat.of(data)
+    sources: list = [ConversationSource(f, cfg, tokenizer, fmt, max(data.tile_buckets), data.image_root,
+                                        data.on_bad_record) for f in files]
     if data.synthetic_scenes > 0:
-        sources.append(SyntheticConversations(data.synthetic_scenes, data.synthetic_seed, cfg, tokenizer, max_length,
-                                              data.answer_padding))
+        sources.append(SyntheticConversations(data.synthetic_scenes, data.synthetic_seed, cfg, tokenizer, fmt))
     return sources
 
 
@@ -372,8 +390,7 @@ class SampleBuilder:
     """grain MapWithIndex transform: (global index, item) -> Base sample. Picklable for worker processes."""
 
     def __init__(self, source: ConversationSource, data, model: PDLMConfig, tokenizer_path: str, num_items: int):
-        self.source, self.model, self.max_length = source, model, max(data.length_buckets)
-        self.answer_padding = data.answer_padding
+        self.source, self.model, self.fmt = source, model, TextFormat.of(data)
         self.tokenizer_path = tokenizer_path
         self._tokenizer: Tokenizer | None = None
 
@@ -386,6 +403,6 @@ class SampleBuilder:
         index = int(item[0])
         try:
             conv, image = self.source.sample_input(index)
-            return build_sample(conv, image, self.model, self._tokenizer, self.max_length, self.answer_padding)
+            return build_sample(conv, image, self.model, self._tokenizer, self.fmt)
         except PDLMError as e:
             raise PDLMError(f"{self.source.label(index)}: {e}") from e

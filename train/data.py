@@ -76,6 +76,9 @@ class DataConfig:
     # as LLaDA's SFT pads with EOS (SPEC-train-base T8.4: the reference, 0, never teaches a model to fill the
     # block sampler's G-token canvas; LLaDA-initialised models learned it before). Set it to the gen_length.
     answer_padding: int = 0
+    # Base conversations: "training", the reference's training template (SPEC-train-base T5.1), or "chat", the
+    # prompt the model is asked with (SPEC-base §B3), for a model that learns the prompt format from scratch
+    template: str = "training"
     workers: int = 0  # grain worker processes (0 = in-process)
     threads: int = 2  # grain reader threads per process (each builds whole batches)
     prefetch: int = 4  # batches read ahead per process (each worker too)

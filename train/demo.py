@@ -1,11 +1,13 @@
-"""The embedded demo model: its tokenizer, its architecture and its bundled demo scene.
+"""The embedded demo models: their tokenizer, their bundled demo scene and their training curves.
 
-`python -m train.demo tokenizer --out DIR` builds a small byte-level BPE tokenizer (every word of the
-prompt and of the synthetic captions is one token; every special token of the real tokenizer is present,
-resolved by string). `python -m train.demo scene --out DIR` writes the bundled demo scene. The model is
-trained with `pdlm-train --config configs/demo.yaml` and exported to `pdlm_jax/assets/demo_model/`.
-`python -m train.demo add-words --words purple --out DIR` writes the demo model's tokenizer with new
-caption words, one token each (the LoRA recipe configs/finetune_demo_lora.yaml teaches the word).
+`python -m train.demo tokenizer --out DIR` builds a small byte-level BPE tokenizer (every caption and answer
+word of the synthetic task is one token; every special token of the real tokenizer is present, resolved by
+string). `python -m train.demo scene --out DIR` writes the bundled demo scene. `scripts/train_demo_models.sh`
+trains both models (configs/demo_base.yaml, then configs/demo.yaml from it) and exports them to
+`pdlm_jax/assets/`. `python -m train.demo curve --runs RUN... --out STEM` writes a run's training curve (mean loss
+per 100 steps, and the periodic evaluation) as STEM.json and STEM.png. `python -m train.demo add-words --words
+purple --out DIR` writes the demo model's tokenizer with new caption words, one token each (the LoRA recipe
+configs/finetune_demo_lora.yaml teaches the word).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ QUESTIONS = sorted({q for i in range(200) for _, q, _ in synthetic.questions(syn
 CORPUS = (["system", "user", "assistant", "You are a helpful assistant.", "Describe each masked region in detail."]
           + CAPTIONS + QUESTIONS + ANSWERS)
 VOCAB_SIZE = 512  # the demo models' embedding rows: the tokenizer's ids rounded up
-DEMO_SCENE_INDEX = 4  # the first held-out 5-shape scene with all four colours and all three shapes
+DEMO_SCENE_INDEX = 14  # a held-out 5-shape scene with all four colours, all three shapes, both sizes, five places
 DEMO_SCENE_SEED = 12345
 
 
@@ -97,16 +99,80 @@ def write_demo_scene(out_dir: str | Path) -> None:
     (Path(out_dir) / "captions.json").write_text(json.dumps(scene.captions, indent=2) + "\n")
 
 
+CURVE_BIN = 100  # steps per point of a training curve
+
+
+def read_curve(run_dir: str | Path) -> dict:
+    """Mean training loss per CURVE_BIN steps and every periodic evaluation of a pdlm-train run's log.jsonl."""
+    bins: dict[int, list[float]] = {}
+    evals = []
+    for line in (Path(run_dir) / "log.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            bins.setdefault(-(-row["step"] // CURVE_BIN) * CURVE_BIN, []).append(row["loss"])
+        if "eval_loss" in row:
+            evals.append({k: row[k] for k in ("step", "eval_loss", "eval_accuracy") if k in row})
+    return {"run": str(run_dir), "loss_per_100_steps": {step: sum(v) / len(v) for step, v in sorted(bins.items())},
+            "evaluations": evals}
+
+
+def write_curves(runs: list[str], labels: list[str], stem: str | Path) -> tuple[Path, Path]:
+    """STEM.json (`read_curve` of each run) and STEM.png: the loss (log scale) and, where the runs evaluated,
+    the held-out exact-caption accuracy, one colour per run."""
+    import math
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    curves = [read_curve(r) | {"label": label} for r, label in zip(runs, labels)]
+    stem = Path(stem)
+    stem.with_suffix(".json").write_text(json.dumps(curves, indent=1) + "\n")
+    panels = [("training loss (mean per 100 steps, log scale)", "loss_per_100_steps", True)]
+    if any(c["evaluations"] for c in curves):
+        panels.append(("held-out exact captions (periodic evaluation)", "evaluations", False))
+    W, H, pad = 720, 260, 48
+    font = ImageFont.load_default(size=13)
+    image = Image.new("RGB", (W, H * len(panels)), "white")
+    draw = ImageDraw.Draw(image)
+    colours = [(0, 114, 178), (213, 94, 0), (0, 158, 115)]
+    last = max(max(map(int, c["loss_per_100_steps"])) for c in curves)
+    for p, (title, key, log) in enumerate(panels):
+        top = p * H
+        series = [[(int(s), v) for s, v in c[key].items()] if key != "evaluations" else
+                  [(e["step"], e["eval_accuracy"]) for e in c[key] if "eval_accuracy" in e] for c in curves]
+        values = [v for s in series for _, v in s]
+        lo, hi = (math.log10(min(values)), math.log10(max(values))) if log else (0.0, 1.0)
+        y_of = lambda v: top + H - pad - (H - 2 * pad) * (((math.log10(v) if log else v) - lo) / max(hi - lo, 1e-9))  # noqa: E731
+        x_of = lambda s: pad + (W - 2 * pad) * s / last  # noqa: E731
+        draw.rectangle((pad, top + pad, W - pad, top + H - pad), outline=(120, 120, 120))
+        draw.text((pad, top + 12), title, fill="black", font=font)
+        for tick in (lo, (lo + hi) / 2, hi):
+            label = f"{10 ** tick:.3g}" if log else f"{tick:.0%}"
+            draw.text((4, y_of(10 ** tick if log else tick) - 7), label, fill="black", font=font)
+        draw.text((W - pad - 60, top + H - pad + 6), f"step {last}", fill="black", font=font)
+        for i, (points, curve) in enumerate(zip(series, curves)):
+            if len(points) > 1:
+                draw.line([(x_of(s), y_of(v)) for s, v in points], fill=colours[i % 3], width=2)
+            draw.text((W - pad - 200, top + pad + 6 + 16 * i), curve["label"], fill=colours[i % 3], font=font)
+    image.save(stem.with_suffix(".png"))
+    return stem.with_suffix(".json"), stem.with_suffix(".png")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m train.demo")
-    ap.add_argument("what", choices=("tokenizer", "scene", "add-words"))
-    ap.add_argument("--out", required=True)
+    ap.add_argument("what", choices=("tokenizer", "scene", "add-words", "curve"))
+    ap.add_argument("--out", required=True, help="a folder; curve: the stem of the .json and .png written")
     ap.add_argument("--words", nargs="+", default=["purple"], help="add-words: the new caption words")
+    ap.add_argument("--runs", nargs="+", help="curve: pdlm-train output folders")
+    ap.add_argument("--labels", nargs="+", help="curve: one legend label per run (default: the folders)")
     args = ap.parse_args(argv)
     if args.what == "tokenizer":
         print(build_tokenizer(args.out))
     elif args.what == "add-words":
         print(add_words(args.out, args.words))
+    elif args.what == "curve":
+        if not args.runs or (args.labels and len(args.labels) != len(args.runs)):
+            ap.error("curve needs --runs, and one --labels entry per run if any")
+        print(*write_curves(args.runs, args.labels or args.runs, args.out))
     else:
         write_demo_scene(args.out)
 
