@@ -23,10 +23,14 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from pdlm_jax.sampling import remask_counts
+
 ROOT = Path(__file__).resolve().parent.parent
 SCENE = ROOT / "pdlm_jax" / "assets" / "demo_scene"
 CAPTIONS = json.loads((SCENE / "captions.json").read_text())
 MASK_FILES = sorted(SCENE.glob("mask_*.png"))
+WIDTH, HEIGHT = Image.open(SCENE / "image.png").size
+SAMPLER = json.loads((ROOT / "pdlm_jax" / "assets" / "demo_model" / "sampler.json").read_text())  # G and S
 ARTEFACTS = ROOT / "tests" / "artefacts"
 MAX_BODY, MAX_PIXELS = 3_000_000, 1_000_000
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -107,7 +111,8 @@ def _regions(result: dict) -> list:
 def test_demo_scene_png_and_rle_masks_and_history(server):
     png = _ok(server, DEMO)
     assert [r["caption"] for r in png["regions"]] == CAPTIONS
-    assert png["forwards"] == 3 and png["steps"] == 3 and png["gen_length"] == 3  # the checkpoint's defaults
+    G, S = SAMPLER["gen_length"], SAMPLER["steps"]
+    assert png["forwards"] == S and png["steps"] == S and png["gen_length"] == G  # the checkpoint's defaults
 
     masks = [np.asarray(Image.open(p).convert("L")) > 0 for p in MASK_FILES]
     rles = []
@@ -128,15 +133,14 @@ def test_demo_scene_png_and_rle_masks_and_history(server):
     with_history = _ok(server, DEMO | {"history": True})
     assert _regions(with_history) == _regions(png)
     history = with_history["history"]
-    assert len(history) == with_history["forwards"] == 3
+    assert len(history) == with_history["forwards"] == S
     assert history[-1] == [r["token_ids"] for r in png["regions"]]
     masked = [sum(t == mask_id for region in step for t in region) for step in history]
-    assert masked[0] > masked[1] > masked[2] == 0  # the re-masking schedule: 15 slots, 10 then 5 then 0 masked
-    assert masked == [10, 5, 0]
+    assert masked == remask_counts(len(MASK_FILES) * G, S)  # the re-masking schedule, down to 0 masked
 
 
 def test_bad_requests_get_400_or_413_and_the_server_keeps_serving(server):
-    blank = _png(np.zeros((301, 202), np.uint8))
+    blank = _png(np.zeros((HEIGHT, WIDTH), np.uint8))
     cases = [
         (b"garbage", 400, "not valid JSON"),
         (b"[1, 2]", 400, "JSON object"),
@@ -148,7 +152,7 @@ def test_bad_requests_get_400_or_413_and_the_server_keeps_serving(server):
         (DEMO | {"masks": [blank]}, 400, "mask 0 is empty"),
         (DEMO | {"masks": [42]}, 400, "masks[0] must be"),
         (DEMO | {"masks": [{"size": [10, 10], "counts": [100]}]}, 400, "RLE of size [10, 10]"),
-        (DEMO | {"masks": [{"size": [301, 202], "counts": [5, 5]}]}, 400, "not a valid COCO RLE"),
+        (DEMO | {"masks": [{"size": [HEIGHT, WIDTH], "counts": [5, 5]}]}, 400, "not a valid COCO RLE"),
         (DEMO | {"gen_length": "3"}, 400, '"gen_length" must be'),
         (DEMO | {"history": 1}, 400, '"history" must be'),
         (DEMO | {"steps": 1000}, 400, "steps=1000 exceeds"),
@@ -270,8 +274,8 @@ def test_a_click_selects_each_demo_shape_by_flood_fill():
         assert (selected & mask).sum() / (selected | mask).sum() > 0.99, i
     background = select_shape(image, 0, 0)
     assert background.sum() > 0.5 * background.size and not (background & np.any(masks, axis=0)).any()
-    with pytest.raises(PDLMError, match="outside the 202x301 image"):
-        select_shape(image, 202, 0)
+    with pytest.raises(PDLMError, match=f"outside the {WIDTH}x{HEIGHT} image"):
+        select_shape(image, WIDTH, 0)
 
 
 def test_page_routes_caption_with_steps_and_answer_questions(server):
@@ -281,9 +285,9 @@ def test_page_routes_caption_with_steps_and_answer_questions(server):
     assert status == 200, result
     steps = result["steps"]
     assert len(steps) == result["forwards"] + 1 and steps[-1] == CAPTIONS
-    assert all(caption == " ".join(["▢"] * 3) for caption in steps[0])  # before the first forward
+    assert all(caption == " ".join(["▢"] * SAMPLER["gen_length"]) for caption in steps[0])  # before the first forward
     width, height = Image.open(io.BytesIO(base64.b64decode(result["overlay"]))).size
-    assert width > 202 and width * 301 == height * 202  # the image enlarged, no legend below: the page draws it
+    assert width > WIDTH and width * HEIGHT == height * WIDTH  # the image enlarged, no legend below: the page draws it
     status, answer = _page_post(server, "answer", {"image": DEMO["image"], "question": "What is here?"})
     assert status == 200, answer
     assert len(answer["steps"]) == answer["forwards"] + 1 and answer["steps"][-1] == answer["answer"]
@@ -359,12 +363,14 @@ def test_page_draws_on_the_image_clicks_a_shape_replays_and_answers(server, tmp_
             assert np.all(overlay == PALETTE[i], axis=-1).sum() > 100, i
         page.screenshot(path=str(ARTEFACTS / "serve_run.png"))
 
-        # The legend follows the slider: after 1 of 3 forwards, 10 of the 15 slots are still masked.
+        # The legend follows the slider: after the first of S forwards, the schedule's first count is masked.
+        slots, S = len(MASK_FILES) * SAMPLER["gen_length"], SAMPLER["steps"]
+        masked = remask_counts(slots, S)
         page.locator("#step").evaluate(
             "(el) => { el.value = '1'; el.dispatchEvent(new Event('input', {bubbles: true})); }")
-        page.wait_for_function("() => document.querySelector('#step-label').innerText == 'step 1 / 3'")
+        page.wait_for_function(f"() => document.querySelector('#step-label').innerText == 'step 1 / {S}'")
         at_step_1 = _captions(page)
-        assert at_step_1 != CAPTIONS and sum(c.count("▢") for c in at_step_1) == 10
+        assert at_step_1 != CAPTIONS and sum(c.count("▢") for c in at_step_1) == masked[0]
         page.screenshot(path=str(ARTEFACTS / "serve_step1.png"))
 
         # Play shows every step from the all-masked start to the final captions.
@@ -372,12 +378,12 @@ def test_page_draws_on_the_image_clicks_a_shape_replays_and_answers(server, tmp_
                       "document.querySelector('#captions').innerText)).observe(document.querySelector('#captions'), "
                       "{childList: true, subtree: true, characterData: true}); }")
         page.click("#play")
-        page.wait_for_function("() => document.querySelector('#step-label').innerText == 'step 3 / 3'")
+        page.wait_for_function(f"() => document.querySelector('#step-label').innerText == 'step {S} / {S}'")
         assert _captions(page) == CAPTIONS
         seen = page.evaluate("() => window.seen")
-        assert any(text.count("▢") == 15 for text in seen) and any(text.count("▢") == 5 for text in seen)
+        assert any(text.count("▢") == slots for text in seen) and any(text.count("▢") == masked[-2] for text in seen)
 
-        # Click a shape: every region deleted, then the blue circle clicked becomes region 0.
+        # Click a shape: every region deleted, then the shape of mask 4 clicked becomes region 0.
         for _ in range(5):
             page.click("#region-delete")
         page.wait_for_function("() => !document.querySelector('#region-0')")
@@ -394,7 +400,7 @@ def test_page_draws_on_the_image_clicks_a_shape_replays_and_answers(server, tmp_
                                                                       "masks": [_png(clicked)]})["regions"]]
         page.screenshot(path=str(ARTEFACTS / "serve_click.png"))
 
-        # Draw on the image: a brush scribble over the red square becomes region 1, in region 1's colour.
+        # Draw on the image: a brush scribble over the shape of mask 2 becomes region 1, in region 1's colour.
         page.click("#tool-brush")
         page.click("#region-add")
         ys, xs = np.nonzero(masks[2])

@@ -72,8 +72,8 @@ def build_tokenizer(out_dir: str | Path) -> Path:
 
 def add_words(out_dir: str | Path, words: list[str], base_dir: str | Path | None = None) -> Path:
     """The demo model's tokenizer (or `base_dir`'s) with " word" added as one token per word: a caption
-    "a {word} {shape}" stays 3 tokens, the caption length the demo model was trained for. The new ids
-    are rows of the model's vocabulary no caption used so far."""
+    "a small {word} circle in the top left" stays 8 tokens, within the caption slots the demo model was trained
+    for. The new ids are rows of the model's vocabulary (VOCAB_SIZE) no caption used so far."""
     import shutil
 
     from tokenizers import AddedToken, Tokenizer
@@ -97,6 +97,31 @@ def write_demo_scene(out_dir: str | Path) -> None:
     scene = synthetic.make_scene(DEMO_SCENE_SEED, DEMO_SCENE_INDEX, num_shapes=5)
     synthetic.write_scene(scene, out_dir)
     (Path(out_dir) / "captions.json").write_text(json.dumps(scene.captions, indent=2) + "\n")
+
+
+def base_start(vision: str | Path, config: str | Path, out: str | Path) -> Path:
+    """The Base demo's starting checkpoint, composed as the recipe composes Base stage 1 (SPEC-train-base T3,
+    `pdlm-convert --compose`): a pretrained vision tower (`vision`: an .npz of its tensors by path) beside a
+    randomly initialised LM and projector (the config's model, run.seed), with the config's tokenizer."""
+    import jax
+    import numpy as np
+
+    from pdlm_jax import sharding
+    from pdlm_jax.trees import nest
+    from train import checkpointing, config as train_config, step as step_lib
+
+    cfg = train_config.load(str(config), ["model.init_from=null"])  # the config trains from what this writes
+    model_cfg = cfg.model_config()
+    params = jax.device_get(step_lib.init_params(model_cfg, cfg.run.seed, sharding.make_mesh("data:1", jax.devices()[:1]),
+                                                 vision_pos_embed=cfg.model.vision_pos_embed_init))
+    with np.load(vision) as tower:
+        tensors = nest({k: tower[k] for k in tower.files})
+    shapes = jax.tree.map(np.shape, params["vision"])
+    if jax.tree.map(np.shape, tensors) != shapes:
+        raise ValueError(f"{vision}: the vision tower does not fit {config}'s vision config")
+    params["vision"] = tensors
+    return checkpointing.export(out, model_cfg, params, cfg.tokenizer_dir(), cfg.exported_sampler(model_cfg),
+                                {"composed": {"vision": str(vision), "lm_and_projector": f"random, seed {cfg.run.seed}"}})
 
 
 CURVE_BIN = 100  # steps per point of a training curve
@@ -159,16 +184,20 @@ def write_curves(runs: list[str], labels: list[str], stem: str | Path) -> tuple[
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m train.demo")
-    ap.add_argument("what", choices=("tokenizer", "scene", "add-words", "curve"))
+    ap.add_argument("what", choices=("tokenizer", "scene", "add-words", "curve", "base-start"))
     ap.add_argument("--out", required=True, help="a folder; curve: the stem of the .json and .png written")
     ap.add_argument("--words", nargs="+", default=["purple"], help="add-words: the new caption words")
     ap.add_argument("--runs", nargs="+", help="curve: pdlm-train output folders")
     ap.add_argument("--labels", nargs="+", help="curve: one legend label per run (default: the folders)")
+    ap.add_argument("--vision", help="base-start: the pretrained vision tower (.npz)")
+    ap.add_argument("--config", help="base-start: the Base demo's training config")
     args = ap.parse_args(argv)
     if args.what == "tokenizer":
         print(build_tokenizer(args.out))
     elif args.what == "add-words":
         print(add_words(args.out, args.words))
+    elif args.what == "base-start":
+        print(base_start(args.vision, args.config, args.out))
     elif args.what == "curve":
         if not args.runs or (args.labels and len(args.labels) != len(args.runs)):
             ap.error("curve needs --runs, and one --labels entry per run if any")
