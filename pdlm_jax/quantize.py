@@ -2,9 +2,10 @@
 
 `quantize_model(model, mode)` replaces the kernel of every `nnx.Linear` (LLaDA and SigLIP projections, the
 projector, lm_head) by an integer array with float scales (symmetric absmax, per layer of a stack);
-activations, embeddings, norms and the vision patch embedding stay in the compute dtype. It returns a
-wrapper under which the model's programs must be traced: qwix's `PtqProvider` intercepts those layers'
-dot_general and multiplies with the quantized kernel (dequantized on the fly, fused by XLA).
+activations, embeddings, norms, the vision patch embedding and SigLIP's attention output projection (not an
+nnx.Linear) stay in the compute dtype. It returns a wrapper under which the model's programs must be traced:
+qwix's `PtqProvider` intercepts those layers' dot_general and multiplies with the quantized kernel
+(dequantized on the fly, fused by XLA).
 
 - int8: one scale per output channel. Weights take about a quarter of their float32 size.
 - int4: one scale per output channel and per group of `INT4_GROUP` = 128 consecutive input rows (blockwise,
@@ -65,10 +66,9 @@ def quantize_kernel(kernel: jax.Array, mode: str, group: int | None = None):
 
 
 def linear_paths(model: nnx.Module) -> list[str]:
-    """Module paths of the layers quantization applies to: every nnx.Linear that is called as one (qwix
-    intercepts the call; SigLIP's attention output kernel is read directly, modeling/siglip.py)."""
-    return [path for path, module in tag_paths(model)
-            if isinstance(module, nnx.Linear) and getattr(module, "called_as_linear", True)]
+    """Module paths of the layers quantization applies to: every nnx.Linear (qwix intercepts its call; SigLIP's
+    attention output is a modeling/siglip.HeadsProjection and stays in the compute dtype)."""
+    return [path for path, module in tag_paths(model) if isinstance(module, nnx.Linear)]
 
 
 def rule(paths: Iterable[str], mode: str):
