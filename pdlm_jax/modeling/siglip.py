@@ -96,10 +96,12 @@ class SiglipEncoderLayer(nnx.Module):
 
 
 class SiglipVision(nnx.Module):
-    def __init__(self, cfg: PDLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    """remat: recompute each layer's activations in the backward pass (`scan_layers`)."""
+
+    def __init__(self, cfg: PDLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 remat: bool = False):
         v, kw = cfg.vision, dict(dtype=dtype, param_dtype=param_dtype)
-        self.dtype = dtype
-        self.remat = False  # training sets True: per-layer rematerialisation
+        self.dtype, self.remat = dtype, remat
         self.patch_embed = nnx.Conv(
             v.num_channels, v.hidden_size, kernel_size=(v.patch_size, v.patch_size),
             strides=(v.patch_size, v.patch_size), padding="VALID",
