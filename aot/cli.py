@@ -206,7 +206,7 @@ def infer_program(args, target) -> dict:
     else:
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(attention)))
     state = _abstract(abstract, param_shardings(abstract, mesh, cfg))
-    program = pipeline.CaptionProgram((graphdef, state), cfg, tokenizer.special.mask, mesh, trace)
+    program = pipeline.CaptionProgram((graphdef, state), tokenizer.special.mask, mesh, trace)
     placed = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
                                                          sharding=program.input_sharding(v)), inputs)
 
@@ -221,7 +221,7 @@ def infer_program(args, target) -> dict:
     return dict(settings=settings, lower=lambda: program.lower(bucket, placed),
                 flops=per_image, bytes=bytes_per_image, unit="image",
                 xla_check=lambda: _xla_flops_once(
-                    lambda: pipeline.CaptionProgram((cpu_graphdef, cpu_abstract), cfg, tokenizer.special.mask)
+                    lambda: pipeline.CaptionProgram((cpu_graphdef, cpu_abstract), tokenizer.special.mask)
                     .lower(bucket, inputs), batch * _loop_body_flops(cfg, tiled.num_tiles, bucket)))
 
 

@@ -115,7 +115,7 @@ class RegionCaptioner:
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
         self.limits = limits or Limits(cfg, tokenizer)
         self.sampler = sampler or {"gen_length": SamplerConfig.gen_length, "steps": SamplerConfig.steps}
-        self.program = pipeline.CaptionProgram(model, cfg, tokenizer.special.mask, mesh, trace)
+        self.program = pipeline.CaptionProgram(model, tokenizer.special.mask, mesh, trace)
 
     def caption_regions(self, image: ImageInput | TiledImage, masks: Sequence[MaskInput] | None = None,
                         gen_length: int | None = None, steps: int | None = None,

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.sampling import _confidence
+from pdlm_jax.sampling import confidence
 
 # Hard-coded in the reference (LLaDA's <|endoftext|>, <|startoftext|>, <|start_header_id|>,
 # <|end_header_id|>); banned by number, and only where they exist in the vocabulary (SPEC-base §B5.4.4).
@@ -80,7 +80,7 @@ def denoise_blocks(logits_fn: BlockLogitsFn, batch: int, gen_length: int, block_
         logits, carry = logits_fn(tokens, block, i, carry)
         logits = logits.astype(jnp.float32).at[..., banned].set(-jnp.inf)  # x0 of decided rows is discarded
         x0 = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # ties -> lowest id, like torch.argmax
-        conf = _confidence(logits, x0)
+        conf = confidence(logits, x0)
         current = jax.lax.dynamic_slice_in_dim(tokens, block * B, B, axis=1)
         masked = current == mask_id
         order = jnp.argsort(jnp.where(masked, -conf, jnp.inf), axis=-1, stable=True)  # most confident first
@@ -115,7 +115,7 @@ def denoise_blocks_threshold(logits_fn: BlockLogitsFn, batch: int, gen_length: i
         x0 = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         current = jax.lax.dynamic_slice_in_dim(tokens, block * B, B, axis=1)
         masked = current == mask_id
-        conf = jnp.where(masked, _confidence(logits, x0), -jnp.inf)
+        conf = jnp.where(masked, confidence(logits, x0), -jnp.inf)
         best = jax.nn.one_hot(jnp.argmax(conf, axis=-1), B, dtype=bool)  # ties -> lowest position
         commit = masked & ((conf > log_threshold) | best)
         current = jnp.where(commit, x0, current)

@@ -91,10 +91,9 @@ class LoraConfig:
 
 def targets(model: nnx.Module, lora: LoraConfig) -> list[tuple[str, nnx.Linear]]:
     """The adaptable nnx.Linear layers whose module path fully matches `lora.target` (PDLMError if none)."""
-    # qwix adds the adapter inside Linear.__call__: a layer whose kernel the model reads itself (SigLIP's
-    # attention output, modeling/siglip.py) cannot be adapted and is not a candidate
-    linears = [(module_path(p), m) for p, m in nnx.iter_modules(model)
-               if isinstance(m, nnx.Linear) and getattr(m, "called_as_linear", True)]
+    # qwix adds the adapter inside Linear.__call__, so only nnx.Linear layers are candidates (not SigLIP's
+    # attention output, modeling/siglip.HeadsProjection)
+    linears = [(module_path(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)]
     chosen = [(p, m) for p, m in linears if re.fullmatch(lora.target, p)]
     if not chosen:
         raise PDLMError(f"lora.target {lora.target!r} matches no linear layer; module paths are e.g. "

@@ -247,7 +247,7 @@ def batch_inputs(rows: list[PassInputs], schedules: list[tuple[int, int]], bucke
     )
 
 
-def _caption_pass(graphdef, state, x: ProgramInputs, *, cfg: PDLMConfig, mask_id: int, bucket: Bucket):
+def _caption_pass(graphdef, state, x: ProgramInputs, *, mask_id: int, bucket: Bucket):
     """The whole pass for a batch of rows; returns the slot tokens (B, regions·G) and the forwards run (and with
     `bucket.history`, the slot tokens after every step)."""
     model = nnx.merge(graphdef, state)
@@ -304,11 +304,11 @@ class CaptionProgram:
     With a `mesh`, the model's parameters must already be placed in their shardings (`api.load(mesh=...)`).
     """
 
-    def __init__(self, model: nnx.Module | tuple, cfg: PDLMConfig, mask_id: int, mesh: Mesh | None = None,
+    def __init__(self, model: nnx.Module | tuple, mask_id: int, mesh: Mesh | None = None,
                  trace: Callable[[Callable], Callable] | None = None):
         # or an already split (graphdef, state): pdlm-aot's abstract int8 model would not survive a merge + split
         self.graphdef, self.state = model if isinstance(model, tuple) else nnx.split(model)
-        self.cfg, self.mask_id, self.mesh = cfg, mask_id, mesh
+        self.mask_id, self.mesh = mask_id, mesh
         self.trace = trace  # wraps the tracing of each program (qwix interception for a quantized model)
         self._compiled: dict[Bucket, jax.stages.Compiled] = {}
 
@@ -343,8 +343,7 @@ class CaptionProgram:
     def lower(self, bucket: Bucket, inputs: ProgramInputs) -> jax.stages.Lowered:
         """The pass of `bucket` traced and lowered for these inputs (abstract ones will do: `pdlm-aot` plans with
         it), not compiled."""
-        fn = jax.jit(functools.partial(_caption_pass, self.graphdef, cfg=self.cfg, mask_id=self.mask_id,
-                                       bucket=bucket),
+        fn = jax.jit(functools.partial(_caption_pass, self.graphdef, mask_id=self.mask_id, bucket=bucket),
                      out_shardings=None if self.mesh is None else sharding.replicated(self.mesh))
         lower = lambda: fn.lower(self.state, inputs)  # noqa: E731
         return self.trace(lower)() if self.trace else lower()

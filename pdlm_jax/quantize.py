@@ -2,9 +2,10 @@
 
 `quantize_model(model, mode)` replaces the kernel of every `nnx.Linear` (LLaDA and SigLIP projections, the
 projector, lm_head) by an integer array with float scales (symmetric absmax, per layer of a stack);
-activations, embeddings, norms and the vision patch embedding stay in the compute dtype. It returns a
-wrapper under which the model's programs must be traced: qwix's `PtqProvider` intercepts those layers'
-dot_general and multiplies with the quantized kernel (dequantized on the fly, fused by XLA).
+activations, embeddings, norms, the vision patch embedding and SigLIP's attention output projection (not an
+nnx.Linear) stay in the compute dtype. It returns a wrapper under which the model's programs must be traced:
+qwix's `PtqProvider` intercepts those layers' dot_general and multiplies with the quantized kernel
+(dequantized on the fly, fused by XLA).
 
 - int8: one scale per output channel. Weights take about a quarter of their float32 size.
 - int4: one scale per output channel and per group of `INT4_GROUP` = 128 consecutive input rows (blockwise,
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.qwix_tracing import tag_paths, under
+from pdlm_jax.qwix_tracing import ptq_weight, tag_paths, under
 from pdlm_jax.trees import flatten, nest
 
 MODES = {"int8": jnp.int8, "int4": jnp.int4}
@@ -49,6 +50,12 @@ def group_size(rows: int, mode: str) -> int | None:
     return max(g for g in range(1, min(rows, INT4_GROUP) + 1) if rows % g == 0)
 
 
+def _recipe(mode: str, group: int | None) -> dict:
+    """qwix.quantize's arguments for an (in, out) kernel: scales per output channel and, with `group`, per
+    `group` input rows."""
+    return dict(qtype=MODES[mode], channelwise_axes=(1,), tiled_axes={0: group} if group else {})
+
+
 def quantize_kernel(kernel: jax.Array, mode: str, group: int | None = None):
     """A (..., in, out) kernel as a qwix QArray: scales per output channel and, with `group`, per `group`
     input rows (int4: `group_size`), separately for every leading (stacked-layer) index."""
@@ -57,7 +64,7 @@ def quantize_kernel(kernel: jax.Array, mode: str, group: int | None = None):
     check_mode(mode)
 
     def one(k):
-        return qwix.quantize(k, MODES[mode], channelwise_axes=(1,), tiled_axes={0: group} if group else None)
+        return qwix.quantize(k, **_recipe(mode, group))
 
     for _ in kernel.shape[:-2]:
         one = jax.vmap(one)
@@ -65,10 +72,9 @@ def quantize_kernel(kernel: jax.Array, mode: str, group: int | None = None):
 
 
 def linear_paths(model: nnx.Module) -> list[str]:
-    """Module paths of the layers quantization applies to: every nnx.Linear that is called as one (qwix
-    intercepts the call; SigLIP's attention output kernel is read directly, modeling/siglip.py)."""
-    return [path for path, module in tag_paths(model)
-            if isinstance(module, nnx.Linear) and getattr(module, "called_as_linear", True)]
+    """Module paths of the layers quantization applies to: every nnx.Linear (qwix intercepts its call; SigLIP's
+    attention output is a modeling/siglip.HeadsProjection and stays in the compute dtype)."""
+    return [path for path, module in tag_paths(model) if isinstance(module, nnx.Linear)]
 
 
 def rule(paths: Iterable[str], mode: str):
@@ -84,8 +90,6 @@ def quantize_model(model: nnx.Module, mode: str = "int8") -> tuple[nnx.Module, C
     trace the model's programs with `tracer` (`qwix_tracing.under`). Needs concrete weights: for an abstract plan
     see `abstract`."""
     import qwix
-    from qwix._src.core.qarray import HowToQuantize  # qwix's PTQ weight container and its recipe
-    from qwix._src.providers.ptq import WithAux
 
     check_mode(mode)
     paths = linear_paths(model)
@@ -94,14 +98,13 @@ def quantize_model(model: nnx.Module, mode: str = "int8") -> tuple[nnx.Module, C
         module = modules[path]
         kernel = module.kernel.get_value()
         group = group_size(kernel.shape[-2], mode)
-        how = HowToQuantize(qtype=MODES[mode], channelwise_axes=(1,), tiled_axes={0: group} if group else {})
         q = jax.jit(quantize_kernel, static_argnums=(1, 2))(kernel, mode, group)
         # jax 0.10.2's CPU client reports an int4 array made by a jitted function as unpacked while a
         # compiled program wants it packed, and refuses the committed array; one through the host is
         # uncommitted, which the program accepts (`abstract` traces this: no array to move then)
         if mode == "int4" and not isinstance(q.qvalue, jax.core.Tracer):
             q = q.replace(qvalue=jnp.asarray(jax.device_get(q.qvalue)))
-        module.kernel = WithAux(q, how)
+        module.kernel = ptq_weight(q, _recipe(mode, group))
     return model, under(qwix.PtqProvider([rule(paths, mode)]))
 
 

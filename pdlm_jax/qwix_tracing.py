@@ -1,6 +1,6 @@
 """Running our NNX modules under qwix: qwix matches its rules against a `qwix_path` on each module and
 intercepts the ops of whatever is traced under a provider. LoRA (pdlm_jax.lora) and weight quantization
-(pdlm_jax.quantize) both build on this."""
+(pdlm_jax.quantize) both build on this. The one use of qwix's private API is here (`ptq_weight`)."""
 
 from __future__ import annotations
 
@@ -39,3 +39,12 @@ def under(qwix_provider) -> Callable[[Callable], Callable]:
 
     runner = qwix.quantize_model(_Call(), qwix_provider, skip_nnx_init=True)
     return lambda fn: functools.wraps(fn)(functools.partial(runner, fn))
+
+
+def ptq_weight(q, how: dict):
+    """The kernel `q` that `qwix.quantize(kernel, **how)` made as the weight qwix's PtqProvider multiplies with
+    (`q` together with how it was quantized)."""
+    # qwix exports no constructor of that weight (WithAux and its HowToQuantize), only quantize-on-first-call
+    from qwix._src.providers import ptq
+
+    return ptq.WithAux(q, ptq.qarray.HowToQuantize(**how))

@@ -11,7 +11,7 @@ as an int array, so rows with different N or S can share one compiled program.
 Differences from the reference, on purpose:
 - ties in the re-masking order go to the lowest slot position (the reference's `topk` leaves them unspecified);
 - confidences are ranked in float32 by log-probability, with the float64 rounding of the softmax denominator
-  emulated so that probabilities that are exactly 1.0 in float64 tie here too (see `_confidence`);
+  emulated so that probabilities that are exactly 1.0 in float64 tie here too (see `confidence`);
 - `top_p` nucleus filtering is implemented for temperature > 0 (the reference accepts `top_p` and ignores it);
 - temperature > 0 uses Gumbel noise from `jax.random`, so sampled outputs are not comparable with PyTorch.
 """
@@ -64,7 +64,7 @@ def schedule_array(rows: list[tuple[int, int]], max_steps: int) -> tuple[np.ndar
     return counts, forwards
 
 
-def _confidence(logits: jax.Array, x0: jax.Array) -> jax.Array:
+def confidence(logits: jax.Array, x0: jax.Array) -> jax.Array:
     """log p(x0) under softmax(logits), ranked like the reference's float64 softmax.
 
     p(x0) = exp(z0 − m) / (1 + s) with m = max z and s = Σ_{v ≠ argmax} exp(z_v − m). In float32 a plain
@@ -121,7 +121,7 @@ def _propose(logits: jax.Array, step: jax.Array, keys: jax.Array | None, tempera
     else:
         x0 = jnp.argmax(logits, axis=-1)  # ties -> lowest id, like torch.argmax
     x0 = x0.astype(jnp.int32)
-    return x0, _confidence(logits, x0)
+    return x0, confidence(logits, x0)
 
 
 @dataclasses.dataclass(frozen=True)

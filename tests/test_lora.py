@@ -160,9 +160,9 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(tmp_path):
         lora.load_adapter(adapter, other)
 
 
-def test_layers_read_without_their_call_are_no_lora_targets():
-    # SigLIP's attention output kernel is read by the attention itself (modeling/siglip.py), so qwix, which
-    # adapts Linear.__call__, would train nothing there while the export merged a delta into it.
+def test_siglip_attention_output_is_no_lora_target():
+    # SigLIP's attention output is a HeadsProjection, not an nnx.Linear (modeling/siglip.py): qwix, which adapts
+    # Linear.__call__, would train nothing there while the export merged a delta into it.
     model = PerceptionDLM(preset("tiny"), rngs=nnx.Rngs(0))
     paths = [p for p, _ in lora.targets(model, lora.LoraConfig(rank=2, target=".*"))]
     assert "vision/layers/attn/o" not in paths

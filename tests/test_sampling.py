@@ -74,7 +74,7 @@ def test_confidence_keeps_float64_ties_and_order():
     # Slot 0: margin 50 -> p == 1.0 in float64; slot 1: margin 60 -> also exactly 1.0: a float64 tie.
     # Slot 2: margin 20 -> p = 1 - 2e-9 < 1.0 in float64 (but 1.0 in a float32 softmax).
     logits = jnp.array([[[50.0, 0.0, 0.0], [60.0, 0.0, 0.0], [20.0, 0.0, 0.0], [1.0, 0.0, 0.0]]])
-    conf = np.asarray(sampling._confidence(logits, jnp.argmax(logits, -1)))[0]
+    conf = np.asarray(sampling.confidence(logits, jnp.argmax(logits, -1)))[0]
     p64 = np.exp(-np.log1p(2 * np.exp(-np.array([50.0, 60.0, 20.0, 1.0]))))
     assert p64[0] == p64[1] == 1.0 and p64[2] < 1.0
     assert conf[0] == conf[1] == 0.0

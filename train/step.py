@@ -36,15 +36,14 @@ from train.loss import IGNORE, draw_noise, lm_diffusion_loss
 def build_model(cfg: PDLMConfig, dtype: str, seed: int = 0, abstract: bool = False, remat: bool = False,
                 lora: lora_lib.LoraConfig | None = None, attention: str = "xla"):
     """A PerceptionDLM with float32 parameters computing in `dtype` (concrete or nnx.eval_shape), with
-    LoRA adapters when `lora` is enabled and the LM's `attention` kernel (pdlm_jax.ops.attention)."""
+    LoRA adapters when `lora` is enabled, the LM's `attention` kernel (pdlm_jax.ops.attention) and per-layer
+    rematerialisation in the backward pass when `remat`."""
     def make():
         model = PerceptionDLM(cfg, dtype=DTYPES[dtype], param_dtype=jnp.float32, rngs=nnx.Rngs(seed),
-                              attention_implementation=attention)
+                              attention_implementation=attention, remat=remat)
         return lora_lib.add_adapters(model, lora, seed) if lora and lora.enabled else model
 
-    model = nnx.eval_shape(make) if abstract else make()
-    model.lm.remat = model.vision.remat = remat  # per-layer rematerialisation in the backward pass
-    return model
+    return nnx.eval_shape(make) if abstract else make()
 
 
 def split_params(params: dict, freeze: tuple[str, ...]) -> tuple[dict, dict]:

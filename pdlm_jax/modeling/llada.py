@@ -116,13 +116,16 @@ class LLaDABlock(nnx.Module):
 
 
 class LLaDA(nnx.Module):
-    """Embedding, stacked bidirectional blocks, final RMSNorm and an untied lm_head."""
+    """Embedding, stacked bidirectional blocks, final RMSNorm and an untied lm_head.
+
+    remat: recompute each layer's activations in the backward pass of `__call__` (`scan_layers`).
+    """
 
     def __init__(self, cfg: LMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
-                 rope_inv_freq_float32: bool = True, attention_implementation: str = "xla"):
+                 rope_inv_freq_float32: bool = True, attention_implementation: str = "xla", remat: bool = False):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.cfg, self.dtype, self.rope_inv_freq_float32 = cfg, dtype, rope_inv_freq_float32
-        self.remat = False  # training sets True: per-layer rematerialisation
+        self.remat = remat
         # `embed(ids)` returns embed_tokens[ids] in the compute dtype.
         self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs,
                                embedding_init=init(_kernel, "vocab", "embed"), **kw)

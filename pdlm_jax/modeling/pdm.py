@@ -24,18 +24,20 @@ from pdlm_jax.trees import flatten
 
 
 class PerceptionDLM(nnx.Module):
+    """remat: per-layer rematerialisation of both towers in the backward pass (training's memory saver)."""
+
     def __init__(self, cfg: PDLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
-                 attention_implementation: str = "xla"):
+                 attention_implementation: str = "xla", remat: bool = False):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.cfg, self.dtype = cfg, dtype
-        self.vision = SiglipVision(cfg, **kw)
+        self.vision = SiglipVision(cfg, remat=remat, **kw)
         # PerceptionDLM-Base (cfg.is_base, SPEC-base) has no mask-id embedding.
         self.mask_embed = None if cfg.is_base else nnx.Embed(
             cfg.region.prompt_numbers, cfg.vision.hidden_size,
             embedding_init=init(nnx.initializers.normal(0.02), None, "embed"), **kw)
         self.projector = Projector(cfg.projector_input_size, cfg.lm.hidden_size, **kw)
         self.lm = LLaDA(cfg.lm, rope_inv_freq_float32=cfg.quirks.rope_inv_freq_float32,
-                        attention_implementation=attention_implementation, **kw)
+                        attention_implementation=attention_implementation, remat=remat, **kw)
 
     def mask_offsets(self, mask_patches: jax.Array, prompt_ids: jax.Array) -> jax.Array:
         """Sum of mask_embed[prompt_id] over the masks active at each patch (SPEC §3.1).

@@ -30,6 +30,27 @@ def _layer_norm(cfg: VisionConfig, *, dtype, param_dtype, rngs):
                          scale_init=init(_ones, "norm"), bias_init=init(_zeros, "norm"), rngs=rngs)
 
 
+class HeadsProjection(nnx.Module):
+    """The attention output projection: a (D, D) kernel and bias applied to the heads (B, L, heads, head_dim)
+    as they come instead of after a reshape to one dim. With the reshape, XLA:GPU fuses the heads transpose
+    into a Triton GEMM whose tiling it cannot solve for head_dim 72 once a batch of images reaches the tower
+    ("Couldn't find output tile sizes", H100).
+
+    Not an nnx.Linear: LoRA and quantization (qwix, which intercepts Linear calls) leave it as it is.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        D = num_heads * head_dim
+        self.num_heads, self.head_dim, self.dtype = num_heads, head_dim, dtype
+        # the parameters, their names and their draws from `rngs` are those of an nnx.Linear(D, D)
+        self.kernel = nnx.Param(init(_kernel, "heads", "embed")(rngs.params(), (D, D), param_dtype))
+        self.bias = nnx.Param(init(_zeros, "embed")(rngs.params(), (D,), param_dtype))
+
+    def __call__(self, heads: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype).reshape(self.num_heads, self.head_dim, -1)
+        return jnp.einsum("blhd,hde->ble", heads.astype(self.dtype), kernel) + self.bias[...].astype(self.dtype)
+
+
 class SiglipAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         D, kw = cfg.hidden_size, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -37,20 +58,13 @@ class SiglipAttention(nnx.Module):
         self.q = _linear(D, D, ("embed", "heads"), **kw)
         self.k = _linear(D, D, ("embed", "heads"), **kw)
         self.v = _linear(D, D, ("embed", "heads"), **kw)
-        self.o = _linear(D, D, ("heads", "embed"), **kw)
-        self.o.called_as_linear = False  # __call__ reads its kernel itself: wrappers of Linear.__call__ miss it
+        self.o = HeadsProjection(cfg.num_heads, cfg.head_dim, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         B, L, _ = x.shape
         split = lambda t: t.reshape(B, L, self.num_heads, self.head_dim)
-        out = dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
-                                    scale=self.head_dim**-0.5)
-        # The output projection contracts (heads, head_dim) as they come instead of after a reshape to one dim:
-        # with the reshape, XLA:GPU fuses the heads transpose into a Triton GEMM whose tiling it cannot solve for
-        # head_dim 72 once a batch of images reaches the tower ("Couldn't find output tile sizes", H100).
-        dtype = self.o.dtype or out.dtype
-        kernel = self.o.kernel[...].astype(dtype).reshape(self.num_heads, self.head_dim, -1)
-        return jnp.einsum("blhd,hde->ble", out.astype(dtype), kernel) + self.o.bias[...].astype(dtype)
+        return self.o(dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
+                                            scale=self.head_dim**-0.5))
 
 
 class SiglipMLP(nnx.Module):
@@ -82,10 +96,12 @@ class SiglipEncoderLayer(nnx.Module):
 
 
 class SiglipVision(nnx.Module):
-    def __init__(self, cfg: PDLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    """remat: recompute each layer's activations in the backward pass (`scan_layers`)."""
+
+    def __init__(self, cfg: PDLMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 remat: bool = False):
         v, kw = cfg.vision, dict(dtype=dtype, param_dtype=param_dtype)
-        self.dtype = dtype
-        self.remat = False  # training sets True: per-layer rematerialisation
+        self.dtype, self.remat = dtype, remat
         self.patch_embed = nnx.Conv(
             v.num_channels, v.hidden_size, kernel_size=(v.patch_size, v.patch_size),
             strides=(v.patch_size, v.patch_size), padding="VALID",
