@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from pdlm_jax.files import write_json_atomic
-from pdlm_jax.asset_paths import DEMO_BASE_MODEL, DEMO_MODEL, DEMO_SCENE
+from pdlm_jax.asset_paths import DEMO_MODEL, DEMO_SCENE
 from pdlm_jax.errors import PDLMError
 
 log = logging.getLogger("pdlm-infer")
@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="converted checkpoint directory (pdlm-convert or pdlm-train); default: the embedded demo model")
     p.add_argument("--demo", action="store_true",
                    help="caption the bundled demo scene; writes demo_result.json and demo_overlay.png unless "
-                        "--output/--visualize say otherwise. With --question: the embedded Base demo model "
-                        "answers it about the demo scene")
+                        "--output/--visualize say otherwise; with a PerceptionDLM-Base --checkpoint and "
+                        "--question: ask about the demo scene")
     p.add_argument("--image", help="input image (any format Pillow reads)")
     p.add_argument("--masks", nargs="+", default=[], metavar="MASK",
                    help="one binary mask image per region (nonzero = inside); results keep this order")
@@ -138,8 +138,6 @@ def _run(args: argparse.Namespace) -> int:
                              mesh=args.mesh, attention=args.attention, adapter=args.adapter,
                              quantize=None if args.quantize == "none" else args.quantize)
 
-    if args.demo and args.question is not None and args.checkpoint == str(DEMO_MODEL):
-        args.checkpoint = str(DEMO_BASE_MODEL)  # the demo's questions go to the Base demo model
     if _answer.wants_answer(args):
         return _answer.run_question(args, load)
     _fill_defaults(args)

@@ -33,7 +33,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from pdlm_jax import DEMO_BASE_MODEL, DEMO_MODEL
+from pdlm_jax import DEMO_MODEL
 from pdlm_jax.errors import PDLMError, TooLarge
 
 log = logging.getLogger("pdlm-serve")
@@ -480,9 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=str(DEMO_MODEL),
                    help="converted checkpoint directory (a PerceptionDLM-Base one is served for questions); "
                         "default: the embedded demo model")
-    p.add_argument("--base-checkpoint", metavar="DIR|none",
-                   help="a PerceptionDLM-Base checkpoint served beside --checkpoint for questions; default: the "
-                        "embedded Base demo model beside the embedded demo model, else none")
+    p.add_argument("--base-checkpoint", metavar="DIR",
+                   help="a PerceptionDLM-Base checkpoint served beside --checkpoint for questions")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--api-key", default=os.environ.get("PDLM_API_KEY"),
@@ -517,10 +516,6 @@ def load_handles(args: argparse.Namespace) -> tuple:
     from pdlm_jax.api import answerer
     from pdlm_jax.checkpoint import load_config
 
-    if args.base_checkpoint is None and args.checkpoint == str(DEMO_MODEL):
-        args.base_checkpoint = str(DEMO_BASE_MODEL)  # the demo's page answers questions out of the box
-    if args.base_checkpoint == "none":
-        args.base_checkpoint = None
     if args.base_checkpoint and not load_config(args.base_checkpoint).is_base:
         raise PDLMError(f"--base-checkpoint {args.base_checkpoint} is a region-captioning checkpoint; give a "
                         "PerceptionDLM-Base checkpoint (or serve it as --checkpoint)")

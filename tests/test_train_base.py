@@ -115,7 +115,7 @@ def test_synthetic_questions_as_training_samples(base_tok, base_cfg):
     source = conversations.SyntheticConversations(8, 3, base_cfg, base_tok, TextFormat(4096, answer_padding=8))
     for i in range(8):
         conv, image = source.sample_input(i)
-        scene = synthetic.make_scene(3, i)
+        scene = synthetic.make_scene(3, i, task="sentences")
         assert np.array_equal(np.asarray(image), scene.image)
         truth = {q: a for _, q, a in synthetic.questions(scene)}
         turns = [(u.text.removeprefix("<image>\n"), a.text) for u, a in zip(conv.turns[::2], conv.turns[1::2])]

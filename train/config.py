@@ -284,6 +284,9 @@ def _check_run_data_eval(cfg: TrainConfig) -> None:
 
     if cfg.data.on_bad_record not in BAD_RECORD_POLICIES:
         raise PDLMError(f"data.on_bad_record must be one of {BAD_RECORD_POLICIES}, not {cfg.data.on_bad_record!r}")
+    if cfg.data.synthetic_task not in ("shapes", "sentences"):
+        raise PDLMError(f"data.synthetic_task must be shapes or sentences (train.synthetic), not "
+                        f"{cfg.data.synthetic_task!r}")
     if cfg.data.template not in ("training", "chat"):
         raise PDLMError(f"data.template must be training (the reference's) or chat (the inference prompt), not "
                         f"{cfg.data.template!r}")

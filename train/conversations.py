@@ -342,7 +342,8 @@ class SyntheticConversations:
 
         self.name, self.num_scenes, self.seed, self.skipped = "synthetic task", int(num_scenes), int(seed), []
         # the longest conversation there can be is checked as a record of a file is (T5.4)
-        longest = sorted(synthetic.questions(synthetic.make_scene(0, 0, num_shapes=1)), key=lambda q: -len(q[1]))
+        one = synthetic.make_scene(0, 0, num_shapes=1, task="sentences")
+        longest = sorted(synthetic.questions(one), key=lambda q: -len(q[1]))
         answer = synthetic.Item("circle", "red", "small", 0, 0).place  # "in the top left": the longest answer
         turns = [Turn("user", IMAGE_TAG + q) if i == 0 else Turn("user", q) for i, (_, q, _) in
                  enumerate(longest[: self.QA_TURNS])]
@@ -359,7 +360,7 @@ class SyntheticConversations:
     def sample_input(self, index: int) -> tuple[Conversation, Image.Image]:
         from train import synthetic
 
-        scene = synthetic.make_scene(self.seed, index)
+        scene = synthetic.make_scene(self.seed, index, task="sentences")
         messages = synthetic.conversation(scene, np.random.default_rng([self.seed, index, 1]), self.QA_TURNS)
         conv = parse_conversation({"image": "synthetic", "conversations": messages}, self.label(index))
         return conv, Image.fromarray(scene.image)

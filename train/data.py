@@ -56,6 +56,7 @@ class DataConfig:
     loop: bool = False
     synthetic_seed: int = 0
     synthetic_rotated: float = 0.0  # fraction of synthetic squares and triangles drawn at any angle
+    synthetic_task: str = "shapes"  # train.synthetic.TASKS: "shapes" ("a red circle") or "sentences"
     image_root: str | None = None  # relative image paths: tried against cwd, this, then the JSON's folder
     batch_size: int = 8  # global batch (all processes, before gradient accumulation)
     epochs: int = 1
@@ -238,11 +239,11 @@ def _open_image_file(ref: Any):
 class SyntheticRecords:
     """The synthetic demo task (train.synthetic) as records."""
 
-    def __init__(self, num_scenes: int, seed: int = 0, rotated: float = 0.0):
+    def __init__(self, num_scenes: int, seed: int = 0, rotated: float = 0.0, task: str = "shapes"):
         from train import synthetic
 
         self.name = "synthetic task"
-        self.scenes = synthetic.SyntheticSource(num_scenes, seed, rotated)
+        self.scenes = synthetic.SyntheticSource(num_scenes, seed, rotated, task)
         self.max_masks = synthetic.MAX_SHAPES
 
     def __len__(self) -> int:
@@ -276,7 +277,8 @@ def make_sources(cfg: DataConfig, limits: Limits | None = None) -> list[Annotati
             raise PDLMError(f"no usable training records in {source.name}" + (
                 f" ({len(source.skipped)} skipped; first: {source.skipped[0]})" if source.skipped else ""))
     if cfg.synthetic_scenes > 0:
-        sources.append(SyntheticRecords(cfg.synthetic_scenes, cfg.synthetic_seed, cfg.synthetic_rotated))
+        sources.append(SyntheticRecords(cfg.synthetic_scenes, cfg.synthetic_seed, cfg.synthetic_rotated,
+                                        cfg.synthetic_task))
     return sources
 
 

@@ -26,33 +26,41 @@ SPECIAL_TOKENS = (
     + [f"<Prompt{i}>" for i in range(6)]
     + ["<NO_Prompt>"]
 )
-# Text the tokenizer must encode compactly: the fixed prompts, every question and every answer word
-# (captions and answers start right after a special token, hence the forms without a leading space too).
+PROMPTS = ["system", "user", "assistant", "You are a helpful assistant.", "Describe each masked region in detail."]
+# The words the "sentences" task's captions and answers use, each one token (captions and answers start right
+# after a special token, hence the forms without a leading space too).
 ANSWERS = sorted({a for c in synthetic.COLORS for s in synthetic.SHAPES for a in (
     *synthetic.NUMBERS, c, s, "yes", "no",
     *(synthetic.Item(s, c, z, r, k).place for z in synthetic.SIZES for r in range(3) for k in range(3)))})
-CAPTIONS = sorted({synthetic.Item(s, c, z, r, k).caption for c in synthetic.COLORS for s in synthetic.SHAPES
-                   for z in synthetic.SIZES for r in range(3) for k in range(3)})
-QUESTIONS = sorted({q for i in range(200) for _, q, _ in synthetic.questions(synthetic.make_scene(0, i))})
-CORPUS = (["system", "user", "assistant", "You are a helpful assistant.", "Describe each masked region in detail."]
-          + CAPTIONS + QUESTIONS + ANSWERS)
-VOCAB_SIZE = 512  # the demo models' embedding rows: the tokenizer's ids rounded up
-DEMO_SCENE_INDEX = 14  # a held-out 5-shape scene with all four colours, all three shapes, both sizes, five places
+SENTENCES = sorted({synthetic.Item(s, c, z, r, k).caption for c in synthetic.COLORS for s in synthetic.SHAPES
+                    for z in synthetic.SIZES for r in range(3) for k in range(3)})
+QUESTIONS = sorted({q for i in range(200) for _, q, _ in synthetic.questions(synthetic.make_scene(0, i, task="sentences"))})
+# per task: the text the tokenizer must encode compactly, the phrases that must be one token a word, and the BPE
+# vocabulary asked for (before the special tokens)
+CORPORA = {
+    "shapes": (PROMPTS + [f"a {c} {s}" for c in synthetic.COLORS for s in synthetic.SHAPES],
+               [f"a {c} {s}" for c in synthetic.COLORS for s in synthetic.SHAPES], 420),
+    "sentences": (PROMPTS + SENTENCES + QUESTIONS + ANSWERS, SENTENCES + ANSWERS, 512 - len(SPECIAL_TOKENS)),
+}
+VOCAB_SIZE = 512  # the sentences models' embedding rows: their tokenizer's ids rounded up
+DEMO_SCENE_INDEX = 4  # the first held-out 5-shape scene with all four colours and all three shapes
 DEMO_SCENE_SEED = 12345
 
 
-def build_tokenizer(out_dir: str | Path) -> Path:
-    """Write tokenizer.json (+ the HF side files) to `out_dir`; returns the tokenizer.json path."""
+def build_tokenizer(out_dir: str | Path, task: str = "shapes") -> Path:
+    """Write the tokenizer of `task`'s models (tokenizer.json + the HF side files) to `out_dir`; returns the
+    tokenizer.json path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    corpus, phrases, vocab_size = CORPORA[task]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - len(SPECIAL_TOKENS), min_frequency=1,
-                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 50, trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus * 50, trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
-    for text in CAPTIONS + ANSWERS:  # one token per word: caption slots and answer blocks stay short
+    for text in phrases:  # one token per word: caption slots and answer blocks stay short
         ids = tok.encode(text).ids
         assert len(ids) == len(text.split()), (text, tok.encode(text).tokens)
     assert tok.get_vocab_size() <= VOCAB_SIZE, tok.get_vocab_size()
@@ -100,25 +108,23 @@ def write_demo_scene(out_dir: str | Path) -> None:
 
 
 def base_start(vision: str | Path, config: str | Path, out: str | Path) -> Path:
-    """The Base demo's starting checkpoint, composed as the recipe composes Base stage 1 (SPEC-train-base T3,
-    `pdlm-convert --compose`): a pretrained vision tower (`vision`: an .npz of its tensors by path) beside a
-    randomly initialised LM and projector (the config's model, run.seed), with the config's tokenizer."""
+    """A Base starting checkpoint composed as the recipe composes Base stage 1 (SPEC-train-base T3,
+    `pdlm-convert --compose`): the pretrained vision tower of checkpoint `vision` beside a randomly initialised
+    LM and projector (the config's model, run.seed), with the config's tokenizer."""
     import jax
     import numpy as np
 
     from pdlm_jax import sharding
-    from pdlm_jax.trees import nest
+    from pdlm_jax.checkpoint import restore_params
     from train import checkpointing, config as train_config, step as step_lib
 
     cfg = train_config.load(str(config), ["model.init_from=null"])  # the config trains from what this writes
     model_cfg = cfg.model_config()
     params = jax.device_get(step_lib.init_params(model_cfg, cfg.run.seed, sharding.make_mesh("data:1", jax.devices()[:1]),
                                                  vision_pos_embed=cfg.model.vision_pos_embed_init))
-    with np.load(vision) as tower:
-        tensors = nest({k: tower[k] for k in tower.files})
-    shapes = jax.tree.map(np.shape, params["vision"])
-    if jax.tree.map(np.shape, tensors) != shapes:
-        raise ValueError(f"{vision}: the vision tower does not fit {config}'s vision config")
+    tensors = restore_params(vision, dtype=np.float32)[1]["vision"]
+    if jax.tree.map(np.shape, tensors) != jax.tree.map(np.shape, params["vision"]):
+        raise ValueError(f"{vision}: its vision tower does not fit {config}'s vision config")
     params["vision"] = tensors
     return checkpointing.export(out, model_cfg, params, cfg.tokenizer_dir(), cfg.exported_sampler(model_cfg),
                                 {"composed": {"vision": str(vision), "lm_and_projector": f"random, seed {cfg.run.seed}"}})
@@ -189,11 +195,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--words", nargs="+", default=["purple"], help="add-words: the new caption words")
     ap.add_argument("--runs", nargs="+", help="curve: pdlm-train output folders")
     ap.add_argument("--labels", nargs="+", help="curve: one legend label per run (default: the folders)")
-    ap.add_argument("--vision", help="base-start: the pretrained vision tower (.npz)")
+    ap.add_argument("--task", choices=synthetic.TASKS, default="shapes", help="tokenizer: the task's words")
+    ap.add_argument("--vision", help="base-start: the checkpoint whose vision tower to start from")
     ap.add_argument("--config", help="base-start: the Base demo's training config")
     args = ap.parse_args(argv)
     if args.what == "tokenizer":
-        print(build_tokenizer(args.out))
+        print(build_tokenizer(args.out, args.task))
     elif args.what == "add-words":
         print(add_words(args.out, args.words))
     elif args.what == "base-start":

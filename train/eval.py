@@ -49,11 +49,12 @@ def judge(model, image, masks, captions, **settings) -> tuple[dict, list[bool]]:
     return result, [normalise(r["caption"]) == normalise(truth) for truth, r in zip(captions, result["regions"])]
 
 
-def _scenes(scenes: int, seed: int, rotated: float, colors: tuple[str, ...], annotations: str | None):
+def _scenes(scenes: int, seed: int, rotated: float, colors: tuple[str, ...], annotations: str | None,
+            task: str = "shapes"):
     """(image, masks, captions) of the first `scenes` records of `annotations`, else of synthetic scenes."""
     if annotations is None:
         for i in range(scenes):
-            scene = synthetic.make_scene(seed, i, rotated=rotated, colors=colors)
+            scene = synthetic.make_scene(seed, i, rotated=rotated, colors=colors, task=task)
             yield scene.image, scene.masks, scene.captions
         return
     from train.data import AnnotationSource
@@ -76,12 +77,12 @@ def _add(tallies: dict, key, ok: bool) -> None:
 
 def caption_run(model, scenes: int, seed: int, settings: dict, rotated: float = 0.0,
                 colors: tuple[str, ...] = synthetic.COLORS, annotations: str | None = None,
-                verbose: bool = False) -> dict:
+                verbose: bool = False, task: str = "shapes") -> dict:
     """One pass of a RegionCaptioner over the held-out scenes: the tallies and every region's tokens."""
     tallies = {"all": {}, "by_num_shapes": {}, "by_color": {}, "by_attribute": {}}
     confusions: dict[str, int] = {}
     tokens, seconds, forwards = [], 0.0, []
-    for i, (image, masks, captions) in enumerate(_scenes(scenes, seed, rotated, colors, annotations)):
+    for i, (image, masks, captions) in enumerate(_scenes(scenes, seed, rotated, colors, annotations, task)):
         result, oks = judge(model, image, masks, captions, **settings)
         seconds += result["seconds"] - result["compile_seconds"]
         forwards.append(result["forwards"])
@@ -91,7 +92,8 @@ def caption_run(model, scenes: int, seed: int, settings: dict, rotated: float = 
             _add(tallies["by_num_shapes"], len(masks), ok)
             true_words = synthetic.parse_caption(normalise(truth))
             said = synthetic.parse_caption(normalise(region["caption"])) or {}
-            _add(tallies["by_color"], true_words["color"] if true_words else "other", ok)
+            words = normalise(truth).split()
+            _add(tallies["by_color"], words[-2] if len(words) == 3 else true_words["color"] if true_words else "other", ok)
             for attribute in ATTRIBUTES if true_words else ():
                 _add(tallies["by_attribute"], attribute, said.get(attribute) == true_words[attribute])
             if not ok:
@@ -108,12 +110,13 @@ def caption_run(model, scenes: int, seed: int, settings: dict, rotated: float = 
 
 
 def question_run(model, scenes: int, seed: int, settings: dict, verbose: bool = False) -> dict:
-    """One pass of a QuestionAnswerer over the held-out scenes: one question of every type each scene admits."""
+    """One pass of a QuestionAnswerer over held-out scenes of the "sentences" task: one question of every type
+    each scene admits."""
     by_type: dict[str, list[int]] = {}
     confusions: dict[str, int] = {}
     tokens, seconds, forwards, images = [], 0.0, 0, 0
     for i in range(scenes):
-        scene = synthetic.make_scene(seed, i)
+        scene = synthetic.make_scene(seed, i, task="sentences")
         rng = np.random.default_rng([seed, i, 2])
         images += 1
         for kind, question, truth in synthetic.one_question_per_type(scene, rng):
@@ -159,7 +162,7 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
              steps: int | None = None, dtype: str = "auto", verbose: bool = False, cache: str = "none",
              unmask: str = "remask", rotated: float = 0.0, quantize: str | None = None, adapter: str | None = None,
              colors: tuple[str, ...] = synthetic.COLORS, compare: bool = False, annotations: str | None = None,
-             block_length: int | None = None) -> dict:
+             block_length: int | None = None, task: str = "shapes") -> dict:
     """Accuracy of `checkpoint` (a region model, or a Base model on the task's questions). `quantize` /
     `adapter` as `pdlm_jax.load`; `compare`: also run the plain checkpoint (same dtype, same sampler) and report
     the fraction of generated tokens and of captions/answers that agree with it; `annotations`: judge the first
@@ -171,28 +174,29 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
     model = pdlm_jax.load(checkpoint, dtype=dtype, quantize=quantize, adapter=adapter)
     mode = Mode.parse(cache, unmask).name
     report = _one_pass(model, mode, scenes, seed, gen_length, steps, block_length, rotated, colors, annotations,
-                       verbose)
+                       verbose, task)
     if compare:
         plain = _one_pass(pdlm_jax.load(checkpoint, dtype=dtype), mode, scenes, seed, gen_length, steps, block_length,
-                          rotated, colors, annotations, False)
+                          rotated, colors, annotations, False, task)
         report |= {"token_agreement": _agreement(report["tokens"], plain["tokens"]),
                    "answer_agreement": float(np.mean([a == b for a, b in zip(report["tokens"], plain["tokens"])])),
                    "plain_accuracy": plain["accuracy"]}
     kind = "region" if isinstance(model, RegionCaptioner) else "base"
     report.pop("tokens")
-    return {"checkpoint": str(checkpoint), "kind": kind, "scenes": scenes, "seed": seed, "annotations": annotations,
+    return {"checkpoint": str(checkpoint), "kind": kind, "task": "sentences" if kind == "base" else task,
+            "scenes": scenes, "seed": seed, "annotations": annotations,
             "mode": mode, "dtype": dtype, "rotated": rotated, "colors": list(colors), "quantize": quantize,
             "adapter": adapter, **report}
 
 
 def _one_pass(model, mode: str, scenes: int, seed: int, gen_length, steps, block_length, rotated, colors,
-              annotations, verbose) -> dict:
+              annotations, verbose, task: str = "shapes") -> dict:
     from pdlm_jax.api import RegionCaptioner
 
     settings = _settings(model, mode, gen_length, steps, block_length)
     start = time.perf_counter()
     if isinstance(model, RegionCaptioner):
-        report = caption_run(model, scenes, seed, settings, rotated, colors, annotations, verbose)
+        report = caption_run(model, scenes, seed, settings, rotated, colors, annotations, verbose, task)
         resolved = {"gen_length": gen_length or model.sampler["gen_length"], "steps": steps or model.sampler["steps"]}
     else:
         if annotations is not None:
@@ -205,7 +209,7 @@ def _one_pass(model, mode: str, scenes: int, seed: int, gen_length, steps, block
 
 def mode_table(checkpoint: str | Path, scenes: int, modes: list[str], repeats: int = 3, seed: int = HELD_OUT_SEED,
                dtype: str = "auto", gen_length: int | None = None, steps: int | None = None,
-               block_length: int | None = None) -> list[dict]:
+               block_length: int | None = None, task: str = "shapes") -> list[dict]:
     """One row per sampler mode over the same held-out scenes (see the module docstring); the first mode is the
     baseline of the ratios and agreements (put `exact` first)."""
     import pdlm_jax
@@ -214,7 +218,7 @@ def mode_table(checkpoint: str | Path, scenes: int, modes: list[str], repeats: i
     rows, baseline = [], None
     for mode in modes:
         passes = [_one_pass(model, mode, scenes, seed, gen_length, steps, block_length, 0.0, synthetic.COLORS,
-                            None, False) for _ in range(max(repeats, 1))]
+                            None, False, task) for _ in range(max(repeats, 1))]
         first = passes[0]
         seconds = statistics.median(p["seconds_per_image"] for p in passes)
         baseline = baseline or {"seconds": seconds, "tokens": first["tokens"]}
@@ -253,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "exact,prefix,prefix:2,threshold:0.9,prefix+threshold:0.9 (the first is the baseline)")
     ap.add_argument("--repeats", type=int, default=3, help="--modes: timed passes per mode (the median is reported)")
     ap.add_argument("--json", type=Path, help="also write the report (or the --modes table) to this file")
+    ap.add_argument("--task", choices=synthetic.TASKS, default="shapes",
+                    help="region models: the synthetic task's captions (Base models: the questions of 'sentences')")
     ap.add_argument("--rotated", type=synthetic.fraction, default=0.0,
                     help="fraction of squares and triangles drawn at any angle (0: upright, as in training)")
     ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none", help="as pdlm-infer --quantize")
@@ -269,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.modes:
             rows = mode_table(checkpoint, args.scenes, args.modes.split(","), args.repeats, args.seed, args.dtype,
-                              args.gen_length, args.steps, args.block_length)
+                              args.gen_length, args.steps, args.block_length, args.task)
             print(json.dumps(rows, indent=2))
             print_table(rows, "answers" if "by_type" in rows[0] else "captions")
             if args.json:
@@ -277,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         report = evaluate(checkpoint, args.scenes, args.seed, args.gen_length, args.steps, args.dtype, args.verbose,
                           args.cache, args.unmask, args.rotated, None if args.quantize == "none" else args.quantize,
-                          args.adapter, args.colors, args.compare, args.annotations, args.block_length)
+                          args.adapter, args.colors, args.compare, args.annotations, args.block_length, args.task)
     except PDLMError as e:
         print(f"train.eval: error: {e}", file=sys.stderr)
         return 2

@@ -1,12 +1,14 @@
-"""The synthetic shapes task of the embedded demo models.
+"""The synthetic shapes tasks of the demo models.
 
 A scene is a uniform light background with 1–6 non-overlapping filled shapes from {circle, square,
 triangle} × {red, green, blue, yellow}. Colours name a hue: every shape is drawn in a random shade of it (hue,
-saturation and value jitter), so a model cannot key on one RGB value. Scene `i` of seed `s` is a pure function
-of (s, i).
+saturation and value jitter), so a model cannot key on one RGB value. Scene `i` of seed `s` and a task is a pure
+function of (s, i).
 
-Region captions (the region demo model): "a {size} {color} {shape} {place}", e.g. "a small red circle in the
-top left".
+Task "shapes" (the embedded demo model's): caption "a {color} {shape}"; shape sizes are minimum widths
+(circle diameter, square side, smallest triangle altitude), log-uniform from 1/8 of the shorter image side.
+
+Task "sentences": captions "a {size} {color} {shape} {place}", e.g. "a small red circle in the top left".
 - size: "small" when the shape's mask covers 0.5–2.5% of the image, "large" when 5–15%; the generator draws
   only sizes inside these two bands.
 - place: the mask centroid's row (top / middle / bottom) and column (left / center / right) by thirds of the
@@ -20,9 +22,11 @@ Questions and answers (the Base demo model), `questions(scene)`:
 - "Is there a {color} {shape}?" → "yes" / "no"
 - "Where is the {color} {shape}?" (only when unique) → "{place}"
 
-CLI: `python -m train.synthetic --out DIR --scenes N [--seed S]` writes N scenes in the training annotation
-schema (SPEC §11.2, variant A: image_file + mask_rles + captions); `--qa` writes them as Base conversation
-records instead (train.conversations, one turn per question).
+The questions are asked about scenes of the "sentences" task.
+
+CLI: `python -m train.synthetic --out DIR --scenes N [--seed S] [--task sentences]` writes N scenes in the
+training annotation schema (SPEC §11.2, variant A: image_file + mask_rles + captions); `--qa` writes scenes of
+the "sentences" task as Base conversation records instead (train.conversations, one record per question).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ COLUMNS = ("left", "center", "right")
 PLACE_MARGIN = 0.04  # centroids keep this fraction of the side away from the third lines
 NUMBERS = ("one", "two", "three", "four", "five", "six")
 QUESTION_TYPES = ("count", "color", "shape", "exists", "where")
+TASKS = ("shapes", "sentences")
 MIN_SIDE, MAX_SIDE = 128, 512
 MAX_SHAPES = 6
 
@@ -82,11 +87,8 @@ class Item:
 class Scene:
     image: np.ndarray  # (H, W, 3) uint8
     masks: list[np.ndarray]  # (H, W) bool, one per shape
-    items: list[Item]
-
-    @property
-    def captions(self) -> list[str]:
-        return [item.caption for item in self.items]
+    captions: list[str]
+    items: list[Item] = dataclasses.field(default_factory=list)  # the "sentences" task's words of each shape
 
 
 def shade(rng: np.random.Generator, color: str) -> tuple[int, int, int]:
@@ -101,24 +103,23 @@ def background(rng: np.random.Generator) -> tuple[int, int, int]:
     return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
 
 
-def _outline(rng: np.random.Generator, shape: str, rotated: float) -> tuple[str, np.ndarray, float]:
-    """(drawing primitive, its points, its area) of a shape of unit minimum width with its area centroid at
-    the origin.
+def _outline(rng: np.random.Generator, shape: str, d: float, rotated: float) -> tuple[str, np.ndarray]:
+    """Drawing primitive of a shape of minimum width `d`, centred on the origin (its area centroid).
 
     Triangles range from flat to tall and from isosceles to right-angled. Squares sit axis-aligned and
     triangles on a side (within 15°), except a fraction `rotated` of them, which take any angle (a tilted
     square is still a square). Circles: the (2, 2) corners of their bounding box.
     """
     if shape == "circle":
-        return "ellipse", np.array([[-0.5, -0.5], [0.5, 0.5]]), math.pi / 4
+        return "ellipse", np.array([[-d / 2, -d / 2], [d / 2, d / 2]])
     if shape == "square":
-        pts = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]])
+        pts = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]]) * (d / 2)
     else:
         height = rng.uniform(0.6, 1.5)  # relative to a base of 1
         apex = rng.uniform(0.0, 1.0)  # along the base: 0 or 1 gives a right angle
         pts = np.array([[0.0, height], [1.0, height], [apex, 0.0]])
         sides = np.linalg.norm(pts - np.roll(pts, 1, axis=0), axis=1)
-        pts = (pts - pts.mean(axis=0)) * (sides.max() / height)  # smallest altitude = 1
+        pts = (pts - pts.mean(axis=0)) * (d * sides.max() / height)  # smallest altitude = d
     if rng.random() < rotated:
         turn = rng.uniform(0.0, 2.0 * math.pi)
     elif shape == "square":
@@ -126,9 +127,14 @@ def _outline(rng: np.random.Generator, shape: str, rotated: float) -> tuple[str,
     else:
         turn = rng.integers(4) * math.pi / 2 + math.radians(rng.uniform(-15.0, 15.0))
     c, s = math.cos(turn), math.sin(turn)
-    x, y = pts[:, 0], pts[:, 1]
-    area = 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))  # shoelace
-    return "polygon", pts @ np.array([[c, s], [-s, c]]), float(area)
+    return "polygon", pts @ np.array([[c, s], [-s, c]])
+
+
+def _area(kind: str, geom: np.ndarray) -> float:
+    if kind == "ellipse":
+        return math.pi / 4 * float(np.prod(np.ptp(geom, axis=0)))
+    x, y = geom[:, 0], geom[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))  # shoelace
 
 
 def _draw(canvas: ImageDraw.ImageDraw, kind: str, geom: np.ndarray, fill) -> None:
@@ -146,7 +152,8 @@ def _place_shape(rng, w: int, h: int, shape: str, size: str, rotated: float, box
     """(primitive, points, mask, row, column) of one shape of `size` placed in a random third cell clear of
     `boxes`, or None if this draw does not fit. The drawn mask, not the geometry, must meet the size band and
     the centroid margin."""
-    kind, unit, unit_area = _outline(rng, shape, rotated)
+    kind, unit = _outline(rng, shape, 1.0, rotated)
+    unit_area = _area(kind, unit)
     lo_frac, hi_frac = SIZES[size]
     # aim inside the band: rasterisation moves the area by a few pixels along the outline
     target = rng.uniform(lo_frac + 0.1 * (hi_frac - lo_frac), hi_frac - 0.1 * (hi_frac - lo_frac)) * w * h
@@ -181,16 +188,61 @@ def _place_shape(rng, w: int, h: int, shape: str, size: str, rotated: float, box
 
 
 def make_scene(seed: int, index: int, num_shapes: int | None = None, rotated: float = 0.0,
-               colors: tuple[str, ...] = COLORS) -> Scene:
-    """Scene `index` of the stream `seed` (deterministic); `rotated`: the fraction of squares and triangles
-    drawn at any angle; `colors`: the colour names drawn from (keys of HUES)."""
+               colors: tuple[str, ...] = COLORS, task: str = "shapes") -> Scene:
+    """Scene `index` of the stream `seed` of `task` (deterministic); `rotated`: the fraction of squares and
+    triangles drawn at any angle; `colors`: the colour names drawn from (keys of HUES)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; choose one of {TASKS}")
     rng = np.random.default_rng([seed, index])
     w, h = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
     n = int(num_shapes or rng.integers(1, MAX_SHAPES + 1))
     image = Image.new("RGB", (w, h), background(rng))
-    canvas = ImageDraw.Draw(image)
+    place = _place_shapes if task == "shapes" else _place_sentences
+    masks, captions, items = [], [], []
+    for kind, geom, color, caption, item in place(rng, w, h, n, rotated, colors):
+        _draw(ImageDraw.Draw(image), kind, geom, shade(rng, color))
+        mask_img = Image.new("L", (w, h), 0)
+        _draw(ImageDraw.Draw(mask_img), kind, geom, 255)
+        masks.append(np.asarray(mask_img) > 0)
+        captions.append(caption)
+        items += [item] if item else []
+    return Scene(np.asarray(image), masks, captions, items)
+
+
+def _place_shapes(rng, w: int, h: int, n: int, rotated: float, colors):
+    """The "shapes" task's shapes, one at a time: (primitive, points, colour, caption, None)."""
+    short = min(w, h)
+    # minimum widths log-uniform from the task's minimum (1/8 of the shorter side) to what n shapes leave
+    # room for: small shapes, the hard case, are as common as large ones
+    d_min = short / 8
+    d_max = max(d_min, short * min(0.5, 0.8 / math.sqrt(n)))
     boxes: list[tuple[float, float, float, float]] = []
-    masks, items = [], []
+    for _ in range(n):
+        shape, color = SHAPES[rng.integers(len(SHAPES))], colors[rng.integers(len(colors))]
+        placed = None
+        for attempt in range(200):
+            # shrink towards the minimum size when the scene gets crowded
+            hi = d_max if attempt < 100 else d_min
+            d = math.exp(rng.uniform(math.log(d_min), math.log(hi) + 1e-9))
+            kind, geom = _outline(rng, shape, d, rotated)
+            lo, size = geom.min(axis=0), np.ptp(geom, axis=0)
+            if size[0] > w - 2 or size[1] > h - 2:
+                continue
+            x, y = rng.uniform(1, w - 1 - size[0]), rng.uniform(1, h - 1 - size[1])
+            gap = 3  # keep shapes (and their BICUBIC-blurred tiles) apart
+            if all(x + size[0] + gap <= bx or bx + bw + gap <= x or y + size[1] + gap <= by or by + bh + gap <= y
+                   for bx, by, bw, bh in boxes):
+                placed = (kind, geom - lo + (x, y))
+                boxes.append((x, y, size[0], size[1]))
+                break
+        if placed is None:
+            return
+        yield *placed, color, f"a {color} {shape}", None
+
+
+def _place_sentences(rng, w: int, h: int, n: int, rotated: float, colors):
+    """The "sentences" task's shapes, one at a time: (primitive, points, colour, caption, Item)."""
+    boxes: list[tuple[float, float, float, float]] = []
     for _ in range(n):
         shape, color = SHAPES[rng.integers(len(SHAPES))], colors[rng.integers(len(colors))]
         size = ("small", "large")[rng.integers(2)]
@@ -201,12 +253,10 @@ def make_scene(seed: int, index: int, num_shapes: int | None = None, rotated: fl
             if placed is not None:
                 break
         if placed is None:
-            break
-        kind, geom, mask, row, column = placed
-        _draw(canvas, kind, geom, shade(rng, color))
-        masks.append(mask)
-        items.append(Item(shape, color, size if attempt < 200 else "small", row, column))
-    return Scene(np.asarray(image), masks, items)
+            return
+        kind, geom, _, row, column = placed
+        item = Item(shape, color, size if attempt < 200 else "small", row, column)
+        yield kind, geom, color, item.caption, item
 
 
 # ---- questions and answers (the Base demo) --------------------------------------------------------------
@@ -270,14 +320,14 @@ def parse_caption(text: str) -> dict[str, str] | None:
 class SyntheticSource:
     """Random-access source of synthetic records (the `load_record` schema of train.data), for grain."""
 
-    def __init__(self, num_records: int, seed: int = 0, rotated: float = 0.0):
-        self.num_records, self.seed, self.rotated = int(num_records), int(seed), float(rotated)
+    def __init__(self, num_records: int, seed: int = 0, rotated: float = 0.0, task: str = "shapes"):
+        self.num_records, self.seed, self.rotated, self.task = int(num_records), int(seed), float(rotated), task
 
     def __len__(self) -> int:
         return self.num_records
 
     def __getitem__(self, index: int) -> dict:
-        scene = make_scene(self.seed, int(index), rotated=self.rotated)
+        scene = make_scene(self.seed, int(index), rotated=self.rotated, task=self.task)
         return {"image": scene.image, "masks": scene.masks, "captions": scene.captions}
 
 
@@ -309,16 +359,16 @@ def write_scene(scene: Scene, out_dir: str | Path, stem: str = "") -> tuple[Path
 
 
 def write_dataset(out_dir: str | Path, num_scenes: int, seed: int = 0, rotated: float = 0.0,
-                  colors: tuple[str, ...] = COLORS, qa: bool = False) -> Path:
-    """Write scenes as PNGs plus `annotations.json`: the SPEC §11.2 schema (variant A), or with `qa` Base
-    conversation records with one record per question."""
+                  colors: tuple[str, ...] = COLORS, qa: bool = False, task: str = "shapes") -> Path:
+    """Write scenes of `task` as PNGs plus `annotations.json`: the SPEC §11.2 schema (variant A), or with `qa`
+    Base conversation records with one record per question (scenes of the "sentences" task)."""
     from pycocotools import mask as mask_utils
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(num_scenes):
-        scene = make_scene(seed, i, rotated=rotated, colors=colors)
+        scene = make_scene(seed, i, rotated=rotated, colors=colors, task="sentences" if qa else task)
         name = f"images/{i:06d}.png"
         Image.fromarray(scene.image).save(out / name)
         if qa:
@@ -364,9 +414,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rotated", type=fraction, default=0.0, help="fraction of squares and triangles at any angle")
     ap.add_argument("--colors", type=color_list, default=COLORS,
                     help=f"comma-separated colour names (default: {','.join(COLORS)}; also: purple)")
+    ap.add_argument("--task", choices=TASKS, default="shapes", help="the captions' grammar (see above)")
     ap.add_argument("--qa", action="store_true", help="write Base conversation records (every question of a scene)")
     args = ap.parse_args(argv)
-    print(write_dataset(args.out, args.scenes, args.seed, args.rotated, args.colors, args.qa))
+    print(write_dataset(args.out, args.scenes, args.seed, args.rotated, args.colors, args.qa, args.task))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,58 @@
+"""`python -m train.eval`: the fast-mode table, the Base model's questions by type, and the demo tools that build
+the sentences-task models (the composed Base start, the training curves)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pdlm_jax.asset_paths import DEMO_MODEL
+from train import demo, eval as train_eval
+
+
+def test_mode_table_compares_every_mode_with_the_first(tmp_path, capsys):
+    out = tmp_path / "modes.json"
+    assert train_eval.main(["--scenes", "2", "--repeats", "1", "--modes", "exact,prefix,threshold:0.9",
+                            "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["exact", "prefix", "threshold:0.9"]
+    exact = rows[0]
+    assert exact["speedup"] == 1.0 and exact["token_agreement"] == 1.0 and exact["forwards_per_image"] == 3
+    assert all(0 <= r["token_agreement"] <= 1 and r["forwards_per_image"] <= 3 for r in rows)
+    table = capsys.readouterr().out
+    assert "| mode | forwards / image |" in table and "| threshold:0.9 |" in table
+
+
+def test_base_model_is_asked_one_question_of_every_type(converted):
+    """The random base_tiny fixture answers gibberish; the report still counts every question by type."""
+    report = train_eval.evaluate(converted("base_tiny"), scenes=2, gen_length=8, block_length=8, steps=8)
+    assert report["kind"] == "base" and report["task"] == "sentences"
+    assert list(report["by_type"])[0] == "count" and report["by_type"]["count"]["total"] == 2
+    assert report["questions"] == sum(t["total"] for t in report["by_type"].values()) >= 2 * 3
+
+
+def test_base_start_composes_a_pretrained_vision_tower_with_a_random_lm(tmp_path, monkeypatch):
+    import jax
+
+    from pdlm_jax.checkpoint import load_config, restore_params
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the config's tokenizer path is the repository's
+    out = demo.base_start(DEMO_MODEL, "configs/demo2_base.yaml", tmp_path / "start")
+    assert load_config(out).is_base
+    _, start = restore_params(out)
+    _, tower = restore_params(DEMO_MODEL)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start["vision"]), jax.tree.leaves(tower["vision"])))
+    assert start["lm"]["embed"]["embedding"].shape[0] == 512 != tower["lm"]["embed"]["embedding"].shape[0]
+
+
+def test_curve_bins_the_log_and_keeps_the_evaluations(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": float(s)} for s in range(1, 201)] + [{"step": 200, "eval_loss": 1.0, "eval_accuracy": 0.5}]
+    (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    stem = tmp_path / "curve"
+    demo.write_curves([str(run)], ["a run"], stem)
+    curve = json.loads(stem.with_suffix(".json").read_text())[0]
+    assert curve["loss_per_100_steps"] == {"100": 50.5, "200": 150.5}
+    assert curve["evaluations"] == [{"step": 200, "eval_loss": 1.0, "eval_accuracy": 0.5}]
+    assert stem.with_suffix(".png").stat().st_size > 0
