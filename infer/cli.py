@@ -176,7 +176,8 @@ def _run(args: argparse.Namespace) -> int:
 
         tokenizer = handle.tokenizer
         save_steps(args.visualize_steps, result["history"], tokenizer.special.mask,
-                   lambda t: tokenizer.decode([t], skip_special_tokens=False), [r["caption"] for r in result["regions"]])
+                   lambda t: tokenizer.decode([t], skip_special_tokens=False),
+                   [r["caption"] for r in result["regions"]])
         print(f"wrote {args.visualize_steps}", file=sys.stdout if args.output else sys.stderr)
     return 0
 

@@ -105,7 +105,8 @@ def prepare_question(image: ImageInput | TiledImage, question: str, tokenizer: T
     return PreparedQuestion(tiled, text, ids, image_positions)
 
 
-def program_inputs(prep: PreparedQuestion, bucket: Bucket, pad_id: int, threshold: float = 0.9) -> dict[str, np.ndarray]:
+def program_inputs(prep: PreparedQuestion, bucket: Bucket, pad_id: int,
+                   threshold: float = 0.9) -> dict[str, np.ndarray]:
     """Device inputs of one question (a batch of one row); `threshold`: of threshold unmasking."""
     P = len(prep.input_ids)
     ids = np.full(bucket.length, pad_id, np.int32)
@@ -214,7 +215,7 @@ class QuestionAnswerer:
         block_sampling.block_schedule(gen_length, block_length, steps)  # PDLMError for settings that do not divide
         if cache not in CACHE_MODES:
             raise PDLMError(f"cache mode must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
-        mode = Mode.parse("none", unmask)
+        mode = Mode.parse(cache, unmask)
         prep = prepare_question(image, question, self.tokenizer, self.cfg)
         P = len(prep.input_ids)
         bucket = Bucket(tiles=prep.tiled.num_tiles, length=-(-(P + gen_length) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE,
@@ -230,8 +231,7 @@ class QuestionAnswerer:
             "image": {"width": prep.tiled.size[0], "height": prep.tiled.size[1], "grid": list(prep.tiled.grid),
                       "tiles": prep.tiled.num_tiles},
             "gen_length": gen_length, "block_length": block_length, "steps": steps,
-            "mode": "+".join(m for m in (cache if cache != "none" else "", mode.name if not mode.exact else "") if m)
-                    or "exact",
+            "mode": mode.name,
             "seconds": time.perf_counter() - start, "compile_seconds": compile_seconds,
             "forwards": forwards, "tokens_per_forward": gen_length / forwards,
         }

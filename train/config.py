@@ -284,12 +284,15 @@ def _check_run_data_eval(cfg: TrainConfig) -> None:
 
     if cfg.data.on_bad_record not in BAD_RECORD_POLICIES:
         raise PDLMError(f"data.on_bad_record must be one of {BAD_RECORD_POLICIES}, not {cfg.data.on_bad_record!r}")
-    if cfg.data.synthetic_task not in ("shapes", "sentences"):
-        raise PDLMError(f"data.synthetic_task must be shapes or sentences (train.synthetic), not "
+    from train.conversations import TEMPLATES
+    from train.synthetic import TASKS
+
+    if cfg.data.synthetic_task not in TASKS:
+        raise PDLMError(f"data.synthetic_task must be one of {TASKS} (train.synthetic), not "
                         f"{cfg.data.synthetic_task!r}")
-    if cfg.data.template not in ("training", "chat"):
-        raise PDLMError(f"data.template must be training (the reference's) or chat (the inference prompt), not "
-                        f"{cfg.data.template!r}")
+    if cfg.data.template not in TEMPLATES:
+        raise PDLMError(f"data.template must be one of {TEMPLATES} (the reference's training template, or the "
+                        f"inference prompt), not {cfg.data.template!r}")
     if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 0 for w in cfg.data.weights):
         raise PDLMError(f"data.weights must be positive numbers, got {list(cfg.data.weights)}")
     if cfg.data.loop and not cfg.run.max_steps:

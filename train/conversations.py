@@ -178,7 +178,8 @@ def _user_text(text: str, image_text: str | None) -> str:
     return "".join(out)
 
 
-def render(turns: Sequence[Turn], image_text: str | None, template: str = "training") -> tuple[str, list[tuple[int, int]]]:
+def render(turns: Sequence[Turn], image_text: str | None,
+           template: str = "training") -> tuple[str, list[tuple[int, int]]]:
     """(text, spans): the conversation in `template` (TextFormat) and the [start, end) characters of every
     assistant answer with its `<|eot_id|>` (the template's generation spans)."""
     chat = template == "chat"

@@ -34,7 +34,8 @@ ANSWERS = sorted({a for c in synthetic.COLORS for s in synthetic.SHAPES for a in
     *(synthetic.Item(s, c, z, r, k).place for z in synthetic.SIZES for r in range(3) for k in range(3)))})
 SENTENCES = sorted({synthetic.Item(s, c, z, r, k).caption for c in synthetic.COLORS for s in synthetic.SHAPES
                     for z in synthetic.SIZES for r in range(3) for k in range(3)})
-QUESTIONS = sorted({q for i in range(200) for _, q, _ in synthetic.questions(synthetic.make_scene(0, i, task="sentences"))})
+QUESTIONS = sorted({q for i in range(200)
+                    for _, q, _ in synthetic.questions(synthetic.make_scene(0, i, task="sentences"))})
 # per task: the text the tokenizer must encode compactly, the phrases that must be one token a word, and the BPE
 # vocabulary asked for (before the special tokens)
 CORPORA = {
@@ -120,14 +121,16 @@ def base_start(vision: str | Path, config: str | Path, out: str | Path) -> Path:
 
     cfg = train_config.load(str(config), ["model.init_from=null"])  # the config trains from what this writes
     model_cfg = cfg.model_config()
-    params = jax.device_get(step_lib.init_params(model_cfg, cfg.run.seed, sharding.make_mesh("data:1", jax.devices()[:1]),
+    mesh = sharding.make_mesh("data:1", jax.devices()[:1])
+    params = jax.device_get(step_lib.init_params(model_cfg, cfg.run.seed, mesh,
                                                  vision_pos_embed=cfg.model.vision_pos_embed_init))
     tensors = restore_params(vision, dtype=np.float32)[1]["vision"]
     if jax.tree.map(np.shape, tensors) != jax.tree.map(np.shape, params["vision"]):
         raise ValueError(f"{vision}: its vision tower does not fit {config}'s vision config")
     params["vision"] = tensors
     return checkpointing.export(out, model_cfg, params, cfg.tokenizer_dir(), cfg.exported_sampler(model_cfg),
-                                {"composed": {"vision": str(vision), "lm_and_projector": f"random, seed {cfg.run.seed}"}})
+                                {"composed": {"vision": str(vision),
+                                              "lm_and_projector": f"random, seed {cfg.run.seed}"}})
 
 
 CURVE_BIN = 100  # steps per point of a training curve
@@ -166,14 +169,20 @@ def write_curves(runs: list[str], labels: list[str], stem: str | Path) -> tuple[
     draw = ImageDraw.Draw(image)
     colours = [(0, 114, 178), (213, 94, 0), (0, 158, 115)]
     last = max(max(map(int, c["loss_per_100_steps"])) for c in curves)
+
+    def x_of(step):
+        return pad + (W - 2 * pad) * step / last
+
     for p, (title, key, log) in enumerate(panels):
         top = p * H
         series = [[(int(s), v) for s, v in c[key].items()] if key != "evaluations" else
                   [(e["step"], e["eval_accuracy"]) for e in c[key] if "eval_accuracy" in e] for c in curves]
         values = [v for s in series for _, v in s]
         lo, hi = (math.log10(min(values)), math.log10(max(values))) if log else (0.0, 1.0)
-        y_of = lambda v: top + H - pad - (H - 2 * pad) * (((math.log10(v) if log else v) - lo) / max(hi - lo, 1e-9))  # noqa: E731
-        x_of = lambda s: pad + (W - 2 * pad) * s / last  # noqa: E731
+
+        def y_of(v):  # this panel's scale
+            return top + H - pad - (H - 2 * pad) * (((math.log10(v) if log else v) - lo) / max(hi - lo, 1e-9))
+
         draw.rectangle((pad, top + pad, W - pad, top + H - pad), outline=(120, 120, 120))
         draw.text((pad, top + 12), title, fill="black", font=font)
         for tick in (lo, (lo + hi) / 2, hi):

@@ -92,8 +92,9 @@ def caption_run(model, scenes: int, seed: int, settings: dict, rotated: float = 
             _add(tallies["by_num_shapes"], len(masks), ok)
             true_words = synthetic.parse_caption(normalise(truth))
             said = synthetic.parse_caption(normalise(region["caption"])) or {}
-            words = normalise(truth).split()
-            _add(tallies["by_color"], words[-2] if len(words) == 3 else true_words["color"] if true_words else "other", ok)
+            words = normalise(truth).split()  # "a {color} {shape}" or a sentence of the grammar
+            color = words[1] if len(words) == 3 else true_words["color"] if true_words else "other"
+            _add(tallies["by_color"], color, ok)
             for attribute in ATTRIBUTES if true_words else ():
                 _add(tallies["by_attribute"], attribute, said.get(attribute) == true_words[attribute])
             if not ok:
@@ -253,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="compute dtype (auto: the stored dtype, as pdlm-infer)")
     ap.add_argument("--cache", default="none", help="pdlm-infer --cache mode (none, prefix, prefix:R)")
     ap.add_argument("--unmask", default="remask", help="pdlm-infer --unmask mode (remask, threshold:TAU)")
-    ap.add_argument("--modes", help="comma-separated sampler modes for the fast-mode table, e.g. "
-                                    "exact,prefix,prefix:2,threshold:0.9,prefix+threshold:0.9 (the first is the baseline)")
+    ap.add_argument("--modes", help="comma-separated sampler modes for the fast-mode table, e.g. exact,prefix,"
+                                    "prefix:2,threshold:0.9,prefix+threshold:0.9 (the first is the baseline)")
     ap.add_argument("--repeats", type=int, default=3, help="--modes: timed passes per mode (the median is reported)")
     ap.add_argument("--json", type=Path, help="also write the report (or the --modes table) to this file")
     ap.add_argument("--task", choices=synthetic.TASKS, default="shapes",

@@ -76,7 +76,9 @@ class Item:
 
     @property
     def place(self) -> str:
-        return "in the center" if (self.row, self.column) == (1, 1) else f"in the {ROWS[self.row]} {COLUMNS[self.column]}"
+        if (self.row, self.column) == (1, 1):
+            return "in the center"
+        return f"in the {ROWS[self.row]} {COLUMNS[self.column]}"
 
     @property
     def caption(self) -> str:
