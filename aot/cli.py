@@ -292,7 +292,8 @@ def train_program(args, target) -> dict:
 
         conv = conversations.Conversation("pdlm-aot", "image", (conversations.Turn("user", "<image>\nDescribe it."),
                                                                  conversations.Turn("assistant", "An image.")))
-        sample, regions = conversations.build_sample(conv, image, model_cfg, tokenizer, length), 0
+        fmt = conversations.TextFormat(length)
+        sample, regions = conversations.build_sample(conv, image, model_cfg, tokenizer, fmt), 0
     else:
         k = min(region.prompt_numbers, math.ceil(cfg.data.group_divisor))
         record = data.Record(image, rectangle_masks(k, image.size), ["a region"] * k)
