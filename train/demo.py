@@ -1,12 +1,13 @@
-"""The embedded demo models: their tokenizer, their bundled demo scene and their training curves.
+"""The demo models' tools: their tokenizers, the bundled demo scene, the composed Base start and training curves.
 
-`python -m train.demo tokenizer --out DIR` builds a small byte-level BPE tokenizer (every caption and answer
-word of the synthetic task is one token; every special token of the real tokenizer is present, resolved by
-string). `python -m train.demo scene --out DIR` writes the bundled demo scene. `scripts/train_demo_models.sh`
-trains both models (configs/demo_base.yaml, then configs/demo.yaml from it) and exports them to
-`pdlm_jax/assets/`. `python -m train.demo curve --runs RUN... --out STEM` writes a run's training curve (mean loss
-per 100 steps, and the periodic evaluation) as STEM.json and STEM.png. `python -m train.demo add-words --words
-purple --out DIR` writes the demo model's tokenizer with new caption words, one token each (the LoRA recipe
+`python -m train.demo tokenizer [--task shapes|sentences] --out DIR` builds a small byte-level BPE tokenizer
+(every caption and answer word of the synthetic task is one token; every special token of the real tokenizer is
+present, resolved by string). `python -m train.demo scene --out DIR` writes the bundled demo scene. The embedded
+demo model is trained with `pdlm-train --config configs/demo.yaml`; `scripts/train_demo2.sh` trains the models of
+the "sentences" task, starting from `python -m train.demo base-start` (a trained vision tower beside a random
+LM). `python -m train.demo curve --runs RUN... --out STEM` writes runs' training curves (mean loss per 100
+steps, and the periodic evaluation) as STEM.json and STEM.png. `python -m train.demo add-words --words purple
+--out DIR` writes the demo model's tokenizer with new caption words, one token each (the LoRA recipe
 configs/finetune_demo_lora.yaml teaches the word).
 """
 
