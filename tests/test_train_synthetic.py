@@ -10,6 +10,23 @@ from pdlm_jax.regions.tokenizer import Tokenizer
 from train import demo, synthetic
 
 
+def _check_drawing(scene, colors: list[str]) -> None:
+    """Each shape in a shade of its colour's hue, no two overlapping, on a uniform light background."""
+    union = np.zeros(scene.image.shape[:2], int)
+    for mask, color in zip(scene.masks, colors):
+        ys, xs = np.nonzero(mask)
+        r, g, b = scene.image[ys[len(ys) // 2], xs[len(xs) // 2]] / 255.0
+        hue = colorsys.rgb_to_hsv(r, g, b)[0] * 360
+        (h0, h1), _, _ = synthetic.HUES[color]
+        offset = (hue - (h0 + h1) / 2 + 180) % 360 - 180  # signed distance to the range centre
+        assert abs(offset) <= (h1 - h0) / 2 + 2  # + 8-bit rounding
+        union += mask
+    assert union.max() == 1  # non-overlapping
+    background = scene.image[union == 0]  # every pixel outside the shapes has one light colour
+    assert (background == background[0]).all()
+    assert background[0].min() >= 190  # light: HSV value >= 0.88 and saturation <= 0.15
+
+
 def test_scenes_follow_the_task_definition():
     counts = set()
     for i in range(60):
@@ -18,25 +35,15 @@ def test_scenes_follow_the_task_definition():
         assert 128 <= h <= 512 and 128 <= w <= 512
         assert 1 <= len(scene.masks) == len(scene.captions) <= 6
         counts.add(len(scene.masks))
-        union = np.zeros((h, w), int)
+        colors = []
         for mask, caption in zip(scene.masks, scene.captions):
             a, color, shape = caption.split(" ")
+            colors.append(color)
             assert a == "a" and color in synthetic.COLORS and shape in synthetic.SHAPES
             ys, xs = np.nonzero(mask)
             side = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
             assert side >= min(h, w) / 8 - 1  # minimum width >= 1/8 of the shorter side, less rasterisation
-            union += mask
-            # the shape is drawn in a shade of its colour's hue
-            r, g, b = scene.image[ys[len(ys) // 2], xs[len(xs) // 2]] / 255.0
-            hue = colorsys.rgb_to_hsv(r, g, b)[0] * 360
-            (h0, h1), _, _ = synthetic.HUES[color]
-            offset = (hue - (h0 + h1) / 2 + 180) % 360 - 180  # signed distance to the range centre
-            assert abs(offset) <= (h1 - h0) / 2 + 2  # + 8-bit rounding
-        assert union.max() == 1  # non-overlapping
-        # background: every pixel outside the shapes has one light colour
-        background = scene.image[union == 0]
-        assert (background == background[0]).all()
-        assert background[0].min() >= 190  # light: HSV value >= 0.88 and saturation <= 0.15
+        _check_drawing(scene, colors)
     assert counts == set(range(1, 7))
     np.testing.assert_array_equal(synthetic.make_scene(11, 3).image, synthetic.make_scene(11, 3).image)
 
@@ -58,30 +65,20 @@ def test_sentence_scenes_follow_the_task_definition():
         assert 128 <= h <= 512 and 128 <= w <= 512
         assert 1 <= len(scene.masks) == len(scene.captions) <= 6
         counts.add(len(scene.masks))
-        union = np.zeros((h, w), int)
+        colors = []
         for mask, caption in zip(scene.masks, scene.captions):
             words = caption.split(" ")
             a, size, color, shape = words[:4]
+            colors.append(color)
             assert a == "a" and color in synthetic.COLORS and shape in synthetic.SHAPES
             area = mask.mean()
             assert {"small": 0.005 <= area <= 0.025, "large": 0.05 <= area <= 0.15}[size], (caption, area)
             sizes.add(size)
             assert " ".join(words[4:]) == _place(mask)
             ys, xs = np.nonzero(mask)
-            for centre, side in (((xs.mean() + 0.5) / w, 1), ((ys.mean() + 0.5) / h, 1)):
-                assert min(abs(centre - 1 / 3), abs(centre - 2 / 3)) >= 0.04 * side  # clear of the third lines
-            union += mask
-            # the shape is drawn in a shade of its colour's hue
-            r, g, b = scene.image[ys[len(ys) // 2], xs[len(xs) // 2]] / 255.0
-            hue = colorsys.rgb_to_hsv(r, g, b)[0] * 360
-            (h0, h1), _, _ = synthetic.HUES[color]
-            offset = (hue - (h0 + h1) / 2 + 180) % 360 - 180  # signed distance to the range centre
-            assert abs(offset) <= (h1 - h0) / 2 + 2  # + 8-bit rounding
-        assert union.max() == 1  # non-overlapping
-        # background: every pixel outside the shapes has one light colour
-        background = scene.image[union == 0]
-        assert (background == background[0]).all()
-        assert background[0].min() >= 190  # light: HSV value >= 0.88 and saturation <= 0.15
+            for centre in ((xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h):  # fractions of the side
+                assert min(abs(centre - 1 / 3), abs(centre - 2 / 3)) >= 0.04  # clear of the third lines
+        _check_drawing(scene, colors)
     assert counts == set(range(1, 7)) and sizes == {"small", "large"}
     assert not np.array_equal(synthetic.make_scene(11, 3, task="sentences").image, synthetic.make_scene(11, 3).image)
 

@@ -278,6 +278,11 @@ def build_sample(conv: Conversation, image: Image.Image | None, cfg: PDLMConfig,
     return TrainBatch(inputs=inputs, labels=labels, answer_positions=np.flatnonzero(labels != IGNORE).astype(np.int32))
 
 
+def one_item_per_record(n: int) -> np.ndarray:
+    """(n, 3) items in the layout of train.data.build_items: one per record, (record, 0, 1)."""
+    return np.stack([np.arange(n), np.zeros(n, int), np.ones(n, int)], 1)
+
+
 class ConversationSource:
     """The conversation records of one or more files, every one validated when loaded (see the module
     docstring); `skipped` lists the messages of the records left out with on_bad_record="skip"."""
@@ -324,9 +329,7 @@ class ConversationSource:
         return conv, _load_image(image_ref) if image_ref is not None else None
 
     def items(self) -> np.ndarray:
-        """(N, 3) items in the layout of train.data.build_items: one per record, (record, 0, 1)."""
-        n = len(self.records)
-        return np.stack([np.arange(n), np.zeros(n, int), np.ones(n, int)], 1)
+        return one_item_per_record(len(self))
 
 
 class SyntheticConversations:
@@ -367,8 +370,7 @@ class SyntheticConversations:
         return conv, Image.fromarray(scene.image)
 
     def items(self) -> np.ndarray:
-        n = len(self)
-        return np.stack([np.arange(n), np.zeros(n, int), np.ones(n, int)], 1)
+        return one_item_per_record(len(self))
 
 
 def make_sources(data, cfg: PDLMConfig, tokenizer: Tokenizer) -> list:

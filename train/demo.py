@@ -118,6 +118,7 @@ def base_start(vision: str | Path, config: str | Path, out: str | Path) -> Path:
 
     from pdlm_jax import sharding
     from pdlm_jax.checkpoint import restore_params
+    from pdlm_jax.errors import PDLMError
     from train import checkpointing, config as train_config, step as step_lib
 
     cfg = train_config.load(str(config), ["model.init_from=null"])  # the config trains from what this writes
@@ -127,7 +128,7 @@ def base_start(vision: str | Path, config: str | Path, out: str | Path) -> Path:
                                                  vision_pos_embed=cfg.model.vision_pos_embed_init))
     tensors = restore_params(vision, dtype=np.float32)[1]["vision"]
     if jax.tree.map(np.shape, tensors) != jax.tree.map(np.shape, params["vision"]):
-        raise ValueError(f"{vision}: its vision tower does not fit {config}'s vision config")
+        raise PDLMError(f"--vision {vision}: its vision tower does not fit {config}'s vision config")
     params["vision"] = tensors
     return checkpointing.export(out, model_cfg, params, cfg.tokenizer_dir(), cfg.exported_sampler(model_cfg),
                                 {"composed": {"vision": str(vision),
@@ -214,7 +215,14 @@ def main(argv: list[str] | None = None) -> None:
     elif args.what == "add-words":
         print(add_words(args.out, args.words))
     elif args.what == "base-start":
-        print(base_start(args.vision, args.config, args.out))
+        from pdlm_jax.errors import PDLMError
+
+        if not args.vision or not args.config:
+            ap.error("base-start needs --vision and --config")
+        try:
+            print(base_start(args.vision, args.config, args.out))
+        except PDLMError as e:
+            ap.exit(2, f"python -m train.demo: error: {e}\n")
     elif args.what == "curve":
         if not args.runs or (args.labels and len(args.labels) != len(args.runs)):
             ap.error("curve needs --runs, and one --labels entry per run if any")

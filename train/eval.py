@@ -154,9 +154,19 @@ def _settings(model, mode: str, gen_length: int | None, steps: int | None, block
     settings = {"gen_length": gen_length, "steps": steps, **pipeline.Mode.from_name(mode).arguments}
     if isinstance(model, QuestionAnswerer):
         settings["block_length"] = block_length
-    elif block_length is not None:
-        raise PDLMError("--block-length is a setting of the Base block sampler; a region model has none")
     return settings
+
+
+def _check_kind(checkpoint, block_length: int | None, annotations: str | None) -> None:
+    """PDLMError for settings the checkpoint's kind has no use for, before its weights load."""
+    from pdlm_jax.checkpoint import load_config
+
+    base = load_config(checkpoint).is_base
+    if block_length is not None and not base:
+        raise PDLMError("--block-length is a setting of the Base block sampler; a region model has none")
+    if annotations is not None and base:
+        raise PDLMError("--annotations: a PerceptionDLM-Base model is evaluated on the synthetic task's "
+                        "questions; give --scenes only")
 
 
 def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen_length: int | None = None,
@@ -172,8 +182,9 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
     from pdlm_jax.api import RegionCaptioner
     from pdlm_jax.pipeline import Mode
 
-    model = pdlm_jax.load(checkpoint, dtype=dtype, quantize=quantize, adapter=adapter)
+    _check_kind(checkpoint, block_length, annotations)
     mode = Mode.parse(cache, unmask).name
+    model = pdlm_jax.load(checkpoint, dtype=dtype, quantize=quantize, adapter=adapter)
     report = _one_pass(model, mode, scenes, seed, gen_length, steps, block_length, rotated, colors, annotations,
                        verbose, task)
     if compare:
@@ -200,9 +211,6 @@ def _one_pass(model, mode: str, scenes: int, seed: int, gen_length, steps, block
         report = caption_run(model, scenes, seed, settings, rotated, colors, annotations, verbose, task)
         resolved = {"gen_length": gen_length or model.sampler["gen_length"], "steps": steps or model.sampler["steps"]}
     else:
-        if annotations is not None:
-            raise PDLMError("--annotations: a PerceptionDLM-Base model is evaluated on the synthetic task's "
-                            "questions; give --scenes only")
         report = question_run(model, scenes, seed, settings, verbose)
         resolved = {k: settings[k] or model.defaults[k] for k in ("gen_length", "block_length", "steps")}
     return {**resolved, **report, "seconds": time.perf_counter() - start}
@@ -214,7 +222,11 @@ def mode_table(checkpoint: str | Path, scenes: int, modes: list[str], repeats: i
     """One row per sampler mode over the same held-out scenes (see the module docstring); the first mode is the
     baseline of the ratios and agreements (put `exact` first)."""
     import pdlm_jax
+    from pdlm_jax.pipeline import Mode
 
+    _check_kind(checkpoint, block_length, None)
+    for mode in modes:
+        Mode.from_name(mode)  # PDLMError for a misspelt mode before any captioning
     model = pdlm_jax.load(checkpoint, dtype=dtype)
     rows, baseline = [], None
     for mode in modes:

@@ -143,6 +143,13 @@ def _draw(canvas: ImageDraw.ImageDraw, kind: str, geom: np.ndarray, fill) -> Non
     getattr(canvas, kind)([tuple(p) for p in geom.tolist()], fill=fill)
 
 
+def _mask(w: int, h: int, kind: str, geom: np.ndarray) -> np.ndarray:
+    """(h, w) bool: the pixels the primitive covers, drawn as the shape is."""
+    mask_img = Image.new("L", (w, h), 0)
+    _draw(ImageDraw.Draw(mask_img), kind, geom, 255)
+    return np.asarray(mask_img) > 0
+
+
 def _cell(fraction: float) -> int | None:
     """The third a centroid coordinate (a fraction of the side) falls in; None within PLACE_MARGIN of a line."""
     if min(abs(fraction - 1 / 3), abs(fraction - 2 / 3)) < PLACE_MARGIN:
@@ -176,9 +183,7 @@ def _place_shape(rng, w: int, h: int, shape: str, size: str, rotated: float, box
     if not all(x0 + bw + gap <= bx or bx + bbw + gap <= x0 or y0 + bh + gap <= by or by + bbh + gap <= y0
                for bx, by, bbw, bbh in boxes):
         return None
-    mask_img = Image.new("L", (w, h), 0)
-    _draw(ImageDraw.Draw(mask_img), kind, geom, 255)
-    mask = np.asarray(mask_img) > 0
+    mask = _mask(w, h, kind, geom)
     ys, xs = np.nonzero(mask)
     if not lo_frac <= len(ys) / (w * h) <= hi_frac:
         return None
@@ -201,18 +206,16 @@ def make_scene(seed: int, index: int, num_shapes: int | None = None, rotated: fl
     image = Image.new("RGB", (w, h), background(rng))
     place = _place_shapes if task == "shapes" else _place_sentences
     masks, captions, items = [], [], []
-    for kind, geom, color, caption, item in place(rng, w, h, n, rotated, colors):
+    for kind, geom, mask, color, caption, item in place(rng, w, h, n, rotated, colors):
         _draw(ImageDraw.Draw(image), kind, geom, shade(rng, color))
-        mask_img = Image.new("L", (w, h), 0)
-        _draw(ImageDraw.Draw(mask_img), kind, geom, 255)
-        masks.append(np.asarray(mask_img) > 0)
+        masks.append(mask)
         captions.append(caption)
         items += [item] if item else []
     return Scene(np.asarray(image), masks, captions, items)
 
 
 def _place_shapes(rng, w: int, h: int, n: int, rotated: float, colors):
-    """The "shapes" task's shapes, one at a time: (primitive, points, colour, caption, None)."""
+    """The "shapes" task's shapes, one at a time: (primitive, points, mask, colour, caption, None)."""
     short = min(w, h)
     # minimum widths log-uniform from the task's minimum (1/8 of the shorter side) to what n shapes leave
     # room for: small shapes, the hard case, are as common as large ones
@@ -239,11 +242,12 @@ def _place_shapes(rng, w: int, h: int, n: int, rotated: float, colors):
                 break
         if placed is None:
             return
-        yield *placed, color, f"a {color} {shape}", None
+        kind, geom = placed
+        yield kind, geom, _mask(w, h, kind, geom), color, f"a {color} {shape}", None
 
 
 def _place_sentences(rng, w: int, h: int, n: int, rotated: float, colors):
-    """The "sentences" task's shapes, one at a time: (primitive, points, colour, caption, Item)."""
+    """The "sentences" task's shapes, one at a time: (primitive, points, mask, colour, caption, Item)."""
     boxes: list[tuple[float, float, float, float]] = []
     for _ in range(n):
         shape, color = SHAPES[rng.integers(len(SHAPES))], colors[rng.integers(len(colors))]
@@ -256,9 +260,9 @@ def _place_sentences(rng, w: int, h: int, n: int, rotated: float, colors):
                 break
         if placed is None:
             return
-        kind, geom, _, row, column = placed
+        kind, geom, mask, row, column = placed
         item = Item(shape, color, size if attempt < 200 else "small", row, column)
-        yield kind, geom, color, item.caption, item
+        yield kind, geom, mask, color, item.caption, item
 
 
 # ---- questions and answers (the Base demo) --------------------------------------------------------------
