@@ -169,7 +169,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     from pdlm_jax.files import atomic_write
     from pdlm_jax.regions.tokenizer import Tokenizer
 
-    from train import checkpointing, data, init_from, monitor, step as step_lib
+    from train import batches, checkpointing, init_from, monitor, step as step_lib
     from train import export as export_lib
     from train.config import CONFIG_FILE
     from pdlm_jax.files import as_path
@@ -191,8 +191,8 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
         # each host pads its own samples, so with several buckets hosts could disagree on the batch shape
         raise PDLMError("multi-host training needs one bucket per padded axis: set data.tile_buckets, "
                         "data.length_buckets and data.answer_buckets (if given) to a single value each")
-    pipe = data.build_pipeline(cfg.data, model_cfg, tokenizer, process_index=jax.process_index(),
-                               process_count=jax.process_count(), grad_accum=cfg.optim.grad_accum)
+    pipe = batches.build_pipeline(cfg.data, model_cfg, tokenizer, process_index=jax.process_index(),
+                                  process_count=jax.process_count(), grad_accum=cfg.optim.grad_accum)
     if pipe.skipped:
         log.warning("data.on_bad_record=skip: skipped %d bad annotation records, e.g. %s", len(pipe.skipped),
                     "; ".join(pipe.skipped[:3]))
