@@ -9,8 +9,9 @@ regions have no mask patches and point past the sequence), R RoI tokens per regi
 tokens per tile, L sequence length (right-padded: `valid` False). Positions ≥ L are dropped by the on-device
 scatters, which is how padded tiles and regions become no-ops.
 
-Host code builds an unpadded row (`regions.prepare.PreparedRegions.inputs`, `train.samples.build_sample`), pads
-it to a static bucket with `padded` and stacks rows with `stack`.
+Host code builds an unpadded row (`regions.prepare.region_inputs` for inference and training samples; a Base
+conversation, which has no regions, in `train.conversations`), pads it to a static bucket with `padded` and
+stacks rows with `stack`.
 """
 
 from __future__ import annotations

@@ -18,9 +18,10 @@ from PIL import Image
 
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.regions.masks import area_order, mask_box, patch_activity, visual_prompt_tiles
 from pdlm_jax.ops.roi_replay import roi_boxes
 from pdlm_jax.region_batch import RegionBatch
+from pdlm_jax.regions.masks import area_order, mask_box, patch_activity, visual_prompt_tiles
+from pdlm_jax.regions.prepare import region_inputs
 from pdlm_jax.regions.prompt import ASSISTANT_HEADER, DEFAULT_QUESTION, build_layout, build_prompt_text
 from pdlm_jax.regions.tiling import select_grid, tile_image
 from pdlm_jax.regions.tokenizer import Tokenizer
@@ -139,21 +140,8 @@ def build_sample(record: Record, mask_indices: Sequence[int], rng: np.random.Gen
     labels = np.full(layout.length, IGNORE, np.int32)
     end = start + int(eots[0]) + 1
     labels[start:end] = layout.input_ids[start:end]
-    inputs = RegionBatch(
-        pixel_values=tiled.pixel_values,
-        mask_patches=mask_patches,
-        prompt_ids=prompt_ids,
-        grid=np.asarray(tiled.grid, np.int32),
-        num_tiles=np.int32(tiled.num_tiles),
-        roi_boxes=roi_boxes(np.array([_box(m) for m in masks]), tiled.grid, region, cfg.quirks, training=True),
-        input_ids=layout.input_ids,
-        image_positions=layout.image_positions,
-        roi_positions=layout.roi_positions,
-        block_id=layout.block_id,
-        roi_owner=layout.roi_owner,
-        prefix_visible=layout.prefix_visible,
-        valid=layout.valid,
-    )
+    boxes = roi_boxes(np.array([_box(m) for m in masks]), tiled.grid, region, cfg.quirks, training=True)
+    inputs = region_inputs(tiled.pixel_values, tiled.grid, mask_patches, prompt_ids, boxes, layout)
     return TrainBatch(inputs=inputs, labels=labels, answer_positions=np.flatnonzero(labels != IGNORE).astype(np.int32))
 
 
