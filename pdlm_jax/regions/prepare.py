@@ -51,8 +51,8 @@ def region_inputs(pixel_values: np.ndarray, grid: tuple[int, int], mask_patches:
 
 
 def prepare_regions(tiled: TiledImage, masks: Sequence[MaskInput], tokenizer: Tokenizer, cfg: PDLMConfig,
-                    gen_length: int, question: str = DEFAULT_QUESTION, length: int | None = None) -> PreparedRegions:
-    """Everything the jitted pass needs, computed on the host. `length` right-pads the layout to a bucket.
+                    gen_length: int, question: str = DEFAULT_QUESTION) -> PreparedRegions:
+    """Everything the jitted pass needs, computed on the host (unpadded: `RegionBatch.padded` pads the row).
 
     More masks than `prompt_numbers` must be split into chunks by the caller (one pass per chunk).
     """
@@ -74,8 +74,6 @@ def prepare_regions(tiled: TiledImage, masks: Sequence[MaskInput], tokenizer: To
     text = build_prompt_text(tiled.num_tiles, region.num_image_tokens, k, gen_length, question)
     layout = build_layout(tokenizer.encode(text), tokenizer.special, k, region.roi_tokens, gen_length,
                           tiled.num_tiles * region.num_image_tokens)
-    if length is not None:
-        layout = layout.padded(length, tokenizer.special.eot)
     return PreparedRegions(
         pixel_values=tiled.pixel_values,
         mask_patches=mask_patches,
