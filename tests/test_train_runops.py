@@ -108,7 +108,7 @@ def test_run_out_of_data_resume_checks_and_monitoring(tmp_path, monkeypatch, cap
     assert "changed config (data.loop: False -> True" in caplog.text and "run.max_steps: 5 -> 6" in caplog.text
     assert (out / "config.step4.yaml").read_text() == (out / "config.yaml").read_text()
 
-    from train.export import export_step  # any kept step, through the same checkpoint manager set-up
+    from train.export_step import export_step  # any kept step, through the same checkpoint manager set-up
 
     exported = export_step(f"file://{out}", tmp_path / "step2", step=2)
     assert json.loads((exported / "provenance.json").read_text())["steps"] == 2

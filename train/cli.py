@@ -170,7 +170,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     from pdlm_jax.regions.tokenizer import Tokenizer
 
     from train import batches, checkpointing, init_from, monitor, step as step_lib
-    from train import export as export_lib
+    from train import export_step
     from train.config import CONFIG_FILE
     from pdlm_jax.files import as_path
 
@@ -298,7 +298,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     exported = None
     if cfg.run.export:
         # a LoRA base held below float32 (lora.base) is loaded again in float32 to merge the adapters into
-        float_base = export_lib.base_params(cfg, model_cfg) if trainer.rounds_base else None
+        float_base = export_step.base_params(cfg, model_cfg) if trainer.rounds_base else None
         params, adapters = trainer.model_params(state, float_base), (state["params"] if cfg.lora.enabled else None)
         if jax.process_count() > 1:  # every process takes part in gathering the sharded params
             from jax.experimental import multihost_utils

@@ -20,7 +20,7 @@ import numpy as np
 
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.files import atomic_write
-from train import storage
+from train import tensorboard_writer
 
 log = logging.getLogger("pdlm-train")
 
@@ -50,7 +50,8 @@ class RunLog:
         self.remote = "://" in str(self.path)
         self.file = None if self.remote else open(self.path, "a")
         # purge_step: TensorBoard drops the events an interrupted run wrote after the restored step
-        self.writer = (storage.summary_writer(out / TENSORBOARD_DIR, purge_step=start_step + 1 if start_step else None)
+        purge_step = start_step + 1 if start_step else None
+        self.writer = (tensorboard_writer.summary_writer(out / TENSORBOARD_DIR, purge_step=purge_step)
                        if tensorboard else None)
 
     def write(self, record: dict) -> None:
