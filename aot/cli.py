@@ -254,7 +254,7 @@ def train_program(args, target) -> dict:
     from pdlm_jax.regions.tokenizer import Tokenizer
     from pdlm_jax.trees import nest
     from train import config as train_config
-    from train import data, step as step_lib
+    from train import batches, samples, step as step_lib
 
     overrides = []
     if args.attention == "auto":
@@ -296,12 +296,12 @@ def train_program(args, target) -> dict:
         sample, regions = conversations.build_sample(conv, image, model_cfg, tokenizer, fmt), 0
     else:
         k = min(region.prompt_numbers, math.ceil(cfg.data.group_divisor))
-        record = data.Record(image, rectangle_masks(k, image.size), ["a region"] * k)
-        sample = data.build_sample(record, range(k), np.random.default_rng(0), model_cfg, tokenizer,
-                                   cfg.data.question, cfg.data.random_prompt_ids)
+        record = samples.Record(image, rectangle_masks(k, image.size), ["a region"] * k)
+        sample = samples.build_sample(record, range(k), np.random.default_rng(0), model_cfg, tokenizer,
+                                      cfg.data.question, cfg.data.random_prompt_ids)
         regions = region.prompt_numbers
     answer = min(max(cfg.data.answer_buckets, default=length), length)  # logits at the largest answer bucket
-    sample = data.Collate((tiles,), (length,), regions, tokenizer.special.eot, (answer,))([sample])
+    sample = batches.Collate((tiles,), (length,), regions, tokenizer.special.eot, (answer,))([sample])
     B = cfg.data.batch_size * cfg.optim.grad_accum
     mesh = sharding.make_mesh(cfg.run.mesh, target.devices())
     trainer = step_lib.trainer_for(cfg, model_cfg, mesh, 1000, tokenizer.special.mask)

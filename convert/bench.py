@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.export import plan_shards, reference_config
+from convert.export_safetensors import plan_shards, reference_config
 from convert.reader import reference_shape
 from convert.safetensors_file import Entry, FileWriter
 from pdlm_jax import keymap

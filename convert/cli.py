@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Conversion is host-only work; do not let JAX (imported by Orbax) grab an accelerator.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from convert.export import export
+    from convert.export_safetensors import export
     from convert.writer import convert
     from pdlm_jax.files import local_directory
 

@@ -75,7 +75,7 @@ def write_scenes(folder: Path, count: int, seed: int, shapes: int | None) -> Pat
 
 
 def per_image(handle, entries, settings) -> dict[str, list[int]]:
-    """The runner's path before batching: one caption_regions call per image; token ids by region id."""
+    """The baseline without cross-image batching: one caption_regions call per image; token ids by region id."""
     from infer.dataset import load_image
     from pdlm_jax.annotation_files import region_mask
 

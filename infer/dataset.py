@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from infer.files import exclusive_lock
+from infer.file_lock import exclusive_lock
 from pdlm_jax.files import atomic_write
 from pdlm_jax.annotation_files import ImageRecord, Region, parse_record, read_records, region_mask
 from pdlm_jax.errors import PDLMError

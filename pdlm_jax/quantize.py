@@ -145,9 +145,3 @@ def abstract(make_model: Callable[[], nnx.Module], mode: str = "int8"):
 
     state = jax.eval_shape(build)
     return out["graphdef"], state, out["tracer"]
-
-
-def weight_bytes(model: nnx.Module) -> int:
-    """Bytes of every array in the model's state (parameters and quantization scales; int4 counted packed)."""
-    return sum(x.size * jnp.dtype(x.dtype).itemsize if x.dtype != jnp.int4 else (x.size + 1) // 2
-               for x in jax.tree.leaves(nnx.state(model)) if hasattr(x, "dtype"))

@@ -9,8 +9,9 @@ regions have no mask patches and point past the sequence), R RoI tokens per regi
 tokens per tile, L sequence length (right-padded: `valid` False). Positions ≥ L are dropped by the on-device
 scatters, which is how padded tiles and regions become no-ops.
 
-Host code builds an unpadded row (`regions.prepare.PreparedRegions.inputs`, `train.data.build_sample`), pads
-it to a static bucket with `padded` and stacks rows with `stack`.
+Host code builds an unpadded row (`regions.prepare.region_inputs` for inference and training samples; a Base
+conversation, which has no regions, in `train.conversations`), pads it to a static bucket with `padded` and
+stacks rows with `stack`.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class RegionBatch:
             if tuple(value.shape) != expected or not jnp.issubdtype(value.dtype, f.metadata["kind"]):
                 raise PDLMError(f"RegionBatch.{f.name} has shape {tuple(value.shape)} and dtype {value.dtype}; "
                                 f"expected {expected} of {f.metadata['kind'].__name__} (given the other fields and "
-                                "the model config): build inputs with pdlm_jax.regions / train.data")
+                                "the model config): build inputs with pdlm_jax.regions / train.samples")
         if dims["P"] > cfg.region.prompt_numbers:
             raise PDLMError(f"RegionBatch has {dims['P']} regions; the model has {cfg.region.prompt_numbers} "
                             "prompt ids")

@@ -75,6 +75,18 @@ def fixture_regions(name: str):
     return fixture_prepared(name)[1]
 
 
+def merged_feature_map(vision_embeds, grid: tuple[int, int], region, quirks):
+    """The reference's merged map (Hf, Wf, H) = (rows·fh, cols·fw, H), for a static grid (SPEC §7.2.1-2): what
+    RoI-Align reads in the reference. The library never builds it (`ops.roi_replay` reads the tiles directly),
+    so the tests build it to check against."""
+    cols, rows = grid
+    f = region.feature_grid
+    t, _, h = vision_embeds.shape
+    start = 1 if (quirks.roi_tile_shift and t > 1) else 0
+    tiles = vision_embeds[start:start + cols * rows].reshape(rows, cols, f, f, h)
+    return tiles.transpose(0, 2, 1, 3, 4).reshape(rows * f, cols * f, h)
+
+
 def load_reference_tree(ckpt_dir: Path, cfg: PDLMConfig) -> dict:
     """Load a reference-format checkpoint into our nested param tree, all in RAM (tests only)."""
     flat: dict[str, dict[int | None, np.ndarray]] = {}

@@ -20,7 +20,7 @@ from safetensors.torch import load_file as load_torch, save_file as save_torch
 
 from convert import cli, writer
 from convert.bench import reference_layout, scaled_config
-from convert.export import export, reference_config
+from convert.export_safetensors import export, reference_config
 from convert.reader import open_reference
 from convert.safetensors_file import Entry, FileWriter
 from convert.writer import convert

@@ -13,7 +13,8 @@ import pytest
 from helpers import ROOT
 from PIL import Image
 
-from train import data, data_tools
+from train import data_tools
+from train.sources import AnnotationSource
 
 EXAMPLES = ROOT / "examples" / "shapes"
 
@@ -74,7 +75,7 @@ def test_from_masks_round_trips_through_the_training_reader(tmp_path):
     masks = [str(EXAMPLES / "masks" / f"2_{j}.png") for j in range(3)]
     assert data_tools.main(["from-masks", "--out", str(out), "--image", str(EXAMPLES / "images/2.png"),
                             "--masks", *masks, "--captions", "a", "b", "c"]) == 0
-    record = data.AnnotationSource([out])[0]
+    record = AnnotationSource([out])[0]
     for got, path in zip(record.masks, masks):
         np.testing.assert_array_equal(got, np.asarray(Image.open(path)) > 0)
     assert record.captions == ["a", "b", "c"]

@@ -287,7 +287,7 @@ def test_a_failing_call_is_retried_image_by_image(tmp_path):
 
 
 def test_a_broken_dataset_module_breaks_the_cli_import(monkeypatch):
-    """pdlm-infer used to swallow an ImportError of infer.dataset and silently lose --annotations."""
+    """A broken infer.dataset fails pdlm-infer's import: swallowing the ImportError would silently drop --annotations."""
     import importlib
 
     import infer

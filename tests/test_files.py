@@ -136,13 +136,13 @@ def test_training_data_from_a_bucket(tmp_path, annotation_file):
     import numpy as np
     from PIL import Image
 
-    from train import data
+    from train.sources import AnnotationSource
 
     annotation_file(tmp_path / "ann.json", seed=11, num_shapes=1, caption="zebra", copies=2)
     with memory_bucket():
         for name in ("ann.json", "img.png"):
             files._copy_file(tmp_path / name, as_path(f"gs://data/set/{name}"))
-        source = data.AnnotationSource(["gs://data/set/ann.json"])
+        source = AnnotationSource(["gs://data/set/ann.json"])
         assert len(source) == 2 and source[1].captions == ["zebra"] and source[1].masks[0].any()
         with Image.open(tmp_path / "img.png") as local:
             assert np.array_equal(np.asarray(source[1].image), np.asarray(local))

@@ -28,7 +28,7 @@ def fixture(request):
     with np.load(fixture_dir(name) / "tensors.npz") as z:
         t = {k: z[k] for k in TENSOR_KEYS}
     oracle = fixture_oracle(name)
-    # Host-side inputs of encode_images: NHWC pixels, per-patch mask activity, prompt ids (SPEC §3.1).
+    # Host-side inputs of the vision path: NHWC pixels, per-patch mask activity, prompt ids (SPEC §3.1).
     p = cfg.region.mask_kernel_size
     top_left = t["mask_values"][:, :, 0, ::p, ::p]  # (k, T, g, g): nearest downsampling reads the top-left pixel
     inputs = {
@@ -48,7 +48,7 @@ def _forward(model: PerceptionDLM, inputs: dict, t: dict) -> dict[str, np.ndarra
         offsets = model.mask_offsets(mask_patches, prompt_ids)
         hidden = model.vision(pixels, offsets)
         out = {"vit_mask_embeddings": offsets, "vit_hidden_states": hidden, "projector_input": pixel_shuffle(hidden),
-               "vision_embeds": model.encode_images(pixels, mask_patches, prompt_ids),
+               "vision_embeds": model.projector(pixel_shuffle(hidden)),
                "lm_hidden": model.lm(inputs_embeds, allowed)}
         assert all(v.dtype == model.dtype for v in out.values())  # activations stay in the compute dtype
         out["first_logits"] = model.lm.logits(out.pop("lm_hidden"))

@@ -146,8 +146,8 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(tmp_path):
     cli = json.loads((tmp_path / "r.json").read_text())
     assert [r["token_ids"] for r in cli["regions"]] == [r["token_ids"] for r in merged["regions"]]
     assert infer_main(args + [str(tmp_path / "x.json"), "--adapter", str(base)]) == 2
-    # train.export of a kept step: merged weights as the run's own export, or the adapter directory
-    from train.export import export_step
+    # train.export_step of a kept step: merged weights as the run's own export, or the adapter directory
+    from train.export_step import export_step
     again = export_step(tmp_path / "a", tmp_path / "merged4")
     np.testing.assert_allclose(flatten(restore_params(again, dtype=np.float32)[1])["lm/layers/attn/q/kernel"],
                                flatten(merged_params)["lm/layers/attn/q/kernel"], atol=1e-6)
@@ -171,7 +171,7 @@ def test_siglip_attention_output_is_no_lora_target():
 
 @pytest.mark.parametrize("base", ["int8", "int4"])
 def test_qlora_trains_on_a_quantized_base_and_exports_into_the_float_base(tmp_path, base):
-    from train.export import base_params
+    from train.export_step import base_params
 
     cfg = train_config.from_dict({
         "model": {"preset": "tiny", "tokenizer": str(fixture_dir("tiny_v1")), "dtype": "bfloat16", "remat": True},

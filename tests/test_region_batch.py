@@ -20,7 +20,9 @@ from pdlm_jax.region_batch import RegionBatch, stack
 from pdlm_jax.regions.prepare import prepare_regions
 from pdlm_jax.regions.tiling import tile_image
 from pdlm_jax.regions.tokenizer import Tokenizer
-from train import data, synthetic
+from train import synthetic
+from train.batches import Collate
+from train.samples import Record, build_sample
 
 # Without the double RoI scaling (SPEC §14.1) training and inference replay the same boxes, so the two input
 # paths must give the same embeddings; with it they differ by design (scale 1/28 vs 1/32).
@@ -40,7 +42,7 @@ def model():
 @pytest.fixture(scope="module")
 def record():
     scene = synthetic.make_scene(11, 0, num_shapes=3)
-    return data.Record(Image.fromarray(scene.image), scene.masks, scene.captions)
+    return Record(Image.fromarray(scene.image), scene.masks, scene.captions)
 
 
 def test_inference_and_training_embed_a_record_alike(model, tokenizer, record):
@@ -52,9 +54,9 @@ def test_inference_and_training_embed_a_record_alike(model, tokenizer, record):
     bucket = pipeline.choose_bucket(prep.pixel_values.shape[0], k, 4, prep.layout.length,
                                     CFG.region.prompt_numbers, 0.0, 1.0)
     row = pipeline.pass_inputs(prep, bucket, CFG, tokenizer.special.eot).regions
-    sample = data.build_sample(record, range(k), np.random.default_rng(0), CFG, tokenizer, random_prompt_ids=False)
+    sample = build_sample(record, range(k), np.random.default_rng(0), CFG, tokenizer, random_prompt_ids=False)
     T = sample.inputs.pixel_values.shape[0]
-    train = data.Collate((T + 2,), (512,), CFG.region.prompt_numbers, tokenizer.special.eot)([sample])
+    train = Collate((T + 2,), (512,), CFG.region.prompt_numbers, tokenizer.special.eot)([sample])
     assert train.inputs.pixel_values.shape[1] == T + 2 and bucket.tiles == T  # padded tiles in training only
 
     inference = model.embed_inputs(jax.tree.map(jnp.asarray, stack([row])))

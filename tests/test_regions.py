@@ -230,16 +230,3 @@ def test_question_with_special_tokens_is_rejected():
     with pytest.raises(PDLMError, match="special tokens"):
         prepare_regions(tiled, [d / "mask_0.png"], Tokenizer(d), fixture_config(name), 4,
                         question="Look at <|reserved_token_0|>")
-
-
-def test_layout_padding():
-    _, p = prepared("tiny_v1")
-    lay = p.layout
-    padded = lay.padded(lay.length + 5, pad_id=0)
-    assert padded.input_ids.shape == (lay.length + 5,)
-    np.testing.assert_array_equal(padded.input_ids[: lay.length], lay.input_ids)
-    assert not padded.valid[lay.length:].any() and padded.valid[: lay.length].all()
-    assert (padded.block_id[lay.length:] == -1).all() and (padded.roi_owner[lay.length:] == -1).all()
-    assert not padded.prefix_visible[lay.length:].any()
-    with pytest.raises(PDLMError):
-        lay.padded(lay.length - 1, pad_id=0)

@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import roi_align_cases as cases
 from helpers import (FIXTURES, FIXTURE_NAMES, fixture_config, fixture_dir, fixture_oracle, fixture_regions,
-                     fixture_tokenizer, load_reference_tree)
+                     fixture_tokenizer, load_reference_tree, merged_feature_map)
 from helpers import fixture_array as npz
 from pdlm_jax.ops.roi_align import roi_align
-from pdlm_jax.ops.roi_replay import (assemble_embeddings, merged_feature_map, roi_boxes, roi_replay,
-                                     roi_spatial_scale)
+from pdlm_jax.ops.roi_replay import assemble_embeddings, roi_boxes, roi_replay, roi_spatial_scale
 
 
 def torchvision_output(key: str) -> np.ndarray:

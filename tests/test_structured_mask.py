@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,11 +52,24 @@ def test_spec_worked_example():
         assert set(np.flatnonzero(a[q])) == want, q
 
 
+def _padded(lay, length: int):
+    """The layout right-padded to `length` as `RegionBatch.padded` pads these fields: padded positions are
+    invalid and outside every segment."""
+    n = length - lay.length
+
+    def pad(a, value):
+        return np.concatenate([a, np.full(n, value, dtype=a.dtype)])
+
+    return dataclasses.replace(lay, input_ids=pad(lay.input_ids, 0), block_id=pad(lay.block_id, -1),
+                               roi_owner=pad(lay.roi_owner, -1), prefix_visible=pad(lay.prefix_visible, False),
+                               valid=pad(lay.valid, False))
+
+
 def test_padding_and_vmap_over_a_batch():
     lay = worked_example_layout()
     other = fixture_regions("tiny_v1").layout
     n = other.length + 7
-    batch = [lay.padded(n, pad_id=0), other.padded(n, pad_id=0)]
+    batch = [_padded(lay, n), _padded(other, n)]
     stacked = [jnp.stack([getattr(b, f) for b in batch]) for f in ("block_id", "roi_owner", "prefix_visible", "valid")]
     got = np.asarray(jax.jit(jax.vmap(allowed_mask))(*stacked))
     assert got.shape == (2, n, n)

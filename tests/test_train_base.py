@@ -211,7 +211,7 @@ def _scene_records(tmp_path, n):
 
 
 def _batch(tmp_path, cfg, tok, n=2, length=128, tiles=7):
-    from train.data import Collate
+    from train.batches import Collate
 
     path = tmp_path / "conv.json"
     path.write_text(json.dumps(_scene_records(tmp_path, n)))

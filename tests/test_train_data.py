@@ -15,8 +15,14 @@ from PIL import Image
 
 from pdlm_jax.config import preset
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.regions.prompt import DEFAULT_QUESTION
 from train import config as train_config
-from train import data, synthetic
+from train import synthetic
+from train.batches import Collate, build_pipeline
+from train.config import DataConfig
+from train.loss import IGNORE
+from train.samples import Limits, Record, build_sample, groups_per_record, mask_group
+from train.sources import AnnotationSource, SyntheticRecords
 
 CFG = preset("tiny")
 
@@ -35,7 +41,7 @@ def _write_annotations(tmp_path, annotation_file):
 
 def test_both_schema_variants_decode(tmp_path, annotation_file):
     path, scene = _write_annotations(tmp_path, annotation_file)
-    source = data.AnnotationSource([path])  # relative image path resolved next to the JSON
+    source = AnnotationSource([path])  # relative image path resolved next to the JSON
     a, b = source[0], source[1]
     assert a.captions == scene.captions
     for got, want in zip(a.masks, scene.masks):
@@ -54,7 +60,7 @@ def test_bad_records_name_the_problem(tmp_path, record, message):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([record]))
     with pytest.raises(PDLMError, match=message):
-        data.AnnotationSource([path])
+        AnnotationSource([path])
 
 
 def _bad_records(scene, rle):
@@ -74,16 +80,16 @@ def test_every_record_is_checked_when_the_files_load(tmp_path, tokenizer, annota
     """Bad records are found before training: the message names the file and the record's index in that file;
     on_bad_record=skip leaves them out and counts them."""
     path, scene = _write_annotations(tmp_path, annotation_file)
-    limits = data.Limits(CFG.region, tokenizer, data.DEFAULT_QUESTION, 3.5, 7, 512)
+    limits = Limits(CFG.region, tokenizer, DEFAULT_QUESTION, 3.5, 7, 512)
     good = json.loads(path.read_text())[0]
     bad = _bad_records(scene, encode_rle)
     second = tmp_path / "second.json"
     for record, message in bad:
         second.write_text(json.dumps([good, good, record]))
         with pytest.raises(PDLMError, match=f"second.json record 2: {message}"):
-            data.AnnotationSource([path, second], limits=limits)
+            AnnotationSource([path, second], limits=limits)
     second.write_text(json.dumps([good] + [r for r, _ in bad]))
-    source = data.AnnotationSource([path, second], limits=limits, on_bad_record="skip")
+    source = AnnotationSource([path, second], limits=limits, on_bad_record="skip")
     assert len(source) == 3 and len(source.skipped) == len(bad)
     assert source.label(2) == f"{second} record 0" and "second.json record 1: image" in source.skipped[0]
 
@@ -97,8 +103,8 @@ def test_corrupt_rle_is_rejected_naming_file_and_record(tmp_path, annotation_fil
     path.write_text(json.dumps([good, bad]))
     where = f"{path} record 1 (image_id 'cat-7'): mask 0: corrupt mask RLE"
     with pytest.raises(PDLMError, match=re.escape(where)):
-        data.AnnotationSource([path])
-    source = data.AnnotationSource([path], on_bad_record="skip")
+        AnnotationSource([path])
+    source = AnnotationSource([path], on_bad_record="skip")
     assert len(source) == 1 and source.skipped[0].startswith(where)
 
 
@@ -106,38 +112,38 @@ def test_longest_sample_estimate_is_the_real_length(tokenizer):
     """The load-time length check computes exactly what build_sample produces for the longest group."""
     scene = synthetic.make_scene(3, 2, num_shapes=4)
     captions = ["a much longer caption than the others, with many words"] + scene.captions[1:]
-    record = data.Record(Image.fromarray(scene.image), scene.masks, captions)
-    limits = data.Limits(CFG.region, tokenizer, data.DEFAULT_QUESTION, 6, 7, 512)  # one group of 4 masks
+    record = Record(Image.fromarray(scene.image), scene.masks, captions)
+    limits = Limits(CFG.region, tokenizer, DEFAULT_QUESTION, 6, 7, 512)  # one group of 4 masks
     tiles, length, answer = limits.longest_sample(record.image.size, captions)
-    s = data.build_sample(record, [0, 1, 2, 3], np.random.default_rng(0), CFG, tokenizer)
+    s = build_sample(record, [0, 1, 2, 3], np.random.default_rng(0), CFG, tokenizer)
     assert (tiles, length, answer) == (len(s.inputs.pixel_values), len(s.inputs.input_ids), len(s.answer_positions))
 
 
 def test_answers_beyond_the_answer_buckets_are_reported_when_the_files_load(tmp_path, tokenizer, annotation_file):
     path, _ = _write_annotations(tmp_path, annotation_file)
-    limits = data.Limits(CFG.region, tokenizer, data.DEFAULT_QUESTION, 3.5, 7, 512, max_answer=8)
+    limits = Limits(CFG.region, tokenizer, DEFAULT_QUESTION, 3.5, 7, 512, max_answer=8)
     with pytest.raises(PDLMError, match=r"record 0: its longest answer has \d+ tokens but the largest of "
                                         r"data.answer_buckets is 8"):
-        data.AnnotationSource([path], limits=limits)
-    assert len(data.AnnotationSource([path], limits=dataclasses.replace(limits, max_answer=64))) == 2
+        AnnotationSource([path], limits=limits)
+    assert len(AnnotationSource([path], limits=dataclasses.replace(limits, max_answer=64))) == 2
 
 
 def test_mask_groups_partition_like_the_reference():
     n = 9
-    r = data.groups_per_record(n, 3.5)  # ceil(9 / 3.5) = 3 groups, at most 4 masks each
-    groups = [data.mask_group(n, 5, 1, q, r) for q in range(r)]
+    r = groups_per_record(n, 3.5)  # ceil(9 / 3.5) = 3 groups, at most 4 masks each
+    groups = [mask_group(n, 5, 1, q, r) for q in range(r)]
     assert r == 3 and [len(g) for g in groups] == [3, 3, 3]
     assert sorted(sum(groups, [])) == list(range(n))
-    assert groups == [data.mask_group(n, 5, 1, q, r) for q in range(r)]  # deterministic
-    assert groups != [data.mask_group(n, 5, 2, q, r) for q in range(r)]  # re-partitioned each epoch
-    assert max(len(data.mask_group(7, 0, 0, q, 2)) for q in range(2)) == 4
+    assert groups == [mask_group(n, 5, 1, q, r) for q in range(r)]  # deterministic
+    assert groups != [mask_group(n, 5, 2, q, r) for q in range(r)]  # re-partitioned each epoch
+    assert max(len(mask_group(7, 0, 0, q, 2)) for q in range(2)) == 4
 
 
 def test_sample_labels_cover_exactly_the_answer(tokenizer):
     scene = synthetic.make_scene(3, 1, num_shapes=3)
-    record = data.Record(Image.fromarray(scene.image), scene.masks, scene.captions)
-    s = data.build_sample(record, [0, 1, 2], np.random.default_rng(0), CFG, tokenizer)
-    labelled = np.flatnonzero(s.labels != data.IGNORE)
+    record = Record(Image.fromarray(scene.image), scene.masks, scene.captions)
+    s = build_sample(record, [0, 1, 2], np.random.default_rng(0), CFG, tokenizer)
+    labelled = np.flatnonzero(s.labels != IGNORE)
     assert np.array_equal(labelled, np.arange(labelled[0], labelled[-1] + 1))  # one contiguous span
     answer = tokenizer.decode(s.labels[labelled])
     areas = [m.sum() for m in scene.masks]
@@ -152,31 +158,31 @@ def test_sample_labels_cover_exactly_the_answer(tokenizer):
 
 
 def test_collate_pads_to_buckets(tokenizer):
-    source = data.SyntheticRecords(4, seed=1)
-    samples = [data.build_sample(source[i], list(range(len(source[i].masks))), np.random.default_rng(i), CFG,
-                                 tokenizer) for i in range(2)]
-    collate = data.Collate((1, 7), (300, 400), CFG.region.prompt_numbers, tokenizer.special.eot)
+    source = SyntheticRecords(4, seed=1)
+    samples = [build_sample(source[i], list(range(len(source[i].masks))), np.random.default_rng(i), CFG,
+                            tokenizer) for i in range(2)]
+    collate = Collate((1, 7), (300, 400), CFG.region.prompt_numbers, tokenizer.special.eot)
     batch = collate(samples)
     assert batch.inputs.input_ids.shape == (2, 300) and batch.inputs.pixel_values.shape[1] in (1, 7)
     assert batch.inputs.mask_patches.shape[1] == CFG.region.prompt_numbers
     for i, s in enumerate(samples):
         n = len(s.inputs.input_ids)
-        assert not batch.inputs.valid[i, n:].any() and np.all(batch.labels[i, n:] == data.IGNORE)
+        assert not batch.inputs.valid[i, n:].any() and np.all(batch.labels[i, n:] == IGNORE)
         assert np.all(batch.inputs.image_positions[i, len(s.inputs.image_positions):] == 300)  # dropped on device
     with pytest.raises(PDLMError, match="length_buckets"):
-        data.Collate((7,), (16,), 6, tokenizer.special.eot)(samples)
+        Collate((7,), (16,), 6, tokenizer.special.eot)(samples)
 
 
 def test_pipeline_is_deterministic_and_resumable(tokenizer):
-    cfg = data.DataConfig(synthetic_scenes=12, batch_size=2, epochs=2, tile_buckets=(7,), length_buckets=(400,),
-                          group_divisor=6, threads=1, prefetch=2)
-    first = data.build_pipeline(cfg, CFG, tokenizer)
+    cfg = DataConfig(synthetic_scenes=12, batch_size=2, epochs=2, tile_buckets=(7,), length_buckets=(400,),
+                     group_divisor=6, threads=1, prefetch=2)
+    first = build_pipeline(cfg, CFG, tokenizer)
     assert first.steps_per_epoch == 6
     it = iter(first.dataset)
     next(it)
     state = it.get_state()
     expected = [next(it).inputs.input_ids for _ in range(2)]
-    again = iter(data.build_pipeline(cfg, CFG, tokenizer).dataset)
+    again = iter(build_pipeline(cfg, CFG, tokenizer).dataset)
     again.set_state(state)
     for want in expected:
         np.testing.assert_array_equal(next(again).inputs.input_ids, want)

@@ -20,7 +20,9 @@ from pdlm_jax.config import preset
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.pdm import from_tree
 from pdlm_jax.regions.tokenizer import Tokenizer
-from train import data
+from train.batches import Collate
+from train.samples import build_sample
+from train.sources import SyntheticRecords
 from train.loss import EPS, IGNORE, answer_positions, diffusion_loss, draw_noise, lm_diffusion_loss, noise_embeddings
 
 NAME = "tiny_v1"
@@ -164,21 +166,21 @@ def test_answer_gather_equals_full_logits(setup):
 def test_collate_gathers_answer_positions_into_buckets():
     tokenizer = Tokenizer(fixture_dir(NAME))
     cfg = preset("tiny")  # as tests/test_train_data.py
-    source = data.SyntheticRecords(4, seed=1)
-    samples = [data.build_sample(source[i], list(range(len(source[i].masks))), np.random.default_rng(i), cfg,
-                                 tokenizer) for i in range(2)]
+    source = SyntheticRecords(4, seed=1)
+    samples = [build_sample(source[i], list(range(len(source[i].masks))), np.random.default_rng(i), cfg,
+                            tokenizer) for i in range(2)]
     answers = [int(np.sum(s.labels != IGNORE)) for s in samples]
     small = max(answers)  # a bucket exactly the longest answer, one larger, one larger than the sequence
     for buckets, want in [((small, small + 10), small), ((small - 1, small + 10), small + 10), ((), 400),
                           ((1000,), 400)]:
-        batch = data.Collate((7,), (400,), 6, tokenizer.special.eot, buckets)(samples)
+        batch = Collate((7,), (400,), 6, tokenizer.special.eot, buckets)(samples)
         positions = batch.answer_positions
         assert positions.shape == (2, want) and positions.dtype == np.int32
         for row, labels, n in zip(positions, batch.labels, answers):
             np.testing.assert_array_equal(row[:n], np.flatnonzero(labels != IGNORE))
             assert np.all(row[n:] == 400)  # padding: out of range, ignored by the loss
     with pytest.raises(PDLMError, match="answer_buckets"):
-        data.Collate((7,), (400,), 6, tokenizer.special.eot, (small - 1,))(samples)
+        Collate((7,), (400,), 6, tokenizer.special.eot, (small - 1,))(samples)
 
 
 def test_only_answer_tokens_are_masked_and_rate_follows_t():

@@ -127,7 +127,7 @@ def test_base_stages_then_region_model(tmp_path, start_checkpoint, work):
     assert set(after_region) == set(after_s2) | {"mask_embed/embedding"}
     assert _changed(after_s2, after_region) == set(after_s2)
     # it started from stage 2's tensors: the step-1 checkpoint (the first update has lr 0) holds them unchanged
-    from train.export import export_step
+    from train.export_step import export_step
 
     first = _params(export_step(region, tmp_path / "region-step1", step=1))
     assert not _changed(after_s2, first)

@@ -17,7 +17,10 @@ from helpers import fixture_dir, memory_bucket
 
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.files import as_path, atomic_write
-from train import cli, config as train_config, data
+from train import cli, config as train_config
+from train.batches import build_pipeline
+from train.config import DataConfig
+from train.sources import AnnotationSource, make_sources
 
 LR = 1e-3
 # 8 synthetic scenes, one item each (group_divisor 6), batch 2: 4 steps of data
@@ -105,7 +108,7 @@ def test_run_out_of_data_resume_checks_and_monitoring(tmp_path, monkeypatch, cap
     assert "changed config (data.loop: False -> True" in caplog.text and "run.max_steps: 5 -> 6" in caplog.text
     assert (out / "config.step4.yaml").read_text() == (out / "config.yaml").read_text()
 
-    from train.export import export_step  # any kept step, through the same checkpoint manager set-up
+    from train.export_step import export_step  # any kept step, through the same checkpoint manager set-up
 
     exported = export_step(f"file://{out}", tmp_path / "step2", step=2)
     assert json.loads((exported / "provenance.json").read_text())["steps"] == 2
@@ -114,7 +117,7 @@ def test_run_out_of_data_resume_checks_and_monitoring(tmp_path, monkeypatch, cap
 
 def test_loop_repeats_the_data(tokenizer):
     cfg = train_config.from_dict({**CONFIG, "data": {**CONFIG["data"], "synthetic_scenes": 4, "loop": True}})
-    pipe = data.build_pipeline(cfg.data, cfg.model_config(), tokenizer)
+    pipe = build_pipeline(cfg.data, cfg.model_config(), tokenizer)
     assert pipe.steps_available is None and pipe.steps_per_epoch == 2
     it = iter(pipe.dataset)
     # three passes over the two batches of data, no StopIteration; every pass holds the 4 scenes once
@@ -126,13 +129,13 @@ def test_mixing_annotation_files_with_the_synthetic_task_by_weight(tmp_path, tok
     annotation_file(tmp_path / "ann.json", seed=11, num_shapes=1, caption="zebra", copies=20)
     cfg = train_config.from_dict({**CONFIG, "data": {**CONFIG["data"], "annotations": [str(tmp_path / "ann.json")],
                                                      "synthetic_scenes": 60, "weights": [1, 3], "batch_size": 1}})
-    pipe = data.build_pipeline(cfg.data, cfg.model_config(), tokenizer)
+    pipe = build_pipeline(cfg.data, cfg.model_config(), tokenizer)
     assert pipe.steps_available == 80  # 20 annotation items at weight 1/4: the first source to run out
     it = iter(pipe.dataset)
     answers = [tokenizer.decode(b.labels[0][b.labels[0] >= 0]) for b in (next(it) for _ in range(40))]
     assert sum("zebra" in a for a in answers) == 10  # exactly 1 in 4
     with pytest.raises(PDLMError, match="data.weights: give one weight per annotation file plus one"):
-        data.make_sources(data.DataConfig(annotations=(str(tmp_path / "ann.json"),), synthetic_scenes=5))
+        make_sources(DataConfig(annotations=(str(tmp_path / "ann.json"),), synthetic_scenes=5))
 
 
 def _gs_to(local_root: Path):
@@ -173,7 +176,7 @@ def test_gs_paths_go_through_epath(tmp_path, monkeypatch, annotation_file):
     (bucket / "data").mkdir(parents=True)
     annotation_file(bucket / "data" / "ann.json", seed=11, num_shapes=1, caption="zebra", copies=2)
     with _gs_to(bucket):
-        source = data.AnnotationSource(["gs://data/ann.json"])
+        source = AnnotationSource(["gs://data/ann.json"])
         assert len(source) == 2 and source.label(1) == "gs://data/ann.json record 1"
         assert source[0].captions == ["zebra"] and source[0].masks[0].any()
 
@@ -245,4 +248,4 @@ def test_too_little_data_names_both_factors_of_the_batch(tokenizer):
                                   "optim": {**CONFIG["optim"], "grad_accum": 4}})
     with pytest.raises(PDLMError, match=r"8 training items are fewer than one batch of 16 = data.batch_size 4 x "
                                         r"optim.grad_accum 4"):
-        data.build_pipeline(cfg.data, cfg.model_config(), tokenizer, grad_accum=cfg.optim.grad_accum)
+        build_pipeline(cfg.data, cfg.model_config(), tokenizer, grad_accum=cfg.optim.grad_accum)

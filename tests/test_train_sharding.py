@@ -21,15 +21,16 @@ def _child() -> dict:
     from pdlm_jax import sharding as shd
     from pdlm_jax.config import preset
     from pdlm_jax.regions.tokenizer import Tokenizer
-    from train import data, step as step_lib
-    from train.config import OptimConfig
+    from train import step as step_lib
+    from train.batches import build_pipeline
+    from train.config import DataConfig, OptimConfig
 
     assert jax.device_count() == 8
     cfg = preset("tiny")
     tokenizer = Tokenizer(fixture_dir("tiny_v1"))
-    dcfg = data.DataConfig(synthetic_scenes=8, batch_size=8, group_divisor=6, tile_buckets=(7,),
-                           length_buckets=(320,), threads=1, prefetch=1)
-    batch = next(iter(data.build_pipeline(dcfg, cfg, tokenizer).dataset))
+    dcfg = DataConfig(synthetic_scenes=8, batch_size=8, group_divisor=6, tile_buckets=(7,),
+                      length_buckets=(320,), threads=1, prefetch=1)
+    batch = next(iter(build_pipeline(dcfg, cfg, tokenizer).dataset))
     params = jax.device_get(step_lib.init_params(cfg, 0, shd.make_mesh("data:1", jax.devices()[:1])))
 
     results = {}

@@ -10,15 +10,17 @@ import numpy as np
 from helpers import ROOT, fixture_dir
 
 from pdlm_jax.config import preset
-from train import config as train_config, data
+from train import config as train_config
+from train.batches import build_pipeline
+from train.config import DataConfig
 from train.cli import train
 
 
 def test_two_workers_give_the_batches_of_none(tokenizer):
     def batches(workers: int) -> list:
-        cfg = data.DataConfig(synthetic_scenes=8, batch_size=2, group_divisor=6, tile_buckets=(7,),
-                              length_buckets=(320,), threads=1, prefetch=2, workers=workers)
-        it = iter(data.build_pipeline(cfg, preset("tiny"), tokenizer).dataset)
+        cfg = DataConfig(synthetic_scenes=8, batch_size=2, group_divisor=6, tile_buckets=(7,),
+                         length_buckets=(320,), threads=1, prefetch=2, workers=workers)
+        it = iter(build_pipeline(cfg, preset("tiny"), tokenizer).dataset)
         try:
             return [next(it) for _ in range(4)]
         finally:

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from pdlm_jax import sharding as shd
     from pdlm_jax.config import preset
     from pdlm_jax.regions.tokenizer import Tokenizer
-    from train import data, step as step_lib
-    from train.config import OptimConfig, load
+    from train import batches as train_batches, step as step_lib
+    from train.config import DataConfig, OptimConfig, load
 
     if args.config:
         train_cfg = load(args.config, args.overrides)
@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg, tokenizer, name = preset(args.preset), Tokenizer(args.tokenizer), args.preset
         tiles = cfg.region.max_tiles + 1
-    dcfg = data.DataConfig(synthetic_scenes=args.batch * (args.steps + 1), batch_size=args.batch, group_divisor=6,
-                           tile_buckets=(tiles,), length_buckets=(args.length,), threads=1, prefetch=0)
-    batches = iter(data.build_pipeline(dcfg, cfg, tokenizer).dataset)
+    dcfg = DataConfig(synthetic_scenes=args.batch * (args.steps + 1), batch_size=args.batch, group_divisor=6,
+                      tile_buckets=(tiles,), length_buckets=(args.length,), threads=1, prefetch=0)
+    batches = iter(train_batches.build_pipeline(dcfg, cfg, tokenizer).dataset)
     batch = next(batches)
     data_times = []
     for _ in range(args.steps):

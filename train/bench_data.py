@@ -19,12 +19,12 @@ def measure(cfg, workers: int, batches: int) -> dict:
     import dataclasses
 
     from pdlm_jax.regions.tokenizer import Tokenizer
-    from train import data
+    from train import batches
 
     data_cfg = dataclasses.replace(cfg.data, workers=workers)
     start = time.perf_counter()
-    pipe = data.build_pipeline(data_cfg, cfg.model_config(), Tokenizer(cfg.tokenizer_dir()),
-                               grad_accum=cfg.optim.grad_accum)
+    pipe = batches.build_pipeline(data_cfg, cfg.model_config(), Tokenizer(cfg.tokenizer_dir()),
+                                  grad_accum=cfg.optim.grad_accum)
     it = iter(pipe.dataset)
     try:
         first = next(it)

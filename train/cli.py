@@ -169,8 +169,8 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     from pdlm_jax.files import atomic_write
     from pdlm_jax.regions.tokenizer import Tokenizer
 
-    from train import checkpointing, data, init_from, monitor, step as step_lib
-    from train import export as export_lib
+    from train import batches, checkpointing, init_from, monitor, step as step_lib
+    from train import export_step
     from train.config import CONFIG_FILE
     from pdlm_jax.files import as_path
 
@@ -191,8 +191,8 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
         # each host pads its own samples, so with several buckets hosts could disagree on the batch shape
         raise PDLMError("multi-host training needs one bucket per padded axis: set data.tile_buckets, "
                         "data.length_buckets and data.answer_buckets (if given) to a single value each")
-    pipe = data.build_pipeline(cfg.data, model_cfg, tokenizer, process_index=jax.process_index(),
-                               process_count=jax.process_count(), grad_accum=cfg.optim.grad_accum)
+    pipe = batches.build_pipeline(cfg.data, model_cfg, tokenizer, process_index=jax.process_index(),
+                                  process_count=jax.process_count(), grad_accum=cfg.optim.grad_accum)
     if pipe.skipped:
         log.warning("data.on_bad_record=skip: skipped %d bad annotation records, e.g. %s", len(pipe.skipped),
                     "; ".join(pipe.skipped[:3]))
@@ -298,7 +298,7 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     exported = None
     if cfg.run.export:
         # a LoRA base held below float32 (lora.base) is loaded again in float32 to merge the adapters into
-        float_base = export_lib.base_params(cfg, model_cfg) if trainer.rounds_base else None
+        float_base = export_step.base_params(cfg, model_cfg) if trainer.rounds_base else None
         params, adapters = trainer.model_params(state, float_base), (state["params"] if cfg.lora.enabled else None)
         if jax.process_count() > 1:  # every process takes part in gathering the sharded params
             from jax.experimental import multihost_utils

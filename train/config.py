@@ -1,6 +1,6 @@
 """Training configuration: a YAML file plus `key=value` command-line overrides -> frozen dataclasses.
 
-Sections: `model` (architecture / initial weights / precision / freezing), `data` (train.data.DataConfig),
+Sections: `model` (architecture / initial weights / precision / freezing), `data` (DataConfig),
 `optim` (AdamW + cosine schedule, SPEC §11.4 defaults), `run` (mesh, output, logging, checkpoints,
 TensorBoard, profiling), `eval` (periodic held-out evaluation), `lora` (pdlm_jax.lora.LoraConfig: rank > 0
 trains LoRA adapters only).
@@ -19,7 +19,7 @@ import yaml
 from pdlm_jax.config import PDLMConfig, Quirks, RegionConfig, SamplerConfig, preset
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.lora import LoraConfig
-from train.data import DataConfig
+from pdlm_jax.regions.prompt import DEFAULT_QUESTION
 
 SAMPLER_FIELDS = tuple(f.name for f in dataclasses.fields(SamplerConfig))
 MODULE_GROUPS = ("vision", "mask_embed", "projector", "lm")  # top-level parameter groups (freezable)
@@ -27,6 +27,7 @@ MODULE_GROUPS = ("vision", "mask_embed", "projector", "lm")  # top-level paramet
 
 VISION_POS_EMBED_INITS = ("random", "sincos")
 MODEL_KINDS = ("region", "base")  # PerceptionDLM (region captioning) or PerceptionDLM-Base (questions)
+BAD_RECORD_POLICIES = ("error", "skip")  # data.on_bad_record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,53 @@ class ModelConfig:
     # one of VISION_POS_EMBED_INITS: "random" (flax default) or "sincos" (a 2-D sine-cosine start)
     vision_pos_embed_init: str = "random"
     sampler: dict | None = None  # SamplerConfig fields stored with exported checkpoints (pdlm-infer defaults)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # JSON files in the SPEC §11.2 schema (local, file:// or gs:// paths); for a PerceptionDLM-Base model,
+    # conversation files (JSON or JSONL, train.conversations)
+    annotations: tuple[str, ...] = ()
+    synthetic_scenes: int = 0  # >0: that many scenes of the synthetic task (train.synthetic), alone or mixed in
+    # Mixing: one weight per annotation file, then one for the synthetic task (if any); items are drawn from
+    # the sources in these proportions (grain MapDataset.mix). Empty: the annotation files as one source.
+    weights: tuple[float, ...] = ()
+    # A bad annotation record (missing image, corrupt or empty RLE, too long for the buckets, ...): "error"
+    # stops before training, naming file and record; "skip" leaves it out and logs how many were skipped.
+    on_bad_record: str = "error"
+    # When the data runs out before run.max_steps: false trains on what there is (the lr schedule sized for
+    # it) and exits with code 3; true repeats the data (reshuffled each pass) until run.max_steps.
+    loop: bool = False
+    synthetic_seed: int = 0
+    synthetic_rotated: float = 0.0  # fraction of synthetic squares and triangles drawn at any angle
+    synthetic_task: str = "shapes"  # train.synthetic.TASKS: "shapes" ("a red circle") or "sentences"
+    image_root: str | None = None  # relative image paths: tried against cwd, this, then the JSON's folder
+    batch_size: int = 8  # global batch (all processes, before gradient accumulation)
+    epochs: int = 1
+    seed: int = 0
+    # Items per image: ceil(n_masks / group_divisor); the reference uses (1 + prompt_numbers) / 2 = 3.5,
+    # i.e. at most 4 masks per sample. The demo raises it to train with up to 6 masks like inference.
+    group_divisor: float = 3.5
+    # The reference gives each sample's masks a random permutation of the prompt ids (§11.3.5); inference
+    # uses id = area rank (§6.4.4). False trains like inference.
+    random_prompt_ids: bool = True
+    tile_buckets: tuple[int, ...] = (7,)  # padded tile counts (must cover max_tiles + thumbnail)
+    length_buckets: tuple[int, ...] = (512,)  # padded sequence lengths
+    # Padded answer lengths: the loss computes logits (A × vocab) at the answer positions only, A the smallest
+    # of these that fits the batch (at most its length bucket). Empty: A = the length bucket.
+    answer_buckets: tuple[int, ...] = ()
+    question: str = DEFAULT_QUESTION
+    # Base conversations: extend the final answer with <|eot_id|> to this many tokens, attended and supervised,
+    # as LLaDA's SFT pads with EOS (SPEC-train-base T8.4: the reference, 0, never teaches a model to fill the
+    # block sampler's G-token canvas; LLaDA-initialised models learned it before). Set it to the gen_length.
+    answer_padding: int = 0
+    # Base conversations: "training", the reference's training template (SPEC-train-base T5.1), or "chat", the
+    # prompt the model is asked with (SPEC-base §B3), for a model that learns the prompt format from scratch
+    template: str = "training"
+    workers: int = 0  # grain worker processes (0 = in-process)
+    threads: int = 2  # grain reader threads per process (each builds whole batches)
+    prefetch: int = 4  # batches read ahead per process (each worker too)
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,7 +318,6 @@ RANGES = (
 
 
 def _check_run_data_eval(cfg: TrainConfig) -> None:
-    from train.data import BAD_RECORD_POLICIES
 
     for key, ok, requirement in RANGES:
         section, name = key.split(".")

@@ -35,8 +35,9 @@ from pdlm_jax.files import as_path
 from pdlm_jax.region_batch import RegionBatch
 from pdlm_jax.regions.tiling import select_grid, tile_image
 from pdlm_jax.regions.tokenizer import Tokenizer
-from train.data import TrainBatch, _open_image_file, bad_record_policy, resolve_image
 from train.loss import IGNORE
+from train.samples import TrainBatch
+from train.sources import bad_record_policy, open_image_file, resolve_image
 
 SYSTEM_TURN = "<|start_header_id|>system<|end_header_id|>\nYou are a helpful assistant.<|eot_id|>\n"
 IMAGE_TAG = "<image>"
@@ -233,13 +234,13 @@ def _num_tiles(size: tuple[int, int], cfg: PDLMConfig) -> int:
 
 def _image_size(ref: Any) -> tuple[int, int]:
     """(width, height) after the EXIF orientation the reference's `load_image` applies, from the header."""
-    with _open_image_file(ref) as im:
+    with open_image_file(ref) as im:
         w, h = im.size
         return (h, w) if im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8) else (w, h)
 
 
 def _load_image(ref: Any) -> Image.Image:
-    with _open_image_file(ref) as im:
+    with open_image_file(ref) as im:
         return ImageOps.exif_transpose(im).convert("RGB")
 
 
@@ -248,7 +249,7 @@ def _load_image(ref: Any) -> Image.Image:
 
 def build_sample(conv: Conversation, image: Image.Image | None, cfg: PDLMConfig, tokenizer: Tokenizer,
                  fmt: TextFormat):
-    """One unpadded training sample (train.data.TrainBatch, without regions): full attention among its tokens."""
+    """One unpadded training sample (train.samples.TrainBatch, without regions): full attention among its tokens."""
     region = cfg.region
     if image is not None:
         tiled = tile_image(image, region)
@@ -279,7 +280,7 @@ def build_sample(conv: Conversation, image: Image.Image | None, cfg: PDLMConfig,
 
 
 def one_item_per_record(n: int) -> np.ndarray:
-    """(n, 3) items in the layout of train.data.build_items: one per record, (record, 0, 1)."""
+    """(n, 3) items in the layout of train.sources.build_items: one per record, (record, 0, 1)."""
     return np.stack([np.arange(n), np.zeros(n, int), np.ones(n, int)], 1)
 
 

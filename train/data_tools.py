@@ -7,7 +7,7 @@
 `from-masks` turns an image and one mask PNG per region (nonzero = inside, the image's size) with their captions
 into a record of the training schema (image_file, mask_rles as COCO RLE, captions); `--append` adds it to an
 existing file. `validate` reads a file with pdlm-train's own checks (pdlm_jax.annotation_files and
-train.data.AnnotationSource: image readable and large enough, RLEs well-formed and non-empty, one caption per
+train.sources.AnnotationSource: image readable and large enough, RLEs well-formed and non-empty, one caption per
 mask and, given a config, every sample within its buckets) and lists every bad record, not just the first.
 `stats` counts records and regions per image and the caption lengths in tokens, and sorts the records into
 the config's padded buckets (tiles, sequence length, answer length).
@@ -79,18 +79,18 @@ def from_masks(out: str | Path, image: str | Path, masks: list[str], captions: l
 
 def _load(path: str, args) -> tuple:
     """(source with every bad record listed in .skipped, training config or None)."""
-    from train import config as train_config, data
+    from train import config as train_config
+    from train.samples import Limits
+    from train.sources import AnnotationSource
 
     cfg = train_config.load(args.config, args.overrides) if args.config else None
     limits = None
     if cfg is not None:
         from pdlm_jax.regions.tokenizer import Tokenizer
 
-        d = cfg.data
-        limits = data.Limits(cfg.model_config().region, Tokenizer(cfg.tokenizer_dir()), d.question, d.group_divisor,
-                             max(d.tile_buckets), max(d.length_buckets), max(d.answer_buckets, default=None))
+        limits = Limits.of(cfg.model_config().region, Tokenizer(cfg.tokenizer_dir()), cfg.data)
     image_root = args.image_root or (cfg.data.image_root if cfg else None)
-    return data.AnnotationSource([path], image_root, limits, on_bad_record="skip"), cfg
+    return AnnotationSource([path], image_root, limits, on_bad_record="skip"), cfg
 
 
 def validate(args) -> int:
@@ -109,7 +109,8 @@ def _bucket(value: int, buckets) -> str:
 
 def stats(args) -> int:
     from pdlm_jax.regions.tokenizer import Tokenizer
-    from train import data
+    from train.samples import Limits, groups_per_record
+    from train.sources import open_image_file
 
     source, cfg = _load(args.file, args)
     if cfg is None:  # the model geometry and buckets pdlm-train uses by default, with the demo's tokenizer
@@ -119,14 +120,13 @@ def stats(args) -> int:
         cfg = train_config.load(None, [f"model.init_from={DEMO_MODEL}"])
     d = cfg.data
     tokenizer = Tokenizer(cfg.tokenizer_dir())
-    limits = data.Limits(cfg.model_config().region, tokenizer, d.question, d.group_divisor, max(d.tile_buckets),
-                         max(d.length_buckets), max(d.answer_buckets, default=None))
+    limits = Limits.of(cfg.model_config().region, tokenizer, d)
     regions, caption_tokens, buckets = [], [], {}
     for record, image in source.records:
         captions = [r.caption for r in record.regions]
         regions.append(len(captions))
         caption_tokens += [len(tokenizer.encode(c)) for c in captions]
-        with data._open_image_file(image) as im:
+        with open_image_file(image) as im:
             tiles, length, answer = limits.longest_sample(im.size, captions)
         key = (f"tiles {_bucket(tiles, d.tile_buckets)}, length {_bucket(length, d.length_buckets)}"
                + (f", answer {_bucket(answer, d.answer_buckets)}" if d.answer_buckets else ""))
@@ -138,7 +138,7 @@ def stats(args) -> int:
     report = {"file": args.file, "config": args.config, "tokenizer": str(tokenizer.file), "records": len(source),
               "bad_records": len(source.skipped), "regions": sum(regions), "regions_per_image": summary(regions),
               "caption_tokens": summary(caption_tokens),
-              "items_per_pass": sum(data.groups_per_record(n, d.group_divisor) for n in regions),
+              "items_per_pass": sum(groups_per_record(n, d.group_divisor) for n in regions),
               "buckets": dict(sorted(buckets.items()))}
     print(f"{report['records']} records ({report['bad_records']} bad: see pdlm-data validate), "
           f"{report['regions']} regions, {report['items_per_pass']} training items a pass")

@@ -57,7 +57,7 @@ def _scenes(scenes: int, seed: int, rotated: float, colors: tuple[str, ...], ann
             scene = synthetic.make_scene(seed, i, rotated=rotated, colors=colors, task=task)
             yield scene.image, scene.masks, scene.captions
         return
-    from train.data import AnnotationSource
+    from train.sources import AnnotationSource
 
     source = AnnotationSource([annotations])
     for i in range(min(scenes, len(source))):

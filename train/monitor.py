@@ -20,7 +20,7 @@ import numpy as np
 
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.files import atomic_write
-from train import storage
+from train import tensorboard_writer
 
 log = logging.getLogger("pdlm-train")
 
@@ -50,7 +50,8 @@ class RunLog:
         self.remote = "://" in str(self.path)
         self.file = None if self.remote else open(self.path, "a")
         # purge_step: TensorBoard drops the events an interrupted run wrote after the restored step
-        self.writer = (storage.summary_writer(out / TENSORBOARD_DIR, purge_step=start_step + 1 if start_step else None)
+        purge_step = start_step + 1 if start_step else None
+        self.writer = (tensorboard_writer.summary_writer(out / TENSORBOARD_DIR, purge_step=purge_step)
                        if tensorboard else None)
 
     def write(self, record: dict) -> None:
@@ -107,7 +108,7 @@ class Evaluator:
     """Held-out loss and exact-caption accuracy of the weights being trained (see the module docstring)."""
 
     def __init__(self, cfg, model_cfg, tokenizer, trainer, process_index: int = 0, process_count: int = 1):
-        from train import data, eval as train_eval
+        from train import batches, eval as train_eval, sources
 
         e = cfg.eval
         self.cfg, self.model_cfg, self.tokenizer, self.trainer = cfg, model_cfg, tokenizer, trainer
@@ -115,8 +116,8 @@ class Evaluator:
             cfg.data, annotations=tuple(e.annotations), synthetic_scenes=e.synthetic_scenes,
             synthetic_seed=train_eval.HELD_OUT_SEED, weights=(), batch_size=e.batch_size, epochs=1, loop=False,
             on_bad_record="error", workers=0)
-        self.pipe = data.build_pipeline(self.data_cfg, model_cfg, tokenizer, process_index=process_index,
-                                        process_count=process_count, batch_name="eval.batch_size")
+        self.pipe = batches.build_pipeline(self.data_cfg, model_cfg, tokenizer, process_index=process_index,
+                                           process_count=process_count, batch_name="eval.batch_size")
         # caption with the generation settings the exported model will have, unless eval.gen_length / steps
         exported = cfg.sampler()
         gen_length = e.gen_length or exported.gen_length
@@ -126,7 +127,7 @@ class Evaluator:
         if e.max_records > 0 and model_cfg.is_base:
             log.info("eval: a PerceptionDLM-Base model reports the held-out loss (captions need a region model)")
         elif e.max_records > 0 and process_count == 1:
-            for source in data.make_sources(self.data_cfg):
+            for source in sources.make_sources(self.data_cfg):
                 self.records += [source[i] for i in range(min(len(source), e.max_records - len(self.records)))]
         elif e.max_records > 0:
             log.warning("eval: exact-caption accuracy runs on a single process only; multi-host runs report the loss")

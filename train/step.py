@@ -29,7 +29,7 @@ from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling.layout import param_shardings
 from pdlm_jax.modeling.pdm import PerceptionDLM
 from train.config import VISION_POS_EMBED_INITS
-from train.data import TrainBatch
+from train.samples import TrainBatch
 from train.loss import IGNORE, draw_noise, lm_diffusion_loss
 
 

@@ -324,7 +324,8 @@ def parse_caption(text: str) -> dict[str, str] | None:
 
 
 class SyntheticSource:
-    """Random-access source of synthetic records (the `load_record` schema of train.data), for grain."""
+    """Random-access source of synthetic records (image, masks, captions), for grain
+    through train.sources.SyntheticRecords."""
 
     def __init__(self, num_records: int, seed: int = 0, rotated: float = 0.0, task: str = "shapes"):
         self.num_records, self.seed, self.rotated, self.task = int(num_records), int(seed), float(rotated), task

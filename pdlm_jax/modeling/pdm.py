@@ -52,11 +52,6 @@ class PerceptionDLM(nnx.Module):
             offsets = offsets + active[i] * rows[i]
         return offsets
 
-    def encode_images(self, pixel_values: jax.Array, mask_patches: jax.Array, prompt_ids: jax.Array) -> jax.Array:
-        """pixel_values (T, S, S, 3) NHWC -> vision_embeds (T, num_image_tokens, H_lm)."""
-        features = self.vision(pixel_values, self.mask_offsets(mask_patches, prompt_ids))
-        return self.projector(pixel_shuffle(features))
-
     def embed_inputs(self, batch: RegionBatch, *, training: bool = False, mesh: Mesh | None = None) -> jax.Array:
         """Clean LM input embeddings (B, L, H) of a batch: token embeddings with the vision rows and RoI vectors
         spliced in. Inference (`pipeline`) and training (`train.step`) both embed through here.

@@ -45,17 +45,6 @@ def _tile_shift(num_tiles, quirks: Quirks):
     return jnp.where(jnp.asarray(num_tiles) > 1, 1, 0) if quirks.roi_tile_shift else 0
 
 
-def merged_feature_map(vision_embeds: jnp.ndarray, grid: tuple[int, int], region: RegionConfig,
-                       quirks: Quirks) -> jnp.ndarray:
-    """The reference's merged map (Hf, Wf, H) = (rows·fh, cols·fw, H), for a static grid (SPEC §7.2.1-2)."""
-    cols, rows = grid
-    f = region.feature_grid
-    t, _, h = vision_embeds.shape
-    start = 1 if (quirks.roi_tile_shift and t > 1) else 0
-    tiles = vision_embeds[start:start + cols * rows].reshape(rows, cols, f, f, h)
-    return tiles.transpose(0, 2, 1, 3, 4).reshape(rows * f, cols * f, h)
-
-
 def roi_replay(vision_embeds: jnp.ndarray, grid, boxes: jnp.ndarray, region: RegionConfig, quirks: Quirks,
                training: bool = False, num_tiles=None) -> jnp.ndarray:
     """RoI vectors (k, R², H) for the `roi_boxes` of each region, in row-major cell order.

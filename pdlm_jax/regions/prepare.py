@@ -35,18 +35,24 @@ class PreparedRegions:
 
     def inputs(self) -> RegionBatch:
         """The model's inputs for this pass: an unpadded row (pad it to a bucket with `RegionBatch.padded`)."""
-        lay = self.layout
-        return RegionBatch(pixel_values=self.pixel_values.astype(np.float32), mask_patches=self.mask_patches,
-                           prompt_ids=self.prompt_ids, grid=np.asarray(self.grid, np.int32),
-                           num_tiles=np.int32(self.pixel_values.shape[0]), roi_boxes=self.roi_boxes,
-                           input_ids=lay.input_ids, image_positions=lay.image_positions,
-                           roi_positions=lay.roi_positions, block_id=lay.block_id, roi_owner=lay.roi_owner,
-                           prefix_visible=lay.prefix_visible, valid=lay.valid)
+        return region_inputs(self.pixel_values.astype(np.float32), self.grid, self.mask_patches, self.prompt_ids,
+                             self.roi_boxes, self.layout)
+
+
+def region_inputs(pixel_values: np.ndarray, grid: tuple[int, int], mask_patches: np.ndarray, prompt_ids: np.ndarray,
+                  roi_boxes: np.ndarray, layout: PromptLayout) -> RegionBatch:
+    """An unpadded row of the model's inputs from the tiles, the regions' arrays (area-sorted) and their prompt
+    layout; inference (`PreparedRegions.inputs`) and training (`train.samples.build_sample`) both build it here."""
+    return RegionBatch(pixel_values=pixel_values, mask_patches=mask_patches, prompt_ids=prompt_ids,
+                       grid=np.asarray(grid, np.int32), num_tiles=np.int32(pixel_values.shape[0]), roi_boxes=roi_boxes,
+                       input_ids=layout.input_ids, image_positions=layout.image_positions,
+                       roi_positions=layout.roi_positions, block_id=layout.block_id, roi_owner=layout.roi_owner,
+                       prefix_visible=layout.prefix_visible, valid=layout.valid)
 
 
 def prepare_regions(tiled: TiledImage, masks: Sequence[MaskInput], tokenizer: Tokenizer, cfg: PDLMConfig,
-                    gen_length: int, question: str = DEFAULT_QUESTION, length: int | None = None) -> PreparedRegions:
-    """Everything the jitted pass needs, computed on the host. `length` right-pads the layout to a bucket.
+                    gen_length: int, question: str = DEFAULT_QUESTION) -> PreparedRegions:
+    """Everything the jitted pass needs, computed on the host (unpadded: `RegionBatch.padded` pads the row).
 
     More masks than `prompt_numbers` must be split into chunks by the caller (one pass per chunk).
     """
@@ -68,8 +74,6 @@ def prepare_regions(tiled: TiledImage, masks: Sequence[MaskInput], tokenizer: To
     text = build_prompt_text(tiled.num_tiles, region.num_image_tokens, k, gen_length, question)
     layout = build_layout(tokenizer.encode(text), tokenizer.special, k, region.roi_tokens, gen_length,
                           tiled.num_tiles * region.num_image_tokens)
-    if length is not None:
-        layout = layout.padded(length, tokenizer.special.eot)
     return PreparedRegions(
         pixel_values=tiled.pixel_values,
         mask_patches=mask_patches,

@@ -65,19 +65,6 @@ class PromptLayout:
     def num_regions(self) -> int:
         return self.roi_positions.shape[0]
 
-    def padded(self, length: int, pad_id: int) -> "PromptLayout":
-        """Right-pad to a static bucket length; padded positions are invalid and outside every segment."""
-        n = length - self.input_ids.shape[0]
-        if n < 0:
-            raise PDLMError(f"cannot pad a {self.input_ids.shape[0]}-token prompt to {length} tokens")
-
-        def pad(a: np.ndarray, value) -> np.ndarray:
-            return np.concatenate([a, np.full(n, value, dtype=a.dtype)])
-
-        return dataclasses.replace(self, input_ids=pad(self.input_ids, pad_id), block_id=pad(self.block_id, -1),
-                                   roi_owner=pad(self.roi_owner, -1), prefix_visible=pad(self.prefix_visible, False),
-                                   valid=pad(self.valid, False))
-
 
 def _only_position(ids: np.ndarray, token: int, name: str) -> int:
     where = np.flatnonzero(ids == token)

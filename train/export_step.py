@@ -1,6 +1,6 @@
 """Export a training checkpoint as a pdlm-infer model directory.
 
-    python -m train.export --run runs/demo [--step N] --out DIR [--adapter]
+    python -m train.export_step --run runs/demo [--step N] --out DIR [--adapter]
 
 `pdlm-train` exports the final step itself (run.output_dir/export, and run.output_dir/adapter for LoRA);
 this exports any kept step. A LoRA run's step is exported with its adapters merged into the base weights
@@ -65,7 +65,7 @@ def base_params(cfg, model_cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m train.export_step", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="run.output_dir of a pdlm-train run")
     ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ap.add_argument("--out", required=True, help="output model directory")
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(export_step(args.run, args.out, args.step, args.adapter))
     except PDLMError as e:
-        print(f"train.export: error: {e}", file=sys.stderr)
+        print(f"train.export_step: error: {e}", file=sys.stderr)
         return 2
     return 0
 
