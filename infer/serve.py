@@ -35,6 +35,7 @@ from PIL import Image
 
 from pdlm_jax import DEMO_MODEL
 from pdlm_jax.errors import PDLMError, TooLarge
+from pdlm_jax.generation import GenerationSettings
 
 log = logging.getLogger("pdlm-serve")
 
@@ -54,7 +55,7 @@ class Job:
 
     image: Image.Image
     masks: list[np.ndarray] | None
-    settings: object  # GenerationSettings
+    settings: GenerationSettings
     question: str
     history: bool = False
     warnings: list[str] = dataclasses.field(default_factory=list)
