@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", nargs="+", default=[], metavar="MASK",
                    help="one binary mask image per region (nonzero = inside); results keep this order")
     p.add_argument("--gen-length", type=int,
-                   help="caption slots per region (default: the checkpoint's sampler.json, else 32)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's sampler.json, else 32)")
+                   help="caption slots per region, or answer positions on a PerceptionDLM-Base checkpoint "
+                        "(default: the checkpoint's sampler.json, else 32; Base: 128)")
+    p.add_argument("--steps", type=int,
+                   help="denoising steps (default: the checkpoint's sampler.json, else 32; Base: 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, the reference's setting")
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus filtering when sampling (the reference accepts and ignores it)")

@@ -176,7 +176,7 @@ def resolve(stored: Mapping | GenerationSettings | None = None, base: bool = Fal
 
     `mode` is a `Mode` or its name ("prefix:4+threshold:0.9"); `cache` / `unmask` are its CLI spellings. A Base
     block_length neither given nor stored is gen_length (one block, as the reference demo), and so is a stored
-    one that does not divide a given gen_length. PDLMError for settings the kind cannot run.
+    one that does not divide gen_length. PDLMError for settings the kind cannot run.
     """
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
