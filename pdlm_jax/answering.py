@@ -192,7 +192,7 @@ class QuestionAnswerer(ModelHandle):
         super().__init__(cfg, tokenizer, answer_program(model, cfg, tokenizer.special.mask, mesh, trace), mesh,
                          sampler, limits)
 
-    def answer(self, image: ImageInput | TiledImage, question: str, settings: GenerationSettings | None = None,
+    def answer(self, image: ImageInput | TiledImage, question: str, settings: GenerationSettings | None = None, *,
                return_steps: bool = False, **overrides) -> dict:
         """Answer `question` about `image` (path, PIL image, uint8 array or `TiledImage`) as the reference's
         `demo/infer_dmllm.py` does (greedy). `settings` (else the checkpoint's `sampler.json`, else 128/128/128)

@@ -94,7 +94,7 @@ class RegionCaptioner(ModelHandle):
                          sampler, limits)
 
     def caption_regions(self, image: ImageInput | TiledImage, masks: Sequence[MaskInput] | None = None,
-                        settings: GenerationSettings | None = None, question: str = DEFAULT_QUESTION,
+                        settings: GenerationSettings | None = None, *, question: str = DEFAULT_QUESTION,
                         reference_parser: bool = False, batch_size: int | None = None, history: bool = False,
                         **overrides) -> dict:
         """Caption every mask of `image`; returns one JSON-ready dict. Many images: `caption_batch`.
@@ -130,11 +130,11 @@ class RegionCaptioner(ModelHandle):
         if masks is None:
             raise PDLMError("caption_regions(image, masks) captions one image and needs its masks; to caption a "
                             "list of (image, masks) pairs call caption_batch(items), which returns one result each")
-        return self.caption_batch([(image, masks)], settings, question, reference_parser, batch_size, history,
-                                  **overrides)[0]
+        return self.caption_batch([(image, masks)], settings, question=question, reference_parser=reference_parser,
+                                  batch_size=batch_size, history=history, **overrides)[0]
 
     def caption_batch(self, items: Sequence[tuple[ImageInput | TiledImage, Sequence[MaskInput]]],
-                      settings: GenerationSettings | None = None, question: str = DEFAULT_QUESTION,
+                      settings: GenerationSettings | None = None, *, question: str = DEFAULT_QUESTION,
                       reference_parser: bool = False, batch_size: int | None = None, history: bool = False,
                       **overrides) -> list[dict]:
         """Caption many images: one result per (image, masks) pair, each as `caption_regions` gives it alone.

@@ -37,6 +37,9 @@ class ModelHandle:
     def settings(self, settings: GenerationSettings | None = None, **overrides) -> GenerationSettings:
         """The settings of a call: `overrides` (`generation.OVERRIDES`; None = not given) over `settings`, else
         over this checkpoint's defaults."""
+        if settings is not None and not isinstance(settings, GenerationSettings):
+            raise TypeError(f"settings must be GenerationSettings, got {settings!r}; give gen_length, steps, ... "
+                            "as keywords (gen_length=8, steps=8)")
         return generation.resolve(self.sampler if settings is None else settings, self.cfg.is_base, **overrides)
 
     @property
