@@ -5,7 +5,7 @@
 
 The model is built abstractly (`nnx.eval_shape`: no weights, no host memory for them), its parameters and
 the inputs carry the shardings the real run gives them (`pdlm_jax.sharding`), and the program compiled is
-the real one: `pipeline.CaptionProgram` for a bucket made by the same host code as `pdlm-infer` (a synthetic
+the real one: `pipeline.caption_program` for a bucket made by the same host code as `pdlm-infer` (a synthetic
 image of T tiles or --image, k rectangular masks), or `train.step.Trainer`'s jitted update for a
 `train.config.TrainConfig`. Devices are JAX's compile-only devices of the target (`pdlm_jax.hardware`).
 
@@ -97,10 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_mode(text: str):
-    from pdlm_jax import pipeline
+    from pdlm_jax.generation import Mode
 
     try:
-        return pipeline.Mode.from_name(text)
+        return Mode.from_name(text)
     except PDLMError as e:
         raise PDLMError(f"--mode {text!r}: {e}") from None
 
@@ -159,6 +159,7 @@ def infer_program(args, target) -> dict:
 
     from pdlm_jax import api, flops, pipeline, sharding
     from pdlm_jax.config import DTYPES
+    from pdlm_jax.generation import GenerationSettings
     from pdlm_jax.modeling.layout import param_shardings
     from pdlm_jax.modeling.pdm import PerceptionDLM
     from pdlm_jax.regions.prepare import prepare_regions
@@ -174,18 +175,18 @@ def infer_program(args, target) -> dict:
         raise PDLMError(f"--batch must be at least 1, got {batch}")
     if not 1 <= k <= cfg.region.prompt_numbers:
         raise PDLMError(f"--masks must be in 1..{cfg.region.prompt_numbers} (regions per pass), got {k}")
-    api.check_settings(G, S, args.temperature, 1.0, k, cfg.region.prompt_numbers)
     mode = parse_mode(args.mode)
+    settings = GenerationSettings(gen_length=G, steps=S, mode=mode, temperature=args.temperature)
+    settings.check_regions(k, cfg.region.prompt_numbers)
     tokenizer = Tokenizer(args.tokenizer)
     if max(tokenizer.vocab_size, *tokenizer.special.all_ids()) > cfg.lm.vocab_size:
         raise PDLMError(f"tokenizer {args.tokenizer} has ids beyond the model's vocabulary of {cfg.lm.vocab_size}")
     tiled = tile_image(args.image or synthetic_image(args.tiles or 7, cfg.region), cfg.region)
     prep = prepare_regions(tiled, rectangle_masks(k, tiled.size), tokenizer, cfg, G)
-    bucket = dataclasses.replace(pipeline.choose_bucket(tiled.num_tiles, k, G, prep.layout.length,
-                                                        cfg.region.prompt_numbers, args.temperature, 1.0, mode),
-                                 batch=batch)
+    bucket = dataclasses.replace(pipeline.choose_bucket(tiled.num_tiles, k, prep.layout.length,
+                                                        cfg.region.prompt_numbers, settings), batch=batch)
     row = pipeline.pass_inputs(prep, bucket, cfg, tokenizer.special.eot)
-    inputs = pipeline.batch_inputs([row] * batch, [(k * G, S)] * batch, bucket, mode, args.temperature, 1.0)
+    inputs = pipeline.batch_inputs([row] * batch, [(k * G, S)] * batch, bucket, settings)
 
     devices = target.devices()
     mesh = sharding.make_mesh(args.mesh or "data:-1", devices)
@@ -206,7 +207,7 @@ def infer_program(args, target) -> dict:
     else:
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(attention)))
     state = _abstract(abstract, param_shardings(abstract, mesh, cfg))
-    program = pipeline.CaptionProgram((graphdef, state), tokenizer.special.mask, mesh, trace)
+    program = pipeline.caption_program((graphdef, state), tokenizer.special.mask, mesh, trace)
     placed = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
                                                          sharding=program.input_sharding(v)), inputs)
 
@@ -221,7 +222,7 @@ def infer_program(args, target) -> dict:
     return dict(settings=settings, lower=lambda: program.lower(bucket, placed),
                 flops=per_image, bytes=bytes_per_image, unit="image",
                 xla_check=lambda: _xla_flops_once(
-                    lambda: pipeline.CaptionProgram((cpu_graphdef, cpu_abstract), tokenizer.special.mask)
+                    lambda: pipeline.caption_program((cpu_graphdef, cpu_abstract), tokenizer.special.mask)
                     .lower(bucket, inputs), batch * _loop_body_flops(cfg, tiled.num_tiles, bucket)))
 
 

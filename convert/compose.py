@@ -31,9 +31,9 @@ import numpy as np
 from convert.reader import ReferenceCheckpoint, map_tensors, read_weights
 from convert.writer import Summary, write
 from pdlm_jax import checkpoint, keymap
-from pdlm_jax.answering import DEFAULTS as BASE_SAMPLER_DEFAULTS
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.generation import BASE_DEFAULTS, STORED
 from pdlm_jax.files import HUB_PREFIX, is_url, local_directory
 
 IMAGE_TOKENS = ("<IMG_CONTEXT>", "<img>", "</img>")  # DMLLMProcessor's special tokens (SPEC-base §B1)
@@ -258,7 +258,8 @@ def compose(
 
     side_files = {**tokenizer_files,
                   checkpoint.REFERENCE_CONFIG_FILE: (json.dumps(reference_config, indent=2) + "\n").encode(),
-                  checkpoint.SAMPLER_FILE: (json.dumps(BASE_SAMPLER_DEFAULTS, indent=2) + "\n").encode()}
+                  checkpoint.SAMPLER_FILE: (json.dumps({k: getattr(BASE_DEFAULTS, k) for k in STORED}, indent=2)
+                                            + "\n").encode()}
     if (vision_dir / "preprocessor_config.json").exists():  # SigLIP's image processor settings
         side_files["preprocessor_config.json"] = (vision_dir / "preprocessor_config.json").read_bytes()
     sources = [lm_dir / "config.json", vision_dir / "config.json", *ref.files,

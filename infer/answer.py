@@ -39,16 +39,13 @@ def wants_answer(args: argparse.Namespace) -> bool:
     return base
 
 
-def run_question(args: argparse.Namespace, load: Callable) -> int:
-    """Check the arguments (before loading the model), answer, write or print the JSON."""
+def run_question(args: argparse.Namespace, settings, load: Callable) -> int:
+    """Check the arguments (before loading the model), answer with `settings` (`GenerationSettings`, already
+    resolved and checked), write or print the JSON."""
     from pdlm_jax.api import answerer
-    from pdlm_jax.files import write_json_atomic
-    from pdlm_jax.answering import CACHE_MODES, answer_defaults
-    from pdlm_jax.block_sampling import block_schedule
-    from pdlm_jax.checkpoint import read_sampler
     from pdlm_jax.asset_paths import DEMO_SCENE
+    from pdlm_jax.files import write_json_atomic
     from pdlm_jax.limits import for_checkpoint
-    from pdlm_jax.pipeline import Mode
 
     if args.demo:
         args.image = args.image or str(DEMO_SCENE / "image.png")
@@ -61,23 +58,15 @@ def run_question(args: argparse.Namespace, load: Callable) -> int:
                         "\"What is in the picture?\")")
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise PDLMError(f"--output {args.output}: folder {Path(args.output).resolve().parent} does not exist")
-    if args.cache not in CACHE_MODES:
-        raise PDLMError(f"--cache must be one of {', '.join(CACHE_MODES)} on a PerceptionDLM-Base checkpoint")
-    if args.temperature != 0 or args.visualize or args.visualize_steps:
-        raise PDLMError("PerceptionDLM-Base answering is greedy and draws no regions: --temperature, --visualize "
-                        "and --visualize-steps do not apply")
-    Mode.parse("none", args.unmask)
-    defaults = answer_defaults(read_sampler(args.checkpoint))
-    settings = {key: defaults[key] if getattr(args, key) is None else getattr(args, key)
-                for key in ("gen_length", "block_length", "steps")}
+    if args.visualize or args.visualize_steps:
+        raise PDLMError("PerceptionDLM-Base answering draws no regions: --visualize and --visualize-steps do not "
+                        "apply")
     limits = for_checkpoint(args.checkpoint)
-    limits.check_answer(settings["gen_length"], settings["steps"], args.question, limits.check_image(args.image))
-    block_schedule(**settings)
+    limits.check_answer(settings.gen_length, settings.steps, args.question, limits.check_image(args.image))
 
     handle = answerer(load())
-    log.info("answering about %s: gen_length=%d block_length=%d steps=%d", args.image, *settings.values())
-    result = handle.answer(args.image, args.question, cache=args.cache, unmask=args.unmask,
-                           return_steps=args.history, **settings)
+    log.info("answering about %s: %s", args.image, settings.record())
+    result = handle.answer(args.image, args.question, settings, return_steps=args.history)
     log.info("done in %.2f s (%.2f s compiling), %d forwards", result["seconds"], result["compile_seconds"],
              result["forwards"])
     log.info("answer: %s", result["answer"])

@@ -233,9 +233,9 @@ def make_bench_checkpoint(refs, args, out: Path) -> dict:
 
 
 def bench_modes(text: str) -> list[str]:
-    """Our sampler modes to time (pdlm_jax.pipeline.Mode names); `exact` is always there, first: it is the
+    """Our sampler modes to time (pdlm_jax.generation.Mode names); `exact` is always there, first: it is the
     one checked against the reference."""
-    from pdlm_jax.pipeline import Mode
+    from pdlm_jax.generation import Mode
 
     names = [m.strip() for m in text.split(",") if m.strip()]
     try:
@@ -350,7 +350,6 @@ def bench(args) -> int:
 
     import pdlm_jax
     from convert.cli import main as convert_main
-    from pdlm_jax.pipeline import Mode
 
     torch.set_num_threads(1)
     refs = reference_modules(args.reference_repo)
@@ -375,11 +374,11 @@ def bench(args) -> int:
         return {**out, "wall": time.perf_counter() - start, **stats}
 
     def our_call(mode):
-        arguments = Mode.from_name(mode).arguments
+        settings = ours.settings(gen_length=G, block_length=B, steps=S, mode=mode)
 
         def call():
             start = time.perf_counter()
-            out = ours.answer(image, args.question, gen_length=G, block_length=B, steps=S, **arguments)
+            out = ours.answer(image, args.question, settings)
             return {**out, "wall": time.perf_counter() - start}
         return call
 

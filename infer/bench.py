@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_mode(name: str):
-    """'sequential' (None: the one-region-per-pass baseline) or a sampler mode (`pipeline.Mode.from_name`)."""
-    from pdlm_jax.pipeline import Mode
+    """'sequential' (None: the one-region-per-pass baseline) or a sampler mode (`generation.Mode.from_name`)."""
+    from pdlm_jax.generation import Mode
 
     if name == "sequential":
         return None
@@ -195,8 +195,7 @@ def _time_row(handle, image, masks, mode: str, sampler, batch: int, args) -> dic
             forwards = sum(r["forwards"] for r in results)
             tokens = [r["regions"][0]["token_ids"] for r in results]
         else:
-            results = handle.caption_batch([(image, masks)] * batch, gen_length=G, steps=steps,
-                                           **sampler.arguments)
+            results = handle.caption_batch([(image, masks)] * batch, gen_length=G, steps=steps, mode=sampler)
             compile_s, forwards = results[0]["compile_seconds"], results[0]["forwards"]
             tokens = [[r["token_ids"] for r in res["regions"]] for res in results]
         return time.perf_counter() - t0, compile_s, forwards, tokens

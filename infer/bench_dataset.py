@@ -127,8 +127,7 @@ def run(args) -> tuple[list[dict], dict]:
     if args.images < 1 or args.repeats < 1 or min(sizes) < 1:
         raise PDLMError("--images, --repeats and every --batch-sizes value must be positive integers")
     handle = captioner(pdlm_jax.load(args.checkpoint))
-    gen_length = args.gen_length or handle.sampler["gen_length"]
-    steps = args.steps or handle.sampler["steps"]
+    generation = handle.settings(gen_length=args.gen_length, steps=args.steps)
     rows = []
 
     def add(name, batch_size, images_per_call, seconds, tokens):
@@ -145,7 +144,7 @@ def run(args) -> tuple[list[dict], dict]:
         path = write_scenes(work, args.images, args.seed, args.shapes)
         entries = load_annotations(path, work)
         base = DatasetSettings(annotations=path, output=work / "results.jsonl", image_root=work,
-                               summary=work / "summary.json", gen_length=gen_length, steps=steps)
+                               summary=work / "summary.json", generation=generation)
         print("  ".join(f"{c:>{_width(c)}}" for c in COLUMNS), flush=True)
         add("per-image", 1, 1, *_timed(lambda: per_image(handle, entries, base), args.repeats))
         for size in sizes:
@@ -155,7 +154,7 @@ def run(args) -> tuple[list[dict], dict]:
     for row in rows:
         del row["tokens"]
     meta = dict(checkpoint=str(args.checkpoint), device=jax.devices()[0].device_kind, cpus=os.cpu_count(),
-                gen_length=gen_length, steps=steps, repeats=args.repeats, seed=args.seed,
+                gen_length=generation.gen_length, steps=generation.steps, repeats=args.repeats, seed=args.seed,
                 regions_per_image=[len(e.regions) for e in entries])
     return rows, meta
 

@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", nargs="+", default=[], metavar="MASK",
                    help="one binary mask image per region (nonzero = inside); results keep this order")
     p.add_argument("--gen-length", type=int,
-                   help="caption slots per region (default: the checkpoint's sampler.json, else 32)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's sampler.json, else 32)")
+                   help="caption slots per region, or answer positions on a PerceptionDLM-Base checkpoint "
+                        "(default: the checkpoint's sampler.json, else 32; Base: 128)")
+    p.add_argument("--steps", type=int,
+                   help="denoising steps (default: the checkpoint's sampler.json, else 32; Base: 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, the reference's setting")
     p.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus filtering when sampling (the reference accepts and ignores it)")
@@ -80,28 +82,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fill_defaults(args: argparse.Namespace) -> None:
-    """Demo inputs and the checkpoint's own generation settings where the user gave none."""
-    from pdlm_jax.checkpoint import sampler_defaults
+def generation_settings(args: argparse.Namespace):
+    """The generation flags over the checkpoint's (or adapter's) sampler.json: one `GenerationSettings`,
+    checked before any weight loads."""
+    from pdlm_jax.generation import for_checkpoint
 
+    return for_checkpoint(args.checkpoint, args.adapter, gen_length=args.gen_length, steps=args.steps,
+                          block_length=args.block_length, temperature=args.temperature, top_p=args.top_p,
+                          seed=args.seed, cache=args.cache, unmask=args.unmask)
+
+
+def _fill_demo_inputs(args: argparse.Namespace) -> None:
+    """--demo: the bundled scene and output files where the user gave none."""
     if args.demo:
         args.image = args.image or str(DEMO_SCENE / "image.png")
         args.masks = args.masks or [str(p) for p in sorted(DEMO_SCENE.glob("mask_*.png"))]
         args.output = args.output or Path("demo_result.json")
         args.visualize = args.visualize or "demo_overlay.png"
-    if args.gen_length is None or args.steps is None:
-        defaults = sampler_defaults(args.adapter if args.adapter and (Path(args.adapter) / "sampler.json").exists()
-                                    else args.checkpoint)
-        args.gen_length = defaults["gen_length"] if args.gen_length is None else args.gen_length
-        args.steps = defaults["steps"] if args.steps is None else args.steps
 
 
-def _check_single_image_args(args: argparse.Namespace) -> None:
+def _check_single_image_args(args: argparse.Namespace, settings) -> None:
     """Fail fast on bad single-image arguments, before loading a (possibly very large) model."""
-    from pdlm_jax.api import check_settings
     from pdlm_jax.checkpoint import load_config
     from pdlm_jax.limits import for_checkpoint
-    from pdlm_jax.pipeline import Mode
 
     if not args.image:
         raise PDLMError("--image is required: the picture whose regions to caption")
@@ -114,14 +117,12 @@ def _check_single_image_args(args: argparse.Namespace) -> None:
                        ("--visualize-steps", args.visualize_steps)):
         if path and not Path(path).resolve().parent.is_dir():
             raise PDLMError(f"{flag} {path}: folder {Path(path).resolve().parent} does not exist")
-    check_settings(args.gen_length, args.steps, args.temperature, args.top_p, len(args.masks),
-                   load_config(args.checkpoint).region.prompt_numbers)
-    Mode.parse(args.cache, args.unmask)
+    settings.check_regions(len(args.masks), load_config(args.checkpoint).region.prompt_numbers)
     limits = for_checkpoint(args.checkpoint)
     size = limits.check_image(args.image)
     for i, mask in enumerate(args.masks):
         limits.check_image(mask, f"mask {i}")
-    limits.check_caption(len(args.masks), args.gen_length, args.prompt, size)
+    limits.check_caption(len(args.masks), settings.gen_length, args.prompt, size)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -138,20 +139,20 @@ def _run(args: argparse.Namespace) -> int:
                              mesh=args.mesh, attention=args.attention, adapter=args.adapter,
                              quantize=None if args.quantize == "none" else args.quantize)
 
-    if _answer.wants_answer(args):
-        return _answer.run_question(args, load)
-    _fill_defaults(args)
+    base = _answer.wants_answer(args)  # PDLMError for flags of the other kind
+    settings = generation_settings(args)
+    if base:
+        return _answer.run_question(args, settings, load)
+    _fill_demo_inputs(args)
     if args.annotations:  # dataset mode checks its own arguments, then calls load()
-        return _dataset.run_annotations(_dataset.DatasetSettings.from_args(args), load)
-    _check_single_image_args(args)
+        return _dataset.run_annotations(_dataset.DatasetSettings.from_args(args, settings), load)
+    _check_single_image_args(args, settings)
     handle = captioner(load())  # wants_answer sent Base checkpoints to answering above
 
-    log.info("captioning %d region(s) of %s: gen_length=%d steps=%d temperature=%g", len(args.masks),
-             args.image, args.gen_length, args.steps, args.temperature)
-    result = handle.caption_regions(args.image, args.masks, gen_length=args.gen_length, steps=args.steps,
-                                    temperature=args.temperature, top_p=args.top_p, question=args.prompt,
-                                    seed=args.seed, reference_parser=args.reference_parser, cache=args.cache,
-                                    unmask=args.unmask, history=args.history or bool(args.visualize_steps))
+    log.info("captioning %d region(s) of %s: %s", len(args.masks), args.image, settings.record())
+    result = handle.caption_regions(args.image, args.masks, settings, question=args.prompt,
+                                    reference_parser=args.reference_parser,
+                                    history=args.history or bool(args.visualize_steps))
     log.info("done in %.2f s (%.2f s compiling), %d forwards, %.2f tokens/forward", result["seconds"],
              result["compile_seconds"], result["forwards"], result["tokens_per_forward"])
     if args.output:  # stdout is free: the captions, one line per region, then the files written

@@ -43,6 +43,7 @@ from infer.file_lock import exclusive_lock
 from pdlm_jax.files import atomic_write
 from pdlm_jax.annotation_files import ImageRecord, Region, parse_record, read_records, region_mask
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.generation import GenerationSettings, resolve
 from pdlm_jax.regions.prompt import DEFAULT_QUESTION
 
 # ----------------------------------------------------------------------------------------------- annotations
@@ -192,15 +193,9 @@ class DatasetSettings:
     limit: int | None = None  # only the first N regions of the shard
     batch_size: int = 1  # rows per compiled program call
     images_per_call: int = 1
-    gen_length: int | None = None  # None: the checkpoint's sampler.json
-    steps: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
+    generation: GenerationSettings | None = None  # None: the model's defaults (its sampler.json)
     question: str = DEFAULT_QUESTION
-    seed: int = 0
     reference_parser: bool = False
-    cache: str = "none"
-    unmask: str = "remask"
 
     def __post_init__(self):
         if self.limit is not None and self.limit < 1:
@@ -210,16 +205,11 @@ class DatasetSettings:
                 raise PDLMError(f"{flag} {value}: expected a positive integer.")
         if not self.image_root.is_dir():
             raise PDLMError(f"--image-root {self.image_root}: not a folder.")
-        from pdlm_jax.api import check_settings  # here: it imports JAX, which `pdlm-infer --help` does not need
-        from pdlm_jax.pipeline import Mode
-
-        if self.gen_length is not None and self.steps is not None:
-            check_settings(self.gen_length, self.steps, self.temperature, self.top_p)
-        Mode.parse(self.cache, self.unmask)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> DatasetSettings:
-        """From pdlm-infer's flags (the dataset-mode ones of `add_annotation_args` and the generation ones)."""
+    def from_args(cls, args: argparse.Namespace, generation: GenerationSettings | None = None) -> DatasetSettings:
+        """From pdlm-infer's flags (the dataset-mode ones of `add_annotation_args`); `generation`: the generation
+        flags resolved against the checkpoint (`infer.cli.generation_settings`), else over the defaults."""
         if args.annotations is None:
             raise PDLMError("dataset mode needs --annotations FILE.")
         if args.output is None:
@@ -230,15 +220,15 @@ class DatasetSettings:
             summary=args.summary if args.summary is not None else args.output.parent / "summary.json",
             shard=_parse_shard(args.shard), limit=args.limit, batch_size=args.batch_size,
             images_per_call=args.images_per_call if args.images_per_call is not None else args.batch_size,
-            gen_length=args.gen_length, steps=args.steps, temperature=args.temperature, top_p=args.top_p,
-            question=args.prompt, seed=args.seed, reference_parser=args.reference_parser, cache=args.cache,
-            unmask=args.unmask)
+            generation=generation or resolve(gen_length=args.gen_length, steps=args.steps,
+                                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                             cache=args.cache, unmask=args.unmask),
+            question=args.prompt, reference_parser=args.reference_parser)
 
     def caption_kwargs(self) -> dict:
-        """The keywords of `caption_batch`."""
-        return dict(gen_length=self.gen_length, steps=self.steps, temperature=self.temperature, top_p=self.top_p,
-                    question=self.question, seed=self.seed, reference_parser=self.reference_parser,
-                    cache=self.cache, unmask=self.unmask, batch_size=self.batch_size)
+        """The arguments of `caption_batch` after the items."""
+        return dict(settings=self.generation, question=self.question, reference_parser=self.reference_parser,
+                    batch_size=self.batch_size)
 
 
 def select_regions(entries: list[ImageEntry], shard: tuple[int, int],
@@ -310,15 +300,22 @@ def _run_selection(settings: DatasetSettings, handle, selection, started: float)
         "tokens_per_forward": stats.tokens / stats.forwards if stats.forwards else None,
         "regions_per_second": stats.captioned / generation_seconds if generation_seconds > 0 else None,
         "wall_seconds": time.perf_counter() - started,
-        "settings": {"gen_length": settings.gen_length, "steps": settings.steps,
-                     "temperature": settings.temperature, "top_p": settings.top_p, "prompt": settings.question,
-                     "seed": settings.seed, "cache": settings.cache, "unmask": settings.unmask,
+        "settings": {**_generation_record(settings.generation, handle), "prompt": settings.question,
                      "batch_size": settings.batch_size, "images_per_call": settings.images_per_call},
         "error_list": stats.errors,
     }
     atomic_write(settings.summary, (json.dumps(summary, indent=2) + "\n").encode())
     _print_summary(summary, settings.summary)
     return 1 if stats.errors else 0
+
+
+def _generation_record(generation: GenerationSettings | None, handle) -> dict:
+    """The generation settings of the run as its summary reports them (the CLI's cache / unmask spellings)."""
+    generation = generation or getattr(handle, "defaults", None)
+    if generation is None:  # no work, so the model was never loaded
+        return {}
+    record = generation.record()
+    return {k: v for k, v in record.items() if k != "mode"} | generation.mode.arguments
 
 
 class _Stats:

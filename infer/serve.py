@@ -35,24 +35,29 @@ from PIL import Image
 
 from pdlm_jax import DEMO_MODEL
 from pdlm_jax.errors import PDLMError, TooLarge
+from pdlm_jax.generation import GenerationSettings
 
 log = logging.getLogger("pdlm-serve")
 
 # Request fields and their types; the defaults of gen_length / steps come from the checkpoint's sampler.json.
 FIELDS = {"image": str, "masks": list, "gen_length": int, "steps": int, "question": str, "cache": str,
           "unmask": str, "temperature": float, "top_p": float, "seed": int, "history": bool}
+OPTIONS = ("question", "history")  # the request fields that are no generation setting
 
 
 
 
 @dataclasses.dataclass
 class Job:
-    """One validated request: an RGB image and its bool masks with the caption_batch settings, or (a Base
-    question, `masks` None) the `answer` settings. `warnings` go back with the result."""
+    """One validated request: an RGB image and its bool masks (None: a Base question), its generation settings
+    (`GenerationSettings`), the question (the region prompt when captioning) and whether the captions after
+    every step go back too (`history`; always for questions). `warnings` go back with the result."""
 
     image: Image.Image
     masks: list[np.ndarray] | None
-    settings: dict
+    settings: GenerationSettings
+    question: str
+    history: bool = False
     warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -61,9 +66,9 @@ class Job:
         mask counts and settings put their passes in the same buckets, so no call runs half empty. The
         threshold sampler's forward count is the batch's (it runs until every row is done), so it runs alone;
         so does a question (the Base sampler runs one question per call)."""
-        if self.masks is None or self.settings["unmask"].startswith("threshold"):
+        if self.masks is None or self.settings.mode.unmask == "threshold":
             return (id(self),)
-        return (len(self.masks), *sorted(self.settings.items()))
+        return (len(self.masks), self.settings, self.question, self.history)
 
 
 def _decode_base64(text: str, what: str) -> bytes:
@@ -137,7 +142,6 @@ class Service:
     def __init__(self, captioner, checkpoint: str, max_batch: int = 8, batch_wait_ms: float = 10.0,
                  max_image_pixels: int = 40_000_000, max_masks: int | None = None, answerer=None,
                  base_checkpoint: str | None = None, max_body_bytes: int = 32 << 20):
-        from pdlm_jax.checkpoint import sampler_defaults
         from pdlm_jax.regions.prompt import DEFAULT_QUESTION
 
         self.captioner, self.answerer = captioner, answerer
@@ -147,8 +151,6 @@ class Service:
                 handle.limits = dataclasses.replace(handle.limits, max_image_pixels=max_image_pixels,
                                                     max_masks=max_masks or handle.limits.max_masks)
         self.handle = captioner or answerer
-        self.defaults = {"gen_length": 32, "steps": 32} | {
-            k: v for k, v in sampler_defaults(checkpoint).items() if k in ("gen_length", "steps")}
         self.max_image_pixels, self.max_body_bytes = max_image_pixels, max_body_bytes
         self.question = DEFAULT_QUESTION
         self.batcher = MicroBatcher(captioner, max_batch, batch_wait_ms / 1000, answerer)
@@ -195,42 +197,30 @@ class Service:
             raise PDLMError(f"{count} masks, over the server's limit of {self.captioner.limits.max_masks} per "
                             "request (--max-masks); send them in several requests")
 
-    def make_job(self, image: Image.Image, masks: list, settings: dict) -> Job:
-        """Check masks (any `load_masks` input) and settings (missing ones: the defaults) before queueing."""
-        from pdlm_jax.api import check_settings
-        from pdlm_jax.pipeline import Mode
+    def make_job(self, image: Image.Image, masks: list, request: dict) -> Job:
+        """Check masks (any `load_masks` input) and the request's settings (generation ones, `OPTIONS`; missing
+        ones: the checkpoint's defaults) before queueing."""
         from pdlm_jax.regions.masks import load_masks
 
         self.check_mask_count(len(masks))
         warnings: list[str] = []
         masks = load_masks(masks, image.size, warnings)
-        settings = dict(gen_length=self.defaults["gen_length"], steps=self.defaults["steps"], temperature=0.0,
-                        top_p=1.0, question=self.question, seed=0, cache="none", unmask="remask",
-                        history=False) | settings
-        settings["temperature"], settings["top_p"] = float(settings["temperature"]), float(settings["top_p"])
-        check_settings(settings["gen_length"], settings["steps"], settings["temperature"], settings["top_p"],
-                       len(masks), self.captioner.cfg.region.prompt_numbers)
-        Mode.parse(settings["cache"], settings["unmask"])
-        self.captioner.limits.check_caption(len(masks), settings["gen_length"], settings["question"], image.size)
-        return Job(image, masks, settings, warnings)
+        question = request.get("question", self.question)
+        settings = self.captioner.settings(**{k: v for k, v in request.items() if k not in OPTIONS})
+        settings.check_regions(len(masks), self.captioner.cfg.region.prompt_numbers)
+        self.captioner.limits.check_caption(len(masks), settings.gen_length, question, image.size)
+        return Job(image, masks, settings, question, request.get("history", False), warnings)
 
-    def question_job(self, image: Image.Image, question: str, settings: dict) -> Job:
-        """A Base question (settings: gen_length, block_length, steps; missing ones: the checkpoint's)."""
-        from pdlm_jax.block_sampling import block_schedule
-
+    def question_job(self, image: Image.Image, question: str, request: dict) -> Job:
+        """A Base question (request: gen_length, block_length, steps; missing or None: the checkpoint's)."""
         if self.answerer is None:
             raise PDLMError("this server has no PerceptionDLM-Base model to answer questions; start it with "
                             "--base-checkpoint DIR (or give masks as extra image parts to caption regions)")
-        given = {k: v for k, v in settings.items() if v is not None}
-        settings = dict(self.answerer.defaults) | given
-        if "block_length" not in given and isinstance(settings["gen_length"], int) and \
-                settings["gen_length"] % settings["block_length"]:
-            settings["block_length"] = settings["gen_length"]  # one block, as the reference demo
+        settings = self.answerer.settings(**request)
         if not question.strip():
             raise PDLMError("the question is empty: put the question as a text part of the user message")
-        self.answerer.limits.check_answer(settings["gen_length"], settings["steps"], question, image.size)
-        block_schedule(settings["gen_length"], settings["block_length"], settings["steps"])
-        return Job(image, None, settings | {"question": question})
+        self.answerer.limits.check_answer(settings.gen_length, settings.steps, question, image.size)
+        return Job(image, None, settings, question, history=True)
 
     def caption(self, job: Job) -> dict:
         return self.batcher.submit(job)
@@ -260,16 +250,16 @@ class Service:
 
     def model_info(self) -> dict:
         info = {"checkpoint": str(self.checkpoint), "kind": "region" if self.captioner else "base",
-                "config": self.handle.cfg.to_dict(), "sampler_defaults": self.defaults,
+                "config": self.handle.cfg.to_dict(), "sampler_defaults": self.handle.defaults.record(),
                 "mask_id": self.handle.tokenizer.special.mask, "max_batch": self.batcher.max_batch,
                 "batch_wait_ms": self.batcher.wait_s * 1000, "max_image_pixels": self.max_image_pixels,
                 "limits": self.handle.limits.describe() | {"max_body_bytes": self.max_body_bytes},
                 "batches": {str(k): v for k, v in sorted(self.batcher.sizes.items())},
-                "compiled_programs": self.handle.program.num_compiled if self.captioner else None,
+                "compiled_programs": self.handle.num_compiled,
                 "ready": self.ready, "in_flight": self.in_flight}
         if self.answerer is not None:
             info["base"] = {"checkpoint": str(self.base_checkpoint or self.checkpoint),
-                            "sampler_defaults": self.answerer.defaults,
+                            "sampler_defaults": self.answerer.defaults.record(),
                             "limits": self.answerer.limits.describe() | {"max_body_bytes": self.max_body_bytes}}
         return info
 
@@ -323,12 +313,12 @@ class MicroBatcher:
                     self._run(group)
 
     def _call(self, jobs: list[Job]) -> list[dict]:
-        if jobs[0].masks is None:
-            settings = dict(jobs[0].settings)
-            return [self.answerer.answer(jobs[0].image, settings.pop("question"), return_steps=True, **settings)]
+        first = jobs[0]
+        if first.masks is None:
+            return [self.answerer.answer(first.image, first.question, first.settings, return_steps=True)]
         rows = next(n for n in self.row_counts if n >= len(jobs))
-        return self.handle.caption_batch([(job.image, job.masks) for job in jobs], **jobs[0].settings,
-                                         batch_size=rows)
+        return self.handle.caption_batch([(job.image, job.masks) for job in jobs], first.settings,
+                                         question=first.question, history=first.history, batch_size=rows)
 
     def _run(self, group: list) -> None:
         jobs = [job for job, _ in group]

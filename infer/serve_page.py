@@ -152,7 +152,7 @@ class Page:
     def settings(self) -> dict:
         """What the page's script needs: presets, colours, defaults and limits."""
         return {"presets": presets(), "palette": [_hex(c) for c in PALETTE], "modes": list(MODES),
-                "defaults": self.service.defaults, "question": self.service.question,
+                "defaults": self.service.handle.defaults.record(), "question": self.service.question,
                 "max_regions": self.service.handle.cfg.region.prompt_numbers, "placeholder": PLACEHOLDER,
                 "tolerance": DEFAULT_TOLERANCE, "answers": self.answerer is not None}
 

@@ -7,8 +7,8 @@
 Host side: tiles (SPEC §6), `chat`'s prompt (§B3), the tokenizer. Device side, one jitted program per
 bucket: vision tower and projector on every tile, the vision rows scattered into the `<IMG_CONTEXT>`
 positions, then the block sampler (`block_sampling`) over the G answer positions appended after the prompt.
-The sequence is right-padded to a multiple of `LENGTH_MULTIPLE` (padded keys are masked out), so questions
-of similar length share a program.
+The sequence is right-padded to a multiple of `programs.LENGTH_MULTIPLE` (padded keys are masked out), so
+questions of similar length share a program (`programs.Program`).
 
 `cache="prefix"` (opt-in, approximate) is Fast-dLLM's block cache: the first step of every block is a full
 forward that refreshes every position's keys/values (prompt, finished blocks, later blocks); the block's
@@ -19,38 +19,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import time
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 from jax.sharding import Mesh
 
-from pdlm_jax import block_sampling, sharding
+from pdlm_jax import block_sampling
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.generation import EXACT, GenerationSettings, Mode
+from pdlm_jax.handle import ModelHandle
 from pdlm_jax.limits import Limits
 from pdlm_jax.modeling.llada import put_rows, take_rows
 from pdlm_jax.modeling.pdm import PerceptionDLM
-from pdlm_jax.pipeline import Mode
+from pdlm_jax.programs import Program, padded_length
 from pdlm_jax.regions.prompt import build_question_text
 from pdlm_jax.regions.tiling import ImageInput, TiledImage, tile_image
 from pdlm_jax.regions.tokenizer import Tokenizer
-
-log = logging.getLogger("pdlm_jax")
-
-LENGTH_MULTIPLE = 64
-DEFAULTS = {"gen_length": 128, "block_length": 128, "steps": 128}  # the reference demo's settings
-CACHE_MODES = ("none", "prefix")
-
-
-def answer_defaults(sampler: dict | None = None) -> dict:
-    """gen_length, block_length and steps: a checkpoint's sampler.json values over the reference demo's (a
-    block_length it leaves unset is its gen_length: one block)."""
-    stored = {k: v for k, v in (sampler or {}).items() if k in DEFAULTS and v is not None}
-    return {**DEFAULTS, "block_length": stored.get("gen_length", DEFAULTS["block_length"]), **stored}
 
 
 def answer_text(tokenizer: Tokenizer, ids: np.ndarray) -> tuple[str, str]:
@@ -70,8 +59,7 @@ class Bucket:
     gen_length: int
     block_length: int
     steps: int
-    cache: str = "none"
-    unmask: str = "remask"  # or "threshold" (its value is a runtime input)
+    mode: Mode = EXACT  # the sampler (`Mode.static`: the threshold is an input)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +93,24 @@ def prepare_question(image: ImageInput | TiledImage, question: str, tokenizer: T
     return PreparedQuestion(tiled, text, ids, image_positions)
 
 
-def program_inputs(prep: PreparedQuestion, bucket: Bucket, pad_id: int,
-                   threshold: float = 0.9) -> dict[str, np.ndarray]:
+@struct.dataclass
+class QuestionInputs:
+    """What one call of the answering program takes: a batch of questions (one row each)."""
+
+    pixel_values: np.ndarray  # (Bt, T, C, H, W) float32 tiles
+    input_ids: np.ndarray  # (Bt, L) int32 prompt, right-padded
+    image_positions: np.ndarray  # (Bt, T·n) int32 positions of <IMG_CONTEXT>
+    answer_positions: np.ndarray  # (Bt, G) int32
+    valid: np.ndarray  # (Bt, L) bool: prompt and answer rows (padded keys are masked out)
+    threshold: np.ndarray  # () float32 of threshold unmasking
+
+
+def question_inputs(prep: PreparedQuestion, bucket: Bucket, pad_id: int, threshold: float = 0.9) -> QuestionInputs:
     """Device inputs of one question (a batch of one row); `threshold`: of threshold unmasking."""
     P = len(prep.input_ids)
     ids = np.full(bucket.length, pad_id, np.int32)
     ids[:P] = prep.input_ids
-    return dict(
+    return QuestionInputs(
         pixel_values=prep.tiled.pixel_values[None].astype(np.float32),
         input_ids=ids[None],
         image_positions=prep.image_positions[None],
@@ -121,7 +120,7 @@ def program_inputs(prep: PreparedQuestion, bucket: Bucket, pad_id: int,
     )
 
 
-def _answer_program(graphdef, state, x: dict, *, cfg: PDLMConfig, mask_id: int, bucket: Bucket):
+def _answer_program(graphdef, state, x: QuestionInputs, *, cfg: PDLMConfig, mask_id: int, bucket: Bucket):
     """Answer tokens (Bt, G), the tokens after every forward (F, Bt, G; threshold unmasking: G entries, the first
     `forwards` filled) and the forwards run, for a batch of questions."""
     model = nnx.merge(graphdef, state)
@@ -132,9 +131,9 @@ def _answer_program(graphdef, state, x: dict, *, cfg: PDLMConfig, mask_id: int, 
         h = vision.shape[-1]
         return lm.embed(input_ids).at[image_positions].set(vision.reshape(-1, h).astype(model.dtype), mode="drop")
 
-    embeds = jax.vmap(row_embeddings)(x["pixel_values"], x["input_ids"], x["image_positions"])
-    answer = x["answer_positions"]
-    keys = x["valid"][:, None, None, :]  # (Bt, 1, 1, L): padded keys are masked out, nothing else is
+    embeds = jax.vmap(row_embeddings)(x.pixel_values, x.input_ids, x.image_positions)
+    answer = x.answer_positions
+    keys = x.valid[:, None, None, :]  # (Bt, 1, 1, L): padded keys are masked out, nothing else is
 
     def block_rows(block):
         return jax.lax.dynamic_slice_in_dim(answer, block * B, B, axis=1)
@@ -146,7 +145,7 @@ def _answer_program(graphdef, state, x: dict, *, cfg: PDLMConfig, mask_id: int, 
         hidden, cache = lm.prefill(embeds, keys)
         return lm.logits(take_rows(hidden, block_rows(block))), cache
 
-    if bucket.cache == "prefix":
+    if bucket.mode.cache == "prefix":
         def logits_fn(tokens, block, step, carry):
             embeds, cache = with_answer(carry[0], tokens), carry[1]
 
@@ -168,8 +167,8 @@ def _answer_program(graphdef, state, x: dict, *, cfg: PDLMConfig, mask_id: int, 
         carry = embeds
 
     banned = block_sampling.banned_ids(cfg.lm.vocab_size, mask_id)
-    if bucket.unmask == "threshold":
-        return block_sampling.denoise_blocks_threshold(logits_fn, embeds.shape[0], bucket.gen_length, B, x["threshold"],
+    if bucket.mode.unmask == "threshold":
+        return block_sampling.denoise_blocks_threshold(logits_fn, embeds.shape[0], bucket.gen_length, B, x.threshold,
                                                        mask_id=mask_id, banned=banned, carry=carry)
     _, counts = block_sampling.block_schedule(bucket.gen_length, B, bucket.steps)
     tokens, history = block_sampling.denoise_blocks(logits_fn, embeds.shape[0], bucket.gen_length, B, counts,
@@ -177,24 +176,27 @@ def _answer_program(graphdef, state, x: dict, *, cfg: PDLMConfig, mask_id: int, 
     return tokens, history, jnp.int32(history.shape[0])
 
 
-class QuestionAnswerer:
+def answer_program(model: nnx.Module | tuple, cfg: PDLMConfig, mask_id: int, mesh: Mesh | None = None,
+                   trace: Callable[[Callable], Callable] | None = None) -> Program:
+    """The answering program of `model` (one executable per `Bucket`; it takes `QuestionInputs`)."""
+    return Program("answering", functools.partial(_answer_program, cfg=cfg, mask_id=mask_id), model, mesh, trace)
+
+
+class QuestionAnswerer(ModelHandle):
     """A loaded PerceptionDLM-Base model, its tokenizer and its compiled programs (one per bucket)."""
 
     def __init__(self, cfg: PDLMConfig, model: PerceptionDLM, tokenizer: Tokenizer, mesh: Mesh | None = None,
-                 defaults: dict | None = None, limits: Limits | None = None):
+                 sampler: Mapping | None = None, limits: Limits | None = None, trace=None):
         if not cfg.is_base:
             raise PDLMError("QuestionAnswerer needs a PerceptionDLM-Base checkpoint (config variant 'base')")
-        self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
-        self.limits = limits or Limits(cfg, tokenizer)  # positions and pixels one call may use
-        self.defaults = answer_defaults(defaults)
-        self.graphdef, self.state = nnx.split(model)
-        self._compiled: dict[Bucket, jax.stages.Compiled] = {}
+        super().__init__(cfg, tokenizer, answer_program(model, cfg, tokenizer.special.mask, mesh, trace), mesh,
+                         sampler, limits)
 
-    def answer(self, image: ImageInput | TiledImage, question: str, gen_length: int | None = None,
-               block_length: int | None = None, steps: int | None = None, cache: str = "none",
-               unmask: str = "remask", return_steps: bool = False) -> dict:
+    def answer(self, image: ImageInput | TiledImage, question: str, settings: GenerationSettings | None = None, *,
+               return_steps: bool = False, **overrides) -> dict:
         """Answer `question` about `image` (path, PIL image, uint8 array or `TiledImage`) as the reference's
-        `demo/infer_dmllm.py` does (greedy; defaults 128/128/128 or the checkpoint's `sampler.json`).
+        `demo/infer_dmllm.py` does (greedy). `settings` (else the checkpoint's `sampler.json`, else 128/128/128)
+        with `overrides` over them: gen_length, block_length, steps, cache, unmask, mode (`self.settings`).
         `cache="prefix"` and `unmask="threshold:TAU"` are the opt-in fast modes (module docstring and
         `block_sampling.denoise_blocks_threshold`); with a threshold, `steps` only has to divide as usual.
 
@@ -205,24 +207,18 @@ class QuestionAnswerer:
         answer ids after every forward (the mask id where still masked).
         """
         start = time.perf_counter()
-        gen_length = self.defaults["gen_length"] if gen_length is None else gen_length
-        block_length = self.defaults["block_length"] if block_length is None else block_length
-        steps = self.defaults["steps"] if steps is None else steps
+        settings = self.settings(settings, **overrides)
         if not isinstance(question, str) or not question.strip():
             raise PDLMError("question must be a non-empty string")
         size = image.size if isinstance(image, TiledImage) else self.limits.check_image(image)
-        self.limits.check_answer(gen_length, steps, question, size)
-        block_sampling.block_schedule(gen_length, block_length, steps)  # PDLMError for settings that do not divide
-        if cache not in CACHE_MODES:
-            raise PDLMError(f"cache mode must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
-        mode = Mode.parse(cache, unmask)
+        self.limits.check_answer(settings.gen_length, settings.steps, question, size)
         prep = prepare_question(image, question, self.tokenizer, self.cfg)
         P = len(prep.input_ids)
-        bucket = Bucket(tiles=prep.tiled.num_tiles, length=-(-(P + gen_length) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE,
-                        gen_length=gen_length, block_length=block_length, steps=steps, cache=cache, unmask=mode.unmask)
-        inputs = self._place(program_inputs(prep, bucket, self.tokenizer.special.eot, mode.threshold))
-        exe, compile_seconds = self._program(bucket, inputs)
-        tokens, history, forwards = jax.device_get(exe(self.state, inputs))
+        bucket = Bucket(tiles=prep.tiled.num_tiles, length=padded_length(P + settings.gen_length),
+                        gen_length=settings.gen_length, block_length=settings.block_length, steps=settings.steps,
+                        mode=settings.mode.static)
+        inputs = question_inputs(prep, bucket, self.tokenizer.special.eot, settings.mode.threshold)
+        (tokens, history, forwards), compile_seconds = self.program.run(bucket, inputs)
         ids, forwards = np.asarray(tokens[0]), int(forwards)
         answer, raw = answer_text(self.tokenizer, ids)
         result = {
@@ -230,27 +226,10 @@ class QuestionAnswerer:
             "prompt_length": P,
             "image": {"width": prep.tiled.size[0], "height": prep.tiled.size[1], "grid": list(prep.tiled.grid),
                       "tiles": prep.tiled.num_tiles},
-            "gen_length": gen_length, "block_length": block_length, "steps": steps,
-            "mode": mode.name,
+            **settings.record(),
             "seconds": time.perf_counter() - start, "compile_seconds": compile_seconds,
-            "forwards": forwards, "tokens_per_forward": gen_length / forwards,
+            "forwards": forwards, "tokens_per_forward": settings.gen_length / forwards,
         }
         if return_steps:
             result["step_states"] = np.asarray(history)[:forwards, 0].tolist()
         return result
-
-    def _place(self, inputs: dict) -> dict:
-        if self.mesh is None:
-            return inputs
-        return {k: jax.device_put(v, sharding.batch_sharding(self.mesh, v.shape)) for k, v in inputs.items()}
-
-    def _program(self, bucket: Bucket, inputs: dict) -> tuple[jax.stages.Compiled, float]:
-        if bucket in self._compiled:
-            return self._compiled[bucket], 0.0
-        log.info("compiling the answering program for %s (once per bucket)", bucket)
-        start = time.perf_counter()
-        fn = jax.jit(functools.partial(_answer_program, self.graphdef, cfg=self.cfg,
-                                       mask_id=self.tokenizer.special.mask, bucket=bucket),
-                     out_shardings=None if self.mesh is None else sharding.replicated(self.mesh))
-        self._compiled[bucket] = fn.lower(self.state, inputs).compile()
-        return self._compiled[bucket], time.perf_counter() - start

@@ -16,7 +16,7 @@ import logging
 import numbers
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +28,10 @@ from pdlm_jax import compilation_cache as compilation_cache_lib
 from pdlm_jax import keymap, pipeline, sharding
 from pdlm_jax.answering import QuestionAnswerer
 from pdlm_jax.asset_paths import DEMO_MODEL
-from pdlm_jax.config import DTYPES, PDLMConfig, SamplerConfig, preset
+from pdlm_jax.config import DTYPES, PDLMConfig, preset
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.generation import GenerationSettings, sampler_source
+from pdlm_jax.handle import ModelHandle
 from pdlm_jax.limits import Limits, position_budget
 from pdlm_jax.modeling.layout import param_shardings
 from pdlm_jax.modeling.pdm import PerceptionDLM, from_tree
@@ -64,28 +66,6 @@ def reference_captions(text: str, num_regions: int) -> list[str]:
     return captions
 
 
-def check_settings(gen_length: int, steps: int, temperature: float = 0.0, top_p: float = 1.0,
-                   num_masks: int | None = None, prompt_numbers: int = 6) -> None:
-    """Raise PDLMError for unusable sampler settings (cheap: call it before loading a model).
-
-    With `num_masks`, also checks steps <= k·gen_length for the smallest pass (masks beyond
-    prompt_numbers are captioned in chunks, the last one holding the remainder).
-    """
-    if not isinstance(gen_length, numbers.Integral) or gen_length < 1:
-        raise PDLMError(f"gen_length must be a positive integer (caption slots per region), got {gen_length!r}")
-    if not isinstance(steps, numbers.Integral) or steps < 1:
-        raise PDLMError(f"steps must be a positive integer (denoising steps), got {steps!r}")
-    if not temperature >= 0:
-        raise PDLMError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if not 0 < top_p <= 1:
-        raise PDLMError(f"top_p must be in (0, 1], got {top_p!r}")
-    if num_masks:
-        smallest = num_masks if num_masks <= prompt_numbers else (num_masks % prompt_numbers or prompt_numbers)
-        if steps > smallest * gen_length:
-            raise PDLMError(f"steps={steps} exceeds the {smallest * gen_length} caption slots of a {smallest}-region "
-                            f"pass (gen_length={gen_length}); use steps <= {smallest * gen_length}")
-
-
 @dataclasses.dataclass
 class _Pass:
     """One denoising pass: up to prompt_numbers masks of one image (a chunk), prepared on the host."""
@@ -101,69 +81,62 @@ class _Pass:
     history: np.ndarray | None = None  # (forwards, k, G) slot tokens after each forward, when asked for
 
 
-class RegionCaptioner:
-    """A loaded model, its tokenizer and its compiled programs (one per input bucket).
+class RegionCaptioner(ModelHandle):
+    """A loaded region-captioning model, its tokenizer and its compiled programs (one per input bucket).
 
-    `sampler`: the gen_length and steps used when a call gives none (a checkpoint's sampler.json), else
-    the reference's 32/32. `trace`: wraps the program's lowering (pdlm_jax.quantize for int8 weights).
-    `limits` (`pdlm_jax.limits.Limits`): the positions, masks and pixels one call may use; replace it
-    (`dataclasses.replace`) to change the mask or pixel limits.
+    `sampler`: the checkpoint's sampler.json values (gen_length and steps when a call gives none; else the
+    reference's 32/32). `trace`: wraps the program's lowering (pdlm_jax.quantize for int8 weights).
     """
 
     def __init__(self, cfg: PDLMConfig, model: PerceptionDLM, tokenizer: Tokenizer, mesh: Mesh | None = None,
-                 sampler: dict | None = None, trace=None, limits: Limits | None = None):
-        self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
-        self.limits = limits or Limits(cfg, tokenizer)
-        self.sampler = sampler or {"gen_length": SamplerConfig.gen_length, "steps": SamplerConfig.steps}
-        self.program = pipeline.CaptionProgram(model, tokenizer.special.mask, mesh, trace)
+                 sampler: Mapping | None = None, limits: Limits | None = None, trace=None):
+        super().__init__(cfg, tokenizer, pipeline.caption_program(model, tokenizer.special.mask, mesh, trace), mesh,
+                         sampler, limits)
 
     def caption_regions(self, image: ImageInput | TiledImage, masks: Sequence[MaskInput] | None = None,
-                        gen_length: int | None = None, steps: int | None = None,
-                        temperature: float = 0.0, top_p: float = 1.0, question: str = DEFAULT_QUESTION, seed: int = 0,
-                        reference_parser: bool = False, cache: str = "none", unmask: str = "remask",
-                        batch_size: int | None = None, history: bool = False) -> dict:
+                        settings: GenerationSettings | None = None, *, question: str = DEFAULT_QUESTION,
+                        reference_parser: bool = False, batch_size: int | None = None, history: bool = False,
+                        **overrides) -> dict:
         """Caption every mask of `image`; returns one JSON-ready dict. Many images: `caption_batch`.
 
         image: path, PIL image, uint8 array or an already tiled `TiledImage`; masks: paths, PIL images or
         arrays (nonzero = inside), one per region. More than `prompt_numbers` (6) masks are captioned in
         chunks of 6 in descending-area order, one denoising pass per chunk (captions within a chunk depend on
-        each other). `gen_length` / `steps` default to the checkpoint's (`self.sampler`), as in pdlm-infer;
-        `steps` may not exceed k·gen_length for the smallest chunk's k. Greedy (temperature 0)
-        reproduces the reference; temperature > 0 samples with `seed` (chunk c uses seed + c) and `top_p`
-        nucleus filtering (the reference ignores top_p). Inputs over `self.limits` (positions, masks, pixels)
-        raise PDLMError (`TooLarge` for pixels) before any image is decoded or program compiled.
+        each other). `question`: the region prompt. Inputs over `self.limits` (positions, masks, pixels) raise
+        PDLMError (`TooLarge` for pixels) before any image is decoded or program compiled.
 
-        `masks` is required (its default only serves the error for a call without it). `cache` / `unmask` select
-        the opt-in fast modes
-        (`pipeline.Mode.parse`: "prefix", "prefix:R", "threshold:0.9"); the default is the reference's sampler.
+        Generation: `settings` (else the checkpoint's, `self.defaults`) with `overrides` over them (`self.settings`:
+        gen_length, steps, temperature, top_p, seed, cache, unmask, mode). `steps` may not exceed k·gen_length
+        for the smallest chunk's k. Greedy (temperature 0) reproduces the reference; temperature > 0 samples with
+        `seed` (chunk c uses seed + c) and `top_p` nucleus filtering (the reference ignores top_p). `cache` /
+        `unmask` select the opt-in fast modes (`generation.Mode.parse`: "prefix", "prefix:R", "threshold:0.9");
+        the default is the reference's sampler.
+
+        `masks` is required (its default only serves the error for a call without it).
 
         Result: {"regions": [one record per mask, in the order given: index, caption, token_ids (its
         gen_length generated ids), bbox (normalised x_min, y_min, x_max, y_max of the inclusive pixel
-        extents, as the reference), prompt_id, area, chunk], "image": {width, height, grid, tiles}, the
-        settings, "mode", "parser", "seconds" (wall time of the call, compilation included),
-        "compile_seconds", "forwards" (LM forward passes, all chunks), "tokens_per_forward" (generated tokens /
-        forwards), "warnings" (e.g. a mask of another size than the image, resized as the reference does)}.
-        `reference_parser=True` takes captions from the reference demo's string parser (SPEC §10)
-        instead of decoding each block's own tokens without special tokens.
+        extents, as the reference), prompt_id, area, chunk], "image": {width, height, grid, tiles},
+        the settings (`GenerationSettings.record`), "question", "parser", "seconds" (wall time of the call,
+        compilation included), "compile_seconds", "forwards" (LM forward passes, all chunks),
+        "tokens_per_forward" (generated tokens / forwards), "warnings" (e.g. a mask of another size than the
+        image, resized as the reference does)}. `reference_parser=True` takes captions from the reference demo's
+        string parser (SPEC §10) instead of decoding each block's own tokens without special tokens.
 
         `history=True` adds "history": the slot tokens after every forward, one entry per forward (all chunks
         in turn), each a list with every region's gen_length ids in input order (the mask id where a slot is
         still masked; regions of later chunks are all masks); its last entry equals the final token_ids.
         """
-        settings = dict(gen_length=gen_length, steps=steps, temperature=temperature, top_p=top_p, question=question,
-                        seed=seed, reference_parser=reference_parser, cache=cache, unmask=unmask,
-                        batch_size=batch_size, history=history)
         if masks is None:
             raise PDLMError("caption_regions(image, masks) captions one image and needs its masks; to caption a "
                             "list of (image, masks) pairs call caption_batch(items), which returns one result each")
-        return self.caption_batch([(image, masks)], **settings)[0]
+        return self.caption_batch([(image, masks)], settings, question=question, reference_parser=reference_parser,
+                                  batch_size=batch_size, history=history, **overrides)[0]
 
     def caption_batch(self, items: Sequence[tuple[ImageInput | TiledImage, Sequence[MaskInput]]],
-                      gen_length: int | None = None, steps: int | None = None, temperature: float = 0.0,
-                      top_p: float = 1.0,
-                      question: str = DEFAULT_QUESTION, seed: int = 0, reference_parser: bool = False,
-                      cache: str = "none", unmask: str = "remask", batch_size: int | None = None,
-                      history: bool = False) -> list[dict]:
+                      settings: GenerationSettings | None = None, *, question: str = DEFAULT_QUESTION,
+                      reference_parser: bool = False, batch_size: int | None = None, history: bool = False,
+                      **overrides) -> list[dict]:
         """Caption many images: one result per (image, masks) pair, each as `caption_regions` gives it alone.
 
         The passes (chunks) of all images are grouped by bucket; the passes of one bucket run together as the
@@ -173,9 +146,8 @@ class RegionCaptioner:
         the image's passes.
         """
         start = time.perf_counter()
-        gen_length = self.sampler["gen_length"] if gen_length is None else gen_length
-        steps = self.sampler["steps"] if steps is None else steps
-        mode = pipeline.Mode.parse(cache, unmask)
+        settings = self.settings(settings, **overrides)
+        gen_length = settings.gen_length
         if batch_size is not None and (not isinstance(batch_size, numbers.Integral) or batch_size < 1):
             raise PDLMError(f"batch_size must be a positive integer, got {batch_size!r}")
         per_pass = self.cfg.region.prompt_numbers
@@ -184,7 +156,7 @@ class RegionCaptioner:
             raise PDLMError("caption_batch takes a list of (image, masks) pairs; for one image call "
                             "caption_regions(image, masks)")
         for image, masks in items:
-            check_settings(gen_length, steps, temperature, top_p, len(masks), per_pass)
+            settings.check_regions(len(masks), per_pass)
             size = image.size if isinstance(image, TiledImage) else self.limits.check_image(image)
             for j, mask in enumerate(masks):
                 self.limits.check_image(mask, f"mask {j}")
@@ -202,8 +174,8 @@ class RegionCaptioner:
                 members = sorted(int(j) for j in order[c:c + per_pass])
                 prep = prepare_regions(tiled, [loaded[j] for j in members], self.tokenizer, self.cfg, gen_length,
                                        question)
-                bucket = pipeline.choose_bucket(prep.pixel_values.shape[0], len(members), gen_length,
-                                                prep.layout.length, per_pass, temperature, top_p, mode)
+                bucket = pipeline.choose_bucket(prep.pixel_values.shape[0], len(members), prep.layout.length,
+                                                per_pass, settings)
                 passes.append(_Pass(len(passes), i, c // per_pass, members, prep, bucket))
 
         compile_seconds = 0.0
@@ -213,9 +185,8 @@ class RegionCaptioner:
         for bucket, group in groups.items():
             size = batch_size or len(group)
             for b in range(0, len(group), size):
-                compile_seconds += self._run(group[b:b + size],
-                                             dataclasses.replace(bucket, batch=size, history=history), steps, mode,
-                                             temperature, top_p, seed, len(passes))
+                batch = dataclasses.replace(bucket, batch=size, history=history)
+                compile_seconds += self._run(group[b:b + size], batch, settings, len(passes))
 
         results = []
         for i, (tiled, num_masks, notes) in enumerate(images):
@@ -234,8 +205,7 @@ class RegionCaptioner:
                 "regions": records,
                 "image": {"width": tiled.size[0], "height": tiled.size[1], "grid": list(tiled.grid),
                           "tiles": tiled.num_tiles},
-                "gen_length": gen_length, "steps": steps, "temperature": temperature, "top_p": top_p,
-                "question": question, "seed": seed, "mode": mode.name,
+                **settings.record(), "question": question,
                 "parser": "reference" if reference_parser else "blocks",
                 "seconds": time.perf_counter() - start,
                 "compile_seconds": compile_seconds,
@@ -247,18 +217,21 @@ class RegionCaptioner:
                 results[-1]["history"] = self._history(mine, num_masks, gen_length).tolist()
         return results
 
-    def _run(self, group: list[_Pass], bucket: pipeline.Bucket, steps: int, mode: pipeline.Mode,
-             temperature: float, top_p: float, seed: int, total: int) -> float:
+    def _run(self, group: list[_Pass], bucket: pipeline.Bucket, settings: GenerationSettings, total: int) -> float:
         """Run the passes of one bucket as the rows of one call; fills their tokens; returns compile seconds."""
-        rows = [pipeline.pass_inputs(p.prep, bucket, self.cfg, self.tokenizer.special.eot, seed + p.chunk)
+        rows = [pipeline.pass_inputs(p.prep, bucket, self.cfg, self.tokenizer.special.eot, settings.seed + p.chunk)
                 for p in group]
-        schedules = [(p.prep.layout.num_regions * bucket.gen_length, steps) for p in group]
-        inputs = pipeline.batch_inputs(rows, schedules, bucket, mode, temperature, top_p)
-        tokens, forwards, compile_seconds, *history = self.program.run(bucket, inputs)
+        schedules = [(p.prep.layout.num_regions * bucket.gen_length, settings.steps) for p in group]
+        inputs = pipeline.batch_inputs(rows, schedules, bucket, settings)
+        (tokens, forwards, *history), compile_seconds = self.program.run(bucket, inputs)
+        shape = (bucket.batch, bucket.regions, bucket.gen_length)
+        tokens, forwards = np.asarray(tokens).reshape(shape), int(forwards)
+        if bucket.history:  # the slot tokens after each forward
+            history = np.asarray(history[0])[:forwards].reshape(forwards, *shape)
         for row, (p, t) in enumerate(zip(group, tokens)):
             p.tokens, p.forwards = t[:p.prep.layout.num_regions], forwards
-            if history:
-                p.history = history[0][:, row, :p.prep.layout.num_regions]
+            if bucket.history:
+                p.history = history[:, row, :p.prep.layout.num_regions]
             log.info("pass %d/%d: %d region(s), %d forwards%s", p.number + 1, total, len(p.members), forwards,
                      f" (batch of {len(group)})" if bucket.batch > 1 else "")
         if compile_seconds:
@@ -289,9 +262,10 @@ class RegionCaptioner:
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
 
-# What `load` returns: the checkpoint's kind decides which. The two share cfg, tokenizer, mesh and limits, but
-# not their methods (caption_regions/caption_batch vs answer); a caller that needs one kind says so with
-# `captioner(handle)` or `answerer(handle)`, which raise a clear PDLMError for the other kind.
+# What `load` returns: the checkpoint's kind decides which. Both are `ModelHandle`s (cfg, tokenizer, limits,
+# generation settings, compiled program), but their methods differ (caption_regions/caption_batch vs answer);
+# a caller that needs one kind says so with `captioner(handle)` or `answerer(handle)`, which raise a clear
+# PDLMError for the other kind.
 Handle = RegionCaptioner | QuestionAnswerer
 
 
@@ -338,8 +312,7 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     A checkpoint whose files are damaged (a truncated or missing array file, a wrong dtype or shape on
     disk) raises PDLMError naming it, before any weight is used.
     """
-    from pdlm_jax.checkpoint import (SAMPLER_FILE, load_config, params_metadata, read_sampler, restore_params,
-                                     sampler_defaults, tokenizer_path)
+    from pdlm_jax.checkpoint import load_config, params_metadata, read_sampler, restore_params, tokenizer_path
     from pdlm_jax.files import local_directory
     from pdlm_jax.trees import nest
 
@@ -365,7 +338,6 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
         quantize_lib.check_mode(quantize)
     cfg, tree = restore_params(checkpoint_dir, dtype=DTYPES[dtype], shardings=shardings)
     tokenizer = Tokenizer(tokenizer_path(checkpoint_dir), base=cfg.is_base)
-    sampler_source = checkpoint_dir
     if adapter is not None:
         from pdlm_jax import lora
         lora_cfg, adapters = lora.load_adapter(adapter, cfg)
@@ -374,19 +346,18 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
         tree = lora.merge(tree, adapters, lora_cfg)
         if (Path(adapter) / "tokenizer.json").exists():
             tokenizer = Tokenizer(Path(adapter) / "tokenizer.json", base=cfg.is_base)
-        if (Path(adapter) / SAMPLER_FILE).exists():
-            sampler_source = adapter
     if compilation_cache is not None:
         compilation_cache_lib.enable(compilation_cache)
     model = from_tree(cfg, tree, dtype=DTYPES[dtype],
                       attention_implementation=attention_implementation(attention, DTYPES[dtype]))
     limits = Limits(cfg, tokenizer, position_budget(checkpoint_dir))
+    sampler = read_sampler(sampler_source(checkpoint_dir, adapter))
     if cfg.is_base:  # PerceptionDLM-Base: question answering (pdlm_jax.answering)
-        return QuestionAnswerer(cfg, model, tokenizer, mesh, defaults=read_sampler(sampler_source), limits=limits)
+        return QuestionAnswerer(cfg, model, tokenizer, mesh, sampler, limits)
     trace = None
     if quantize is not None:
         model, trace = quantize_lib.quantize_model(model, quantize)
-    return RegionCaptioner(cfg, model, tokenizer, mesh, sampler_defaults(sampler_source), trace, limits)
+    return RegionCaptioner(cfg, model, tokenizer, mesh, sampler, limits, trace)
 
 
 def load_random(cfg: PDLMConfig | str, tokenizer_dir: str | Path, dtype: str = "bfloat16", seed: int = 0,

@@ -334,7 +334,3 @@ def read_sampler(ckpt_dir: str | Path) -> dict:
         check_remasking(values["remasking"], f"{ckpt_dir}/{SAMPLER_FILE}")
     return values
 
-
-def sampler_defaults(ckpt_dir: str | Path) -> dict:
-    """Generation length and steps suited to a checkpoint (its `sampler.json`), else the reference's 32/32."""
-    return {"gen_length": SamplerConfig.gen_length, "steps": SamplerConfig.steps, **read_sampler(ckpt_dir)}

@@ -133,7 +133,7 @@ class Limits:
 
     def check_caption(self, num_masks: int, gen_length: int, question: str,
                       image_size: tuple[int, int] | None = None) -> None:
-        """Mask count and positions of a region request (steps: `api.check_settings`)."""
+        """Mask count and positions of a region request (steps: `GenerationSettings.check_regions`)."""
         per_pass = self.cfg.region.prompt_numbers
         if num_masks > self.max_masks:
             raise PDLMError(f"{num_masks} masks, over the limit of {self.max_masks} per image (max_masks / "

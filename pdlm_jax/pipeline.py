@@ -2,7 +2,7 @@
 
 Host code (`pdlm_jax.regions`) turns an image and ≤ prompt_numbers masks into fixed-shape arrays (one *row*:
 the model's `RegionBatch` and the caption slots, `PassInputs`); this module pads rows to a `Bucket`, stacks the
-rows of one bucket into a batch, compiles the program once per bucket and runs it:
+rows of one bucket into a batch; `caption_program` compiles it once per bucket (`programs.Program`):
 
     per row: vision tower + projector (once per image) → RoI replay → embedding assembly
     (`PerceptionDLM.embed_inputs`, as in training) → structured mask; then the denoising loop over the whole batch (`sampling`), each step
@@ -10,11 +10,11 @@ rows of one bucket into a batch, compiles the program once per bucket and runs i
 
 Buckets: the tile count T is exact (it fixes the vision work); the region count is padded up to
 `REGION_BUCKETS` (padded regions have no mask patches, no sequence positions and no valid slots, so they
-are no-ops); the sequence is right-padded to a multiple of `LENGTH_MULTIPLE` (padded keys are masked out);
+are no-ops); the sequence is right-padded to a multiple of `programs.LENGTH_MULTIPLE` (padded keys are masked out);
 the batch size is static. The tile grid, schedules, temperature, top-p, seeds and the fast-mode knobs are
 runtime values, so images of the same bucket reuse the compiled program.
 
-Modes (`Mode`): the default reproduces the reference. `cache="prefix"` keeps the keys/values of every
+Modes (`generation.Mode`): the default reproduces the reference. `cache="prefix"` keeps the keys/values of every
 position from the last full forward (refreshed every `refresh` steps, else only at step 0) and runs the other
 steps over the caption rows only — approximate, because in the reference the prefix rows also attend to the
 captions (SPEC §8.6). `unmask="threshold"` is the confidence-threshold sampler (`sampling.denoise_threshold`).
@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
-import time
 from typing import Callable
 
 import jax
@@ -36,103 +34,16 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from pdlm_jax import sampling, sharding
+from pdlm_jax import sampling
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.generation import EXACT, GenerationSettings, Mode
 from pdlm_jax.modeling.llada import put_rows, take_rows
+from pdlm_jax.programs import Program, padded_length
 from pdlm_jax.region_batch import RegionBatch, stack
 from pdlm_jax.regions.prepare import PreparedRegions
 
-log = logging.getLogger(__name__)
-
 REGION_BUCKETS = (1, 2, 4, 6)
-LENGTH_MULTIPLE = 64
-_NEVER = 2**30  # prefix refresh period meaning "only at step 0"
-
-
-@dataclasses.dataclass(frozen=True)
-class Mode:
-    """How the denoising loop runs; the default is the reference's exact sampler.
-
-    cache: "none" (full forward every step) or "prefix" (see the module docstring); refresh: recompute the
-    prefix keys/values every `refresh` steps (None = only at step 0; 1 = every step, i.e. exact).
-    unmask: "remask" (the reference's low-confidence re-masking schedule) or "threshold" (commit every slot
-    with p > `threshold`, at least one per caption block per step).
-    """
-
-    cache: str = "none"
-    refresh: int | None = None
-    unmask: str = "remask"
-    threshold: float = 0.9
-
-    def __post_init__(self):
-        if self.cache not in ("none", "prefix"):
-            raise PDLMError(f"cache mode must be 'none' or 'prefix[:R]', got {self.cache!r}")
-        if self.unmask not in ("remask", "threshold"):
-            raise PDLMError(f"unmask mode must be 'remask' or 'threshold:TAU', got {self.unmask!r}")
-        if self.refresh is not None and self.refresh < 1:
-            raise PDLMError(f"prefix refresh period must be a positive number of steps, got {self.refresh}")
-        if not 0 < self.threshold < 1:
-            raise PDLMError(f"unmask threshold must be in (0, 1), got {self.threshold}")
-
-    @classmethod
-    def parse(cls, cache: str = "none", unmask: str = "remask") -> "Mode":
-        """From the CLI spellings: cache 'none' | 'prefix' | 'prefix:R'; unmask 'remask' | 'threshold:TAU'."""
-        cache_name, _, refresh = str(cache).partition(":")
-        unmask_name, _, tau = str(unmask).partition(":")
-        try:
-            return cls(cache=cache_name, refresh=int(refresh) if refresh else None, unmask=unmask_name,
-                       threshold=float(tau) if tau else cls.threshold)
-        except ValueError:
-            raise PDLMError(f"cannot parse cache {cache!r} / unmask {unmask!r}; use e.g. 'prefix:4' and "
-                            "'threshold:0.9'") from None
-
-    @classmethod
-    def from_name(cls, name: str) -> "Mode":
-        """The inverse of `name`: 'exact', or 'prefix[:R]' and/or 'threshold[:TAU]' joined by '+'."""
-        parts = {}
-        for part in ([] if name == "exact" else str(name).split("+")):
-            kind = part.partition(":")[0]
-            if kind not in ("prefix", "threshold") or kind in parts:
-                raise PDLMError(f"{name!r} is not a sampler mode: use exact, prefix[:R], threshold[:TAU] or "
-                                "prefix[:R]+threshold[:TAU]")
-            parts[kind] = part
-        return cls.parse(parts.get("prefix", "none"), parts.get("threshold", "remask"))
-
-    @property
-    def arguments(self) -> dict[str, str]:
-        """The `cache` and `unmask` spellings of this mode (`caption_regions` arguments; `parse` reads them)."""
-        return {"cache": "none" if self.cache == "none" else "prefix" + (f":{self.refresh}" if self.refresh else ""),
-                "unmask": "remask" if self.unmask == "remask" else f"threshold:{self.threshold!r}"}
-
-    @property
-    def static(self) -> "Mode":
-        """What a compiled program depends on: the kinds of cache and unmasking. The refresh period and the
-        threshold are runtime inputs (`batch_inputs`), so they are left at their defaults."""
-        return Mode(cache=self.cache, unmask=self.unmask)
-
-    @property
-    def exact(self) -> bool:
-        return self.cache == "none" and self.unmask == "remask"
-
-    def forward_split(self, forwards: int) -> tuple[int, int]:
-        """(full forwards, caption-rows-only forwards) of a pass that ran `forwards` forwards."""
-        if self.cache != "prefix":
-            return forwards, 0
-        full = -(-forwards // self.refresh) if self.refresh else 1
-        return full, forwards - full
-
-    @property
-    def name(self) -> str:
-        parts = []
-        if self.cache == "prefix":
-            parts.append("prefix" + (f":{self.refresh}" if self.refresh else ""))
-        if self.unmask == "threshold":
-            parts.append(f"threshold:{self.threshold:g}")
-        return "+".join(parts) or "exact"
-
-
-EXACT = Mode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,14 +80,13 @@ class Bucket:
         return self.regions * (self.gen_length + 2)
 
 
-def choose_bucket(num_tiles: int, num_regions: int, gen_length: int, length: int, prompt_numbers: int,
-                  temperature: float, top_p: float, mode: Mode = EXACT) -> Bucket:
+def choose_bucket(num_tiles: int, num_regions: int, length: int, prompt_numbers: int,
+                  settings: GenerationSettings) -> Bucket:
     sizes = [r for r in REGION_BUCKETS if r < prompt_numbers] + [prompt_numbers]
     regions = next(r for r in sizes if r >= num_regions)
-    sample = temperature > 0
-    return Bucket(tiles=num_tiles, regions=regions, gen_length=gen_length,
-                  length=-(-length // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, sample=sample,
-                  nucleus=sample and top_p < 1.0, mode=mode.static)
+    sample = settings.temperature > 0
+    return Bucket(tiles=num_tiles, regions=regions, gen_length=settings.gen_length, length=padded_length(length),
+                  sample=sample, nucleus=sample and settings.top_p < 1.0, mode=settings.mode.static)
 
 
 @struct.dataclass
@@ -225,8 +135,8 @@ def pass_inputs(prep: PreparedRegions, bucket: Bucket, cfg: PDLMConfig, pad_id: 
     )
 
 
-def batch_inputs(rows: list[PassInputs], schedules: list[tuple[int, int]], bucket: Bucket, mode: Mode,
-                 temperature: float, top_p: float) -> ProgramInputs:
+def batch_inputs(rows: list[PassInputs], schedules: list[tuple[int, int]], bucket: Bucket,
+                 settings: GenerationSettings) -> ProgramInputs:
     """Stack `rows` (from `pass_inputs`, one (N, S) schedule each) into the `bucket.batch` rows of one call.
 
     Missing rows repeat the last one with no valid slot (and a zero schedule), so they change nothing.
@@ -240,10 +150,10 @@ def batch_inputs(rows: list[PassInputs], schedules: list[tuple[int, int]], bucke
         rows=stack(list(rows) + [filler] * padding),
         counts=counts,
         num_forwards=np.int32(forwards),
-        temperature=np.float32(temperature),
-        top_p=np.float32(top_p),
-        refresh=np.int32(mode.refresh or _NEVER),
-        threshold=np.float32(mode.threshold),
+        temperature=np.float32(settings.temperature),
+        top_p=np.float32(settings.top_p),
+        refresh=np.int32(settings.mode.refresh_period),
+        threshold=np.float32(settings.mode.threshold),
     )
 
 
@@ -298,67 +208,10 @@ def _caption_pass(graphdef, state, x: ProgramInputs, *, mask_id: int, bucket: Bu
     return sampling.denoise(logits_fn, rows.slot_valid, x.counts, x.num_forwards, sampler, carry)
 
 
-class CaptionProgram:
-    """Compiled passes of one model, one executable per bucket (ahead-of-time compiled, kept in memory).
+def caption_program(model: nnx.Module | tuple, mask_id: int, mesh: Mesh | None = None,
+                    trace: Callable[[Callable], Callable] | None = None) -> Program:
+    """The captioning pass of `model` as a `Program` (one executable per `Bucket`; it takes `ProgramInputs`).
 
-    With a `mesh`, the model's parameters must already be placed in their shardings (`api.load(mesh=...)`).
-    """
-
-    def __init__(self, model: nnx.Module | tuple, mask_id: int, mesh: Mesh | None = None,
-                 trace: Callable[[Callable], Callable] | None = None):
-        # or an already split (graphdef, state): pdlm-aot's abstract int8 model would not survive a merge + split
-        self.graphdef, self.state = model if isinstance(model, tuple) else nnx.split(model)
-        self.mask_id, self.mesh = mask_id, mesh
-        self.trace = trace  # wraps the tracing of each program (qwix interception for a quantized model)
-        self._compiled: dict[Bucket, jax.stages.Compiled] = {}
-
-    @property
-    def num_compiled(self) -> int:
-        return len(self._compiled)
-
-    @property
-    def executables(self) -> dict[Bucket, jax.stages.Compiled]:
-        """The compiled programs so far, by bucket (e.g. for XLA's memory and cost analyses)."""
-        return dict(self._compiled)
-
-    def input_sharding(self, value) -> jax.sharding.NamedSharding:
-        """An input's place on the mesh: leading batch axis over ('data', 'fsdp') where it divides, else replicated."""
-        return sharding.batch_sharding(self.mesh, value.shape) if np.ndim(value) else sharding.replicated(self.mesh)
-
-    def place(self, inputs: ProgramInputs) -> ProgramInputs:
-        """Inputs on the mesh (`input_sharding`)."""
-        if self.mesh is None:
-            return inputs
-        return jax.tree.map(lambda v: jax.device_put(v, self.input_sharding(v)), inputs)
-
-    def compiled(self, bucket: Bucket, inputs: ProgramInputs) -> tuple[jax.stages.Compiled, float]:
-        """The executable for `bucket` and the seconds spent compiling it now (0 when cached)."""
-        if bucket in self._compiled:
-            return self._compiled[bucket], 0.0
-        log.info("compiling the captioning program for %s (once per bucket)", bucket)
-        start = time.perf_counter()
-        self._compiled[bucket] = self.lower(bucket, inputs).compile()
-        return self._compiled[bucket], time.perf_counter() - start
-
-    def lower(self, bucket: Bucket, inputs: ProgramInputs) -> jax.stages.Lowered:
-        """The pass of `bucket` traced and lowered for these inputs (abstract ones will do: `pdlm-aot` plans with
-        it), not compiled."""
-        fn = jax.jit(functools.partial(_caption_pass, self.graphdef, mask_id=self.mask_id, bucket=bucket),
-                     out_shardings=None if self.mesh is None else sharding.replicated(self.mesh))
-        lower = lambda: fn.lower(self.state, inputs)  # noqa: E731
-        return self.trace(lower)() if self.trace else lower()
-
-    def run(self, bucket: Bucket, inputs: ProgramInputs) -> tuple[np.ndarray, int, float]:
-        """Slot tokens (batch, regions, G) int32, forwards run, compile seconds.
-
-        With `bucket.history` a fourth result: the slot tokens after each forward, (forwards, batch, regions, G).
-        """
-        inputs = self.place(inputs)
-        exe, compile_seconds = self.compiled(bucket, inputs)
-        tokens, forwards, *history = exe(self.state, inputs)
-        shape = (bucket.batch, bucket.regions, bucket.gen_length)
-        tokens, forwards = np.asarray(jax.device_get(tokens)).reshape(shape), int(forwards)
-        if bucket.history:
-            return tokens, forwards, compile_seconds, np.asarray(jax.device_get(history[0]))[:forwards].reshape(
-                forwards, *shape)
-        return tokens, forwards, compile_seconds
+    Its outputs: slot tokens (batch, regions·G) int32 and the forwards run; with `bucket.history`, also the slot
+    tokens after each forward."""
+    return Program("captioning", functools.partial(_caption_pass, mask_id=mask_id), model, mesh, trace)

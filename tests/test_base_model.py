@@ -76,7 +76,7 @@ def test_prompt_and_vision_match_the_reference(handle):
     np.testing.assert_array_equal(prep.tiled.tiles_uint8, tensors["tiles_uint8"])
     from flax import nnx
 
-    model = nnx.merge(handle.graphdef, handle.state)
+    model = nnx.merge(handle.program.graphdef, handle.program.state)
     vision = np.asarray(model.encode_tiles(prep.tiled.pixel_values))
     np.testing.assert_allclose(vision, tensors["vision_embeds"], atol=1e-5, rtol=1e-5)
 
@@ -220,7 +220,7 @@ def _child(checkpoint: str, cli_output: str) -> list[dict]:
     out = []
     for mesh, cache in MESHES[1:]:
         handle = pdlm_jax.load(checkpoint, mesh=mesh)
-        q = handle.state["lm"]["layers"]["attn"]["q"]["kernel"][...]
+        q = handle.program.state["lm"]["layers"]["attn"]["q"]["kernel"][...]
         result = handle.answer(image, oracle["question"], cache=cache, **s)
         out.append(dict(mesh=mesh, cache=cache, token_ids=result["token_ids"], q_spec=list(q.sharding.spec)))
     return out

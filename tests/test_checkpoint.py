@@ -110,14 +110,14 @@ def test_checkpoint_writer_layout_and_atomic_swap(tmp_path, reference):
         write(dst, fail=True)
     assert list(tmp_path.iterdir()) == []  # nothing half-written is left behind
     write(dst, sampler=SamplerConfig(gen_length=4, steps=2))
-    assert checkpoint.sampler_defaults(dst)["gen_length"] == 4 and checkpoint.tokenizer_path(dst).exists()
+    assert checkpoint.read_sampler(dst)["gen_length"] == 4 and checkpoint.tokenizer_path(dst).exists()
     provenance = json.loads((dst / checkpoint.PROVENANCE_FILE).read_text())
     assert provenance["producer"] == "test" and {"date", "pdlm_jax_version"} <= set(provenance)
     with pytest.raises(PDLMError, match="already exists.*--force"):
         write(dst)
     with pytest.raises(RuntimeError):  # a failed replacement keeps the old checkpoint
         write(dst, fail=True, force=True)
-    assert checkpoint.sampler_defaults(dst)["gen_length"] == 4
+    assert checkpoint.read_sampler(dst)["gen_length"] == 4
     write(dst, force=True)
     assert not (dst / checkpoint.SAMPLER_FILE).exists() and [p.name for p in tmp_path.iterdir()] == ["out"]
     _, params = checkpoint.restore_params(dst)
@@ -133,6 +133,6 @@ def test_remasking_is_read_and_checked(tmp_path):
         SamplerConfig(remasking="random")
     (tmp_path / checkpoint.SAMPLER_FILE).write_text(json.dumps({"gen_length": 8, "remasking": "random"}))
     with pytest.raises(PDLMError, match=f"{tmp_path / checkpoint.SAMPLER_FILE}: remasking 'random'"):
-        checkpoint.sampler_defaults(tmp_path)
+        checkpoint.read_sampler(tmp_path)
     (tmp_path / checkpoint.SAMPLER_FILE).write_text(json.dumps({"gen_length": 8, "remasking": "low_confidence"}))
-    assert checkpoint.sampler_defaults(tmp_path) == {"gen_length": 8, "steps": 32, "remasking": "low_confidence"}
+    assert checkpoint.read_sampler(tmp_path) == {"gen_length": 8, "remasking": "low_confidence"}

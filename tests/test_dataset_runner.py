@@ -42,9 +42,9 @@ class FakeCaptioner:
         self.modes: list[tuple[str, str]] = []  # (cache, unmask) of each pass
         self.batches: list[tuple[int, int | None]] = []  # (images, batch_size) of each caption_batch call
 
-    def caption_batch(self, items, gen_length=32, steps=32, temperature=0.0, top_p=1.0,
-                      question="Describe each masked region in detail.", seed=0, reference_parser=False,
-                      cache="none", unmask="remask", batch_size=None):
+    def caption_batch(self, items, settings, question="Describe each masked region in detail.",
+                      reference_parser=False, batch_size=None):
+        gen_length, steps, seed = settings.gen_length, settings.steps, settings.seed
         if self.hang_after is not None and len(self.batches) >= self.hang_after:
             threading.Event().wait()
         self.batches.append((len(items), batch_size))
@@ -60,7 +60,7 @@ class FakeCaptioner:
                 chunk_areas = [areas[j] for j in chunk]
                 self.calls.append((id(image), chunk_areas))
                 self.seeds.append(seed + c)
-                self.modes.append((cache, unmask))
+                self.modes.append((settings.mode.arguments["cache"], settings.mode.arguments["unmask"]))
                 for rank, j in enumerate(chunk):
                     regions[j] = {"caption": f"area {areas[j]} in chunk {chunk_areas}", "prompt_id": rank,
                                   "chunk": c, "token_ids": [areas[j] % 400, len(chunk)] * (gen_length // 2)}

@@ -16,7 +16,7 @@ from helpers import fixture_config, fixture_dir, fixture_oracle, fixture_tensors
 from pdlm_jax import PDLMError, sampling
 from pdlm_jax.api import RegionCaptioner
 from pdlm_jax.modeling.pdm import from_tree
-from pdlm_jax.pipeline import Mode
+from pdlm_jax.generation import GenerationSettings, Mode
 from pdlm_jax.regions.tokenizer import Tokenizer
 
 
@@ -149,9 +149,10 @@ def test_one_mode_description(name, split):
 
     mode = Mode.from_name(name)
     assert mode.name == name and Mode.parse(**mode.arguments) == mode and parse_mode(name) == mode
-    bucket = choose_bucket(7, 2, 8, 100, 6, 0.0, 1.0, mode)
+    bucket = choose_bucket(7, 2, 100, 6, GenerationSettings(gen_length=8, steps=8, mode=mode))
     assert (bucket.prefix, bucket.threshold) == (mode.cache == "prefix", mode.unmask == "threshold")
-    assert bucket == choose_bucket(7, 2, 8, 100, 6, 0.0, 1.0, Mode(mode.cache, None, mode.unmask))
+    assert bucket == choose_bucket(7, 2, 100, 6, GenerationSettings(gen_length=8, steps=8,
+                                                                    mode=Mode(mode.cache, None, mode.unmask)))
     assert mode.forward_split(7) == split  # steps 0, R, 2R, ... are full forwards
     assert Mode.from_name("threshold") == Mode(unmask="threshold", threshold=0.9)
     with pytest.raises(PDLMError, match=r"'prefix\+prefix' is not a sampler mode"):

@@ -9,7 +9,8 @@ from PIL import Image
 from infer.cli import main as infer_main
 from infer.visualize import MASKED, NEW, REMASKED, steps_grid
 from pdlm_jax.asset_paths import DEMO_MODEL, DEMO_SCENE
-from pdlm_jax.checkpoint import sampler_defaults, tokenizer_path
+from pdlm_jax.checkpoint import tokenizer_path
+from pdlm_jax.generation import for_checkpoint
 from pdlm_jax.regions.tokenizer import Tokenizer
 from pdlm_jax.sampling import remask_counts
 
@@ -22,7 +23,7 @@ def test_history_spans_every_chunk_and_ends_with_the_tokens(tmp_path):
                        "--visualize-steps", str(picture), "--quiet"]) == 0
     result = json.loads(out.read_text())
     history, regions = result["history"], result["regions"]
-    G, S = (sampler_defaults(DEMO_MODEL)[k] for k in ("gen_length", "steps"))
+    G, S = for_checkpoint(DEMO_MODEL).gen_length, for_checkpoint(DEMO_MODEL).steps
     first, second_pass = remask_counts(6 * G, S), remask_counts(G, S)
     assert len(history) == result["forwards"] == len(first) + len(second_pass)
     assert history[-1] == [r["token_ids"] for r in regions]

@@ -79,7 +79,7 @@ def test_base_answer_limits(converted):
         base.answer(image, "What is in the picture?", gen_length=100_000, block_length=100_000, steps=100_000)
     with pytest.raises(PDLMError, match="steps=1000000 is over the limit"):
         base.answer(image, "What is in the picture?", gen_length=8, block_length=8, steps=1_000_000)
-    assert base._compiled == {}
+    assert base.num_compiled == 0
 
 
 def test_cli_over_limit_is_one_line_before_loading(capsys, converted):

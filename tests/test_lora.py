@@ -131,7 +131,7 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_exports(tmp_path):
     assert json.loads((full["export"] / "sampler.json").read_text())["gen_length"] == 2
     scene = synthetic.make_scene(5, 0, num_shapes=2)
     merged = pdlm_jax.load(full["export"], dtype="float32", compilation_cache=cache).caption_regions(
-        scene.image, scene.masks, 2, 2)
+        scene.image, scene.masks, gen_length=2, steps=2)
     _, merged_params = restore_params(full["export"], dtype=np.float32)
     spec, adapters = lora.load_adapter(adapter, cfg)
     np.testing.assert_allclose(flatten(merged_params)["lm/layers/mlp/up/kernel"],

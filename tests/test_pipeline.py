@@ -14,7 +14,8 @@ from PIL import Image
 
 from helpers import FIXTURE_NAMES, fixture_config, fixture_dir, fixture_oracle, fixture_tensors, load_reference_tree
 from pdlm_jax import PDLMError
-from pdlm_jax.api import RegionCaptioner, check_settings, reference_captions
+from pdlm_jax.api import RegionCaptioner, reference_captions
+from pdlm_jax.generation import GenerationSettings
 from pdlm_jax.modeling.pdm import from_tree
 from pdlm_jax.pipeline import choose_bucket
 from pdlm_jax.regions.prepare import prepare_regions
@@ -184,10 +185,10 @@ def test_bad_settings(kwargs, message):
 
 
 def test_steps_limit_uses_the_smallest_chunk():
-    check_settings(8, 48, num_masks=6)
-    check_settings(8, 8, num_masks=7)
+    GenerationSettings(gen_length=8, steps=48).check_regions(6, 6)
+    GenerationSettings(gen_length=8, steps=8).check_regions(7, 6)
     with pytest.raises(PDLMError, match="1-region pass"):
-        check_settings(8, 9, num_masks=7)
+        GenerationSettings(gen_length=8, steps=9).check_regions(7, 6)
 
 
 def test_bad_inputs(tmp_path):
@@ -208,7 +209,10 @@ def test_bad_inputs(tmp_path):
 
 
 def test_bucket_choice():
-    b = choose_bucket(7, 3, 8, 130, 6, 0.0, 1.0)
+    def settings(temperature, top_p):
+        return GenerationSettings(gen_length=8, steps=8, temperature=temperature, top_p=top_p)
+
+    b = choose_bucket(7, 3, 130, 6, settings(0.0, 1.0))
     assert (b.tiles, b.regions, b.gen_length, b.length, b.sample, b.nucleus) == (7, 4, 8, 192, False, False)
-    assert choose_bucket(7, 5, 8, 128, 6, 0.5, 0.9).regions == 6
-    assert choose_bucket(1, 1, 8, 64, 6, 0.5, 1.0).nucleus is False
+    assert choose_bucket(7, 5, 128, 6, settings(0.5, 0.9)).regions == 6
+    assert choose_bucket(1, 1, 64, 6, settings(0.5, 1.0)).nucleus is False

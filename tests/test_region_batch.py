@@ -15,6 +15,7 @@ from PIL import Image
 from pdlm_jax import pipeline
 from pdlm_jax.config import preset
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.generation import GenerationSettings
 from pdlm_jax.modeling.pdm import PerceptionDLM
 from pdlm_jax.region_batch import RegionBatch, stack
 from pdlm_jax.regions.prepare import prepare_regions
@@ -51,8 +52,8 @@ def test_inference_and_training_embed_a_record_alike(model, tokenizer, record):
     rows, RoI vectors and tokens up to the answer, where the two sequences part."""
     k = len(record.masks)
     prep = prepare_regions(tile_image(record.image, CFG.region), record.masks, tokenizer, CFG, gen_length=4)
-    bucket = pipeline.choose_bucket(prep.pixel_values.shape[0], k, 4, prep.layout.length,
-                                    CFG.region.prompt_numbers, 0.0, 1.0)
+    bucket = pipeline.choose_bucket(prep.pixel_values.shape[0], k, prep.layout.length, CFG.region.prompt_numbers,
+                                    GenerationSettings(gen_length=4, steps=4))
     row = pipeline.pass_inputs(prep, bucket, CFG, tokenizer.special.eot).regions
     sample = build_sample(record, range(k), np.random.default_rng(0), CFG, tokenizer, random_prompt_ids=False)
     T = sample.inputs.pixel_values.shape[0]

@@ -198,7 +198,7 @@ class BlockingCaptioner:
     def __init__(self):
         self.started, self.release, self.calls = threading.Event(), threading.Event(), []
 
-    def caption_batch(self, pairs, batch_size, **settings):
+    def caption_batch(self, pairs, settings, batch_size, **options):
         self.started.set()
         assert self.release.wait(timeout=300)
         self.calls.append(([image for image, _ in pairs], batch_size))
@@ -209,14 +209,15 @@ def test_micro_batcher_groups_the_requests_queued_while_it_works():
     """While one batch runs, the requests that arrive queue up; the next batches take them max_batch at a time,
     each answered with its own result. Condition-based: nothing here depends on how fast the machine is."""
     from infer.serve import Job, MicroBatcher
+    from pdlm_jax.generation import GenerationSettings
 
     handle = BlockingCaptioner()
     batcher = MicroBatcher(handle, max_batch=2, wait_s=0.0)
-    settings = {"unmask": "remask", "gen_length": 3}
+    settings = GenerationSettings(gen_length=3, steps=3)
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
-        first = pool.submit(batcher.submit, Job(0, [None], settings))
+        first = pool.submit(batcher.submit, Job(0, [None], settings, "question"))
         assert handle.started.wait(timeout=300)  # the worker runs the first request alone, and waits
-        rest = [pool.submit(batcher.submit, Job(n, [None], settings)) for n in range(1, 5)]
+        rest = [pool.submit(batcher.submit, Job(n, [None], settings, "question")) for n in range(1, 5)]
         deadline = time.monotonic() + 300
         while batcher._queue.qsize() < 4:
             assert time.monotonic() < deadline

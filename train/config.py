@@ -201,7 +201,7 @@ class TrainConfig:
 
     def exported_sampler(self, model_cfg: PDLMConfig) -> SamplerConfig | None:
         """The sampler.json an export carries: `sampler()`; a Base model's only where model.sampler sets it (the
-        block sampler has its own defaults, answering.DEFAULTS)."""
+        block sampler has its own defaults, generation.BASE_DEFAULTS)."""
         return self.sampler() if not model_cfg.is_base or self.model.sampler else None
 
 

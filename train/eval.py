@@ -42,10 +42,11 @@ def normalise(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
-def judge(model, image, masks, captions, **settings) -> tuple[dict, list[bool]]:
-    """Caption `masks` of `image` with `model.caption_regions(**settings)` (a RegionCaptioner: the inference
-    path); returns its result and, per region, whether the caption equals the annotation in `captions`."""
-    result = model.caption_regions(image, masks, **settings)
+def judge(model, image, masks, captions, settings=None) -> tuple[dict, list[bool]]:
+    """Caption `masks` of `image` with `model.caption_regions` (a RegionCaptioner: the inference path; `settings`:
+    `GenerationSettings`, else the model's defaults); returns its result and, per region, whether the caption
+    equals the annotation in `captions`."""
+    result = model.caption_regions(image, masks, settings)
     return result, [normalise(r["caption"]) == normalise(truth) for truth, r in zip(captions, result["regions"])]
 
 
@@ -75,7 +76,7 @@ def _add(tallies: dict, key, ok: bool) -> None:
     t[1] += 1
 
 
-def caption_run(model, scenes: int, seed: int, settings: dict, rotated: float = 0.0,
+def caption_run(model, scenes: int, seed: int, settings, rotated: float = 0.0,
                 colors: tuple[str, ...] = synthetic.COLORS, annotations: str | None = None,
                 verbose: bool = False, task: str = "shapes") -> dict:
     """One pass of a RegionCaptioner over the held-out scenes: the tallies and every region's tokens."""
@@ -83,7 +84,7 @@ def caption_run(model, scenes: int, seed: int, settings: dict, rotated: float = 
     confusions: dict[str, int] = {}
     tokens, seconds, forwards = [], 0.0, []
     for i, (image, masks, captions) in enumerate(_scenes(scenes, seed, rotated, colors, annotations, task)):
-        result, oks = judge(model, image, masks, captions, **settings)
+        result, oks = judge(model, image, masks, captions, settings)
         seconds += result["seconds"] - result["compile_seconds"]
         forwards.append(result["forwards"])
         for truth, region, ok in zip(captions, result["regions"], oks):
@@ -110,7 +111,7 @@ def caption_run(model, scenes: int, seed: int, settings: dict, rotated: float = 
             "top_errors": dict(sorted(confusions.items(), key=lambda kv: -kv[1])[:10]), "tokens": tokens}
 
 
-def question_run(model, scenes: int, seed: int, settings: dict, verbose: bool = False) -> dict:
+def question_run(model, scenes: int, seed: int, settings, verbose: bool = False) -> dict:
     """One pass of a QuestionAnswerer over held-out scenes of the "sentences" task: one question of every type
     each scene admits."""
     by_type: dict[str, list[int]] = {}
@@ -121,7 +122,7 @@ def question_run(model, scenes: int, seed: int, settings: dict, verbose: bool = 
         rng = np.random.default_rng([seed, i, 2])
         images += 1
         for kind, question, truth in synthetic.one_question_per_type(scene, rng):
-            result = model.answer(scene.image, question, **settings)
+            result = model.answer(scene.image, question, settings)
             seconds += result["seconds"] - result["compile_seconds"]
             forwards += result["forwards"]
             tokens.append(result["token_ids"])
@@ -145,26 +146,14 @@ def _agreement(tokens: list, reference: list) -> float:
     return same / max(sum(len(a) for a in reference), 1)
 
 
-def _settings(model, mode: str, gen_length: int | None, steps: int | None, block_length: int | None) -> dict:
-    """The answer/caption_regions keyword arguments of a mode name ('exact', 'prefix[:R]', 'threshold[:TAU]',
-    joined by '+')."""
-    from pdlm_jax import pipeline
-    from pdlm_jax.answering import QuestionAnswerer
-
-    settings = {"gen_length": gen_length, "steps": steps, **pipeline.Mode.from_name(mode).arguments}
-    if isinstance(model, QuestionAnswerer):
-        settings["block_length"] = block_length
-    return settings
-
-
-def _check_kind(checkpoint, block_length: int | None, annotations: str | None) -> None:
-    """PDLMError for settings the checkpoint's kind has no use for, before its weights load."""
+def _check_kind(checkpoint, adapter, modes: list[str], annotations: str | None, **settings) -> None:
+    """PDLMError for settings the checkpoint's kind cannot use, before its weights load."""
     from pdlm_jax.checkpoint import load_config
+    from pdlm_jax.generation import for_checkpoint
 
-    base = load_config(checkpoint).is_base
-    if block_length is not None and not base:
-        raise PDLMError("--block-length is a setting of the Base block sampler; a region model has none")
-    if annotations is not None and base:
+    for mode in modes:
+        for_checkpoint(checkpoint, adapter, mode=mode, **settings)
+    if annotations is not None and load_config(checkpoint).is_base:
         raise PDLMError("--annotations: a PerceptionDLM-Base model is evaluated on the synthetic task's "
                         "questions; give --scenes only")
 
@@ -180,10 +169,11 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
     `scenes` records of this annotation file instead of synthetic scenes (region models)."""
     import pdlm_jax
     from pdlm_jax.api import RegionCaptioner
-    from pdlm_jax.pipeline import Mode
+    from pdlm_jax.generation import Mode
 
-    _check_kind(checkpoint, block_length, annotations)
     mode = Mode.parse(cache, unmask).name
+    _check_kind(checkpoint, adapter, [mode], annotations, gen_length=gen_length, steps=steps,
+                block_length=block_length)
     model = pdlm_jax.load(checkpoint, dtype=dtype, quantize=quantize, adapter=adapter)
     report = _one_pass(model, mode, scenes, seed, gen_length, steps, block_length, rotated, colors, annotations,
                        verbose, task)
@@ -205,14 +195,14 @@ def _one_pass(model, mode: str, scenes: int, seed: int, gen_length, steps, block
               annotations, verbose, task: str = "shapes") -> dict:
     from pdlm_jax.api import RegionCaptioner
 
-    settings = _settings(model, mode, gen_length, steps, block_length)
+    settings = model.settings(gen_length=gen_length, steps=steps, block_length=block_length, mode=mode)
     start = time.perf_counter()
     if isinstance(model, RegionCaptioner):
         report = caption_run(model, scenes, seed, settings, rotated, colors, annotations, verbose, task)
-        resolved = {"gen_length": gen_length or model.sampler["gen_length"], "steps": steps or model.sampler["steps"]}
     else:
         report = question_run(model, scenes, seed, settings, verbose)
-        resolved = {k: settings[k] or model.defaults[k] for k in ("gen_length", "block_length", "steps")}
+    resolved = {k: getattr(settings, k) for k in ("gen_length", "block_length", "steps")
+                if getattr(settings, k) is not None}
     return {**resolved, **report, "seconds": time.perf_counter() - start}
 
 
@@ -222,11 +212,8 @@ def mode_table(checkpoint: str | Path, scenes: int, modes: list[str], repeats: i
     """One row per sampler mode over the same held-out scenes (see the module docstring); the first mode is the
     baseline of the ratios and agreements (put `exact` first)."""
     import pdlm_jax
-    from pdlm_jax.pipeline import Mode
 
-    _check_kind(checkpoint, block_length, None)
-    for mode in modes:
-        Mode.from_name(mode)  # PDLMError for a misspelt mode before any captioning
+    _check_kind(checkpoint, None, modes, None, gen_length=gen_length, steps=steps, block_length=block_length)
     model = pdlm_jax.load(checkpoint, dtype=dtype)
     rows, baseline = [], None
     for mode in modes:
