@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fill_defaults(args: argparse.Namespace) -> None:
     """Demo inputs and the checkpoint's own generation settings where the user gave none."""
-    from pdlm_jax.checkpoint import sampler_defaults
+    from pdlm_jax.checkpoint import SAMPLER_FILE, sampler_defaults
+    from pdlm_jax.files import local_directory
 
     if args.demo:
         args.image = args.image or str(DEMO_SCENE / "image.png")
@@ -90,8 +91,8 @@ def _fill_defaults(args: argparse.Namespace) -> None:
         args.output = args.output or Path("demo_result.json")
         args.visualize = args.visualize or "demo_overlay.png"
     if args.gen_length is None or args.steps is None:
-        defaults = sampler_defaults(args.adapter if args.adapter and (Path(args.adapter) / "sampler.json").exists()
-                                    else args.checkpoint)
+        adapter = args.adapter and local_directory(args.adapter, "--adapter")
+        defaults = sampler_defaults(adapter if adapter and (adapter / SAMPLER_FILE).exists() else args.checkpoint)
         args.gen_length = defaults["gen_length"] if args.gen_length is None else args.gen_length
         args.steps = defaults["steps"] if args.steps is None else args.steps
 
