@@ -206,7 +206,7 @@ def infer_program(args, target) -> dict:
         graphdef, abstract, trace = quantize.abstract(lambda: make(attention), args.quantize)
     else:
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(attention)))
-    state = _abstract(abstract, param_shardings(abstract, mesh, cfg))
+    state = _abstract(abstract, param_shardings(abstract, mesh))
     program = pipeline.caption_program((graphdef, state), tokenizer.special.mask, mesh, trace)
     placed = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
                                                          sharding=program.input_sharding(v)), inputs)

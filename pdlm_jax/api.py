@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pdlm_jax import compilation_cache as compilation_cache_lib
-from pdlm_jax import keymap, pipeline, sharding
+from pdlm_jax import pipeline, sharding
 from pdlm_jax.answering import QuestionAnswerer
 from pdlm_jax.asset_paths import DEMO_MODEL
 from pdlm_jax.config import DTYPES, PDLMConfig, preset
@@ -33,7 +33,7 @@ from pdlm_jax.errors import PDLMError
 from pdlm_jax.generation import GenerationSettings, sampler_source
 from pdlm_jax.handle import ModelHandle
 from pdlm_jax.limits import Limits, position_budget
-from pdlm_jax.modeling.layout import param_shardings
+from pdlm_jax.modeling.layout import model_shardings, param_shardings
 from pdlm_jax.modeling.pdm import PerceptionDLM, from_tree
 from pdlm_jax.regions.masks import MaskInput, area_order, load_masks
 from pdlm_jax.regions.prepare import PreparedRegions, prepare_regions
@@ -314,7 +314,6 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     """
     from pdlm_jax.checkpoint import load_config, params_metadata, read_sampler, restore_params, tokenizer_path
     from pdlm_jax.files import local_directory
-    from pdlm_jax.trees import nest
 
     # A bucket URL or hf:// id becomes a local folder once (a cached copy / the Hub snapshot).
     checkpoint_dir = local_directory(checkpoint_dir, "checkpoint")
@@ -326,12 +325,7 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     if dtype not in DTYPES:
         raise PDLMError(f"dtype must be one of auto, {', '.join(sorted(DTYPES))}; got {dtype!r}")
     mesh = _as_mesh(mesh)
-    shardings = None
-    if mesh is not None:
-        ckpt_cfg = load_config(checkpoint_dir)
-        shapes = keymap.expected_shapes(ckpt_cfg)
-        shardings = param_shardings(nest({p: jax.ShapeDtypeStruct(s, DTYPES[dtype])
-                                                   for p, s in shapes.items()}), mesh, ckpt_cfg)
+    shardings = None if mesh is None else model_shardings(load_config(checkpoint_dir), mesh)
     # PDLMError if not a converted checkpoint
     if quantize is not None:
         from pdlm_jax import quantize as quantize_lib
@@ -379,7 +373,7 @@ def load_random(cfg: PDLMConfig | str, tokenizer_dir: str | Path, dtype: str = "
     make = lambda: PerceptionDLM(cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(seed),  # noqa: E731
                                  attention_implementation=attention_implementation(attention, dt))
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    out = None if mesh is None else param_shardings(abstract, mesh, cfg)
+    out = None if mesh is None else param_shardings(abstract, mesh)
     state = jax.jit(lambda: nnx.split(make())[1], out_shardings=out)()
     return RegionCaptioner(cfg, nnx.merge(graphdef, state), tokenizer, mesh)
 

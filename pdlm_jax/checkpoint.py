@@ -37,7 +37,7 @@ import pdlm_jax
 from pdlm_jax import keymap
 from pdlm_jax.config import PDLMConfig, SamplerConfig, check_remasking
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.files import as_path, is_url, local_directory, replace_directory
+from pdlm_jax.files import as_path, atomic_directory, is_url, local_directory
 from pdlm_jax.trees import flatten, nest
 
 CONFIG_FILE = "config.json"
@@ -102,27 +102,13 @@ class ParamsWriter:
 
 
 class CheckpointWriter:
-    """Writes one checkpoint directory (the layout above; pdlm_jax.lora's adapter directory too), which
-    appears complete or not at all.
+    """Writes the files of one checkpoint directory (the layout above; pdlm_jax.lora's adapter directory too)
+    into `dir`, the folder `checkpoint_writer` gives it. Collective: every process of a multi-host job makes one
+    for the same folder and adds the same params (Orbax saves in lockstep); process 0 alone writes the side
+    files."""
 
-    Local: everything goes into a temporary folder beside `dst` that `commit` renames into place (replacing
-    an existing `dst` only with `force`). An object store (gs://...) has no rename: the files are written in
-    place and provenance.json, written last, marks the checkpoint complete. Collective: every process of a
-    multi-host job makes one for the same `dst` and adds the same params (Orbax saves in lockstep);
-    process 0 alone writes the side files and commits. Use it through `checkpoint_writer`.
-    """
-
-    def __init__(self, dst: str | os.PathLike, force: bool = False):
-        self.dst, self.main, self.committed = as_path(dst), jax.process_index() == 0, False
-        if self.dst.exists() and not force:
-            raise PDLMError(f"output {self.dst} already exists; choose another output or pass --force to replace it")
-        self.in_place = is_url(dst)
-        self.dir = self.dst if self.in_place else self.dst.parent / f".{self.dst.name}.tmp-{_shared_token()}"
-        if self.main:
-            if self.dir.exists():
-                self.dir.rmtree()
-            self.dir.mkdir(parents=True)
-        _sync("pdlm-checkpoint-begin")
+    def __init__(self, dir: epath.Path, dst: epath.Path):
+        self.dir, self.dst, self.main, self.committed = dir, dst, jax.process_index() == 0, False
         self.params = ParamsWriter(self.dir / PARAMS_DIR)
 
     def write(self, name: str, data: bytes | str) -> None:
@@ -149,28 +135,43 @@ class CheckpointWriter:
         return sources
 
     def commit(self, provenance: dict) -> epath.Path:
-        """Finish the params, write provenance.json (with the date and our version) and move into place."""
+        """Finish the params and write provenance.json (with the date and our version), the last file; the
+        folder moves into place when the `checkpoint_writer` block ends."""
         self.params.close()
-        if self.main:
-            self.write_json(PROVENANCE_FILE, {
-                **provenance, "pdlm_jax_version": pdlm_jax.__version__,
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
-            if not self.in_place:
-                replace_directory(self.dir, self.dst)
-        _sync("pdlm-checkpoint-end")
+        self.write_json(PROVENANCE_FILE, {
+            **provenance, "pdlm_jax_version": pdlm_jax.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
         self.committed = True
         return self.dst
 
 
 @contextlib.contextmanager
 def checkpoint_writer(dst: str | os.PathLike, force: bool = False) -> Iterator[CheckpointWriter]:
-    """A CheckpointWriter for `dst`; a block left without `commit` (an error) removes its temporary folder."""
-    writer = CheckpointWriter(dst, force)
-    try:
+    """A CheckpointWriter for `dst`, which appears complete or not at all (replacing an existing `dst` only
+    with `force`); the block must end with `commit`.
+
+    Local: the files go into a temporary folder beside `dst` (`files.atomic_directory`, one name on every
+    process) that becomes `dst` when the block succeeds. An object store (gs://...) has no rename: the files
+    are written in place and provenance.json, written last, marks the checkpoint complete."""
+    dst_path, main = as_path(dst), jax.process_index() == 0
+    if is_url(dst):
+        if dst_path.exists() and not force:
+            raise PDLMError(f"output {dst} already exists; choose another output or pass --force to replace it")
+        if main:
+            if dst_path.exists():
+                dst_path.rmtree()
+            dst_path.mkdir(parents=True)
+        folder = contextlib.nullcontext(dst_path)
+    else:
+        folder = atomic_directory(dst_path, force, token=_shared_token(), owner=main)
+    with folder as tmp:
+        _sync("pdlm-checkpoint-begin")
+        writer = CheckpointWriter(epath.Path(tmp), dst_path)
         yield writer
-    finally:
-        if not writer.committed and writer.main and not writer.in_place and writer.dir.exists():
-            writer.dir.rmtree()
+        if not writer.committed:
+            raise PDLMError(f"checkpoint {dst}: the writer's block ended without commit()")
+        _sync("pdlm-checkpoint-written")  # every process has written its part before process 0 moves it
+    _sync("pdlm-checkpoint-end")
 
 
 def _shared_token() -> str:

@@ -228,19 +228,25 @@ def replace_directory(tmp: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary local folder beside `dst` that becomes `dst` only if the block succeeds."""
-    dst = Path(os.fspath(dst))
+def atomic_directory(dst: str | os.PathLike, force: bool = False, token: str | None = None,
+                     owner: bool = True) -> Iterator[Path]:
+    """Yield a temporary local folder beside `dst` that becomes `dst` only if the block succeeds.
+
+    Several processes writing one folder (a multi-host checkpoint) pass the same `token`, which names the
+    temporary folder; only the `owner` creates it and moves it into place (or removes it on an error)."""
+    dst = Path(os.fspath(as_path(dst)))
     if dst.exists() and not force:
         raise PDLMError(f"output {dst} already exists; choose another output or pass --force to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = dst.parent / f".{dst.name}.tmp-{token or uuid.uuid4().hex[:8]}"
+    if owner:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
     try:
         yield tmp
-        replace_directory(tmp, dst)
+        if owner:
+            replace_directory(tmp, dst)
     finally:
-        if tmp.exists():
+        if owner and tmp.exists():
             shutil.rmtree(tmp)
 
 

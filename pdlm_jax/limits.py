@@ -23,6 +23,7 @@ from PIL import Image
 
 from pdlm_jax.config import PDLMConfig, RegionConfig
 from pdlm_jax.errors import PDLMError, TooLarge
+from pdlm_jax.files import local_directory
 from pdlm_jax.regions.prompt import build_prompt_text, build_question_text
 
 DEFAULT_MAX_POSITIONS = 4096  # LLaDA-8B's max_position_embeddings
@@ -33,8 +34,10 @@ DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 def position_budget(checkpoint_dir: str | Path | None) -> int:
     """The LM's trained context: the reference config's `max_position_embeddings` (or LLaDA's
     `max_sequence_length`), else `DEFAULT_MAX_POSITIONS`."""
-    path = Path(checkpoint_dir) / "reference_config.json" if checkpoint_dir is not None else None
-    if path is None or not path.is_file():
+    if checkpoint_dir is None:
+        return DEFAULT_MAX_POSITIONS
+    path = local_directory(checkpoint_dir, "checkpoint") / "reference_config.json"
+    if not path.is_file():
         return DEFAULT_MAX_POSITIONS
     lm = json.loads(path.read_text()).get("language_model_config") or {}
     value = lm.get("max_position_embeddings") or lm.get("max_sequence_length")

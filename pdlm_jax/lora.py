@@ -33,6 +33,7 @@ from flax import nnx
 
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.files import local_directory
 from pdlm_jax import quantize
 from pdlm_jax.qwix_tracing import module_path, tag_paths
 
@@ -232,7 +233,7 @@ def load_adapter(adapter_dir: str | Path, base_cfg: PDLMConfig) -> tuple[LoraCon
 
     from pdlm_jax.checkpoint import PARAMS_DIR
 
-    adapter_dir = Path(adapter_dir).absolute()
+    adapter_dir = local_directory(adapter_dir, "adapter").absolute()  # Orbax needs absolute paths
     meta_file = adapter_dir / ADAPTER_FILE
     if not meta_file.exists() or not (adapter_dir / PARAMS_DIR).is_dir():
         raise PDLMError(f"{adapter_dir} is not a LoRA adapter directory (needs {ADAPTER_FILE} and {PARAMS_DIR}/); "

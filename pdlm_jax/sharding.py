@@ -1,13 +1,13 @@
 """Device mesh, logical-axis rules and partition specs (shared by training and inference).
 
 Parameters and activations are described by *logical* axis names ('embed', 'heads', 'mlp', 'vocab',
-'layers', 'norm', 'batch', 'length'): a parameter's names are the ones the model annotates it with
-(`pdlm_jax.modeling.param_layout`); a rules table maps each name to mesh axes of a ('data', 'fsdp', 'tensor')
+'layers', 'norm', 'batch', 'length'): a parameter's names are the ones the model annotates it with,
+which it carries as metadata; a rules table maps each name to mesh axes of a ('data', 'fsdp', 'tensor')
 mesh. A dimension that does not divide evenly over its mesh axes falls back to replication, so one
 rules table serves every model size and mesh shape (1 CPU, 8 fake devices, a pod).
 
 This module knows nothing of the model (the model imports it): the parameters' specs and shardings, which read
-the model's layout, are `pdlm_jax.modeling.layout.param_specs` / `param_shardings`.
+each parameter's own axes, are `pdlm_jax.modeling.layout.param_specs` / `param_shardings`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or axes, or None = replicated). Parameters take their logical names from the
-# model's annotations (`pdlm_jax.modeling.param_layout`); this table is the only place they meet the mesh.
+# model's annotations (`pdlm_jax.modeling.layout.param_specs`); this table is the only place they meet the mesh.
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "length": None,

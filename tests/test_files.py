@@ -12,7 +12,7 @@ import os
 import pytest
 
 from helpers import fixture_dir, hub_cache, memory_bucket
-from pdlm_jax import checkpoint, files
+from pdlm_jax import checkpoint, files, limits
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.files import as_path, atomic_directory, atomic_write, write_json_atomic
 
@@ -123,12 +123,24 @@ def test_checkpoint_written_to_and_loaded_from_a_bucket(converted, cache, monkey
 
         run = train_config.from_dict({"model": {"init_from": "gs://models/base"}, "data": {"synthetic_scenes": 2}})
         assert run.model_config() == handle.cfg and Tokenizer(run.tokenizer_dir(), base=True).special.image_context
+        # the tokenizer, the position budget and a training config read straight from the bucket
+        assert Tokenizer("gs://models/base", base=True).special == handle.tokenizer.special
+        assert limits.position_budget("gs://models/base") == limits.position_budget(converted("base_tiny"))
+        atomic_write("gs://configs/train.yaml", "run: {max_steps: 3}")
+        assert train_config.load("gs://configs/train.yaml").run.max_steps == 3
 
         write_json_atomic("gs://runs/r/result.json", {"loss": 1.5})
         atomic_write("gs://runs/r/log.txt", "step 1")
         assert json.loads(as_path("gs://runs/r/result.json").read_text()) == {"loss": 1.5}
         assert sorted(p.name for p in as_path("gs://runs/r").iterdir()) == ["log.txt", "result.json"]
     assert not (cache / "staging").exists() or not any((cache / "staging").iterdir())
+
+
+def test_load_from_a_file_url():
+    import pdlm_jax
+
+    handle = pdlm_jax.load(f"file://{pdlm_jax.DEMO_MODEL}")
+    assert handle.cfg == checkpoint.load_config(pdlm_jax.DEMO_MODEL)
 
 
 def test_training_data_from_a_bucket(tmp_path, annotation_file):

@@ -19,7 +19,7 @@ from pdlm_jax import keymap, sharding
 from pdlm_jax.config import PRESETS, preset
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.modeling import PerceptionDLM, param_layout
-from pdlm_jax.modeling.layout import param_shardings, param_specs
+from pdlm_jax.modeling.layout import abstract_params, model_shardings, param_specs
 from pdlm_jax.trees import nest
 
 
@@ -70,9 +70,8 @@ def test_every_param_has_logical_axes_and_shardings(name):
     for path, info in layout.items():
         assert len(info.axes) == len(info.shape), (path, info)
         assert set(info.axes) - {None} <= set(sharding.DEFAULT_RULES), (path, info.axes)
-    abstract = nest({p: jax.ShapeDtypeStruct(i.shape, np.float32) for p, i in layout.items()})
     for mesh in MESHES:
-        shardings = _flat(param_shardings(abstract, mesh, cfg))
+        shardings = _flat(model_shardings(cfg, mesh))
         assert set(shardings) == set(layout)
         per_device = 0
         for path, info in layout.items():
@@ -108,43 +107,47 @@ def _flat(tree):
 
 
 def test_annotations_reach_the_shardings():
-    """The module annotations are what sharding uses, in any container holding the parameters."""
+    """Each parameter's own annotation is what sharding uses, in the model and in a train state, whose
+    optimizer moments take their parameter's spec."""
+    from train import config as train_config
+    from train import step as step_lib
+
     cfg = preset("perceptiondlm-8b")
     mesh = AbstractMesh((1, 4, 2), sharding.MESH_AXES)
-    params = nest({p: jax.ShapeDtypeStruct(i.shape, np.float32) for p, i in param_layout(cfg).items()})
-    state = {"params": params, "frozen": {},
-             "opt": ({"count": jax.ShapeDtypeStruct((), np.int32), "mu": params, "nu": params},),
-             "step": jax.ShapeDtypeStruct((), np.int32),
-             "adapters": {"lm/layers/attn/q/kernel_lora_a": jax.ShapeDtypeStruct((32, 4096, 16), np.float32)}}
-    specs = _flat(param_specs(state, mesh, cfg))
-    assert specs["params/lm/layers/attn/q/kernel"] == PartitionSpec(None, "fsdp", "tensor")
-    assert specs["params/projector/fc1/kernel"] == PartitionSpec("fsdp", "tensor")
-    assert specs["params/lm/layers/input_norm/scale"] == PartitionSpec(None, None)  # 'norm': replicated
-    assert specs["params/vision/layers/mlp/fc2/bias"] == PartitionSpec(None, "fsdp")  # follows fc2's output
-    for path, spec in specs.items():  # optimizer moments follow their parameter
-        m = re.fullmatch(r"opt/0/(mu|nu)/(.*)", path)
-        if m:
-            assert spec == specs[f"params/{m.group(2)}"], path
-    assert specs["opt/0/count"] == specs["step"] == PartitionSpec()
-    assert specs["adapters/lm/layers/attn/q/kernel_lora_a"] == PartitionSpec(None, None, None)  # declared: whole
+    specs = _flat(nnx.to_pure_dict(param_specs(abstract_params(cfg), mesh)))
+    assert specs["lm/layers/attn/q/kernel"] == PartitionSpec(None, "fsdp", "tensor")
+    assert specs["projector/fc1/kernel"] == PartitionSpec("fsdp", "tensor")
+    assert specs["lm/layers/input_norm/scale"] == PartitionSpec(None, None)  # 'norm': replicated
+    assert specs["vision/layers/mlp/fc2/bias"] == PartitionSpec(None, "fsdp")  # follows fc2's output
+
+    trainer = step_lib.make_trainer(cfg, "bfloat16", mesh, train_config.load(None, []).optim, 10, 0)
+    shapes = nest({p: jax.ShapeDtypeStruct(i.shape, np.float32) for p, i in param_layout(cfg).items()})
+    abstract = jax.eval_shape(lambda p: trainer._new_state(p, ("vision",)), shapes)
+    state = _flat(trainer.state_specs(abstract))
+    assert {p: s for p, s in state.items() if p.startswith(("params/", "frozen/"))} == {
+        p: s for p, s in ((f"{'frozen' if p.startswith('vision/') else 'params'}/{p}", s) for p, s in specs.items())}
+    moments = {p: s for p, s in state.items() if re.fullmatch(r"opt/.*/(mu|nu)/.*", p)}
+    assert len(moments) == 2 * sum(p.startswith("params/") for p in state)
+    for path, spec in moments.items():  # optimizer moments follow their parameter
+        assert spec == state["params/" + re.sub(r"opt/.*?/(mu|nu)/", "", path)], path
+    assert state["step"] == PartitionSpec() and all(s == PartitionSpec() for p, s in state.items()
+                                                    if p.startswith("opt/") and p not in moments)
 
 
 def test_a_leaf_without_logical_axes_is_an_error():
-    """Only declared leaves are replicated: anything else that names no parameter of the model (or names one
-    with another rank) raises, naming the leaf, instead of being silently whole on every device."""
-    cfg = preset("tiny")
+    """Only declared leaves are replicated: a variable that carries no logical axes (or axes of another rank)
+    raises, naming the leaf, instead of being silently whole on every device."""
     mesh = AbstractMesh((1, 2, 1), sharding.MESH_AXES)
     leaf = jax.ShapeDtypeStruct((8, 16), np.float32)
-    with pytest.raises(PDLMError, match="'params/lm/embed/extra_table' is no parameter of the model"):
-        param_specs({"params": {"lm": {"embed": {"extra_table": leaf}}}}, mesh, cfg)
-    with pytest.raises(PDLMError, match="'params/lm/embed/embedding' has 3 dimension"):
-        param_specs({"params": {"lm": {"embed": {"embedding": jax.ShapeDtypeStruct((2, 8, 16), np.float32)}}}},
-                    mesh, cfg)
-    # declared: LoRA adapters, qwix's quantized kernels and scales, scalars (step, optimizer counts)
-    declared = {"adapters": {"lm/layers/attn/q/kernel_lora_a": leaf, "lm/layers/attn/q/kernel_lora_b": leaf},
-                "frozen": {"lm": {"layers": {"attn": {"q": {"kernel": {"array": {"qvalue": leaf, "scale": leaf}}}}}}},
-                "opt": ({"count": jax.ShapeDtypeStruct((), np.int32)},), "step": jax.ShapeDtypeStruct((), np.int32)}
-    for path, spec in _flat(param_specs(declared, mesh, cfg)).items():
+    with pytest.raises(PDLMError, match="'lm/embed/extra_table' has no logical axes"):
+        param_specs(nnx.State({"lm": {"embed": {"extra_table": nnx.Param(leaf)}}}), mesh)
+    with pytest.raises(PDLMError, match="'lm/embed/embedding' has 2 dimension.*3 logical axes"):
+        wrong = nnx.Param(leaf, out_sharding=("layers", "vocab", "embed"), eager_sharding=False)
+        param_specs(nnx.State({"lm": {"embed": {"embedding": wrong}}}), mesh)
+    # declared: LoRA adapters, qwix's quantized kernels and scales, scalars
+    declared = nnx.State({"lm": {"q": {"kernel_lora_a": nnx.LoRAParam(leaf), "kernel": {"array": {
+        "qvalue": leaf, "scale": leaf}}}, "count": nnx.Param(jax.ShapeDtypeStruct((), np.int32))}})
+    for path, spec in _flat(param_specs(declared, mesh)).items():
         assert all(axis is None for axis in spec), (path, spec)
 
 

@@ -187,9 +187,8 @@ def test_gs_paths_go_through_epath(tmp_path, monkeypatch, annotation_file):
         run_log = monitor.RunLog(run, 0, tensorboard=True)
         run_log.write({"step": 1, "loss": 2.5})
         run_log.close()
-        mgr = checkpointing.manager("gs://runs/a", keep=1)
-        assert str(mgr.directory) == "gs://runs/a/checkpoints"
-        mgr.close()
+        with checkpointing.checkpointer("gs://runs/a", keep=1) as ckptr:
+            assert str(ckptr.directory) == "gs://runs/a/checkpoints"
     assert not (tmp_path / "gs:").exists()
     assert json.loads((bucket / "runs/a/log.jsonl").read_text()) == {"step": 1, "loss": 2.5}
     assert _events(bucket / "runs/a/tensorboard")["train/loss"] == [1]

@@ -206,16 +206,16 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
     is_main = jax.process_index() == 0
     out.mkdir(parents=True, exist_ok=True)
     iterator = iter(pipe.dataset)
-    mgr = checkpointing.manager(out, cfg.run.keep, cfg.run.async_save)
+    ckptr = checkpointing.checkpointer(out, cfg.run.keep)
 
     shapes = {p: jax.ShapeDtypeStruct(s, np.float32) for p, s in keymap.expected_shapes(model_cfg).items()}
     abstract = trainer.abstract_state(trees.nest(shapes), cfg.model.freeze)
-    if mgr.latest_step() is not None:  # before restoring: a changed mesh or batch would fail there
-        _check_resume(out, cfg.to_dict(), mgr.latest_step(), allow_changed_settings, write=is_main)
-    resumed = checkpointing.restore(mgr, trainer.checkpointed(abstract), iterator)
+    if checkpointing.latest_step(ckptr) is not None:  # before restoring: a changed mesh or batch would fail there
+        _check_resume(out, cfg.to_dict(), checkpointing.latest_step(ckptr), allow_changed_settings, write=is_main)
+    resumed = checkpointing.restore(ckptr, trainer.checkpointed(abstract), iterator)
     start, state = resumed or (0, None)
     if resumed is not None:
-        log.info("resumed from %s at step %d", mgr.directory, start)
+        log.info("resumed from %s at step %d", ckptr.directory, start)
     if state is None or cfg.lora.enabled:  # LoRA checkpoints hold the adapters; the base is loaded again
         params = init_from.initial_params(cfg, model_cfg, mesh)
         state = {**trainer.init_state(params, cfg.model.freeze), **(state or {})}
@@ -271,27 +271,27 @@ def train(cfg, progress: bool = True, callback=None, allow_changed_settings: boo
                         bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                            for k, v in record.items()))
                 if step % cfg.run.save_every == 0 or step == total:
-                    checkpointing.save(mgr, step, trainer.checkpointed(state), iterator)
+                    checkpointing.save(ckptr, step, trainer.checkpointed(state), iterator, cfg.run.async_save)
                     saved = step
                 if callback is not None:
                     callback(step, record)
-                if step < total and stop.should_stop(step, mgr):
+                if step < total and stop.should_stop(step):
                     preempted = True
                     break
         if saved != step:  # stopped early: keep what was trained
-            checkpointing.save(mgr, step, trainer.checkpointed(state), iterator)
-        mgr.wait_until_finished()
+            checkpointing.save(ckptr, step, trainer.checkpointed(state), iterator, cfg.run.async_save)
+        ckptr.wait()
     finally:
         profiler.stop()
         bar.close()
-        mgr.close()
+        ckptr.close()
         if run_log is not None:
             run_log.close()
         if hasattr(iterator, "close"):  # data.workers: ends the worker processes
             iterator.close()
     if preempted:
         log.warning("stopped at step %d of %d (%s); checkpoint saved in %s", step, total,
-                    stop.signalled or "preemption notice", mgr.directory)
+                    stop.signalled or "preemption notice", ckptr.directory)
         return {"losses": losses, "export": None, "state": state, "steps": step, "planned_steps": planned,
                 "complete": False, "preempted": True}
     complete = step >= planned

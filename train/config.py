@@ -18,6 +18,7 @@ import yaml
 
 from pdlm_jax.config import PDLMConfig, Quirks, RegionConfig, SamplerConfig, preset
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.files import as_path
 from pdlm_jax.lora import LoraConfig
 from pdlm_jax.regions.prompt import DEFAULT_QUESTION
 
@@ -374,8 +375,6 @@ CONFIG_FILE = "config.yaml"  # the resolved config of a run, in run.output_dir (
 
 def read_saved(run_dir: str | Path) -> dict | None:
     """The resolved config a run saved in its output directory (None if there is none)."""
-    from pdlm_jax.files import as_path
-
     path = as_path(run_dir) / CONFIG_FILE
     if not path.exists():
         return None
@@ -389,7 +388,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     d: Any = {}
     if path is not None:
         try:
-            d = yaml.safe_load(Path(path).read_text()) or {}
+            d = yaml.safe_load(as_path(path).read_text()) or {}
         except OSError as e:
             raise PDLMError(f"cannot read config file {path}: {e}") from e
         except yaml.YAMLError as e:

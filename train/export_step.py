@@ -17,19 +17,13 @@ from pdlm_jax.errors import PDLMError
 
 
 def export_step(run_dir: str | Path, out: str | Path, step: int | None = None, adapter: bool = False) -> Path:
-    import orbax.checkpoint as ocp
-
     from train import checkpointing, config, init_from
 
     saved = config.read_saved(run_dir)
     if saved is None:
         raise PDLMError(f"{run_dir} is not a pdlm-train output directory (no config.yaml)")
     cfg = config.from_dict(saved)
-    mgr = checkpointing.manager(run_dir, create=False)
-    step = mgr.latest_step() if step is None else step
-    if step is None or step not in mgr.all_steps():
-        raise PDLMError(f"no checkpoint for step {step} in {mgr.directory} (have {mgr.all_steps()})")
-    state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    step, state = checkpointing.saved_state(run_dir, step)
     model_cfg = cfg.model_config()
     sampler = cfg.exported_sampler(model_cfg)
     provenance = {"config": cfg.to_dict(), "steps": step}

@@ -18,9 +18,8 @@ from pdlm_jax import keymap
 from pdlm_jax.config import PDLMConfig
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.files import as_path, atomic_write
-from pdlm_jax.modeling.layout import param_shardings
+from pdlm_jax.modeling.layout import model_shardings
 from pdlm_jax.regions.tokenizer import REGION_TOKENS, extended_tokenizer
-from pdlm_jax.trees import nest
 
 TOKENIZER_DIR = "tokenizer"  # under run.output_dir: the extended tokenizer of a region model from Base
 NEW_FROM_BASE = ("mask_embed/embedding",)  # the tensors a region model has and a Base checkpoint lacks
@@ -47,8 +46,7 @@ def initial_params(cfg, model_cfg: PDLMConfig, mesh) -> dict:
     if missing or unexpected or wrong:
         raise PDLMError(f"model.init_from {m.init_from} does not fit the model (missing {missing}, unexpected "
                         f"{unexpected}, other shapes {wrong}); model.config must not change the architecture")
-    shardings = param_shardings(nest({p: jax.ShapeDtypeStruct(s, np.float32) for p, s in shapes.items()}),
-                                mesh, model_cfg)
+    shardings = model_shardings(model_cfg, mesh)
     _, params = pdlm_ckpt.restore_params(m.init_from, dtype=np.float32, shardings=shardings)
     if new:
         table = step_lib.new_mask_embedding(model_cfg, cfg.run.seed, m.mask_embed_init_std)

@@ -5,8 +5,8 @@ request the training loop sees after the step it is running: it saves a checkpoi
 EXIT_PREEMPTED, and the same command resumes from that checkpoint. A second Ctrl-C stops at once.
 
 On several processes (a pod) JAX's coordination service receives the notice and every process must stop
-after the same step: the loop asks Orbax's `CheckpointManager.reached_preemption(step)` (JAX's preemption
-sync point) instead of looking at its own signals, which JAX's service handles.
+after the same step: the loop asks JAX's preemption sync point (`reached_preemption_sync_point`) instead of
+looking at its own signals, which JAX's service handles.
 """
 
 from __future__ import annotations
@@ -49,7 +49,16 @@ class StopRequest:
             signal.signal(s, handler)
         self._previous = {}
 
-    def should_stop(self, step: int, mgr) -> bool:
+    def should_stop(self, step: int) -> bool:
         """After `step`: stop for a signal (one process) or at JAX's preemption sync point (every process
-        answers alike; Orbax returns False where JAX's preemption service is off)."""
-        return self.signalled is not None or (self.multi_process and mgr.reached_preemption(step))
+        answers alike)."""
+        return self.signalled is not None or (self.multi_process and _reached_preemption(step))
+
+
+def _reached_preemption(step: int) -> bool:
+    from jax.experimental import multihost_utils
+
+    try:
+        return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # JAX's preemption service is off (jax_enable_preemption_service)
+        return False

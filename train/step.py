@@ -19,14 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pdlm_jax import lora as lora_lib
 from pdlm_jax import sharding as shd
+from pdlm_jax import trees
 from pdlm_jax.config import DTYPES, PDLMConfig
 from pdlm_jax.qwix_tracing import under
 from pdlm_jax.errors import PDLMError
-from pdlm_jax.modeling.layout import param_shardings
+from pdlm_jax.modeling.layout import param_shardings, param_specs
 from pdlm_jax.modeling.pdm import PerceptionDLM
 from train.config import VISION_POS_EMBED_INITS
 from train.samples import TrainBatch
@@ -94,6 +95,9 @@ class Trainer:
     quantized_paths: tuple = ()  # the linear layers whose kernels a quantized LoRA base holds as int8 / int4
     compute_dtype: Any = jnp.float32
     attention: str = "xla"  # the LM's attention kernel (build_model)
+    # {path: PartitionSpec} of every parameter of the model as trained (with its adapters, its quantized base),
+    # from the logical axes each one carries (layout.param_specs)
+    model_specs: dict = dataclasses.field(default_factory=dict)
     state_shardings: Any = None
     _step: Callable | None = None
 
@@ -111,10 +115,24 @@ class Trainer:
             frozen = jax.tree.map(lambda x: x.astype(self.compute_dtype), frozen)
         return {"params": trainable, "frozen": frozen, "opt": self.tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
 
+    def state_specs(self, abstract: dict) -> dict:
+        """PartitionSpecs of a train state: each parameter's (and adapter's) own, its optimizer moments the same
+        as their parameter's, the scalars (step, optimizer counts) replicated."""
+        def model_specs(tree: dict) -> dict:
+            missing = [p for p in trees.flatten(tree) if p not in self.model_specs]
+            if missing:
+                raise PDLMError(f"train state leaves {missing[:3]} are no variables of the model: no logical axes")
+            return trees.nest({p: self.model_specs[p] for p in trees.flatten(tree)})
+
+        params = model_specs(abstract["params"])
+        opt = optax.tree_map_params(self.tx, lambda _, spec: spec, abstract["opt"], params,
+                                    transform_non_params=lambda _: PartitionSpec())
+        return {"params": params, "frozen": model_specs(abstract["frozen"]), "opt": opt, "step": PartitionSpec()}
+
     def abstract_state(self, params_shape: dict, freeze: tuple[str, ...]) -> dict:
         """ShapeDtypeStructs (with shardings) of the train state; also fixes `state_shardings`."""
         abstract = jax.eval_shape(functools.partial(self._new_state, freeze=tuple(freeze)), params_shape)
-        self.state_shardings = param_shardings(abstract, self.mesh, self.cfg)
+        self.state_shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.state_specs(abstract))
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                             self.state_shardings)
 
@@ -213,17 +231,18 @@ def make_trainer(cfg: PDLMConfig, dtype: str, mesh: Mesh, optim, total_steps: in
                  seed: int = 0, remat: bool = False, lora: lora_lib.LoraConfig = lora_lib.LoraConfig(),
                  attention: str = "xla") -> Trainer:
     model = build_model(cfg, dtype, seed, abstract=True, remat=remat, lora=lora, attention=attention)
-    graphdef, _ = nnx.split(model)
+    graphdef, state = nnx.split(model)
     quantized_paths = ()
-    if lora.enabled and lora.quantized_base:  # QLoRA: the graph of the model with quantized kernels
+    if lora.enabled and lora.quantized_base:  # QLoRA: the graph and state of the model with quantized kernels
         from pdlm_jax import quantize
 
         quantized_paths = tuple(quantize.linear_paths(model))
-        graphdef, _, _ = quantize.abstract(
+        graphdef, state, _ = quantize.abstract(
             lambda: build_model(cfg, dtype, seed, remat=remat, lora=lora, attention=attention), lora.quantized_base)
+    specs = trees.flatten(nnx.to_pure_dict(param_specs(state, mesh)))
     tx, schedule = make_optimizer(optim, total_steps)
     return Trainer(graphdef, cfg, mesh, tx, schedule, mask_id, optim.grad_accum, seed, optim.noise_t_min, lora,
-                   lora_lib.adapter_shapes(model), quantized_paths, DTYPES[dtype], attention)
+                   lora_lib.adapter_shapes(model), quantized_paths, DTYPES[dtype], attention, specs)
 
 
 def trainer_for(train_cfg, model_cfg: PDLMConfig, mesh: Mesh, total_steps: int, mask_id: int) -> Trainer:
@@ -260,8 +279,8 @@ def init_params(cfg: PDLMConfig, seed: int, mesh: Mesh, mask_embed_std: float = 
     `vision_pos_embed="sincos"` starts the (learned) ViT position embedding from a 2-D sine-cosine table,
     so a vision tower trained from scratch knows which patches are neighbours from the first step.
     """
-    abstract = nnx.to_pure_dict(nnx.state(build_model(cfg, "float32", abstract=True), nnx.Param))
-    shardings = param_shardings(abstract, mesh, cfg)
+    abstract = nnx.state(build_model(cfg, "float32", abstract=True), nnx.Param)
+    shardings = nnx.to_pure_dict(param_shardings(abstract, mesh))
     if vision_pos_embed not in VISION_POS_EMBED_INITS:
         raise PDLMError(f"model.vision_pos_embed_init must be one of {VISION_POS_EMBED_INITS}, not "
                         f"{vision_pos_embed!r}")

@@ -10,6 +10,7 @@ import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 
 from pdlm_jax.errors import PDLMError
+from pdlm_jax.files import as_path
 
 NUM_MASK_CAP_TOKENS = 16  # <|Mask_Cap_0..15|> exist in the saved tokenizer
 NUM_RESERVED_TOKENS = 6  # <|reserved_token_0..5|> are the RoI placeholders (one per prompt id)
@@ -56,10 +57,10 @@ class Tokenizer:
     LLaDA)."""
 
     def __init__(self, path: str | Path, base: bool = False):
-        path = Path(path)
+        path = as_path(path)  # a local path, file:// or a bucket URL
         file = path / "tokenizer.json" if path.is_dir() else path
         try:
-            self._tok = _HFTokenizer.from_file(str(file))
+            self._tok = _HFTokenizer.from_str(file.read_text())
         except Exception as e:  # tokenizers raises a bare Exception on missing/malformed files
             raise PDLMError(f"cannot load tokenizer {file}: {e}; the checkpoint directory must contain the "
                             "reference tokenizer.json") from e
