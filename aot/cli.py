@@ -157,7 +157,7 @@ def infer_program(args, target) -> dict:
     import numpy as np
     from flax import nnx
 
-    from pdlm_jax import api, flops, pipeline, sharding
+    from pdlm_jax import api, flops, pipeline, programs, sharding
     from pdlm_jax.config import DTYPES
     from pdlm_jax.generation import GenerationSettings
     from pdlm_jax.modeling.layout import param_shardings
@@ -207,7 +207,8 @@ def infer_program(args, target) -> dict:
     else:
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make(attention)))
     state = _abstract(abstract, param_shardings(abstract, mesh))
-    program = pipeline.caption_program((graphdef, state), tokenizer.special.mask, mesh, trace)
+    program = pipeline.caption_program((graphdef, state), tokenizer.special.mask, mesh, trace,
+                                       programs.weight_layouts(args.quantize, target.platform))
     placed = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype,
                                                          sharding=program.input_sharding(v)), inputs)
 

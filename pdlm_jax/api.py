@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pdlm_jax import compilation_cache as compilation_cache_lib
-from pdlm_jax import pipeline, sharding
+from pdlm_jax import pipeline, programs, sharding
 from pdlm_jax.answering import QuestionAnswerer
 from pdlm_jax.asset_paths import DEMO_MODEL
 from pdlm_jax.config import DTYPES, PDLMConfig, preset
@@ -85,13 +85,15 @@ class RegionCaptioner(ModelHandle):
     """A loaded region-captioning model, its tokenizer and its compiled programs (one per input bucket).
 
     `sampler`: the checkpoint's sampler.json values (gen_length and steps when a call gives none; else the
-    reference's 32/32). `trace`: wraps the program's lowering (pdlm_jax.quantize for int8 weights).
+    reference's 32/32). `trace`: wraps the program's lowering (pdlm_jax.quantize for int8 weights);
+    `weight_layouts`: see `programs.Program`.
     """
 
     def __init__(self, cfg: PDLMConfig, model: PerceptionDLM, tokenizer: Tokenizer, mesh: Mesh | None = None,
-                 sampler: Mapping | None = None, limits: Limits | None = None, trace=None):
-        super().__init__(cfg, tokenizer, pipeline.caption_program(model, tokenizer.special.mask, mesh, trace), mesh,
-                         sampler, limits)
+                 sampler: Mapping | None = None, limits: Limits | None = None, trace=None,
+                 weight_layouts: str = "default"):
+        program = pipeline.caption_program(model, tokenizer.special.mask, mesh, trace, weight_layouts)
+        super().__init__(cfg, tokenizer, program, mesh, sampler, limits)
 
     def caption_regions(self, image: ImageInput | TiledImage, masks: Sequence[MaskInput] | None = None,
                         settings: GenerationSettings | None = None, *, question: str = DEFAULT_QUESTION,
@@ -351,7 +353,9 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
     trace = None
     if quantize is not None:
         model, trace = quantize_lib.quantize_model(model, quantize)
-    return RegionCaptioner(cfg, model, tokenizer, mesh, sampler, limits, trace)
+    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+    return RegionCaptioner(cfg, model, tokenizer, mesh, sampler, limits, trace,
+                           programs.weight_layouts(quantize, platform))
 
 
 def load_random(cfg: PDLMConfig | str, tokenizer_dir: str | Path, dtype: str = "bfloat16", seed: int = 0,

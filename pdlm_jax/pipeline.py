@@ -209,9 +209,10 @@ def _caption_pass(graphdef, state, x: ProgramInputs, *, mask_id: int, bucket: Bu
 
 
 def caption_program(model: nnx.Module | tuple, mask_id: int, mesh: Mesh | None = None,
-                    trace: Callable[[Callable], Callable] | None = None) -> Program:
+                    trace: Callable[[Callable], Callable] | None = None, weight_layouts: str = "default") -> Program:
     """The captioning pass of `model` as a `Program` (one executable per `Bucket`; it takes `ProgramInputs`).
 
     Its outputs: slot tokens (batch, regions·G) int32 and the forwards run; with `bucket.history`, also the slot
     tokens after each forward."""
-    return Program("captioning", functools.partial(_caption_pass, mask_id=mask_id), model, mesh, trace)
+    return Program("captioning", functools.partial(_caption_pass, mask_id=mask_id), model, mesh, trace,
+                   weight_layouts)

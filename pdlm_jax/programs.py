@@ -16,6 +16,7 @@ from typing import Callable, Hashable
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental.layout import Format, Layout
 from jax.sharding import Mesh
 
 from pdlm_jax import sharding
@@ -23,6 +24,14 @@ from pdlm_jax import sharding
 log = logging.getLogger(__name__)
 
 LENGTH_MULTIPLE = 64
+WEIGHT_LAYOUTS = ("default", "auto")
+
+
+def weight_layouts(quantize: str | None, platform: str) -> str:
+    """A `Program`'s `weight_layouts` for a model quantized as `quantize` (None: float) on `platform`: "auto"
+    for quantized weights on an accelerator; "default" for float weights (laid out as their matmuls read them)
+    and on the CPU (jax 0.10.2's CPU client cannot place an int4 array in the packed layout its programs choose)."""
+    return "auto" if quantize and platform != "cpu" else "default"
 
 
 def padded_length(length: int) -> int:
@@ -37,12 +46,22 @@ class Program:
     survive a merge + split). With a `mesh`, the parameters must already be placed in their shardings
     (`api.load(mesh=...)`); inputs are split over the mesh's batch axes (`input_sharding`) and the outputs are
     replicated. `trace` wraps the tracing of each executable (qwix interception for a quantized model).
+
+    `weight_layouts="auto"`: the compiler chooses the weights' memory layouts. XLA:GPU's int4 matmuls take the
+    kernel with its contracting axis minor; given the default layout it copies every stacked int4 kernel into
+    that layout before the layer loop, which costs as much memory as the weights themselves. The first compile
+    chooses the layouts and the state moves into them (one copy, at load); every later bucket is compiled for
+    the same layouts.
     """
 
     def __init__(self, name: str, body: Callable, model: nnx.Module | tuple, mesh: Mesh | None = None,
-                 trace: Callable[[Callable], Callable] | None = None):
+                 trace: Callable[[Callable], Callable] | None = None, weight_layouts: str = "default"):
+        if weight_layouts not in WEIGHT_LAYOUTS:
+            raise ValueError(f"weight_layouts must be one of {WEIGHT_LAYOUTS}, got {weight_layouts!r}")
         self.name, self.body, self.mesh, self.trace = name, body, mesh, trace
         self.graphdef, self.state = model if isinstance(model, tuple) else nnx.split(model)
+        self.weight_layouts = weight_layouts
+        self._state_formats = None  # the layouts the first compile chose (weight_layouts="auto")
         self._compiled: dict[Hashable, jax.stages.Compiled] = {}
 
     @property
@@ -67,7 +86,12 @@ class Program:
     def lower(self, bucket: Hashable, inputs) -> jax.stages.Lowered:
         """The program of `bucket` traced and lowered for these inputs (abstract ones will do: `pdlm-aot` plans
         with it), not compiled."""
-        fn = jax.jit(functools.partial(self.body, self.graphdef, bucket=bucket),
+        in_shardings = None
+        if self.weight_layouts == "auto":
+            formats = self._state_formats or jax.tree.map(lambda leaf: Format(Layout.AUTO, leaf.sharding),
+                                                          self.state)
+            in_shardings = (formats, None)  # the inputs keep their own placement
+        fn = jax.jit(functools.partial(self.body, self.graphdef, bucket=bucket), in_shardings=in_shardings,
                      out_shardings=None if self.mesh is None else sharding.replicated(self.mesh))
         lower = lambda: fn.lower(self.state, inputs)  # noqa: E731
         return self.trace(lower)() if self.trace else lower()
@@ -78,8 +102,11 @@ class Program:
             return self._compiled[bucket], 0.0
         log.info("compiling the %s program for %s (once per bucket)", self.name, bucket)
         start = time.perf_counter()
-        self._compiled[bucket] = self.lower(bucket, inputs).compile()
-        return self._compiled[bucket], time.perf_counter() - start
+        exe = self._compiled[bucket] = self.lower(bucket, inputs).compile()
+        if self.weight_layouts == "auto" and self._state_formats is None:
+            self._state_formats = exe.input_formats[0][0]
+            self.state = jax.device_put(self.state, self._state_formats)
+        return exe, time.perf_counter() - start
 
     def run(self, bucket: Hashable, inputs) -> tuple[object, float]:
         """(the outputs, fetched to the host; the seconds spent compiling for this call)."""

@@ -16,6 +16,18 @@ from helpers import FakeDevices, encode_rle, fixture_dir
 SESSION_JAX_CACHE: dict = {}
 
 
+# The longest test files (minutes of CPU each on a 2-core machine), run first: pytest-xdist hands whole files to
+# its workers in collection order, and a long file started last would leave the other worker idle at the end.
+LONGEST_FIRST = ("test_aot.py", "test_lora.py", "test_train_resume.py", "test_train_runops.py",
+                 "test_train_multiprocess.py", "test_train_workers.py", "test_train_recipe.py",
+                 "test_train_sharding.py", "test_data_tools.py", "test_sharded_infer.py", "test_serve.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
+
+
 def pytest_configure(config):
     """One persistent compilation cache for the session and every subprocess it starts (they inherit the
     environment): a program compiled once (the demo model's, a fixture's) is read back by later test modules,

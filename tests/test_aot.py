@@ -3,11 +3,12 @@ the `aot` extra (libtpu, the CUDA plugin) is installed."""
 
 import importlib.util
 import json
+import re
 
 import pytest
 
 from aot import cli as aot
-from pdlm_jax import PDLMError, hardware
+from pdlm_jax import PDLMError, hardware, programs
 
 HAS_TPU = importlib.util.find_spec("libtpu") is not None
 HAS_CUDA = importlib.util.find_spec("jax_cuda13_plugin") is not None or \
@@ -87,6 +88,32 @@ def test_tiny_infer_compiles_for_h100(capsys, tmp_path):
     assert int8["memory_per_device_bytes"]["arguments"] < result["memory_per_device_bytes"]["arguments"]
     # The analytic count of one loop iteration agrees with XLA's count of the same program on the CPU.
     assert 0.5 < result["flops_check"]["ratio"] < 1.5
+
+
+def int4_arrays_made(hlo: str) -> list[str]:
+    """The int4 arrays a compiled program computes (transposes, copies, fusions) rather than reads or slices."""
+    read = {"parameter", "get-tuple-element", "bitcast", "dynamic-slice", "tuple"}
+    made = (re.search(r"= (s4\[[^\]]*\]\{[^}]*\}) ([\w-]+)\(", line) for line in hlo.splitlines())
+    return [m.group(1) for m in made if m and m.group(2) not in read]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the aot extra's CUDA plugin is not installed (pip install '.[aot]')")
+def test_int4_kernels_keep_the_layout_gpu_matmuls_read(monkeypatch):
+    # XLA:GPU's int4 matmuls read a kernel with its contracting axis minor. Given the default layout, the program
+    # lays every int4 kernel out again (as much memory as the weights); with the layouts it chooses itself
+    # (programs.weight_layouts: pdlm-infer --quantize and pdlm-aot on an accelerator) it computes no int4 array
+    target = hardware.target("rtx4090")
+    assert programs.weight_layouts("int4", target.platform) == "auto"
+    args = aot.build_parser().parse_args(["--target", "rtx4090", "--task", "infer", "--preset", "tiny", "--masks",
+                                          "6", "--gen-length", "4", "--steps", "4", "--tiles", "3", "--attention",
+                                          "xla", "--quantize", "int4"])
+    made, temporaries = {}, {}
+    for layouts in ("default", "auto"):
+        monkeypatch.setattr(programs, "weight_layouts", lambda quantize, platform: layouts)
+        exe = aot.infer_program(args, target)["lower"]().compile()
+        made[layouts], temporaries[layouts] = int4_arrays_made(exe.as_text()), exe.memory_analysis().temp_size_in_bytes
+    assert made["default"] and not made["auto"]
+    assert temporaries["auto"] < temporaries["default"]
 
 
 @pytest.mark.skipif(not HAS_TPU, reason="the aot extra's libtpu is not installed (pip install '.[aot]')")

@@ -216,3 +216,21 @@ def test_bucket_choice():
     assert (b.tiles, b.regions, b.gen_length, b.length, b.sample, b.nucleus) == (7, 4, 8, 192, False, False)
     assert choose_bucket(7, 5, 128, 6, settings(0.5, 0.9)).regions == 6
     assert choose_bucket(1, 1, 64, 6, settings(0.5, 1.0)).nucleus is False
+
+
+def test_compiler_chosen_weight_layouts_are_token_exact():
+    # weight_layouts="auto" (quantized models on accelerators, programs.weight_layouts): the first compile picks
+    # the weights' layouts and the state moves into them; later buckets compile for the same layouts
+    name = "tiny_v1"
+    cfg = fixture_config(name)
+    handle = RegionCaptioner(cfg, from_tree(cfg, _tree(name), dtype=jnp.float32), Tokenizer(fixture_dir(name)),
+                             weight_layouts="auto")
+    image, masks = _inputs(name)
+    for regions in (masks, masks[:1]):  # two buckets
+        want = _shared_handle(name).caption_regions(image, regions, **_generation(name))
+        got = handle.caption_regions(image, regions, **_generation(name))
+        assert [r["token_ids"] for r in got["regions"]] == [r["token_ids"] for r in want["regions"]]
+    assert handle.num_compiled == 2
+    for exe in handle.program.executables.values():
+        chosen = jax.tree.leaves(exe.input_formats[0][0])
+        assert [leaf.format for leaf in jax.tree.leaves(handle.program.state)] == chosen
