@@ -116,6 +116,28 @@ def test_int4_kernels_keep_the_layout_gpu_matmuls_read(monkeypatch):
     assert temporaries["auto"] < temporaries["default"]
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="the aot extra's CUDA plugin is not installed (pip install '.[aot]')")
+def test_xla_attention_then_output_projection_compiles_for_h100():
+    # The 8B prefix-cached captioning program's shapes (k = 6, batch 8: 204 caption rows an image against 2176
+    # keys, 32 heads of 128): fused into the output projection's GEMM, the attention output's transpose left
+    # XLA:GPU's Triton tiling without a tile ("Couldn't find output tile sizes")
+    import jax
+    import jax.numpy as jnp
+
+    from pdlm_jax.ops.attention import dot_product_attention
+
+    device = hardware.target("h100").devices()[0]
+
+    def attend_and_project(q, k, v, w, residual):
+        out = dot_product_attention(q, k, v, implementation="xla")
+        return residual + out.reshape(residual.shape) @ w
+
+    shapes = [(8, 204, 32, 128), (8, 2176, 32, 128), (8, 2176, 32, 128), (4096, 4096), (8 * 204, 4096)]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding) for shape in shapes]
+    jax.jit(attend_and_project).lower(*args).compile()
+
+
 @pytest.mark.skipif(not HAS_TPU, reason="the aot extra's libtpu is not installed (pip install '.[aot]')")
 def test_single_chip_tpu_devices():
     # libtpu assumes hosts of 2x2 chips; one v5e chip is a host of its own
