@@ -31,6 +31,22 @@ def test_base_model_is_asked_one_question_of_every_type(converted):
     assert report["questions"] == sum(t["total"] for t in report["by_type"].values()) >= 2 * 3
 
 
+def test_blank_image_asks_about_grey_and_refuses_region_models(converted, capsys, monkeypatch):
+    from pdlm_jax.answering import QuestionAnswerer
+
+    seen, answer = [], QuestionAnswerer.answer
+
+    def recording(self, image, *args, **kwargs):
+        seen.append(np.unique(image).tolist())
+        return answer(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(QuestionAnswerer, "answer", recording)
+    report = train_eval.evaluate(converted("base_tiny"), scenes=1, gen_length=8, block_length=8, steps=8, blank=True)
+    assert report["blank"] and len(seen) == report["questions"] >= 3 and all(s == [128] for s in seen)
+    assert train_eval.main(["--blank-image", "--scenes", "1"]) == 2  # the demo model is a region model
+    assert "--blank-image" in capsys.readouterr().err
+
+
 def test_base_start_composes_a_pretrained_vision_tower_with_a_random_lm(tmp_path, monkeypatch):
     import jax
 

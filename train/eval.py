@@ -111,9 +111,10 @@ def caption_run(model, scenes: int, seed: int, settings, rotated: float = 0.0,
             "top_errors": dict(sorted(confusions.items(), key=lambda kv: -kv[1])[:10]), "tokens": tokens}
 
 
-def question_run(model, scenes: int, seed: int, settings, verbose: bool = False) -> dict:
+def question_run(model, scenes: int, seed: int, settings, verbose: bool = False, blank: bool = False) -> dict:
     """One pass of a QuestionAnswerer over held-out scenes of the "sentences" task: one question of every type
-    each scene admits."""
+    each scene admits. `blank`: ask them about a uniform grey image instead (what the model answers without
+    looking: a type scored the same both ways is answered from the question alone)."""
     by_type: dict[str, list[int]] = {}
     confusions: dict[str, int] = {}
     tokens, seconds, forwards, images = [], 0.0, 0, 0
@@ -122,7 +123,8 @@ def question_run(model, scenes: int, seed: int, settings, verbose: bool = False)
         rng = np.random.default_rng([seed, i, 2])
         images += 1
         for kind, question, truth in synthetic.one_question_per_type(scene, rng):
-            result = model.answer(scene.image, question, settings)
+            image = np.full_like(scene.image, 128) if blank else scene.image
+            result = model.answer(image, question, settings)
             seconds += result["seconds"] - result["compile_seconds"]
             forwards += result["forwards"]
             tokens.append(result["token_ids"])
@@ -146,37 +148,43 @@ def _agreement(tokens: list, reference: list) -> float:
     return same / max(sum(len(a) for a in reference), 1)
 
 
-def _check_kind(checkpoint, adapter, modes: list[str], annotations: str | None, **settings) -> None:
+def _check_kind(checkpoint, adapter, modes: list[str], annotations: str | None, blank: bool = False,
+                **settings) -> None:
     """PDLMError for settings the checkpoint's kind cannot use, before its weights load."""
     from pdlm_jax.checkpoint import load_config
     from pdlm_jax.generation import for_checkpoint
 
     for mode in modes:
         for_checkpoint(checkpoint, adapter, mode=mode, **settings)
-    if annotations is not None and load_config(checkpoint).is_base:
+    base = load_config(checkpoint).is_base
+    if annotations is not None and base:
         raise PDLMError("--annotations: a PerceptionDLM-Base model is evaluated on the synthetic task's "
                         "questions; give --scenes only")
+    if blank and not base:
+        raise PDLMError("--blank-image: only a PerceptionDLM-Base model answers about a whole image; a region "
+                        "model's captions need the scene's masks")
 
 
 def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen_length: int | None = None,
              steps: int | None = None, dtype: str = "auto", verbose: bool = False, cache: str = "none",
              unmask: str = "remask", rotated: float = 0.0, quantize: str | None = None, adapter: str | None = None,
              colors: tuple[str, ...] = synthetic.COLORS, compare: bool = False, annotations: str | None = None,
-             block_length: int | None = None, task: str = "shapes") -> dict:
+             block_length: int | None = None, task: str = "shapes", blank: bool = False) -> dict:
     """Accuracy of `checkpoint` (a region model, or a Base model on the task's questions). `quantize` /
     `adapter` as `pdlm_jax.load`; `compare`: also run the plain checkpoint (same dtype, same sampler) and report
     the fraction of generated tokens and of captions/answers that agree with it; `annotations`: judge the first
-    `scenes` records of this annotation file instead of synthetic scenes (region models)."""
+    `scenes` records of this annotation file instead of synthetic scenes (region models); `blank`: Base models
+    answer about a grey image instead of each scene (`question_run`)."""
     import pdlm_jax
     from pdlm_jax.api import RegionCaptioner
     from pdlm_jax.generation import Mode
 
     mode = Mode.parse(cache, unmask).name
-    _check_kind(checkpoint, adapter, [mode], annotations, gen_length=gen_length, steps=steps,
+    _check_kind(checkpoint, adapter, [mode], annotations, blank, gen_length=gen_length, steps=steps,
                 block_length=block_length)
     model = pdlm_jax.load(checkpoint, dtype=dtype, quantize=quantize, adapter=adapter)
     report = _one_pass(model, mode, scenes, seed, gen_length, steps, block_length, rotated, colors, annotations,
-                       verbose, task)
+                       verbose, task, blank)
     if compare:
         plain = _one_pass(pdlm_jax.load(checkpoint, dtype=dtype), mode, scenes, seed, gen_length, steps, block_length,
                           rotated, colors, annotations, False, task)
@@ -188,11 +196,11 @@ def evaluate(checkpoint: str | Path, scenes: int, seed: int = HELD_OUT_SEED, gen
     return {"checkpoint": str(checkpoint), "kind": kind, "task": "sentences" if kind == "base" else task,
             "scenes": scenes, "seed": seed, "annotations": annotations,
             "mode": mode, "dtype": dtype, "rotated": rotated, "colors": list(colors), "quantize": quantize,
-            "adapter": adapter, **report}
+            "adapter": adapter, **({"blank": True} if blank else {}), **report}
 
 
 def _one_pass(model, mode: str, scenes: int, seed: int, gen_length, steps, block_length, rotated, colors,
-              annotations, verbose, task: str = "shapes") -> dict:
+              annotations, verbose, task: str = "shapes", blank: bool = False) -> dict:
     from pdlm_jax.api import RegionCaptioner
 
     settings = model.settings(gen_length=gen_length, steps=steps, block_length=block_length, mode=mode)
@@ -200,7 +208,7 @@ def _one_pass(model, mode: str, scenes: int, seed: int, gen_length, steps, block
     if isinstance(model, RegionCaptioner):
         report = caption_run(model, scenes, seed, settings, rotated, colors, annotations, verbose, task)
     else:
-        report = question_run(model, scenes, seed, settings, verbose)
+        report = question_run(model, scenes, seed, settings, verbose, blank)
     resolved = {k: getattr(settings, k) for k in ("gen_length", "block_length", "steps")
                 if getattr(settings, k) is not None}
     return {**resolved, **report, "seconds": time.perf_counter() - start}
@@ -268,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare", action="store_true",
                     help="also run the plain --checkpoint and report token and caption agreement")
     ap.add_argument("--verbose", action="store_true", help="print every wrong caption or answer")
+    ap.add_argument("--blank-image", action="store_true",
+                    help="Base models: ask every question about a uniform grey image instead of its scene (which "
+                         "question types the model answers without looking)")
     args = ap.parse_args(argv)
     checkpoint = args.checkpoint or str(DEMO_MODEL)
     from pdlm_jax.files import write_json_atomic
@@ -283,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         report = evaluate(checkpoint, args.scenes, args.seed, args.gen_length, args.steps, args.dtype, args.verbose,
                           args.cache, args.unmask, args.rotated, None if args.quantize == "none" else args.quantize,
-                          args.adapter, args.colors, args.compare, args.annotations, args.block_length, args.task)
+                          args.adapter, args.colors, args.compare, args.annotations, args.block_length, args.task,
+                          args.blank_image)
     except PDLMError as e:
         print(f"train.eval: error: {e}", file=sys.stderr)
         return 2
