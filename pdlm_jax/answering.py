@@ -177,20 +177,23 @@ def _answer_program(graphdef, state, x: QuestionInputs, *, cfg: PDLMConfig, mask
 
 
 def answer_program(model: nnx.Module | tuple, cfg: PDLMConfig, mask_id: int, mesh: Mesh | None = None,
-                   trace: Callable[[Callable], Callable] | None = None) -> Program:
+                   trace: Callable[[Callable], Callable] | None = None, weight_layouts: str = "default") -> Program:
     """The answering program of `model` (one executable per `Bucket`; it takes `QuestionInputs`)."""
-    return Program("answering", functools.partial(_answer_program, cfg=cfg, mask_id=mask_id), model, mesh, trace)
+    return Program("answering", functools.partial(_answer_program, cfg=cfg, mask_id=mask_id), model, mesh, trace,
+                   weight_layouts)
 
 
 class QuestionAnswerer(ModelHandle):
-    """A loaded PerceptionDLM-Base model, its tokenizer and its compiled programs (one per bucket)."""
+    """A loaded PerceptionDLM-Base model, its tokenizer and its compiled programs (one per bucket). `trace` and
+    `weight_layouts`: of a quantized model, as for `api.RegionCaptioner`."""
 
     def __init__(self, cfg: PDLMConfig, model: PerceptionDLM, tokenizer: Tokenizer, mesh: Mesh | None = None,
-                 sampler: Mapping | None = None, limits: Limits | None = None, trace=None):
+                 sampler: Mapping | None = None, limits: Limits | None = None, trace=None,
+                 weight_layouts: str = "default"):
         if not cfg.is_base:
             raise PDLMError("QuestionAnswerer needs a PerceptionDLM-Base checkpoint (config variant 'base')")
-        super().__init__(cfg, tokenizer, answer_program(model, cfg, tokenizer.special.mask, mesh, trace), mesh,
-                         sampler, limits)
+        program = answer_program(model, cfg, tokenizer.special.mask, mesh, trace, weight_layouts)
+        super().__init__(cfg, tokenizer, program, mesh, sampler, limits)
 
     def answer(self, image: ImageInput | TiledImage, question: str, settings: GenerationSettings | None = None, *,
                return_steps: bool = False, **overrides) -> dict:

@@ -348,14 +348,13 @@ def load(checkpoint_dir: str | Path = DEMO_MODEL, dtype: str = "auto", compilati
                       attention_implementation=attention_implementation(attention, DTYPES[dtype]))
     limits = Limits(cfg, tokenizer, position_budget(checkpoint_dir))
     sampler = read_sampler(sampler_source(checkpoint_dir, adapter))
-    if cfg.is_base:  # PerceptionDLM-Base: question answering (pdlm_jax.answering)
-        return QuestionAnswerer(cfg, model, tokenizer, mesh, sampler, limits)
     trace = None
     if quantize is not None:
         model, trace = quantize_lib.quantize_model(model, quantize)
     platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-    return RegionCaptioner(cfg, model, tokenizer, mesh, sampler, limits, trace,
-                           programs.weight_layouts(quantize, platform))
+    # PerceptionDLM-Base answers questions (pdlm_jax.answering), the region model captions regions
+    handle = QuestionAnswerer if cfg.is_base else RegionCaptioner
+    return handle(cfg, model, tokenizer, mesh, sampler, limits, trace, programs.weight_layouts(quantize, platform))
 
 
 def load_random(cfg: PDLMConfig | str, tokenizer_dir: str | Path, dtype: str = "bfloat16", seed: int = 0,

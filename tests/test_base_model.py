@@ -234,3 +234,19 @@ def test_sharded_mesh_is_token_exact(checkpoint, handle, tmp_path, fake_devices)
     assert prefix["q_spec"] == [None, "fsdp", None]  # really sharded
     single = handle.answer(fixture_dir(NAME) / "image.png", oracle["question"], cache="prefix", **_settings(oracle))
     assert prefix["token_ids"] == single["token_ids"]
+
+
+def test_quantized_base_answers_with_int8_kernels(checkpoint):
+    # load(quantize=...) quantizes a Base model's linear kernels as it does a region model's
+    import jax
+    import jax.numpy as jnp
+
+    import pdlm_jax
+
+    handle = pdlm_jax.load(checkpoint, quantize="int8")
+    kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(handle.program.state)
+               if jax.tree_util.keystr(path).endswith("['qvalue']")]
+    assert kernels and all(k.dtype == jnp.int8 for k in kernels)
+    result = handle.answer(fixture_dir(NAME) / "image.png", fixture_oracle(NAME)["question"], gen_length=8,
+                           block_length=8, steps=8)
+    assert len(result["token_ids"]) == 8

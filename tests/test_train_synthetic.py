@@ -27,14 +27,22 @@ def _check_drawing(scene, colors: list[str]) -> None:
     assert background[0].min() >= 190  # light: HSV value >= 0.88 and saturation <= 0.15
 
 
-def test_scenes_follow_the_task_definition():
+def _scenes(task: str, count: int = 60):
+    """(scene, height, width) of `count` scenes of `task`, each with a valid size and 1-6 shapes; every number of
+    shapes must occur."""
     counts = set()
-    for i in range(60):
-        scene = synthetic.make_scene(11, i)
+    for i in range(count):
+        scene = synthetic.make_scene(11, i, task=task)
         h, w, _ = scene.image.shape
         assert 128 <= h <= 512 and 128 <= w <= 512
         assert 1 <= len(scene.masks) == len(scene.captions) <= 6
         counts.add(len(scene.masks))
+        yield scene, h, w
+    assert counts == set(range(1, 7))
+
+
+def test_scenes_follow_the_task_definition():
+    for scene, h, w in _scenes("shapes"):
         colors = []
         for mask, caption in zip(scene.masks, scene.captions):
             a, color, shape = caption.split(" ")
@@ -44,7 +52,6 @@ def test_scenes_follow_the_task_definition():
             side = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
             assert side >= min(h, w) / 8 - 1  # minimum width >= 1/8 of the shorter side, less rasterisation
         _check_drawing(scene, colors)
-    assert counts == set(range(1, 7))
     np.testing.assert_array_equal(synthetic.make_scene(11, 3).image, synthetic.make_scene(11, 3).image)
 
 
@@ -58,13 +65,8 @@ def _place(mask: np.ndarray) -> str:
 
 
 def test_sentence_scenes_follow_the_task_definition():
-    counts, sizes = set(), set()
-    for i in range(60):
-        scene = synthetic.make_scene(11, i, task="sentences")
-        h, w, _ = scene.image.shape
-        assert 128 <= h <= 512 and 128 <= w <= 512
-        assert 1 <= len(scene.masks) == len(scene.captions) <= 6
-        counts.add(len(scene.masks))
+    sizes = set()
+    for scene, h, w in _scenes("sentences"):
         colors = []
         for mask, caption in zip(scene.masks, scene.captions):
             words = caption.split(" ")
@@ -79,7 +81,7 @@ def test_sentence_scenes_follow_the_task_definition():
             for centre in ((xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h):  # fractions of the side
                 assert min(abs(centre - 1 / 3), abs(centre - 2 / 3)) >= 0.04  # clear of the third lines
         _check_drawing(scene, colors)
-    assert counts == set(range(1, 7)) and sizes == {"small", "large"}
+    assert sizes == {"small", "large"}
     assert not np.array_equal(synthetic.make_scene(11, 3, task="sentences").image, synthetic.make_scene(11, 3).image)
 
 
