@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pdlm_jax.asset_paths import DEMO_MODEL
+from pdlm_jax.asset_paths import DEMO_SHAPES_MODEL
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.files import write_json_atomic
 from pdlm_jax.lora import BASES
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--image", help="image file whose tiling sets the geometry (instead of --tiles)")
     inf.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     inf.add_argument("--quantize", choices=("int8", "int4"), help="weight-only int8 or int4 (pdlm-infer --quantize)")
-    inf.add_argument("--tokenizer", default=str(DEMO_MODEL),
+    inf.add_argument("--tokenizer", default=str(DEMO_SHAPES_MODEL),
                      help="tokenizer directory (prompt length; any tokenizer with the special tokens)")
     tr = p.add_argument_group("train")
     tr.add_argument("--length", type=int, help="padded sequence length (default: the config's largest bucket)")

@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {  # name -> the module that defines it
     "DEMO_MODEL": "pdlm_jax.asset_paths",
+    "DEMO_SHAPES_MODEL": "pdlm_jax.asset_paths",
     "DEMO_SCENE": "pdlm_jax.asset_paths",
     "PDLMConfig": "pdlm_jax.config",
     "PDLMError": "pdlm_jax.errors",

@@ -18,12 +18,12 @@ for base in f32 bf16 int8 int4; do
   run=runs/demo_lora_$base
   /usr/bin/time -v .venv/bin/pdlm-train --no-progress --config configs/finetune_demo_lora.yaml \
     lora.base=$base run.output_dir=$run > "$run.log" 2>&1
-  $py -m train.eval --adapter $run/adapter --colors red,green,blue,yellow,purple --scenes 100 \
+  $py -m train.eval --checkpoint pdlm_jax/assets/demo_shapes_model --adapter $run/adapter --colors red,green,blue,yellow,purple --scenes 100 \
     --json "$out/${base}_five_colours.json"
-  $py -m train.eval --adapter $run/adapter --scenes 100 --json "$out/${base}_original_task.json"
+  $py -m train.eval --checkpoint pdlm_jax/assets/demo_shapes_model --adapter $run/adapter --scenes 100 --json "$out/${base}_original_task.json"
 done
 # a quantized base's adapter on the quantized weights it trained against (pdlm-infer --quantize Q --adapter)
 for q in int8 int4; do
-  $py -m train.eval --adapter runs/demo_lora_$q/adapter --quantize $q --colors red,green,blue,yellow,purple \
+  $py -m train.eval --checkpoint pdlm_jax/assets/demo_shapes_model --adapter runs/demo_lora_$q/adapter --quantize $q --colors red,green,blue,yellow,purple \
     --scenes 100 --json "$out/${q}_five_colours_on_${q}_weights.json"
 done

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from pdlm_jax import quantize
-from pdlm_jax.api import DEMO_MODEL
+from pdlm_jax.asset_paths import DEMO_SHAPES_MODEL
 from pdlm_jax.files import write_json_atomic
 from train.eval import evaluate
 
@@ -27,7 +27,7 @@ def main() -> None:
             continue
         if group:
             quantize.INT4_GROUP = group
-        result = evaluate(DEMO_MODEL, args.scenes, dtype="float32", quantize=mode, compare=mode is not None)
+        result = evaluate(DEMO_SHAPES_MODEL, args.scenes, dtype="float32", quantize=mode, compare=mode is not None)
         rows.append({"weights": name, **{k: result.get(k, 1.0) for k in ("accuracy", "regions", "token_agreement",
                                                                         "answer_agreement")}})
         print(json.dumps(rows[-1]), flush=True)

@@ -119,7 +119,7 @@ def test_validate_lists_every_bad_record(tmp_path, capsys):
 def test_stats_counts_regions_tokens_and_buckets(tmp_path, capsys):
     config = str(ROOT / "configs" / "finetune_demo_lora.yaml")
     assert data_tools.main(["stats", str(EXAMPLES / "annotations.json"), "--config", config,
-                            f"model.init_from={ROOT / 'pdlm_jax/assets/demo_model'}",
+                            f"model.init_from={ROOT / 'pdlm_jax/assets/demo_shapes_model'}",
                             f"model.tokenizer={ROOT / 'configs/demo_purple_tokenizer'}",
                             "--json", str(tmp_path / "s.json")]) == 0
     report = json.loads((tmp_path / "s.json").read_text())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pdlm_jax.asset_paths import DEMO_MODEL
+from pdlm_jax.asset_paths import DEMO_MODEL, DEMO_SHAPES_MODEL
 from train import demo, eval as train_eval
 
 
@@ -16,11 +16,13 @@ def test_mode_table_compares_every_mode_with_the_first(tmp_path, capsys):
                             "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["mode"] for r in rows] == ["exact", "prefix", "threshold:0.9"]
-    exact = rows[0]
-    assert exact["speedup"] == 1.0 and exact["token_agreement"] == 1.0 and exact["forwards_per_image"] == 3
-    assert all(0 <= r["token_agreement"] <= 1 and r["forwards_per_image"] <= 3 for r in rows)
+    exact, steps = rows[0], json.loads((DEMO_MODEL / "sampler.json").read_text())["steps"]
+    assert exact["speedup"] == 1.0 and exact["token_agreement"] == 1.0 and exact["forwards_per_image"] == steps
+    assert all(0 <= r["token_agreement"] <= 1 and r["forwards_per_image"] <= steps for r in rows)
     table = capsys.readouterr().out
     assert "| mode | forwards / image |" in table and "| threshold:0.9 |" in table
+    # the scenes are of the task each model was trained on (its provenance)
+    assert train_eval.trained_task(DEMO_MODEL) == "sentences" and train_eval.trained_task(DEMO_SHAPES_MODEL) == "shapes"
 
 
 def test_base_model_is_asked_one_question_of_every_type(converted):
@@ -53,10 +55,10 @@ def test_base_start_composes_a_pretrained_vision_tower_with_a_random_lm(tmp_path
     from pdlm_jax.checkpoint import load_config, restore_params
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the config's tokenizer path is the repository's
-    out = demo.base_start(DEMO_MODEL, "configs/demo2_base.yaml", tmp_path / "start")
+    out = demo.base_start(DEMO_SHAPES_MODEL, "configs/demo2_base.yaml", tmp_path / "start")
     assert load_config(out).is_base
     _, start = restore_params(out)
-    _, tower = restore_params(DEMO_MODEL)
+    _, tower = restore_params(DEMO_SHAPES_MODEL)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start["vision"]), jax.tree.leaves(tower["vision"])))
     assert start["lm"]["embed"]["embedding"].shape[0] == 512 != tower["lm"]["embed"]["embedding"].shape[0]
 

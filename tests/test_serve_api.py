@@ -27,6 +27,8 @@ openai = pytest.importorskip("openai", reason="pip install openai (test extra)")
 ROOT = Path(__file__).resolve().parent.parent
 SCENE = ROOT / "pdlm_jax" / "assets" / "demo_scene"
 CAPTIONS = json.loads((SCENE / "captions.json").read_text())
+SAMPLER = json.loads((ROOT / "pdlm_jax" / "assets" / "demo_model" / "sampler.json").read_text())
+G, S = SAMPLER["gen_length"], SAMPLER["steps"]  # the demo model's caption slots and steps
 MASK_FILES = sorted(SCENE.glob("mask_*.png"))
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -176,14 +178,14 @@ def test_openai_client_captions_regions(client):
     parts = [{"type": "image_url", "image_url": {"url": _url(p)}} for p in [SCENE / "image.png", *MASK_FILES]]
     reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": parts}])
     assert reply.choices[0].message.content.split("\n") == CAPTIONS
-    assert reply.usage.completion_tokens == 5 * 3
+    assert reply.usage.completion_tokens == 5 * G
 
     stream = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": parts}],
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content is not None]
-    assert len(texts) == 3 and "▢" in texts[0] and texts[-1].split("\n") == CAPTIONS
-    assert chunks[-1].usage.completion_tokens == 15
+    assert len(texts) == S and "▢" in texts[0] and texts[-1].split("\n") == CAPTIONS  # one text a step
+    assert chunks[-1].usage.completion_tokens == 5 * G
 
     with pytest.raises(openai.BadRequestError, match="only data URLs"):
         client.chat.completions.create(model="demo", messages=[{"role": "user", "content": [

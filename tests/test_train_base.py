@@ -16,7 +16,7 @@ from helpers import fixture_dir
 from PIL import Image
 
 from pdlm_jax import checkpoint as pdlm_ckpt
-from pdlm_jax.config import Quirks
+from pdlm_jax.config import Quirks, SamplerConfig
 from pdlm_jax.errors import PDLMError
 from pdlm_jax.regions.tokenizer import REGION_TOKENS, Tokenizer
 from train import conversations
@@ -127,6 +127,41 @@ def test_synthetic_questions_as_training_samples(base_tok, base_cfg):
         assert source.sample_input(i)[0] == conv
     with pytest.raises(PDLMError, match="length"):
         conversations.SyntheticConversations(8, 3, base_cfg, base_tok, TextFormat(10))  # the image would be cut
+
+
+def test_synthetic_descriptions(base_tok, base_cfg):
+    """data.synthetic_describe: that fraction of samples asks "Describe the image." and is answered with every
+    shape's caption once, in reading order; the longest description must fit the length buckets."""
+    from train import synthetic
+
+    fmt = TextFormat(4096, answer_padding=8)
+    source = conversations.SyntheticConversations(40, 3, base_cfg, base_tok, fmt, describe=0.5)
+    kinds = []
+    for i in range(40):
+        conv, _ = source.sample_input(i)
+        scene = synthetic.make_scene(3, i, task="sentences")
+        kinds.append(conv.turns[0].text == "<image>\n" + synthetic.DESCRIBE)
+        if kinds[-1]:
+            captions = conv.turns[1].text.split(", ")
+            assert sorted(captions) == sorted(scene.captions)
+            order = [(scene.items[scene.captions.index(c)].row, scene.items[scene.captions.index(c)].column)
+                     for c in captions]
+            assert order == sorted(order)
+    assert 10 < sum(kinds) < 30  # about half
+    questions_only = conversations.SyntheticConversations(40, 3, base_cfg, base_tok, fmt)
+    assert not any(questions_only.sample_input(i)[0].turns[0].text.endswith(synthetic.DESCRIBE) for i in range(40))
+    def length(question, answer):
+        conv = conversations.Conversation("x", "synthetic", (conversations.Turn("user", "<image>" + question),
+                                                             conversations.Turn("assistant", answer)))
+        tiles = base_cfg.region.max_tiles + (base_cfg.region.max_tiles > 1)  # the largest image, with a thumbnail
+        return len(conversations.sample_tokens(conv, tiles, base_cfg, base_tok, TextFormat(4096))[0])
+
+    one = synthetic.make_scene(0, 0, num_shapes=1, task="sentences")
+    question_length = max(length(q, "in the top left") for _, q, _ in synthetic.questions(one))
+    assert length(synthetic.DESCRIBE, ", ".join(["a small red circle in the top left"] * 6)) > question_length
+    conversations.SyntheticConversations(8, 3, base_cfg, base_tok, TextFormat(question_length))
+    with pytest.raises(PDLMError, match="length"):
+        conversations.SyntheticConversations(8, 3, base_cfg, base_tok, TextFormat(question_length), describe=0.5)
 
 
 def test_roles_follow_the_reference(base_tok, base_cfg):
@@ -309,6 +344,8 @@ def test_region_model_from_base_copies_every_base_tensor(tmp_path, base_ckpt):
                                   "run": {"output_dir": str(tmp_path / "run"), "seed": 3}})
     model_cfg = cfg.model_config()
     assert not model_cfg.is_base and model_cfg.quirks == Quirks() and model_cfg.region.prompt_numbers == 6
+    (base / "sampler.json").write_text(json.dumps({"gen_length": 8, "steps": 8, "block_length": 4}))
+    assert cfg.exported_sampler(model_cfg) == SamplerConfig(gen_length=8, steps=8)  # no block sampler's setting
 
     params = flatten(init_from.initial_params(cfg, model_cfg, shd.make_mesh("data:-1")))
     _, stored = pdlm_ckpt.restore_params(base, dtype=np.float32)

@@ -157,6 +157,25 @@ def test_sample_labels_cover_exactly_the_answer(tokenizer):
     assert np.all(s.inputs.input_ids[s.inputs.roi_positions[1]] == tokenizer.special.reserved[1])
 
 
+def test_caption_padding_fills_every_caption_to_the_slots(tokenizer):
+    """data.caption_padding: each caption is followed by LLaDA's EOS up to that many tokens, supervised, and the
+    load-time length estimate counts it."""
+    scene = synthetic.make_scene(3, 1, num_shapes=3)
+    record = Record(Image.fromarray(scene.image), scene.masks, scene.captions)
+    padding = max(len(tokenizer.encode(c)) for c in scene.captions) + 2
+    s = build_sample(record, [0, 1, 2], np.random.default_rng(0), CFG, tokenizer, caption_padding=padding)
+    answer = tokenizer.decode(s.labels[s.labels != IGNORE])
+    blocks = re.split(r"<\|Mask_Cap_\d\|>", answer.removesuffix("<|eot_id|>"))[1:]
+    by_area = [scene.captions[i] for i in np.argsort([m.sum() for m in scene.masks])[::-1]]
+    for block, caption in zip(blocks, by_area, strict=True):
+        block = block.removesuffix("\n")
+        fill = padding - len(tokenizer.encode(caption))
+        assert block == caption + "<|endoftext|>" * fill and fill >= 2
+    limits = Limits(CFG.region, tokenizer, DEFAULT_QUESTION, 6, 7, 512, caption_padding=padding)
+    tiles, length, answer_length = limits.longest_sample(record.image.size, scene.captions)
+    assert (length, answer_length) == (len(s.inputs.input_ids), len(s.answer_positions))
+
+
 def test_collate_pads_to_buckets(tokenizer):
     source = SyntheticRecords(4, seed=1)
     samples = [build_sample(source[i], list(range(len(source[i].masks))), np.random.default_rng(i), CFG,

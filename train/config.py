@@ -72,6 +72,9 @@ class DataConfig:
     synthetic_seed: int = 0
     synthetic_rotated: float = 0.0  # fraction of synthetic squares and triangles drawn at any angle
     synthetic_task: str = "shapes"  # train.synthetic.TASKS: "shapes" ("a red circle") or "sentences"
+    # Base models: the fraction of synthetic samples asking "Describe the image." (every shape's caption) instead
+    # of one question: a sentence of supervision about every shape, where a question gives a word or two
+    synthetic_describe: float = 0.0
     image_root: str | None = None  # relative image paths: tried against cwd, this, then the JSON's folder
     batch_size: int = 8  # global batch (all processes, before gradient accumulation)
     epochs: int = 1
@@ -82,6 +85,10 @@ class DataConfig:
     # The reference gives each sample's masks a random permutation of the prompt ids (§11.3.5); inference
     # uses id = area rank (§6.4.4). False trains like inference.
     random_prompt_ids: bool = True
+    # Region models: pad every caption with LLaDA's EOS (<|endoftext|>) to this many tokens; set it to the
+    # sampler's gen_length. 0, the reference: captions unpadded, so one shorter than the G slots each region
+    # gets at inference is filled with invented words (SPEC §14.11).
+    caption_padding: int = 0
     tile_buckets: tuple[int, ...] = (7,)  # padded tile counts (must cover max_tiles + thumbnail)
     length_buckets: tuple[int, ...] = (512,)  # padded sequence lengths
     # Padded answer lengths: the loss computes logits (A × vocab) at the answer positions only, A the smallest
@@ -197,7 +204,9 @@ class TrainConfig:
         from pdlm_jax.checkpoint import read_sampler
 
         stored = read_sampler(self.model.init_from) if self.model.init_from else {}
-        stored = {k: v for k, v in stored.items() if k in SAMPLER_FIELDS}
+        # a region model started from Base keeps its G and S, not the block sampler's block_length
+        fields = SAMPLER_FIELDS if self.model_config().is_base else set(SAMPLER_FIELDS) - {"block_length"}
+        stored = {k: v for k, v in stored.items() if k in fields}
         return SamplerConfig(**{**stored, **(self.model.sampler or {})})
 
     def exported_sampler(self, model_cfg: PDLMConfig) -> SamplerConfig | None:
@@ -282,6 +291,11 @@ def from_dict(d: dict) -> TrainConfig:
                         f"{cfg.model.vision_pos_embed_init!r}")
     if not 0.0 <= cfg.data.synthetic_rotated <= 1.0:
         raise PDLMError(f"data.synthetic_rotated is a fraction in [0, 1], got {cfg.data.synthetic_rotated}")
+    if not 0.0 <= cfg.data.synthetic_describe <= 1.0:
+        raise PDLMError(f"data.synthetic_describe is a fraction in [0, 1], got {cfg.data.synthetic_describe}")
+    if cfg.data.synthetic_describe and cfg.model.kind == "region":
+        raise PDLMError("data.synthetic_describe asks Base models to describe a scene; a region model "
+                        "(model.kind: region) learns captions from the scenes' masks: remove it")
     if not 0.0 <= cfg.optim.noise_t_min < 1.0:
         raise PDLMError(f"optim.noise_t_min must be in [0, 1), got {cfg.optim.noise_t_min}")
     _check_run_data_eval(cfg)
@@ -310,6 +324,7 @@ RANGES = (
     ("data.prefetch", lambda v: v >= 0, "at least 0"),
     ("data.synthetic_scenes", lambda v: v >= 0, "at least 0"),
     ("data.answer_padding", lambda v: v >= 0, "at least 0 (0: no padding)"),
+    ("data.caption_padding", lambda v: v >= 0, "at least 0 (0: no padding)"),
     ("data.group_divisor", lambda v: v > 0, "positive"),
     ("eval.batch_size", lambda v: v >= 1, "at least 1"),
     ("eval.max_records", lambda v: v >= 0, "at least 0"),

@@ -342,19 +342,28 @@ class SyntheticConversations:
     # shortcut that lowers the loss but is not there when a single question is asked.
     QA_TURNS = 1
 
-    def __init__(self, num_scenes: int, seed: int, cfg: PDLMConfig, tokenizer: Tokenizer, fmt: TextFormat):
+    def __init__(self, num_scenes: int, seed: int, cfg: PDLMConfig, tokenizer: Tokenizer, fmt: TextFormat,
+                 describe: float = 0.0):
         from train import synthetic
 
         self.name, self.num_scenes, self.seed, self.skipped = "synthetic task", int(num_scenes), int(seed), []
-        # the longest conversation there can be is checked as a record of a file is (T5.4)
+        self.describe = float(describe)  # the fraction of samples asking "Describe the image." (data.synthetic_describe)
+        # the longest conversation there can be must fit whole: a generated sample is never cut
         one = synthetic.make_scene(0, 0, num_shapes=1, task="sentences")
-        longest = sorted(synthetic.questions(one), key=lambda q: -len(q[1]))
+        question = max((q for _, q, _ in synthetic.questions(one)), key=len)
         answer = synthetic.Item("circle", "red", "small", 0, 0).place  # "in the top left": the longest answer
-        turns = [Turn("user", IMAGE_TAG + q) if i == 0 else Turn("user", q) for i, (_, q, _) in
-                 enumerate(longest[: self.QA_TURNS])]
-        conv = Conversation(self.name, "synthetic", tuple(t for u in turns for t in (u, Turn("assistant", answer))))
+        longest = [(question, answer)]
+        if self.describe:  # six of the longest captions
+            caption = synthetic.Item("triangle", "yellow", "small", 0, 0).caption
+            longest.append((synthetic.DESCRIBE, ", ".join([caption] * synthetic.MAX_SHAPES)))
         region = cfg.region
-        sample_tokens(conv, region.max_tiles + (region.use_thumbnail and region.max_tiles > 1), cfg, tokenizer, fmt)
+        tiles = region.max_tiles + (region.use_thumbnail and region.max_tiles > 1)
+        for question, answer in longest:
+            conv = Conversation(self.name, "synthetic", (Turn("user", IMAGE_TAG + question), Turn("assistant", answer)))
+            length = len(sample_tokens(conv, tiles, cfg, tokenizer, dataclasses.replace(fmt, max_length=2**31))[0])
+            if length > fmt.max_length:
+                raise PDLMError(f"synthetic task: a sample asking {question!r} can take {length} tokens; make the "
+                                f"largest of data.length_buckets ({fmt.max_length}) at least that")
 
     def __len__(self) -> int:
         return self.num_scenes
@@ -366,7 +375,8 @@ class SyntheticConversations:
         from train import synthetic
 
         scene = synthetic.make_scene(self.seed, index, task="sentences")
-        messages = synthetic.conversation(scene, np.random.default_rng([self.seed, index, 1]), self.QA_TURNS)
+        messages = synthetic.conversation(scene, np.random.default_rng([self.seed, index, 1]), self.QA_TURNS,
+                                          self.describe)
         conv = parse_conversation({"image": "synthetic", "conversations": messages}, self.label(index))
         return conv, Image.fromarray(scene.image)
 
@@ -390,7 +400,8 @@ def make_sources(data, cfg: PDLMConfig, tokenizer: Tokenizer) -> list:
     sources: list = [ConversationSource(f, cfg, tokenizer, fmt, max(data.tile_buckets), data.image_root,
                                         data.on_bad_record) for f in files]
     if data.synthetic_scenes > 0:
-        sources.append(SyntheticConversations(data.synthetic_scenes, data.synthetic_seed, cfg, tokenizer, fmt))
+        sources.append(SyntheticConversations(data.synthetic_scenes, data.synthetic_seed, cfg, tokenizer, fmt,
+                                              data.synthetic_describe))
     return sources
 
 

@@ -2,18 +2,20 @@
 
 `python -m train.demo tokenizer [--task shapes|sentences] --out DIR` builds a small byte-level BPE tokenizer
 (every caption and answer word of the synthetic task is one token; every special token of the real tokenizer is
-present, resolved by string). `python -m train.demo scene --out DIR` writes the bundled demo scene. The embedded
-demo model is trained with `pdlm-train --config configs/demo.yaml`; `scripts/train_demo2.sh` trains the models of
-the "sentences" task, starting from `python -m train.demo base-start` (a trained vision tower beside a random
-LM). `python -m train.demo curve --runs RUN... --out STEM` writes runs' training curves (mean loss per 100
-steps, and the periodic evaluation) as STEM.json and STEM.png. `python -m train.demo add-words --words purple
---out DIR` writes the demo model's tokenizer with new caption words, one token each (the LoRA recipe
+present, resolved by string). `python -m train.demo scene --out DIR` writes the bundled demo scene. The first
+demo model (three-word captions, DEMO_SHAPES_MODEL) is trained with `pdlm-train --config configs/demo.yaml`;
+`scripts/train_demo2.sh` trains the models of the "sentences" task (a Base model, then DEMO_MODEL from it),
+starting from `python -m train.demo base-start` (a pretrained vision tower beside a random LM).
+`python -m train.demo curve --runs RUN... --out STEM` writes runs' training curves (mean loss per 100 steps, and
+the periodic evaluation) as STEM.json and STEM.png. `python -m train.demo add-words --words purple --out DIR`
+writes the first demo model's tokenizer with new caption words, one token each (the LoRA recipe
 configs/finetune_demo_lora.yaml teaches the word).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -45,7 +47,7 @@ CORPORA = {
     "sentences": (PROMPTS + SENTENCES + QUESTIONS + ANSWERS, SENTENCES + ANSWERS, 512 - len(SPECIAL_TOKENS)),
 }
 VOCAB_SIZE = 512  # the sentences models' embedding rows: their tokenizer's ids rounded up
-DEMO_SCENE_INDEX = 4  # the first held-out 5-shape scene with all four colours and all three shapes
+DEMO_SCENE_INDEX = 4  # the first held-out 5-shape scene with all four colours, all three shapes and both sizes
 DEMO_SCENE_SEED = 12345
 
 
@@ -88,10 +90,10 @@ def add_words(out_dir: str | Path, words: list[str], base_dir: str | Path | None
 
     from tokenizers import AddedToken, Tokenizer
 
-    from pdlm_jax.asset_paths import DEMO_MODEL
+    from pdlm_jax.asset_paths import DEMO_SHAPES_MODEL
     from pdlm_jax.checkpoint import TOKENIZER_FILES
 
-    base, out = Path(base_dir or DEMO_MODEL), Path(out_dir)
+    base, out = Path(base_dir or DEMO_SHAPES_MODEL), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.from_file(str(base / "tokenizer.json"))
     tok.add_tokens([AddedToken(f" {w}", normalized=False) for w in words])
@@ -104,15 +106,17 @@ def add_words(out_dir: str | Path, words: list[str], base_dir: str | Path | None
 
 def write_demo_scene(out_dir: str | Path) -> None:
     """The bundled scene of `pdlm-infer --demo`: image.png and mask_{i}.png."""
-    scene = synthetic.make_scene(DEMO_SCENE_SEED, DEMO_SCENE_INDEX, num_shapes=5)
+    scene = synthetic.make_scene(DEMO_SCENE_SEED, DEMO_SCENE_INDEX, num_shapes=5, task="sentences")
     synthetic.write_scene(scene, out_dir)
     (Path(out_dir) / "captions.json").write_text(json.dumps(scene.captions, indent=2) + "\n")
 
 
-def base_start(vision: str | Path, config: str | Path, out: str | Path) -> Path:
+def base_start(vision: str | Path, config: str | Path, out: str | Path, pretrain_steps: int = 0) -> Path:
     """A Base starting checkpoint composed as the recipe composes Base stage 1 (SPEC-train-base T3,
     `pdlm-convert --compose`): the pretrained vision tower of checkpoint `vision` beside a randomly initialised
-    LM and projector (the config's model, run.seed), with the config's tokenizer."""
+    LM and projector (the config's model, run.seed), with the config's tokenizer. With `pretrain_steps`, the
+    tower is first pretrained that many steps on the synthetic scenes (train.tower_pretraining); the curve is
+    written beside the checkpoint as tower_pretraining.json."""
     import jax
     import numpy as np
 
@@ -129,10 +133,20 @@ def base_start(vision: str | Path, config: str | Path, out: str | Path) -> Path:
     tensors = restore_params(vision, dtype=np.float32)[1]["vision"]
     if jax.tree.map(np.shape, tensors) != jax.tree.map(np.shape, params["vision"]):
         raise PDLMError(f"--vision {vision}: its vision tower does not fit {config}'s vision config")
+    composed = {"vision": str(vision), "lm_and_projector": f"random, seed {cfg.run.seed}"}
+    curve = []
+    if pretrain_steps:
+        from train import tower_pretraining
+
+        run = tower_pretraining.TowerPretraining(pretrain_steps, seed=cfg.run.seed)
+        tensors, curve = tower_pretraining.pretrain(model_cfg, tensors, run)
+        composed["vision_pretraining"] = dataclasses.asdict(run)
     params["vision"] = tensors
-    return checkpointing.export(out, model_cfg, params, cfg.tokenizer_dir(), cfg.exported_sampler(model_cfg),
-                                {"composed": {"vision": str(vision),
-                                              "lm_and_projector": f"random, seed {cfg.run.seed}"}})
+    path = checkpointing.export(out, model_cfg, params, cfg.tokenizer_dir(), cfg.exported_sampler(model_cfg),
+                                {"composed": composed})
+    if curve:
+        (Path(out) / "tower_pretraining.json").write_text(json.dumps(curve, indent=1) + "\n")
+    return path
 
 
 CURVE_BIN = 100  # steps per point of a training curve
@@ -209,18 +223,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--task", choices=synthetic.TASKS, default="shapes", help="tokenizer: the task's words")
     ap.add_argument("--vision", help="base-start: the checkpoint whose vision tower to start from")
     ap.add_argument("--config", help="base-start: the Base demo's training config")
+    ap.add_argument("--pretrain-steps", type=int, default=0,
+                    help="base-start: first pretrain the tower this many steps on the synthetic scenes")
     args = ap.parse_args(argv)
     if args.what == "tokenizer":
         print(build_tokenizer(args.out, args.task))
     elif args.what == "add-words":
         print(add_words(args.out, args.words))
     elif args.what == "base-start":
+        import logging
+
         from pdlm_jax.errors import PDLMError
 
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+        logging.getLogger("pdlm-train").setLevel(logging.INFO)
         if not args.vision or not args.config:
             ap.error("base-start needs --vision and --config")
         try:
-            print(base_start(args.vision, args.config, args.out))
+            print(base_start(args.vision, args.config, args.out, args.pretrain_steps))
         except PDLMError as e:
             ap.exit(2, f"python -m train.demo: error: {e}\n")
     elif args.what == "curve":

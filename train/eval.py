@@ -248,6 +248,17 @@ def print_table(rows: list[dict], unit: str) -> None:
               f"{r['speedup']:.2f}x | {r['accuracy']:.1%} | {r['token_agreement']:.1%} |")
 
 
+def trained_task(checkpoint: str) -> str:
+    """The synthetic task a pdlm-train export was trained on (its provenance), else "shapes"."""
+    from pdlm_jax.files import as_path
+
+    try:
+        provenance = json.loads((as_path(checkpoint) / "provenance.json").read_text())
+    except (OSError, ValueError):
+        return "shapes"
+    return (provenance.get("config") or {}).get("data", {}).get("synthetic_task") or "shapes"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None, help="model directory (default: the embedded demo model)")
@@ -265,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "prefix:2,threshold:0.9,prefix+threshold:0.9 (the first is the baseline)")
     ap.add_argument("--repeats", type=int, default=3, help="--modes: timed passes per mode (the median is reported)")
     ap.add_argument("--json", type=Path, help="also write the report (or the --modes table) to this file")
-    ap.add_argument("--task", choices=synthetic.TASKS, default="shapes",
-                    help="region models: the synthetic task's captions (Base models: the questions of 'sentences')")
+    ap.add_argument("--task", choices=synthetic.TASKS,
+                    help="region models: the synthetic task's captions (default: the one the checkpoint was "
+                         "trained on; Base models: the questions of 'sentences')")
     ap.add_argument("--rotated", type=synthetic.fraction, default=0.0,
                     help="fraction of squares and triangles drawn at any angle (0: upright, as in training)")
     ap.add_argument("--quantize", choices=("none", "int8", "int4"), default="none", help="as pdlm-infer --quantize")
@@ -283,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = args.checkpoint or str(DEMO_MODEL)
     from pdlm_jax.files import write_json_atomic
 
+    args.task = args.task or trained_task(checkpoint)
     try:
         if args.modes:
             rows = mode_table(checkpoint, args.scenes, args.modes.split(","), args.repeats, args.seed, args.dtype,

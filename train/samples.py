@@ -61,6 +61,16 @@ def _box(mask: np.ndarray) -> tuple[float, float, float, float]:
     return mask_box(mask) if mask.any() else (0.0, 0.0, 0.0, 0.0)  # reference: empty mask -> zeros
 
 
+CAPTION_FILLER = "<|endoftext|>"  # LLaDA's EOS: caption decoding drops it; <|eot_id|> would end the reference parser's text
+
+
+def padded_captions(captions: Sequence[str], tokenizer: Tokenizer, length: int) -> list[str]:
+    """Each caption followed by CAPTION_FILLER until it spans `length` tokens (data.caption_padding; 0: as
+    they are). The reference trains captions unpadded but gives every region G slots at inference (SPEC
+    §14.11): a model never shown a caption shorter than G invents words to fill the slots."""
+    return [c + CAPTION_FILLER * max(length - len(tokenizer.encode(c)), 0) for c in captions]
+
+
 def training_text(num_tiles: int, num_image_tokens: int, captions: Sequence[str], question: str) -> tuple[str, str]:
     """(prefix through the assistant header, answer) of the chat template (SPEC §5.1, §11.3.4)."""
     prompt = build_prompt_text(num_tiles, num_image_tokens, len(captions), 0, question)
@@ -80,12 +90,13 @@ class Limits:
     max_tiles: int
     max_length: int
     max_answer: int | None = None  # the largest of data.answer_buckets, if any
+    caption_padding: int = 0
 
     @classmethod
     def of(cls, region, tokenizer: Tokenizer, data: DataConfig) -> "Limits":
         """The limits of the data section's question, mask groups and largest buckets."""
         return cls(region, tokenizer, data.question, data.group_divisor, max(data.tile_buckets),
-                   max(data.length_buckets), max(data.answer_buckets, default=None))
+                   max(data.length_buckets), max(data.answer_buckets, default=None), data.caption_padding)
 
     def longest_sample(self, size: tuple[int, int], captions: Sequence[str]) -> tuple[int, int, int]:
         """(tiles, tokens, answer tokens) of the record's longest possible sample: its largest mask group with
@@ -93,7 +104,8 @@ class Limits:
         cols, rows = select_grid(size[0], size[1], self.region)
         tiles = cols * rows + (1 if self.region.use_thumbnail and cols * rows > 1 else 0)
         k = math.ceil(len(captions) / groups_per_record(len(captions), self.group_divisor))
-        longest = sorted(captions, key=lambda c: len(self.tokenizer.encode(c)), reverse=True)[:k]
+        longest = sorted(padded_captions(captions, self.tokenizer, self.caption_padding),
+                         key=lambda c: len(self.tokenizer.encode(c)), reverse=True)[:k]
         prefix, answer = training_text(tiles, self.region.num_image_tokens, longest, self.question)
         return (tiles, len(self.tokenizer.encode(prefix + answer)) + k * (self.region.roi_tokens - 1),
                 len(self.tokenizer.encode(answer)))
@@ -112,8 +124,9 @@ class TrainBatch:
 
 def build_sample(record: Record, mask_indices: Sequence[int], rng: np.random.Generator, cfg: PDLMConfig,
                  tokenizer: Tokenizer, question: str = DEFAULT_QUESTION,
-                 random_prompt_ids: bool = True) -> TrainBatch:
-    """One unpadded training sample for the masks `mask_indices` of `record`."""
+                 random_prompt_ids: bool = True, caption_padding: int = 0) -> TrainBatch:
+    """One unpadded training sample for the masks `mask_indices` of `record` (its captions padded to
+    `caption_padding` tokens)."""
     region = cfg.region
     tiled = tile_image(record.image, region)
     masks = [record.masks[i] for i in mask_indices]
@@ -128,7 +141,8 @@ def build_sample(record: Record, mask_indices: Sequence[int], rng: np.random.Gen
     mask_patches = np.stack([patch_activity(visual_prompt_tiles(m, int(p), tiled.grid, region), region)
                              for m, p in zip(masks, prompt_ids)])
 
-    prefix, answer = training_text(tiled.num_tiles, region.num_image_tokens, captions, question)
+    prefix, answer = training_text(tiled.num_tiles, region.num_image_tokens,
+                                   padded_captions(captions, tokenizer, caption_padding), question)
     ids, prefix_ids = tokenizer.encode(prefix + answer), tokenizer.encode(prefix)
     n_prefix = len(prefix_ids)
     if not np.array_equal(ids[:n_prefix], prefix_ids):
@@ -166,7 +180,7 @@ class SampleBuilder:
             chosen = mask_group(len(record.masks), record_index, epoch, group, num_groups)
             rng = np.random.default_rng([self.data.seed, index])
             sample = build_sample(record, chosen, rng, self.model, self._tokenizer, self.data.question,
-                                  self.data.random_prompt_ids)
+                                  self.data.random_prompt_ids, self.data.caption_padding)
         except PDLMError as e:
             raise PDLMError(f"{self.source.label(record_index)}: {e}") from e
         if len(sample.labels) > max(self.data.length_buckets):

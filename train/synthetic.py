@@ -21,6 +21,8 @@ Questions and answers (the Base demo model), `questions(scene)`:
 - "Which shape is {color}?" (only when exactly one shape of that colour) → "{shape}"
 - "Is there a {color} {shape}?" → "yes" / "no"
 - "Where is the {color} {shape}?" (only when unique) → "{place}"
+- "Describe the image." → every shape's caption in reading order (by the centroid's third row, third column,
+  then its y and x), joined by ", ": dense supervision for a Base model to learn from (data.synthetic_describe)
 
 The questions are asked about scenes of the "sentences" task.
 
@@ -283,6 +285,17 @@ def questions(scene: Scene, colors: tuple[str, ...] = COLORS) -> list[tuple[str,
     return out
 
 
+DESCRIBE = "Describe the image."
+
+
+def describe(scene: Scene) -> str:
+    """Every shape's caption in reading order: by third row, third column, then the centroid's y and x."""
+    centroids = [np.argwhere(m).mean(axis=0) for m in scene.masks]
+    order = sorted(range(len(scene.items)), key=lambda i: (scene.items[i].row, scene.items[i].column,
+                                                           *centroids[i]))
+    return ", ".join(scene.items[i].caption for i in order)
+
+
 def _one_of(pool: list[tuple[str, str, str]], kind: str, rng: np.random.Generator) -> tuple[str, str, str]:
     """A random question of type `kind` from `pool`; "Is there ...?" draws "yes" as often as "no"."""
     of_kind = [q for q in pool if q[0] == kind]
@@ -338,8 +351,12 @@ class SyntheticSource:
         return {"image": scene.image, "masks": scene.masks, "captions": scene.captions}
 
 
-def conversation(scene: Scene, rng: np.random.Generator, max_turns: int) -> list[dict]:
-    """1..max_turns question turns about `scene` as LLaVA-style messages, the image tag in the first."""
+def conversation(scene: Scene, rng: np.random.Generator, max_turns: int, describe_fraction: float = 0.0
+                 ) -> list[dict]:
+    """1..max_turns question turns about `scene` as LLaVA-style messages, the image tag in the first; with
+    probability `describe_fraction` the one turn "Describe the image." instead."""
+    if describe_fraction and rng.random() < describe_fraction:
+        return [{"from": "human", "value": f"<image>\n{DESCRIBE}"}, {"from": "gpt", "value": describe(scene)}]
     turns = pick_questions(scene, rng, int(rng.integers(1, max_turns + 1)))
     messages = []
     for i, (_, question, answer) in enumerate(turns):

@@ -1,0 +1,39 @@
+"""train.tower_pretraining: the per-token labels of a scene, and pretraining that learns them."""
+
+import numpy as np
+
+from pdlm_jax.config import PDLMConfig, RegionConfig, VisionConfig
+from train import synthetic, tower_pretraining
+
+
+def test_token_labels_name_the_shape_under_each_token():
+    scene = synthetic.make_scene(0, 3, task="sentences")
+    side = 12
+    labels = tower_pretraining.token_labels(scene, side)
+    assert all(v.shape == (side * side,) for v in labels.values())
+    assert set(labels["count"]) == {len(scene.items) - 1}
+    for mask, item in zip(scene.masks, scene.items):
+        # the cell holding the mask's centroid lies on this shape (shapes never overlap)
+        cy, cx = np.argwhere(mask).mean(0)
+        cell = int(cy * side / mask.shape[0]) * side + int(cx * side / mask.shape[1])
+        if labels["shape"][cell]:
+            assert labels["shape"][cell] == 1 + synthetic.SHAPES.index(item.shape)
+            assert labels["color"][cell] == 1 + synthetic.COLORS.index(item.color)
+            assert (labels["row"][cell], labels["column"][cell]) == (1 + item.row, 1 + item.column)
+    covered = np.any([np.asarray(m) for m in scene.masks], axis=0)
+    assert (labels["shape"] == 0).sum() > side * side * (1 - covered.mean()) * 0.5  # background is most tokens
+    names = set(tower_pretraining.ATTRIBUTES)
+    assert all(((labels[n] == 0) == (labels["shape"] == 0)).all() for n in names)
+
+
+def test_pretraining_lowers_the_loss():
+    cfg = PDLMConfig(vision=VisionConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                                         image_size=64, patch_size=8),
+                     region=RegionConfig(image_size=64, patch_size=8, mask_kernel_size=8, max_tiles=1))
+    import jax
+    from flax import nnx
+
+    start = nnx.to_pure_dict(nnx.state(tower_pretraining.TowerWithHeads(cfg, nnx.Rngs(1)).vision, nnx.Param))
+    params, rows = tower_pretraining.pretrain(cfg, start, tower_pretraining.TowerPretraining(steps=100, batch_size=2))
+    assert jax.tree.structure(params) == jax.tree.structure(start)
+    assert rows[0]["step"] == 1 and rows[-1]["loss"] < rows[0]["loss"] / 2  # mostly background: learnt at once
