@@ -347,7 +347,7 @@ class SyntheticConversations:
         from train import synthetic
 
         self.name, self.num_scenes, self.seed, self.skipped = "synthetic task", int(num_scenes), int(seed), []
-        self.describe = float(describe)  # the fraction of samples asking "Describe the image." (data.synthetic_describe)
+        self.describe = float(describe)  # data.synthetic_describe: the fraction asking "Describe the image."
         # the longest conversation there can be must fit whole: a generated sample is never cut
         one = synthetic.make_scene(0, 0, num_shapes=1, task="sentences")
         question = max((q for _, q, _ in synthetic.questions(one)), key=len)

@@ -61,7 +61,8 @@ def _box(mask: np.ndarray) -> tuple[float, float, float, float]:
     return mask_box(mask) if mask.any() else (0.0, 0.0, 0.0, 0.0)  # reference: empty mask -> zeros
 
 
-CAPTION_FILLER = "<|endoftext|>"  # LLaDA's EOS: caption decoding drops it; <|eot_id|> would end the reference parser's text
+# LLaDA's EOS: caption decoding drops it, where <|eot_id|> would end the reference parser's text (SPEC §14.9)
+CAPTION_FILLER = "<|endoftext|>"
 
 
 def padded_captions(captions: Sequence[str], tokenizer: Tokenizer, length: int) -> list[str]:
