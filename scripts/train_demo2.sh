@@ -39,5 +39,5 @@ done
 $py -m train.eval --checkpoint runs/demo2/export --scenes 200 --repeats 3 \
   --modes exact,prefix,prefix:2,prefix:4,threshold:0.5,threshold:0.7,threshold:0.9,prefix+threshold:0.9 \
   --json $out/fast_modes_region.json
-$py -m train.eval --checkpoint runs/demo2_base/export --scenes 200 --repeats 3 \
+$py -m train.eval --checkpoint runs/demo2_base/export --scenes 50 --repeats 2 \
   --modes exact,prefix,threshold:0.5,threshold:0.7,threshold:0.9,prefix+threshold:0.9 --json $out/fast_modes_base.json
