@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from pdlm_jax.files import write_json_atomic
-from pdlm_jax.asset_paths import DEMO_MODEL, DEMO_SCENE
+from pdlm_jax.asset_paths import DEMO_BASE_MODEL, DEMO_MODEL, DEMO_SCENE
 from pdlm_jax.errors import PDLMError
 
 log = logging.getLogger("pdlm-infer")
@@ -26,12 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pdlm-infer",
         description="Caption each masked region of an image with PerceptionDLM (all regions denoised together).")
-    p.add_argument("--checkpoint", default=str(DEMO_MODEL),
-                   help="converted checkpoint directory (pdlm-convert or pdlm-train); default: the embedded demo model")
+    p.add_argument("--checkpoint",
+                   help="converted checkpoint directory (pdlm-convert or pdlm-train); default: the embedded demo "
+                        "model, or with --question the embedded Base demo model")
     p.add_argument("--demo", action="store_true",
                    help="caption the bundled demo scene; writes demo_result.json and demo_overlay.png unless "
-                        "--output/--visualize say otherwise; with a PerceptionDLM-Base --checkpoint and "
-                        "--question: ask about the demo scene")
+                        "--output/--visualize say otherwise; with --question: ask about the demo scene")
     p.add_argument("--image", help="input image (any format Pillow reads)")
     p.add_argument("--masks", nargs="+", default=[], metavar="MASK",
                    help="one binary mask image per region (nonzero = inside); results keep this order")
@@ -126,6 +126,7 @@ def _check_single_image_args(args: argparse.Namespace, settings) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    args.checkpoint = args.checkpoint or str(DEMO_BASE_MODEL if args.question is not None else DEMO_MODEL)
     import pdlm_jax
     from pdlm_jax import compilation_cache
     from pdlm_jax.api import captioner

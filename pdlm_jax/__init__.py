@@ -9,6 +9,7 @@ import importlib
 __version__ = "0.1.0"
 
 _PUBLIC = {  # name -> the module that defines it
+    "DEMO_BASE_MODEL": "pdlm_jax.asset_paths",
     "DEMO_MODEL": "pdlm_jax.asset_paths",
     "DEMO_SHAPES_MODEL": "pdlm_jax.asset_paths",
     "DEMO_SCENE": "pdlm_jax.asset_paths",

@@ -166,7 +166,9 @@ def test_wrong_checkpoint_kind_is_a_clear_error(checkpoint, handle, capsys):
     image = str(fixture_dir(NAME) / "image.png")
     assert infer_main(["--checkpoint", str(checkpoint), "--image", image, "--masks", image]) == 2
     assert "PerceptionDLM-Base checkpoint" in capsys.readouterr().err
-    assert infer_main(["--image", image, "--question", "What?"]) == 2  # the embedded region demo model
+    from pdlm_jax import DEMO_MODEL
+
+    assert infer_main(["--checkpoint", str(DEMO_MODEL), "--image", image, "--question", "What?"]) == 2
     assert "region-captioning checkpoint" in capsys.readouterr().err
     assert infer_main(["--checkpoint", str(checkpoint), "--image", image]) == 2
     assert "--question is required" in capsys.readouterr().err

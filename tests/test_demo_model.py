@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from infer.cli import main as infer_main
-from pdlm_jax import DEMO_MODEL, DEMO_SCENE
+from pdlm_jax import DEMO_BASE_MODEL, DEMO_MODEL, DEMO_SCENE
 from train import synthetic
 from train.step import sincos_2d
 
@@ -23,6 +23,29 @@ def test_demo_command_captions_the_bundled_scene(tmp_path, monkeypatch):
     assert [r["caption"] for r in result["regions"]] == truth  # regions come back in mask order
     assert all(synthetic.parse_caption(c) for c in truth)  # the sentence grammar
     assert (tmp_path / "demo_overlay.png").stat().st_size > 0
+
+
+def test_demo_question_is_answered_by_the_base_demo_model(tmp_path, capsys):
+    """`pdlm-infer --demo --question` with no --checkpoint: the embedded Base demo model answers about the scene."""
+    from train.demo import DEMO_SCENE_INDEX, DEMO_SCENE_SEED
+
+    scene = synthetic.make_scene(DEMO_SCENE_SEED, DEMO_SCENE_INDEX, num_shapes=5, task="sentences")
+    question, truth = next((q, a) for kind, q, a in synthetic.questions(scene) if kind == "count")
+    out = tmp_path / "answer.json"
+    assert infer_main(["--demo", "--question", question, "--output", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    sampler = json.loads((DEMO_BASE_MODEL / "sampler.json").read_text())
+    assert (result["gen_length"], result["block_length"], result["steps"]) == (
+        sampler["gen_length"], sampler["block_length"], sampler["steps"])
+    assert result["answer"] == truth == "five"
+    assert capsys.readouterr().out.splitlines()[0] == f"{question} five"
+
+
+def test_usage_snippet_of_the_base_demo_model_prints_its_count(capsys):
+    usage = (Path(__file__).resolve().parents[1] / "docs" / "USAGE.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", usage, re.S) if "DEMO_BASE_MODEL" in b)
+    exec(snippet, {"pdlm_jax": __import__("pdlm_jax")})
+    assert capsys.readouterr().out.splitlines() == ["five"]
 
 
 def test_usage_snippet_prints_the_true_captions(capsys):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pdlm_jax.asset_paths import DEMO_MODEL, DEMO_SHAPES_MODEL
+from pdlm_jax.asset_paths import DEMO_BASE_MODEL, DEMO_MODEL, DEMO_SHAPES_MODEL
+from pdlm_jax.errors import PDLMError
 from train import demo, eval as train_eval
 
 
@@ -51,16 +52,20 @@ def test_blank_image_asks_about_grey_and_refuses_region_models(converted, capsys
 
 def test_base_start_composes_a_pretrained_vision_tower_with_a_random_lm(tmp_path, monkeypatch):
     import jax
+    import pytest
 
     from pdlm_jax.checkpoint import load_config, restore_params
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the config's tokenizer path is the repository's
-    out = demo.base_start(DEMO_SHAPES_MODEL, "configs/demo2_base.yaml", tmp_path / "start")
+    out = demo.base_start("configs/demo2_base.yaml", tmp_path / "start", vision=DEMO_BASE_MODEL)
     assert load_config(out).is_base
     _, start = restore_params(out)
-    _, tower = restore_params(DEMO_SHAPES_MODEL)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start["vision"]), jax.tree.leaves(tower["vision"])))
-    assert start["lm"]["embed"]["embedding"].shape[0] == 512 != tower["lm"]["embed"]["embedding"].shape[0]
+    _, trained = restore_params(DEMO_BASE_MODEL)
+    leaves = zip(jax.tree.leaves(start["vision"]), jax.tree.leaves(trained["vision"]))
+    assert all(np.array_equal(a, b) for a, b in leaves)
+    assert not np.allclose(start["lm"]["embed"]["embedding"], trained["lm"]["embed"]["embedding"])
+    with pytest.raises(PDLMError, match="does not fit"):  # 8-px patches where the config has 16
+        demo.base_start("configs/demo2_base.yaml", tmp_path / "other", vision=DEMO_SHAPES_MODEL)
 
 
 def test_curve_bins_the_log_and_keeps_the_evaluations(tmp_path):

@@ -1,4 +1,5 @@
-"""train.tower_pretraining: the per-token labels of a scene, and pretraining that learns them."""
+"""train.tower_pretraining: the per-token, per-shape and per-patch labels of a scene, and pretraining that learns
+them."""
 
 import numpy as np
 
@@ -26,6 +27,22 @@ def test_token_labels_name_the_shape_under_each_token():
     assert all(((labels[n] == 0) == (labels["shape"] == 0)).all() for n in names)
 
 
+def test_shape_and_patch_labels():
+    scene = synthetic.make_scene(0, 3, task="sentences")
+    side, grid = 6, 12
+    pooled = tower_pretraining.shape_labels(scene, side)
+    n = len(scene.items)
+    assert pooled["valid"].tolist() == [True] * n + [False] * (synthetic.MAX_SHAPES - n)
+    assert np.allclose(pooled["weights"][:n].sum(1), 1) and not pooled["weights"][n:].any()
+    assert [synthetic.SHAPES[i] for i in pooled["shape"][:n]] == [item.shape for item in scene.items]
+    occupancy = tower_pretraining.patch_occupancy(scene, grid)
+    k = tower_pretraining.OCCUPANCY
+    assert occupancy.shape == (grid * grid, k * k)
+    # the sub-cells put back in place give the shapes' union at grid·k resolution: about the masks' coverage
+    image = occupancy.reshape(grid, grid, k, k).transpose(0, 2, 1, 3).reshape(grid * k, grid * k)
+    assert abs(image.mean() - np.any(scene.masks, axis=0).mean()) < 0.02
+
+
 def test_pretraining_lowers_the_loss():
     cfg = PDLMConfig(vision=VisionConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
                                          image_size=64, patch_size=8),
@@ -33,7 +50,8 @@ def test_pretraining_lowers_the_loss():
     import jax
     from flax import nnx
 
-    start = nnx.to_pure_dict(nnx.state(tower_pretraining.TowerWithHeads(cfg, nnx.Rngs(1)).vision, nnx.Param))
+    model = tower_pretraining.TowerWithHeads(cfg, nnx.Rngs(1))
+    start = {name: nnx.to_pure_dict(nnx.state(getattr(model, name), nnx.Param)) for name in ("vision", "projector")}
     params, rows = tower_pretraining.pretrain(cfg, start, tower_pretraining.TowerPretraining(steps=100, batch_size=2))
     assert jax.tree.structure(params) == jax.tree.structure(start)
     assert rows[0]["step"] == 1 and rows[-1]["loss"] < rows[0]["loss"] / 2  # mostly background: learnt at once

@@ -5,7 +5,8 @@
 present, resolved by string). `python -m train.demo scene --out DIR` writes the bundled demo scene. The first
 demo model (three-word captions, DEMO_SHAPES_MODEL) is trained with `pdlm-train --config configs/demo.yaml`;
 `scripts/train_demo2.sh` trains the models of the "sentences" task (a Base model, then DEMO_MODEL from it),
-starting from `python -m train.demo base-start` (a pretrained vision tower beside a random LM).
+starting from `python -m train.demo base-start` (a pretrained vision tower and projector beside a random
+LM).
 `python -m train.demo curve --runs RUN... --out STEM` writes runs' training curves (mean loss per 100 steps, and
 the periodic evaluation) as STEM.json and STEM.png. `python -m train.demo add-words --words purple --out DIR`
 writes the first demo model's tokenizer with new caption words, one token each (the LoRA recipe
@@ -111,12 +112,14 @@ def write_demo_scene(out_dir: str | Path) -> None:
     (Path(out_dir) / "captions.json").write_text(json.dumps(scene.captions, indent=2) + "\n")
 
 
-def base_start(vision: str | Path, config: str | Path, out: str | Path, pretrain_steps: int = 0) -> Path:
+def base_start(config: str | Path, out: str | Path, vision: str | Path | None = None, pretrain_steps: int = 0
+               ) -> Path:
     """A Base starting checkpoint composed as the recipe composes Base stage 1 (SPEC-train-base T3,
-    `pdlm-convert --compose`): the pretrained vision tower of checkpoint `vision` beside a randomly initialised
-    LM and projector (the config's model, run.seed), with the config's tokenizer. With `pretrain_steps`, the
-    tower is first pretrained that many steps on the synthetic scenes (train.tower_pretraining); the curve is
-    written beside the checkpoint as tower_pretraining.json."""
+    `pdlm-convert --compose`): a vision tower (checkpoint `vision`'s, or with None a random one of the config's
+    shape) beside a randomly initialised LM and projector (the config's model, run.seed), with the config's
+    tokenizer. With `pretrain_steps`, the tower and projector are first pretrained that many steps on the
+    synthetic scenes (train.tower_pretraining), standing in for SigLIP's pretraining and a projector alignment;
+    the curve is written beside the checkpoint as tower_pretraining.json."""
     import jax
     import numpy as np
 
@@ -130,18 +133,21 @@ def base_start(vision: str | Path, config: str | Path, out: str | Path, pretrain
     mesh = sharding.make_mesh("data:1", jax.devices()[:1])
     params = jax.device_get(step_lib.init_params(model_cfg, cfg.run.seed, mesh,
                                                  vision_pos_embed=cfg.model.vision_pos_embed_init))
-    tensors = restore_params(vision, dtype=np.float32)[1]["vision"]
-    if jax.tree.map(np.shape, tensors) != jax.tree.map(np.shape, params["vision"]):
-        raise PDLMError(f"--vision {vision}: its vision tower does not fit {config}'s vision config")
-    composed = {"vision": str(vision), "lm_and_projector": f"random, seed {cfg.run.seed}"}
+    composed = {"vision": f"random, seed {cfg.run.seed}", "lm_and_projector": f"random, seed {cfg.run.seed}"}
+    if vision is not None:
+        tensors = restore_params(vision, dtype=np.float32)[1]["vision"]
+        if jax.tree.map(np.shape, tensors) != jax.tree.map(np.shape, params["vision"]):
+            raise PDLMError(f"--vision {vision}: its vision tower does not fit {config}'s vision config")
+        params["vision"], composed["vision"] = tensors, str(vision)
     curve = []
     if pretrain_steps:
         from train import tower_pretraining
 
         run = tower_pretraining.TowerPretraining(pretrain_steps, seed=cfg.run.seed)
-        tensors, curve = tower_pretraining.pretrain(model_cfg, tensors, run)
-        composed["vision_pretraining"] = dataclasses.asdict(run)
-    params["vision"] = tensors
+        pretrained, curve = tower_pretraining.pretrain(model_cfg, params, run)
+        params |= pretrained
+        composed |= {"lm_and_projector": f"random LM, seed {cfg.run.seed}; projector pretrained with the tower",
+                     "vision_pretraining": dataclasses.asdict(run)}
     path = checkpointing.export(out, model_cfg, params, cfg.tokenizer_dir(), cfg.exported_sampler(model_cfg),
                                 {"composed": composed})
     if curve:
@@ -221,10 +227,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", nargs="+", help="curve: pdlm-train output folders")
     ap.add_argument("--labels", nargs="+", help="curve: one legend label per run (default: the folders)")
     ap.add_argument("--task", choices=synthetic.TASKS, default="shapes", help="tokenizer: the task's words")
-    ap.add_argument("--vision", help="base-start: the checkpoint whose vision tower to start from")
+    ap.add_argument("--vision", help="base-start: the checkpoint whose vision tower to start from (default: a "
+                    "random tower of the config's shape)")
     ap.add_argument("--config", help="base-start: the Base demo's training config")
     ap.add_argument("--pretrain-steps", type=int, default=0,
-                    help="base-start: first pretrain the tower this many steps on the synthetic scenes")
+                    help="base-start: first pretrain the tower and projector this many steps on the synthetic "
+                    "scenes")
     args = ap.parse_args(argv)
     if args.what == "tokenizer":
         print(build_tokenizer(args.out, args.task))
@@ -237,10 +245,10 @@ def main(argv: list[str] | None = None) -> None:
 
         logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
         logging.getLogger("pdlm-train").setLevel(logging.INFO)
-        if not args.vision or not args.config:
-            ap.error("base-start needs --vision and --config")
+        if not args.config:
+            ap.error("base-start needs --config")
         try:
-            print(base_start(args.vision, args.config, args.out, args.pretrain_steps))
+            print(base_start(args.config, args.out, args.vision, args.pretrain_steps))
         except PDLMError as e:
             ap.exit(2, f"python -m train.demo: error: {e}\n")
     elif args.what == "curve":
