@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo models of the synthetic "sentences" task, trained on this CPU with the project's recipe
-# (docs/TRAINING.md, "The demo models of the sentences task"; about 1 h 40 min on a 2-core machine):
+# (docs/TRAINING.md, "The embedded demo models"; about 1 h 20 min on a 2-core machine):
 #   1. the Base demo model (configs/demo2_base.yaml), composed from a vision tower and projector pretrained on the
 #      scenes (train.tower_pretraining, 3,000 steps) and a random LM, on core 1; meanwhile, for the comparison, the
 #      region captioner from random weights (configs/demo2_scratch.yaml) on core 0;
