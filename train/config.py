@@ -196,23 +196,25 @@ class TrainConfig:
             raise PDLMError("model.tokenizer: give the directory holding tokenizer.json")
         return str(local_directory(path, "model.tokenizer"))  # a bucket folder or hf:// id: its local copy
 
-    def sampler(self) -> SamplerConfig:
+    def sampler(self, model_cfg: PDLMConfig | None = None) -> SamplerConfig:
         """Generation settings of the trained model, stored with its export and used by periodic evaluation:
         the sampler.json of the model training started from (model.init_from), with model.sampler's fields
         over it, else the reference's. A model learns captions of the lengths it was trained on and pdlm-infer
-        gives every region gen_length slots: more slots than it learned to fill garble captions."""
+        gives every region gen_length slots: more slots than it learned to fill garble captions. `model_cfg`:
+        `model_config()`, where the caller has it."""
         from pdlm_jax.checkpoint import read_sampler
 
         stored = read_sampler(self.model.init_from) if self.model.init_from else {}
         # a region model started from Base keeps its G and S, not the block sampler's block_length
-        fields = SAMPLER_FIELDS if self.model_config().is_base else set(SAMPLER_FIELDS) - {"block_length"}
+        is_base = (model_cfg or self.model_config()).is_base
+        fields = SAMPLER_FIELDS if is_base else set(SAMPLER_FIELDS) - {"block_length"}
         stored = {k: v for k, v in stored.items() if k in fields}
         return SamplerConfig(**{**stored, **(self.model.sampler or {})})
 
     def exported_sampler(self, model_cfg: PDLMConfig) -> SamplerConfig | None:
         """The sampler.json an export carries: `sampler()`; a Base model's only where model.sampler sets it (the
         block sampler has its own defaults, generation.BASE_DEFAULTS)."""
-        return self.sampler() if not model_cfg.is_base or self.model.sampler else None
+        return self.sampler(model_cfg) if not model_cfg.is_base or self.model.sampler else None
 
 
 def with_kind(cfg: PDLMConfig, kind: str, from_checkpoint: bool = False) -> PDLMConfig:

@@ -119,7 +119,7 @@ class Evaluator:
         self.pipe = batches.build_pipeline(self.data_cfg, model_cfg, tokenizer, process_index=process_index,
                                            process_count=process_count, batch_name="eval.batch_size")
         # caption with the generation settings the exported model will have, unless eval.gen_length / steps
-        exported = cfg.sampler()
+        exported = cfg.sampler(model_cfg)
         gen_length = e.gen_length or exported.gen_length
         self.sampler = {"gen_length": gen_length, "steps": e.steps or (gen_length if e.gen_length else exported.steps)}
         # captioning runs the inference program on one process's view of the weights
