@@ -50,7 +50,7 @@ def test_blank_image_asks_about_grey_and_refuses_region_models(converted, capsys
     assert "--blank-image" in capsys.readouterr().err
 
 
-def test_base_start_composes_a_pretrained_vision_tower_with_a_random_lm(tmp_path, monkeypatch):
+def test_base_start_composes_a_pretrained_vision_tower_with_a_random_lm(tmp_path, monkeypatch, capsys):
     import jax
     import pytest
 
@@ -66,6 +66,10 @@ def test_base_start_composes_a_pretrained_vision_tower_with_a_random_lm(tmp_path
     assert not np.allclose(start["lm"]["embed"]["embedding"], trained["lm"]["embed"]["embedding"])
     with pytest.raises(PDLMError, match="does not fit"):  # 8-px patches where the config has 16
         demo.base_start("configs/demo2_base.yaml", tmp_path / "other", vision=DEMO_SHAPES_MODEL)
+    with pytest.raises(SystemExit):
+        demo.main(["base-start", "--config", "configs/demo2_base.yaml", "--pretrain-steps", "-1", "--out",
+                   str(tmp_path / "negative")])
+    assert "--pretrain-steps must be 0" in capsys.readouterr().err and not (tmp_path / "negative").exists()
 
 
 def test_curve_bins_the_log_and_keeps_the_evaluations(tmp_path):

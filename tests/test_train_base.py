@@ -119,7 +119,7 @@ def test_synthetic_questions_as_training_samples(base_tok, base_cfg):
         assert np.array_equal(np.asarray(image), scene.image)
         truth = {q: a for _, q, a in synthetic.questions(scene)}
         turns = [(u.text.removeprefix("<image>\n"), a.text) for u, a in zip(conv.turns[::2], conv.turns[1::2])]
-        assert 1 <= len(turns) <= source.QA_TURNS and all(truth[q] == a for q, a in turns)
+        assert len(turns) == 1 and all(truth[q] == a for q, a in turns) and not conv.independent
         sample = conversations.build_sample(conv, image, base_cfg, base_tok, TextFormat(4096, answer_padding=8))
         labels = sample.labels[sample.labels != IGNORE]
         pad = max(8 - len(base_tok.encode(turns[-1][1] + "<|eot_id|>")), 0)  # the last answer, padded to 8 tokens
@@ -361,3 +361,73 @@ def test_region_model_from_base_copies_every_base_tensor(tmp_path, base_ckpt):
     extended, original = Tokenizer(tokenizer_dir), Tokenizer(fixture_dir("base_tiny"))
     assert [extended.token_id(t) for t in REGION_TOKENS] == [original.token_id(t) for t in REGION_TOKENS]
     assert extended.vocab_size <= model_cfg.lm.vocab_size
+
+
+def test_packed_questions_train_as_one_question_samples(base_ckpt, base_cfg, base_tok):
+    """data.synthetic_questions: one image prompt, then each question and answer, recomputed as separate
+    one-question samples: the prompt attends to itself only, each question to the prompt and itself at the
+    positions it has alone; every answer has its own t and length, and the batch mean is over answers."""
+    from flax import nnx
+
+    from pdlm_jax.modeling.pdm import from_tree
+    from train.batches import Collate
+    from train.loss import draw_noise, mask_probability, packed_layout
+    from train.step import batch_loss
+
+    fmt = TextFormat(4096, answer_padding=8)
+    source = conversations.SyntheticConversations(4, 3, base_cfg, base_tok, fmt, questions=3)
+    convs = [source.sample_input(i) for i in (0, 1)]
+    assert all(conv.independent and len(conv.turns) == 6 for conv, _ in convs)
+    samples = [conversations.build_sample(conv, image, base_cfg, base_tok, fmt) for conv, image in convs]
+    L = max(len(s.labels) for s in samples)
+    batch = Collate((7,), (L,), 0, base_tok.special.eot)(samples)
+    gathered = Collate((7,), (L,), 0, base_tok.special.eot, (64,))(samples)  # logits at the answers only
+    assert gathered.answer_positions.shape[1] < L
+    _, tree = pdlm_ckpt.restore_params(base_ckpt, dtype=np.float32)
+    model = from_tree(base_cfg, tree)
+    key, mask_id = jax.random.key(3), base_tok.special.mask
+    loss, loss_gathered = (nnx.jit(batch_loss, static_argnums=(3, 4, 5, 6))(
+        model, jax.tree.map(jnp.asarray, b), key, mask_id, 0.0, None, True)[0] for b in (batch, gathered))
+
+    segment = packed_layout(jnp.asarray(batch.inputs.block_id))[0]
+    t, u = (np.asarray(x) for x in draw_noise(key, batch.labels.shape, 0.0, segment))
+    p = np.asarray(mask_probability(jnp.asarray(t)))
+    forward = nnx.jit(lambda model, noisy, keys: model.lm.logits(model.lm(noisy, keys)))
+    per_answer = []
+    for b, ((conv, image), s) in enumerate(zip(convs, samples)):
+        block = np.asarray(s.inputs.block_id)
+        prompt = np.flatnonzero(block == 0)
+        # the prompt as an unpacked sample tokenizes it: through the image
+        alone = conversations.sample_tokens(dataclasses.replace(conv, turns=conv.turns[:2], independent=False),
+                                            int(s.inputs.num_tiles), base_cfg, base_tok, fmt)[0]
+        np.testing.assert_array_equal(s.inputs.input_ids[prompt], alone[:len(prompt)])
+        vision = model.encode_tiles(jnp.asarray(s.inputs.pixel_values))
+        for k in range(1, 4):
+            rows = np.concatenate([prompt, np.flatnonzero(block == k)])  # the one-question sample, in order
+            ids, labels = s.inputs.input_ids[rows], s.labels[rows]
+            embeds = model.lm.embed(jnp.asarray(ids))
+            embeds = embeds.at[np.flatnonzero(ids == base_tok.special.image_context)].set(
+                vision.reshape(-1, vision.shape[-1]))
+            chosen = (u[b, rows] < p[b, rows]) & (labels != IGNORE)
+            noisy = jnp.where(jnp.asarray(chosen)[:, None], model.lm.embed(jnp.asarray(mask_id)), embeds)
+            n = len(rows)
+            sees = np.ones((n, n), bool)
+            sees[:len(prompt), len(prompt):] = False  # the shared prompt does not see the question
+            logits = np.asarray(forward(model, noisy[None], jnp.asarray(sees)[None, None]), np.float64)[0]
+            logp = logits - logits.max(-1, keepdims=True)
+            logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+            ce = -logp[np.arange(n), np.where(labels == IGNORE, 0, labels)]
+            answer = labels != IGNORE
+            assert len(set(t[b, rows][answer])) == 1  # one t per answer
+            per_answer.append(ce[chosen].sum() / p[b, rows][answer][0] / answer.sum())
+    assert len(set(t[0, samples[0].labels != IGNORE])) == 3  # and each answer its own
+    np.testing.assert_allclose(float(loss), np.mean(per_answer), rtol=2e-5)
+    np.testing.assert_allclose(float(loss_gathered), np.mean(per_answer), rtol=2e-5)
+
+
+def test_packed_questions_must_share_the_image(base_tok, base_cfg):
+    turns = (conversations.Turn("user", "Look: <image>What is it?"), conversations.Turn("assistant", "A box."),
+             conversations.Turn("user", "<image>And its colour?"), conversations.Turn("assistant", "Red."))
+    conv = conversations.Conversation("f.json record 0", "x.png", turns, independent=True)
+    with pytest.raises(PDLMError, match="share the image"):
+        conversations.conversation_tokens(conv, 1, base_cfg, base_tok, TextFormat(4096))

@@ -212,6 +212,7 @@ def test_pipeline_is_deterministic_and_resumable(tokenizer):
     ("model.freeze=[encoder]", "freeze"),
     ("optim.noise_t_min=1.0", "noise_t_min"),
     ("data.synthetic_rotated=1.5", "synthetic_rotated"),
+    ("data.synthetic_questions=0", "data.synthetic_questions must be at least 1"),
     ("model.vision_pos_embed_init=sine", "vision_pos_embed_init"),
     ("data.on_bad_record=ignore", "on_bad_record"),
     ("data.loop=true", "data.loop .* run.max_steps"),
@@ -232,6 +233,12 @@ def test_pipeline_is_deterministic_and_resumable(tokenizer):
 def test_bad_config_values_are_named(override, message):
     with pytest.raises(PDLMError, match=message):
         train_config.load(None, [override])
+
+
+def test_base_only_settings_are_refused_for_a_region_model():
+    for setting in ("data.synthetic_questions=3", "data.synthetic_describe=0.5"):
+        with pytest.raises(PDLMError, match="region model"):
+            train_config.load(None, ["model.kind=region", setting])
 
 
 def test_config_errors_are_clear(tmp_path):

@@ -75,6 +75,11 @@ class DataConfig:
     # Base models: the fraction of synthetic samples asking "Describe the image." (every shape's caption) instead
     # of one question: a sentence of supervision about every shape, where a question gives a word or two
     synthetic_describe: float = 0.0
+    # Base models: questions about each synthetic scene in one sample (one of each type the scene admits). With
+    # more than one the image prompt is held once and each question with its answer follows it, attending to
+    # the prompt and itself only, at the positions it would have alone: the sample trains as that many
+    # one-question samples of the image would, for one image forward (train.conversations, train.loss)
+    synthetic_questions: int = 1
     image_root: str | None = None  # relative image paths: tried against cwd, this, then the JSON's folder
     batch_size: int = 8  # global batch (all processes, before gradient accumulation)
     epochs: int = 1
@@ -298,6 +303,9 @@ def from_dict(d: dict) -> TrainConfig:
     if cfg.data.synthetic_describe and cfg.model.kind == "region":
         raise PDLMError("data.synthetic_describe asks Base models to describe a scene; a region model "
                         "(model.kind: region) learns captions from the scenes' masks: remove it")
+    if cfg.data.synthetic_questions > 1 and cfg.model.kind == "region":
+        raise PDLMError("data.synthetic_questions packs Base questions about a scene; a region model "
+                        "(model.kind: region) learns captions: remove it")
     if not 0.0 <= cfg.optim.noise_t_min < 1.0:
         raise PDLMError(f"optim.noise_t_min must be in [0, 1), got {cfg.optim.noise_t_min}")
     _check_run_data_eval(cfg)
@@ -325,6 +333,7 @@ RANGES = (
     ("data.threads", lambda v: v >= 1, "at least 1"),
     ("data.prefetch", lambda v: v >= 0, "at least 0"),
     ("data.synthetic_scenes", lambda v: v >= 0, "at least 0"),
+    ("data.synthetic_questions", lambda v: v >= 1, "at least 1"),
     ("data.answer_padding", lambda v: v >= 0, "at least 0 (0: no padding)"),
     ("data.caption_padding", lambda v: v >= 0, "at least 0 (0: no padding)"),
     ("data.group_divisor", lambda v: v > 0, "positive"),

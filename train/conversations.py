@@ -77,6 +77,9 @@ class Conversation:
     where: str  # "FILE record I"
     image: str | None  # path or data URL as written in the record; None: text only
     turns: tuple[Turn, ...]
+    # each (user, assistant) pair is a question of its own about the image (data.synthetic_questions), packed
+    # into one sample by `build_sample`
+    independent: bool = False
 
 
 # ---- reading --------------------------------------------------------------------------------------
@@ -249,14 +252,15 @@ def _load_image(ref: Any) -> Image.Image:
 
 def build_sample(conv: Conversation, image: Image.Image | None, cfg: PDLMConfig, tokenizer: Tokenizer,
                  fmt: TextFormat):
-    """One unpadded training sample (train.samples.TrainBatch, without regions): full attention among its tokens."""
+    """One unpadded training sample (train.samples.TrainBatch, without regions): full attention among its
+    tokens, or for an independent conversation (`Conversation.independent`) its questions packed."""
     region = cfg.region
     if image is not None:
         tiled = tile_image(image, region)
         pixels, grid, num_tiles = tiled.pixel_values, tiled.grid, tiled.num_tiles
     else:  # the reference's all-zero dummy tile, whose features go nowhere
         pixels, grid, num_tiles = np.zeros((1, region.image_size, region.image_size, 3), np.float32), (1, 1), 1
-    ids, labels = sample_tokens(conv, num_tiles, cfg, tokenizer, fmt)
+    ids, labels, block_id = conversation_tokens(conv, num_tiles, cfg, tokenizer, fmt)
     L, n, g = len(ids), num_tiles * region.num_image_tokens, cfg.vision.grid_size
     image_positions = np.flatnonzero(ids == tokenizer.special.image_context).astype(np.int32)
     if image is None:
@@ -271,12 +275,46 @@ def build_sample(conv: Conversation, image: Image.Image | None, cfg: PDLMConfig,
         input_ids=ids,
         image_positions=image_positions,
         roi_positions=np.zeros((0, region.roi_tokens), np.int32),
-        block_id=np.full(L, -1, np.int32),  # outside every caption block: each token sees every valid token
+        block_id=block_id,
         roi_owner=np.full(L, -1, np.int32),
-        prefix_visible=np.zeros(L, bool),
+        prefix_visible=block_id == 0,
         valid=np.ones(L, bool),
     )
     return TrainBatch(inputs=inputs, labels=labels, answer_positions=np.flatnonzero(labels != IGNORE).astype(np.int32))
+
+
+def conversation_tokens(conv: Conversation, num_tiles: int, cfg: PDLMConfig, tokenizer: Tokenizer,
+                        fmt: TextFormat) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, labels, block_id) of a conversation: block_id -1 everywhere (no caption blocks: every token sees
+    every valid token), or for an independent conversation its questions packed after one image prompt.
+
+    Packing: each (question, answer) pair tokenizes as a conversation of its own; the tokens they all begin with
+    (through the image and whatever text before the questions differ) are held once as block 0, every pair's
+    remaining tokens follow as block 1, 2, ... The structured mask (`RegionBatch.attention_mask`) lets block 0
+    see itself and block k see block 0 and itself, and `train.loss.packed_layout` gives block k the positions it
+    has alone: each pair trains as its own one-question sample would, except that the prompt does not attend to
+    the question."""
+    if not conv.independent:
+        ids, labels = sample_tokens(conv, num_tiles, cfg, tokenizer, fmt)
+        return ids, labels, np.full(len(ids), -1, np.int32)
+    pairs = zip(conv.turns[::2], conv.turns[1::2])
+    parts = [sample_tokens(Conversation(conv.where, conv.image, (
+        Turn("user", u.text if IMAGE_TAG in u.text else IMAGE_TAG + u.text), a)), num_tiles, cfg, tokenizer, fmt)
+        for u, a in pairs]
+    ids0 = parts[0][0]
+    shared = min(len(ids) for ids, _ in parts)
+    for ids, _ in parts[1:]:
+        differ = np.flatnonzero(ids[:shared] != ids0[:shared])
+        shared = int(differ[0]) if differ.size else shared
+    if any(np.any(ids[shared:] == tokenizer.special.image_context) or np.any(labels[:shared] != IGNORE)
+           for ids, labels in parts):
+        raise PDLMError("the questions of an independent conversation must share the image and every token before "
+                        "it, and no answer")
+    block_id = np.concatenate([np.zeros(shared, np.int32)]
+                              + [np.full(len(ids) - shared, k + 1, np.int32) for k, (ids, _) in enumerate(parts)])
+    ids = np.concatenate([ids0[:shared]] + [ids[shared:] for ids, _ in parts])
+    labels = np.concatenate([parts[0][1][:shared]] + [labels[shared:] for _, labels in parts])
+    return ids, labels, block_id
 
 
 def one_item_per_record(n: int) -> np.ndarray:
@@ -335,35 +373,41 @@ class ConversationSource:
 
 class SyntheticConversations:
     """The synthetic shapes task (train.synthetic) as Base conversations: scene `i` of data.synthetic_seed and
-    one question about it, drawn from (seed, i) alone."""
+    `questions` questions about it (one of each of that many types), drawn from (seed, i) alone.
 
-    # One question a sample: with several, every turn attends to every other (full attention) and a later
-    # answer can be read off earlier ones ("Which shape is blue? square" then "Is there a blue square?"), a
-    # shortcut that lowers the loss but is not there when a single question is asked.
-    QA_TURNS = 1
+    Several questions are independent turns (`Conversation.independent`): as turns of one conversation every
+    turn would attend to every other (full attention) and a later answer could be read off earlier ones
+    ("Which shape is blue? square" then "Is there a blue square?"), a shortcut not there when one question is
+    asked."""
 
     def __init__(self, num_scenes: int, seed: int, cfg: PDLMConfig, tokenizer: Tokenizer, fmt: TextFormat,
-                 describe: float = 0.0):
+                 describe: float = 0.0, questions: int = 1):
         from train import synthetic
 
         self.name, self.num_scenes, self.seed, self.skipped = "synthetic task", int(num_scenes), int(seed), []
         self.describe = float(describe)  # data.synthetic_describe: the fraction asking "Describe the image."
-        # the longest conversation there can be must fit whole: a generated sample is never cut
+        self.questions = int(questions)  # data.synthetic_questions
+        # the longest sample there can be must fit whole: a generated sample is never cut
         one = synthetic.make_scene(0, 0, num_shapes=1, task="sentences")
-        question = max((q for _, q, _ in synthetic.questions(one)), key=len)
+        by_type: dict[str, str] = {}  # the longest question of each type
+        for kind, question, _ in synthetic.questions(one):
+            by_type[kind] = max(by_type.get(kind, ""), question, key=len)
         answer = synthetic.Item("circle", "red", "small", 0, 0).place  # "in the top left": the longest answer
-        longest = [(question, answer)]
+        longest = [[(q, answer) for q in sorted(by_type.values(), key=len, reverse=True)[:self.questions]]]
         if self.describe:  # six of the longest captions
             caption = synthetic.Item("triangle", "yellow", "small", 0, 0).caption
-            longest.append((synthetic.DESCRIBE, ", ".join([caption] * synthetic.MAX_SHAPES)))
+            longest.append([(synthetic.DESCRIBE, ", ".join([caption] * synthetic.MAX_SHAPES))])
         region = cfg.region
         tiles = region.max_tiles + (region.use_thumbnail and region.max_tiles > 1)
-        for question, answer in longest:
-            conv = Conversation(self.name, "synthetic", (Turn("user", IMAGE_TAG + question), Turn("assistant", answer)))
-            length = len(sample_tokens(conv, tiles, cfg, tokenizer, dataclasses.replace(fmt, max_length=2**31))[0])
+        for pairs in longest:
+            turns = tuple(t for q, a in pairs for t in (Turn("user", IMAGE_TAG + q), Turn("assistant", a)))
+            conv = Conversation(self.name, "synthetic", turns, independent=len(pairs) > 1)
+            uncut = dataclasses.replace(fmt, max_length=2**31)
+            length = len(conversation_tokens(conv, tiles, cfg, tokenizer, uncut)[0])
             if length > fmt.max_length:
-                raise PDLMError(f"synthetic task: a sample asking {question!r} can take {length} tokens; make the "
-                                f"largest of data.length_buckets ({fmt.max_length}) at least that")
+                asked = f"{len(pairs)} questions like {pairs[0][0]!r}" if len(pairs) > 1 else repr(pairs[0][0])
+                raise PDLMError(f"synthetic task: a sample asking {asked} can take {length} tokens; make the largest "
+                                f"of data.length_buckets ({fmt.max_length}) at least that")
 
     def __len__(self) -> int:
         return self.num_scenes
@@ -375,10 +419,10 @@ class SyntheticConversations:
         from train import synthetic
 
         scene = synthetic.make_scene(self.seed, index, task="sentences")
-        messages = synthetic.conversation(scene, np.random.default_rng([self.seed, index, 1]), self.QA_TURNS,
+        messages = synthetic.conversation(scene, np.random.default_rng([self.seed, index, 1]), self.questions,
                                           self.describe)
         conv = parse_conversation({"image": "synthetic", "conversations": messages}, self.label(index))
-        return conv, Image.fromarray(scene.image)
+        return dataclasses.replace(conv, independent=len(conv.turns) > 2), Image.fromarray(scene.image)
 
     def items(self) -> np.ndarray:
         return one_item_per_record(len(self))
@@ -401,7 +445,7 @@ def make_sources(data, cfg: PDLMConfig, tokenizer: Tokenizer) -> list:
                                         data.on_bad_record) for f in files]
     if data.synthetic_scenes > 0:
         sources.append(SyntheticConversations(data.synthetic_scenes, data.synthetic_seed, cfg, tokenizer, fmt,
-                                              data.synthetic_describe))
+                                              data.synthetic_describe, data.synthetic_questions))
     return sources
 
 

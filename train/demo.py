@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("pdlm-train").setLevel(logging.INFO)
         if not args.config:
             ap.error("base-start needs --config")
+        if args.pretrain_steps < 0:
+            ap.error(f"--pretrain-steps must be 0 (no pretraining) or more, got {args.pretrain_steps}")
         try:
             print(base_start(args.config, args.out, args.vision, args.pretrain_steps))
         except PDLMError as e:

@@ -31,7 +31,7 @@ from pdlm_jax.modeling.layout import param_shardings, param_specs
 from pdlm_jax.modeling.pdm import PerceptionDLM
 from train.config import VISION_POS_EMBED_INITS
 from train.samples import TrainBatch
-from train.loss import IGNORE, draw_noise, lm_diffusion_loss
+from train.loss import IGNORE, draw_noise, lm_diffusion_loss, packed_layout
 
 
 def build_model(cfg: PDLMConfig, dtype: str, seed: int = 0, abstract: bool = False, remat: bool = False,
@@ -66,12 +66,14 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
 
 
 def batch_loss(model: PerceptionDLM, batch: TrainBatch, key: jax.Array, mask_id: int, noise_t_min: float = 0.0,
-               mesh: Mesh | None = None):
-    """(loss, number of masked answer tokens) of one batch; `key` draws the noise."""
+               mesh: Mesh | None = None, packed: bool = False):
+    """(loss, number of masked answer tokens) of one batch; `key` draws the noise. `packed`: the batch holds
+    packed Base samples (data.synthetic_questions > 1, train.loss.packed_layout)."""
     embeds = model.embed_inputs(batch.inputs, training=True, mesh=mesh)
     allowed = batch.inputs.attention_mask()
-    t, u = draw_noise(key, batch.labels.shape, noise_t_min)
-    return lm_diffusion_loss(model.lm, embeds, batch.labels, allowed, t, u, mask_id, batch.answer_positions)
+    layout = packed_layout(batch.inputs.block_id) if packed else None
+    t, u = draw_noise(key, batch.labels.shape, noise_t_min, layout[0] if packed else None)
+    return lm_diffusion_loss(model.lm, embeds, batch.labels, allowed, t, u, mask_id, batch.answer_positions, layout)
 
 
 # ---- the step -----------------------------------------------------------------------------------------
@@ -98,6 +100,7 @@ class Trainer:
     # {path: PartitionSpec} of every parameter of the model as trained (with its adapters, its quantized base),
     # from the logical axes each one carries (layout.param_specs)
     model_specs: dict = dataclasses.field(default_factory=dict)
+    packed: bool = False  # batches of packed Base samples (data.synthetic_questions > 1)
     state_shardings: Any = None
     _step: Callable | None = None
 
@@ -171,9 +174,10 @@ class Trainer:
             if self.lora.enabled:  # adapters in the compute dtype (their layers' outputs keep it)
                 p = jax.tree.map(lambda x: x.astype(self.compute_dtype), p)
                 model = nnx.merge(self.graphdef, lora_lib.combine(frozen, p))
-                return self._adapted(batch_loss)(model, batch, key, self.mask_id, self.noise_t_min, self.mesh)
+                return self._adapted(batch_loss)(model, batch, key, self.mask_id, self.noise_t_min, self.mesh,
+                                                 self.packed)
             model = nnx.merge(self.graphdef, {**p, **frozen})
-            return batch_loss(model, batch, key, self.mask_id, self.noise_t_min, self.mesh)
+            return batch_loss(model, batch, key, self.mask_id, self.noise_t_min, self.mesh, self.packed)
 
         if self.attention != "splash":
             return jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -229,7 +233,7 @@ class Trainer:
 
 def make_trainer(cfg: PDLMConfig, dtype: str, mesh: Mesh, optim, total_steps: int, mask_id: int,
                  seed: int = 0, remat: bool = False, lora: lora_lib.LoraConfig = lora_lib.LoraConfig(),
-                 attention: str = "xla") -> Trainer:
+                 attention: str = "xla", packed: bool = False) -> Trainer:
     model = build_model(cfg, dtype, seed, abstract=True, remat=remat, lora=lora, attention=attention)
     graphdef, state = nnx.split(model)
     quantized_paths = ()
@@ -242,7 +246,7 @@ def make_trainer(cfg: PDLMConfig, dtype: str, mesh: Mesh, optim, total_steps: in
     specs = trees.flatten(nnx.to_pure_dict(param_specs(state, mesh)))
     tx, schedule = make_optimizer(optim, total_steps)
     return Trainer(graphdef, cfg, mesh, tx, schedule, mask_id, optim.grad_accum, seed, optim.noise_t_min, lora,
-                   lora_lib.adapter_shapes(model), quantized_paths, DTYPES[dtype], attention, specs)
+                   lora_lib.adapter_shapes(model), quantized_paths, DTYPES[dtype], attention, specs, packed)
 
 
 def trainer_for(train_cfg, model_cfg: PDLMConfig, mesh: Mesh, total_steps: int, mask_id: int) -> Trainer:
@@ -250,7 +254,8 @@ def trainer_for(train_cfg, model_cfg: PDLMConfig, mesh: Mesh, total_steps: int, 
     runs and what an ahead-of-time plan should compile."""
     m = train_cfg.model
     return make_trainer(model_cfg, m.dtype, mesh, train_cfg.optim, total_steps, mask_id, seed=train_cfg.run.seed,
-                        remat=m.remat, lora=train_cfg.lora, attention=m.attention)
+                        remat=m.remat, lora=train_cfg.lora, attention=m.attention,
+                        packed=train_cfg.data.synthetic_questions > 1)
 
 
 def sincos_2d(grid: int, dim: int) -> np.ndarray:

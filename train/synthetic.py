@@ -351,15 +351,15 @@ class SyntheticSource:
         return {"image": scene.image, "masks": scene.masks, "captions": scene.captions}
 
 
-def conversation(scene: Scene, rng: np.random.Generator, max_turns: int, describe_fraction: float = 0.0
+def conversation(scene: Scene, rng: np.random.Generator, questions: int = 1, describe_fraction: float = 0.0
                  ) -> list[dict]:
-    """1..max_turns question turns about `scene` as LLaVA-style messages, the image tag in the first; with
-    probability `describe_fraction` the one turn "Describe the image." instead."""
+    """Question turns about `scene` as LLaVA-style messages, the image tag in the first: one question of each of
+    `questions` types (as many as the scene admits); with probability `describe_fraction` the one turn "Describe
+    the image." instead."""
     if describe_fraction and rng.random() < describe_fraction:
         return [{"from": "human", "value": f"<image>\n{DESCRIBE}"}, {"from": "gpt", "value": describe(scene)}]
-    turns = pick_questions(scene, rng, int(rng.integers(1, max_turns + 1)))
     messages = []
-    for i, (_, question, answer) in enumerate(turns):
+    for i, (_, question, answer) in enumerate(pick_questions(scene, rng, questions)):
         messages.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
         messages.append({"from": "gpt", "value": answer})
     return messages
