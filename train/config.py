@@ -359,8 +359,11 @@ def _check_run_data_eval(cfg: TrainConfig) -> None:
     if cfg.data.on_bad_record not in BAD_RECORD_POLICIES:
         raise PDLMError(f"data.on_bad_record must be one of {BAD_RECORD_POLICIES}, not {cfg.data.on_bad_record!r}")
     from train.conversations import TEMPLATES
-    from train.synthetic import TASKS
+    from train.synthetic import QUESTION_TYPES, TASKS
 
+    if cfg.data.synthetic_questions > len(QUESTION_TYPES):
+        raise PDLMError(f"data.synthetic_questions is at most {len(QUESTION_TYPES)} (one question of each type: "
+                        f"{', '.join(QUESTION_TYPES)}), got {cfg.data.synthetic_questions}")
     if cfg.data.synthetic_task not in TASKS:
         raise PDLMError(f"data.synthetic_task must be one of {TASKS} (train.synthetic), not "
                         f"{cfg.data.synthetic_task!r}")

@@ -68,10 +68,10 @@ def _cover(masks: list[np.ndarray], side: int) -> np.ndarray:
                      for m in masks])
 
 
-def token_labels(scene: synthetic.Scene, side: int) -> dict[str, np.ndarray]:
+def token_labels(scene: synthetic.Scene, side: int, cover: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per cell of the side×side token grid: the index of each attribute of the shape covering it (1-based; 0
-    background), and "count" (the number of shapes - 1)."""
-    cover = _cover(scene.masks, side)
+    background), and "count" (the number of shapes - 1). `cover`: `_cover(scene.masks, side)`, if computed."""
+    cover = _cover(scene.masks, side) if cover is None else cover
     owner = np.where(cover.max(0) >= ON_SHAPE, cover.argmax(0) + 1, 0)
     labels = {}
     for name, words in ATTRIBUTES.items():
@@ -82,11 +82,11 @@ def token_labels(scene: synthetic.Scene, side: int) -> dict[str, np.ndarray]:
     return {k: v.reshape(-1) for k, v in labels.items()}
 
 
-def shape_labels(scene: synthetic.Scene, side: int) -> dict[str, np.ndarray]:
+def shape_labels(scene: synthetic.Scene, side: int, cover: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per shape slot (MAX_SHAPES, padded): "weights" over the side×side tokens (its cover, summing to 1),
-    "valid", and the index of each POOLED attribute."""
+    "valid", and the index of each POOLED attribute. `cover`: as in `token_labels`."""
     n, slots = len(scene.items), synthetic.MAX_SHAPES
-    cover = _cover(scene.masks, side).reshape(n, -1)
+    cover = (_cover(scene.masks, side) if cover is None else cover).reshape(n, -1)
     weights = np.zeros((slots, side * side), np.float32)
     weights[:n] = cover / cover.sum(1, keepdims=True)
     labels = {"weights": weights, "valid": np.arange(slots) < n}
@@ -128,7 +128,9 @@ def _batch(cfg: PDLMConfig, seed: int, first: int, size: int) -> tuple[np.ndarra
     for i in range(first, first + size):
         scene = synthetic.make_scene(seed + SEED_OFFSET, i, task="sentences")
         pixels.append(tile_image(Image.fromarray(scene.image), cfg.region).pixel_values[0])
-        labels.append(token_labels(scene, side) | {f"pooled_{k}": v for k, v in shape_labels(scene, side).items()}
+        cover = _cover(scene.masks, side)
+        labels.append(token_labels(scene, side, cover)
+                      | {f"pooled_{k}": v for k, v in shape_labels(scene, side, cover).items()}
                       | {"occupancy": patch_occupancy(scene, grid)})
     return np.stack(pixels), {k: np.stack([lab[k] for lab in labels]) for k in labels[0]}
 
