@@ -213,7 +213,6 @@ def test_pipeline_is_deterministic_and_resumable(tokenizer):
     ("optim.noise_t_min=1.0", "noise_t_min"),
     ("data.synthetic_rotated=1.5", "synthetic_rotated"),
     ("data.synthetic_questions=0", "data.synthetic_questions must be at least 1"),
-    ("data.synthetic_questions=6", "data.synthetic_questions is at most 5"),
     ("model.vision_pos_embed_init=sine", "vision_pos_embed_init"),
     ("data.on_bad_record=ignore", "on_bad_record"),
     ("data.loop=true", "data.loop .* run.max_steps"),

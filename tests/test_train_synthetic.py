@@ -127,6 +127,26 @@ def test_conversations_ask_distinct_questions_and_balance_yes_and_no():
     assert 0.4 < answers.count("yes") / len(answers) < 0.6
 
 
+def test_questions_beyond_the_types_come_in_rounds():
+    """More questions than types: round after round of one of each type the scene still has, until every
+    question it admits is asked. The first questions are those a smaller count picks."""
+    for i in range(30):
+        scene = synthetic.make_scene(5, i, task="sentences")
+        every = synthetic.questions(scene)
+        picked = synthetic.pick_questions(scene, np.random.default_rng(i), 100)
+        assert sorted(picked) == sorted(every)
+        remaining = {kind: sum(q[0] == kind for q in every) for kind in synthetic.QUESTION_TYPES}
+        while picked:  # each round: the types still remaining, once each
+            round_types = [kind for kind, n in remaining.items() if n]
+            asked, picked = picked[:len(round_types)], picked[len(round_types):]
+            assert sorted(q[0] for q in asked) == sorted(round_types)
+            for kind in round_types:
+                remaining[kind] -= 1
+        assert synthetic.pick_questions(scene, np.random.default_rng(i), 3) == \
+            synthetic.pick_questions(scene, np.random.default_rng(i), 100)[:3]
+        assert set(q for _, q, _ in every) <= set(synthetic.every_question())
+
+
 def test_sentences_tokenizer_has_one_token_per_word(tmp_path):
     demo.build_tokenizer(tmp_path, "sentences")
     tok = Tokenizer(tmp_path)

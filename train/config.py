@@ -75,10 +75,11 @@ class DataConfig:
     # Base models: the fraction of synthetic samples asking "Describe the image." (every shape's caption) instead
     # of one question: a sentence of supervision about every shape, where a question gives a word or two
     synthetic_describe: float = 0.0
-    # Base models: questions about each synthetic scene in one sample (one of each type the scene admits). With
-    # more than one the image prompt is held once and each question with its answer follows it, attending to
-    # the prompt and itself only, at the positions it would have alone: the sample trains as that many
-    # one-question samples of the image would, for one image forward (train.conversations, train.loss)
+    # Base models: different questions about each synthetic scene in one sample, in rounds of one of each type
+    # the scene admits (train.synthetic.pick_questions). With more than one the image prompt is held once and
+    # each question with its answer follows it, attending to the prompt and itself only, at the positions it
+    # would have alone: the sample trains as that many one-question samples of the image would, for one image
+    # forward (train.conversations, train.loss)
     synthetic_questions: int = 1
     image_root: str | None = None  # relative image paths: tried against cwd, this, then the JSON's folder
     batch_size: int = 8  # global batch (all processes, before gradient accumulation)
@@ -359,11 +360,8 @@ def _check_run_data_eval(cfg: TrainConfig) -> None:
     if cfg.data.on_bad_record not in BAD_RECORD_POLICIES:
         raise PDLMError(f"data.on_bad_record must be one of {BAD_RECORD_POLICIES}, not {cfg.data.on_bad_record!r}")
     from train.conversations import TEMPLATES
-    from train.synthetic import QUESTION_TYPES, TASKS
+    from train.synthetic import TASKS
 
-    if cfg.data.synthetic_questions > len(QUESTION_TYPES):
-        raise PDLMError(f"data.synthetic_questions is at most {len(QUESTION_TYPES)} (one question of each type: "
-                        f"{', '.join(QUESTION_TYPES)}), got {cfg.data.synthetic_questions}")
     if cfg.data.synthetic_task not in TASKS:
         raise PDLMError(f"data.synthetic_task must be one of {TASKS} (train.synthetic), not "
                         f"{cfg.data.synthetic_task!r}")

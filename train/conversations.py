@@ -373,7 +373,7 @@ class ConversationSource:
 
 class SyntheticConversations:
     """The synthetic shapes task (train.synthetic) as Base conversations: scene `i` of data.synthetic_seed and
-    `questions` questions about it (one of each of that many types), drawn from (seed, i) alone.
+    `questions` different questions about it (`train.synthetic.pick_questions`), drawn from (seed, i) alone.
 
     Several questions are independent turns (`Conversation.independent`): as turns of one conversation every
     turn would attend to every other (full attention) and a later answer could be read off earlier ones
@@ -388,12 +388,9 @@ class SyntheticConversations:
         self.describe = float(describe)  # data.synthetic_describe: the fraction asking "Describe the image."
         self.questions = int(questions)  # data.synthetic_questions
         # the longest sample there can be must fit whole: a generated sample is never cut
-        one = synthetic.make_scene(0, 0, num_shapes=1, task="sentences")
-        by_type: dict[str, str] = {}  # the longest question of each type
-        for kind, question, _ in synthetic.questions(one):
-            by_type[kind] = max(by_type.get(kind, ""), question, key=len)
         answer = synthetic.Item("circle", "red", "small", 0, 0).place  # "in the top left": the longest answer
-        longest = [[(q, answer) for q in sorted(by_type.values(), key=len, reverse=True)[:self.questions]]]
+        asked = sorted(synthetic.every_question(), key=lambda q: len(tokenizer.encode(q)), reverse=True)
+        longest = [[(q, answer) for q in asked[:self.questions]]]
         if self.describe:  # six of the longest captions
             caption = synthetic.Item("triangle", "yellow", "small", 0, 0).caption
             longest.append([(synthetic.DESCRIBE, ", ".join([caption] * synthetic.MAX_SHAPES))])

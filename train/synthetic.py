@@ -60,7 +60,15 @@ ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "center", "right")
 PLACE_MARGIN = 0.04  # centroids keep this fraction of the side away from the third lines
 NUMBERS = ("one", "two", "three", "four", "five", "six")
-QUESTION_TYPES = ("count", "color", "shape", "exists", "where")
+# the Base demo's question of each type, and the fields it names
+QUESTIONS = {
+    "count": "How many shapes are there?",
+    "color": "What color is the {shape}?",
+    "shape": "Which shape is {color}?",
+    "exists": "Is there a {color} {shape}?",
+    "where": "Where is the {color} {shape}?",
+}
+QUESTION_TYPES = tuple(QUESTIONS)
 TASKS = ("shapes", "sentences")
 MIN_SIDE, MAX_SIDE = 128, 512
 MAX_SHAPES = 6
@@ -276,13 +284,21 @@ def questions(scene: Scene, colors: tuple[str, ...] = COLORS) -> list[tuple[str,
     kinds = [i.shape for i in items]
     hues = [i.color for i in items]
     pairs = [(i.color, i.shape) for i in items]
-    out = [("count", "How many shapes are there?", NUMBERS[len(items) - 1])]
-    out += [("color", f"What color is the {s}?", items[kinds.index(s)].color) for s in SHAPES if kinds.count(s) == 1]
-    out += [("shape", f"Which shape is {c}?", items[hues.index(c)].shape) for c in colors if hues.count(c) == 1]
-    out += [("exists", f"Is there a {c} {s}?", "yes" if (c, s) in pairs else "no") for c in colors for s in SHAPES]
-    out += [("where", f"Where is the {c} {s}?", items[pairs.index((c, s))].place)
+    out = [("count", QUESTIONS["count"], NUMBERS[len(items) - 1])]
+    out += [("color", QUESTIONS["color"].format(shape=s), items[kinds.index(s)].color)
+            for s in SHAPES if kinds.count(s) == 1]
+    out += [("shape", QUESTIONS["shape"].format(color=c), items[hues.index(c)].shape)
+            for c in colors if hues.count(c) == 1]
+    out += [("exists", QUESTIONS["exists"].format(color=c, shape=s), "yes" if (c, s) in pairs else "no")
+            for c in colors for s in SHAPES]
+    out += [("where", QUESTIONS["where"].format(color=c, shape=s), items[pairs.index((c, s))].place)
             for c in colors for s in SHAPES if pairs.count((c, s)) == 1]
     return out
+
+
+def every_question(colors: tuple[str, ...] = COLORS) -> list[str]:
+    """Every question any scene can be asked."""
+    return list(dict.fromkeys(q.format(color=c, shape=s) for q in QUESTIONS.values() for c in colors for s in SHAPES))
 
 
 DESCRIBE = "Describe the image."
@@ -307,11 +323,17 @@ def _one_of(pool: list[tuple[str, str, str]], kind: str, rng: np.random.Generato
 
 
 def pick_questions(scene: Scene, rng: np.random.Generator, count: int) -> list[tuple[str, str, str]]:
-    """Questions of up to `count` different types, in random order, one random question of each: every type is
-    asked about as often, and "Is there ...?" is answered "yes" as often as "no"."""
-    pool = questions(scene)
-    types = [kind for kind in QUESTION_TYPES if any(q[0] == kind for q in pool)]
-    return [_one_of(pool, types[i], rng) for i in rng.permutation(len(types))[:count]]
+    """Up to `count` different questions, in rounds: each round asks one more question of every type the scene
+    still has, in random order. Every type is asked about as often; "Is there ...?" is answered "yes" as often
+    as "no" while both remain. Several rounds ask one image about different shapes and colours, with different
+    answers: what tells the question's words apart is in the sample."""
+    pool, picked = questions(scene), []
+    while len(picked) < count and pool:
+        types = [kind for kind in QUESTION_TYPES if any(q[0] == kind for q in pool)]
+        for i in rng.permutation(len(types))[:count - len(picked)]:
+            picked.append(_one_of(pool, types[i], rng))
+            pool.remove(picked[-1])
+    return picked
 
 
 def one_question_per_type(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
