@@ -389,8 +389,8 @@ class SyntheticConversations:
         self.questions = int(questions)  # data.synthetic_questions
         # the longest sample there can be must fit whole: a generated sample is never cut
         answer = synthetic.Item("circle", "red", "small", 0, 0).place  # "in the top left": the longest answer
-        asked = sorted(synthetic.every_question(), key=lambda q: len(tokenizer.encode(q)), reverse=True)
-        longest = [[(q, answer) for q in asked[:self.questions]]]
+        by_length = sorted(synthetic.every_question(), key=lambda q: len(tokenizer.encode(q)), reverse=True)
+        longest = [[(q, answer) for q in by_length[:self.questions]]]
         if self.describe:  # six of the longest captions
             caption = synthetic.Item("triangle", "yellow", "small", 0, 0).caption
             longest.append([(synthetic.DESCRIBE, ", ".join([caption] * synthetic.MAX_SHAPES))])
