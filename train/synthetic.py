@@ -322,6 +322,11 @@ def _one_of(pool: list[tuple[str, str, str]], kind: str, rng: np.random.Generato
     return of_kind[rng.integers(len(of_kind))]
 
 
+def _types_in(pool: list[tuple[str, str, str]]) -> list[str]:
+    """The question types `pool` still has, in QUESTION_TYPES order."""
+    return [kind for kind in QUESTION_TYPES if any(q[0] == kind for q in pool)]
+
+
 def pick_questions(scene: Scene, rng: np.random.Generator, count: int) -> list[tuple[str, str, str]]:
     """Up to `count` different questions, in rounds: each round asks one more question of every type the scene
     still has, in random order. Every type is asked about as often; "Is there ...?" is answered "yes" as often
@@ -329,7 +334,7 @@ def pick_questions(scene: Scene, rng: np.random.Generator, count: int) -> list[t
     answers: what tells the question's words apart is in the sample."""
     pool, picked = questions(scene), []
     while len(picked) < count and pool:
-        types = [kind for kind in QUESTION_TYPES if any(q[0] == kind for q in pool)]
+        types = _types_in(pool)
         for i in rng.permutation(len(types))[:count - len(picked)]:
             picked.append(_one_of(pool, types[i], rng))
             pool.remove(picked[-1])
@@ -340,7 +345,7 @@ def one_question_per_type(scene: Scene, rng: np.random.Generator) -> list[tuple[
     """One random question of every type the scene admits, in QUESTION_TYPES order (the held-out evaluation of
     the Base demo)."""
     pool = questions(scene)
-    return [_one_of(pool, kind, rng) for kind in QUESTION_TYPES if any(q[0] == kind for q in pool)]
+    return [_one_of(pool, kind, rng) for kind in _types_in(pool)]
 
 
 def parse_caption(text: str) -> dict[str, str] | None:
