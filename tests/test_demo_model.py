@@ -109,3 +109,18 @@ def test_a_relative_checkpoint_path_loads(monkeypatch):
     meta = params_metadata(DEMO_MODEL.name)
     cfg, params = restore_params(DEMO_MODEL.name)
     assert meta and params["lm"]["embed"]["embedding"].shape[0] == cfg.lm.vocab_size
+
+
+def test_demo_assets_carry_the_configs_that_made_them():
+    """Each embedded model ships the committed config that trained it, the region model has its Base's
+    architecture, and the from-scratch comparison trains that same architecture."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    for asset, config in ((DEMO_BASE_MODEL, "demo2_base"), (DEMO_MODEL, "demo2")):
+        assert (asset / "training_config.yaml").read_text() == (root / "configs" / f"{config}.yaml").read_text()
+    base, region = (json.loads((m / "config.json").read_text()) for m in (DEMO_BASE_MODEL, DEMO_MODEL))
+    scratch = yaml.safe_load((root / "configs" / "demo2_scratch.yaml").read_text())["model"]["config"]
+    for part in ("vision", "lm"):
+        assert region[part] == base[part]
+        assert scratch[part].items() <= base[part].items()
